@@ -1,0 +1,512 @@
+//! The key-value seam: the few operations the engine needs from its
+//! metadata database, with a RocksDB implementation and an in-memory one
+//! for fast tests and crash simulation.
+//!
+//! Readers get a handle that may be a point-in-time view (RocksDB read-only
+//! instance); writers get a read-write handle, opened only while the
+//! repository write lock is held. Every mutation is one [`Batch`], applied
+//! atomically.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::error::{Error, Result};
+
+/// Column families. The numeric values are not stored; names are (see `name`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Cf {
+    /// Object id → stored object.
+    Objects,
+    /// Chunk id → pack location.
+    Chunks,
+    /// Ref name → version id.
+    Refs,
+    /// Tag ↔ version index.
+    Tags,
+    /// Draft id → draft record.
+    Drafts,
+    /// Absolute path → stat fingerprint and file id.
+    StatCache,
+    /// GC roots: finalized versions and what the porcelain registers.
+    Roots,
+    /// Repository-wide counters (format version, gc generation).
+    Meta,
+    /// The porcelain's records (events, tasks, models, triggers).
+    App,
+}
+
+/// Every column family, in creation order.
+pub const ALL_CFS: [Cf; 9] = [
+    Cf::Objects,
+    Cf::Chunks,
+    Cf::Refs,
+    Cf::Tags,
+    Cf::Drafts,
+    Cf::StatCache,
+    Cf::Roots,
+    Cf::Meta,
+    Cf::App,
+];
+
+impl Cf {
+    /// The column family's name in RocksDB.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Objects => "objects",
+            Cf::Chunks => "chunks",
+            Cf::Refs => "refs",
+            Cf::Tags => "tags",
+            Cf::Drafts => "drafts",
+            Cf::StatCache => "statcache",
+            Cf::Roots => "roots",
+            Cf::Meta => "meta",
+            Cf::App => "app",
+        }
+    }
+}
+
+/// One write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Set a key.
+    Put(Cf, Vec<u8>, Vec<u8>),
+    /// Remove a key.
+    Delete(Cf, Vec<u8>),
+}
+
+/// An atomic group of writes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// The writes, applied in order.
+    pub ops: Vec<Op>,
+}
+
+impl Batch {
+    /// Adds a put.
+    pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Put(cf, key.into(), value.into()));
+    }
+    /// Adds a delete.
+    pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Delete(cf, key.into()));
+    }
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+    /// Bytes of keys and values put.
+    pub fn put_bytes(&self) -> u64 {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                Op::Put(_, k, v) => (k.len() + v.len()) as u64,
+                Op::Delete(..) => 0,
+            })
+            .sum()
+    }
+    /// Appends another batch.
+    pub fn extend(&mut self, other: Batch) {
+        self.ops.extend(other.ops);
+    }
+}
+
+/// A scan visitor: return `Ok(false)` to stop.
+pub type Visitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool> + 'a;
+
+/// Read access.
+pub trait KvRead: Send + Sync {
+    /// One key.
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// Keys starting with `prefix`, ascending, from `start` (which must
+    /// itself start with `prefix`, or be empty to mean `prefix`).
+    fn scan_from(&self, cf: Cf, prefix: &[u8], start: &[u8], visit: &mut Visitor<'_>)
+        -> Result<()>;
+    /// Keys starting with `prefix`, ascending.
+    fn scan(&self, cf: Cf, prefix: &[u8], visit: &mut Visitor<'_>) -> Result<()> {
+        self.scan_from(cf, prefix, prefix, visit)
+    }
+    /// Whether a key exists.
+    fn contains(&self, cf: Cf, key: &[u8]) -> Result<bool> {
+        Ok(self.get(cf, key)?.is_some())
+    }
+}
+
+/// Read-write access (only while the repository write lock is held).
+pub trait KvWrite: KvRead {
+    /// Applies a batch atomically and durably.
+    fn write(&self, batch: Batch) -> Result<()>;
+}
+
+/// Opens handles on one database.
+pub trait Backend: Send + Sync {
+    /// A read handle (may be a point-in-time view).
+    fn open_read(&self) -> Result<Arc<dyn KvRead>>;
+    /// A read-write handle. Callers hold the repository write lock.
+    fn open_write(&self) -> Result<Box<dyn KvWrite>>;
+}
+
+type MemMap = BTreeMap<(Cf, Vec<u8>), Vec<u8>>;
+
+/// An in-memory database (tests). Clones share the same data.
+#[derive(Debug, Clone, Default)]
+pub struct MemKv {
+    data: Arc<RwLock<MemMap>>,
+}
+
+impl MemKv {
+    /// An empty database.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// A deep copy of the current contents (to compare states in tests).
+    pub fn snapshot(&self) -> BTreeMap<(Cf, Vec<u8>), Vec<u8>> {
+        self.data.read().map(|d| d.clone()).unwrap_or_default()
+    }
+    /// Number of keys in one column family.
+    pub fn count(&self, cf: Cf) -> usize {
+        self.data
+            .read()
+            .map(|d| d.keys().filter(|(c, _)| *c == cf).count())
+            .unwrap_or(0)
+    }
+}
+
+fn poisoned() -> Error {
+    Error::Kv("in-memory database lock poisoned".into())
+}
+
+impl KvRead for MemKv {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let d = self.data.read().map_err(|_| poisoned())?;
+        Ok(d.get(&(cf, key.to_vec())).cloned())
+    }
+
+    fn scan_from(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        start: &[u8],
+        visit: &mut Visitor<'_>,
+    ) -> Result<()> {
+        // Copy the matching range first so the visitor may call back into the store.
+        let items: Vec<(Vec<u8>, Vec<u8>)> = {
+            let d = self.data.read().map_err(|_| poisoned())?;
+            let from = if start.is_empty() { prefix } else { start };
+            d.range((cf, from.to_vec())..)
+                .take_while(|((c, k), _)| *c == cf && k.starts_with(prefix))
+                .map(|((_, k), v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        for (k, v) in items {
+            if !visit(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl KvWrite for MemKv {
+    fn write(&self, batch: Batch) -> Result<()> {
+        let mut d = self.data.write().map_err(|_| poisoned())?;
+        for op in batch.ops {
+            match op {
+                Op::Put(cf, k, v) => {
+                    d.insert((cf, k), v);
+                }
+                Op::Delete(cf, k) => {
+                    d.remove(&(cf, k));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Backend for MemKv {
+    fn open_read(&self) -> Result<Arc<dyn KvRead>> {
+        Ok(Arc::new(self.clone()))
+    }
+    fn open_write(&self) -> Result<Box<dyn KvWrite>> {
+        Ok(Box::new(self.clone()))
+    }
+}
+
+/// An in-memory database that simulates a crash: the batch write numbered
+/// `fail_at` (counting from 0 across every writer it opens) and all later
+/// ones fail without applying anything, as if the process died just before
+/// the write reached the log.
+#[derive(Debug, Clone)]
+pub struct CrashingKv {
+    inner: MemKv,
+    writes: Arc<AtomicUsize>,
+    fail_at: usize,
+}
+
+impl CrashingKv {
+    /// Wraps `inner`; writes from number `fail_at` on fail.
+    pub fn new(inner: MemKv, fail_at: usize) -> Self {
+        Self {
+            inner,
+            writes: Arc::new(AtomicUsize::new(0)),
+            fail_at,
+        }
+    }
+    /// Batch writes attempted so far.
+    pub fn attempted(&self) -> usize {
+        self.writes.load(Ordering::SeqCst)
+    }
+}
+
+impl KvRead for CrashingKv {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.inner.get(cf, key)
+    }
+    fn scan_from(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        start: &[u8],
+        visit: &mut Visitor<'_>,
+    ) -> Result<()> {
+        self.inner.scan_from(cf, prefix, start, visit)
+    }
+}
+
+impl KvWrite for CrashingKv {
+    fn write(&self, batch: Batch) -> Result<()> {
+        let n = self.writes.fetch_add(1, Ordering::SeqCst);
+        if n >= self.fail_at {
+            return Err(Error::Injected("batch write"));
+        }
+        self.inner.write(batch)
+    }
+}
+
+impl Backend for CrashingKv {
+    fn open_read(&self) -> Result<Arc<dyn KvRead>> {
+        Ok(Arc::new(self.inner.clone()))
+    }
+    fn open_write(&self) -> Result<Box<dyn KvWrite>> {
+        Ok(Box::new(self.clone()))
+    }
+}
+
+#[cfg(feature = "rocksdb")]
+pub use rocks::RocksBackend;
+
+#[cfg(feature = "rocksdb")]
+mod rocks {
+    use super::*;
+    use rocksdb::{
+        BlockBasedOptions, Cache, ColumnFamilyDescriptor, Direction, IteratorMode, Options,
+        WriteBatch, WriteOptions, DB,
+    };
+    use std::path::{Path, PathBuf};
+
+    /// RocksDB in a directory.
+    pub struct RocksBackend {
+        path: PathBuf,
+        cache: Cache,
+    }
+
+    impl std::fmt::Debug for RocksBackend {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("RocksBackend")
+                .field("path", &self.path)
+                .finish()
+        }
+    }
+
+    fn kv_err(path: &Path, e: rocksdb::Error) -> Error {
+        Error::Kv(format!("{}: {e}", path.display()))
+    }
+
+    impl RocksBackend {
+        /// A backend for the database at `path` (created by `open_write` if missing).
+        pub fn new(path: impl Into<PathBuf>) -> Self {
+            Self {
+                path: path.into(),
+                cache: Cache::new_lru_cache(64 << 20),
+            }
+        }
+
+        fn cf_options(&self, cf: Cf) -> Options {
+            let mut o = Options::default();
+            let mut b = BlockBasedOptions::default();
+            b.set_block_cache(&self.cache);
+            b.set_bloom_filter(10.0, false);
+            b.set_cache_index_and_filter_blocks(true);
+            b.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            if matches!(cf, Cf::Objects | Cf::Chunks | Cf::StatCache) {
+                // Point lookups by hash or path dominate.
+                b.set_block_size(16 * 1024);
+            }
+            o.set_block_based_table_factory(&b);
+            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            o.set_write_buffer_size(64 << 20);
+            o.set_level_compaction_dynamic_level_bytes(true);
+            o
+        }
+
+        fn descriptors(&self) -> Vec<ColumnFamilyDescriptor> {
+            ALL_CFS
+                .iter()
+                .map(|&cf| ColumnFamilyDescriptor::new(cf.name(), self.cf_options(cf)))
+                .collect()
+        }
+
+        fn db_options(&self) -> Options {
+            let mut o = Options::default();
+            o.create_if_missing(true);
+            o.create_missing_column_families(true);
+            o.set_max_open_files(-1);
+            o.set_keep_log_file_num(4);
+            o.set_max_log_file_size(1 << 20);
+            o.set_max_background_jobs(2);
+            o
+        }
+    }
+
+    struct RocksKv {
+        db: DB,
+        path: PathBuf,
+    }
+
+    impl RocksKv {
+        fn cf(&self, cf: Cf) -> Result<&rocksdb::ColumnFamily> {
+            self.db.cf_handle(cf.name()).ok_or_else(|| {
+                Error::corrupted(
+                    self.path.display().to_string(),
+                    format!("missing column family {}", cf.name()),
+                )
+            })
+        }
+    }
+
+    impl KvRead for RocksKv {
+        fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+            let h = self.cf(cf)?;
+            Ok(self
+                .db
+                .get_pinned_cf(h, key)
+                .map_err(|e| kv_err(&self.path, e))?
+                .map(|v| v.to_vec()))
+        }
+
+        fn scan_from(
+            &self,
+            cf: Cf,
+            prefix: &[u8],
+            start: &[u8],
+            visit: &mut Visitor<'_>,
+        ) -> Result<()> {
+            let h = self.cf(cf)?;
+            let from = if start.is_empty() { prefix } else { start };
+            let it = self
+                .db
+                .iterator_cf(h, IteratorMode::From(from, Direction::Forward));
+            for item in it {
+                let (k, v) = item.map_err(|e| kv_err(&self.path, e))?;
+                if !k.starts_with(prefix) {
+                    break;
+                }
+                if !visit(&k, &v)? {
+                    break;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    impl KvWrite for RocksKv {
+        fn write(&self, batch: Batch) -> Result<()> {
+            let mut wb = WriteBatch::default();
+            for op in &batch.ops {
+                match op {
+                    Op::Put(cf, k, v) => wb.put_cf(self.cf(*cf)?, k, v),
+                    Op::Delete(cf, k) => wb.delete_cf(self.cf(*cf)?, k),
+                }
+            }
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            self.db
+                .write_opt(wb, &wo)
+                .map_err(|e| kv_err(&self.path, e))
+        }
+    }
+
+    impl Backend for RocksBackend {
+        fn open_read(&self) -> Result<Arc<dyn KvRead>> {
+            let mut last = None;
+            // A concurrent writer may delete a file between reading the
+            // manifest and opening it; a fresh attempt sees the new manifest.
+            for _ in 0..5 {
+                let opts = self.db_options();
+                match DB::open_cf_descriptors_read_only(
+                    &opts,
+                    &self.path,
+                    self.descriptors(),
+                    false,
+                ) {
+                    Ok(db) => {
+                        return Ok(Arc::new(RocksKv {
+                            db,
+                            path: self.path.clone(),
+                        }))
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(kv_err(
+                &self.path,
+                last.expect("loop ran at least once because the range is non-empty"),
+            ))
+        }
+
+        fn open_write(&self) -> Result<Box<dyn KvWrite>> {
+            let opts = self.db_options();
+            let db = DB::open_cf_descriptors(&opts, &self.path, self.descriptors())
+                .map_err(|e| kv_err(&self.path, e))?;
+            Ok(Box::new(RocksKv {
+                db,
+                path: self.path.clone(),
+            }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_scan_respects_prefix_and_start() {
+        let kv = MemKv::new();
+        let mut b = Batch::default();
+        for k in ["a1", "a2", "a3", "b1"] {
+            b.put(Cf::Refs, k.as_bytes(), b"v".to_vec());
+        }
+        b.put(Cf::Tags, b"a0".to_vec(), b"v".to_vec());
+        kv.write(b).unwrap();
+        let mut seen = Vec::new();
+        kv.scan_from(Cf::Refs, b"a", b"a2", &mut |k, _| {
+            seen.push(String::from_utf8(k.to_vec()).unwrap());
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(seen, ["a2", "a3"]);
+    }
+
+    #[test]
+    fn crashing_kv_fails_from_the_given_write() {
+        let kv = CrashingKv::new(MemKv::new(), 1);
+        let w = kv.open_write().unwrap();
+        let mut b = Batch::default();
+        b.put(Cf::Meta, b"k".to_vec(), b"1".to_vec());
+        w.write(b.clone()).unwrap();
+        assert!(matches!(w.write(b), Err(Error::Injected(_))));
+        assert_eq!(kv.attempted(), 2);
+    }
+}

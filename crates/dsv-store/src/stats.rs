@@ -1,0 +1,73 @@
+//! Repository statistics.
+
+use crate::error::Result;
+use crate::id::ChunkId;
+use crate::kv::Cf;
+use crate::schema::ChunkLoc;
+use crate::store::Store;
+
+/// Sizes and counts (`dsv stats`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Stats {
+    /// Objects (files, trees, versions).
+    pub objects: u64,
+    /// Unique chunks.
+    pub chunks: u64,
+    /// Live versions.
+    pub versions: u64,
+    /// Sum of every live version's size: what storing each one whole would take.
+    pub logical_bytes: u64,
+    /// Bytes of the unique chunks before compression.
+    pub unique_bytes: u64,
+    /// Bytes of chunk data as stored, after dedup and compression.
+    pub stored_bytes: u64,
+    /// Bytes of pack files on disk (stored bytes plus record headers and garbage).
+    pub pack_bytes: u64,
+    /// Pack files.
+    pub packs: u64,
+    /// `logical_bytes / stored_bytes`.
+    pub dedup_ratio: f64,
+}
+
+impl Store {
+    /// Counts everything (reads metadata only).
+    pub fn stats(&self) -> Result<Stats> {
+        let kv = self.reader();
+        let mut s = Stats::default();
+        kv.scan(Cf::Objects, b"", &mut |_, _| {
+            s.objects += 1;
+            Ok(true)
+        })?;
+        kv.scan(Cf::Chunks, b"", &mut |k, v| {
+            if let Some(id) = ChunkId::from_slice(k) {
+                let loc = ChunkLoc::decode(v, &id)?;
+                s.chunks += 1;
+                s.unique_bytes += loc.raw_len as u64;
+                s.stored_bytes += loc.stored_len as u64;
+            }
+            Ok(true)
+        })?;
+        for (v, _) in self.list_versions()? {
+            s.versions += 1;
+            s.logical_bytes += self.version(&v)?.object.total_bytes;
+        }
+        if let Ok(rd) = std::fs::read_dir(self.packs_dir()) {
+            for e in rd.flatten() {
+                if e.file_name()
+                    .to_str()
+                    .and_then(crate::pack::parse_pack_name)
+                    .is_some()
+                {
+                    s.packs += 1;
+                    s.pack_bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+                }
+            }
+        }
+        s.dedup_ratio = if s.stored_bytes == 0 {
+            0.0
+        } else {
+            s.logical_bytes as f64 / s.stored_bytes as f64
+        };
+        Ok(s)
+    }
+}

@@ -1,0 +1,864 @@
+//! The store: a repository directory with its metadata database and packs.
+//!
+//! ```text
+//! REPO/.dsv/
+//!   config.json   format version, chunking, compression (fixed at init)
+//!   lock          the write lock (flock) and the holder's description
+//!   db/           RocksDB: objects, chunk index, refs, tags, drafts, ...
+//!   packs/        append-only pack files of compressed chunks
+//! ```
+//!
+//! Reads go through a read handle that never blocks writers. Every
+//! mutation goes through [`Store::write`]: take the write lock (bounded
+//! wait), open the database read-write, build one batch from the latest
+//! state, apply it atomically, close, release.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::config::RepoConfig;
+use crate::diff::{diff_trees, Diff};
+use crate::error::{Error, Kind, Result};
+use crate::id::{ChunkId, DraftId, HexPrefix, ObjectId, VersionId};
+use crate::kv::{Backend, Batch, Cf, KvRead, KvWrite};
+use crate::object::{
+    stored, DirSummary, Entry, EntryTarget, FileObject, Object, TreeNode, VersionObject,
+};
+use crate::pack::PackReader;
+use crate::schema::{self, ChunkLoc, DraftRecord};
+use crate::tree::{self, Change, KvObjects, ObjectRead, Objs, Pending};
+
+/// Options for opening a store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// How long a writer waits for the write lock.
+    pub lock_timeout: Duration,
+    /// This process, as other processes will see it in lock messages.
+    pub holder: String,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            lock_timeout: Duration::from_secs(60),
+            holder: "dsv".into(),
+        }
+    }
+}
+
+/// Progress reports from long operations (the CLI draws bars).
+pub trait Progress: Sync {
+    /// A phase starts with `total` units (bytes or items).
+    fn start(&self, _phase: &str, _total: u64) {}
+    /// `n` more units are done.
+    fn advance(&self, _n: u64) {}
+    /// The phase ended.
+    fn finish(&self) {}
+}
+
+/// Reports nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// A version with its id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    /// Its id.
+    pub id: VersionId,
+    /// The stored object.
+    pub object: VersionObject,
+}
+
+/// A draft with its id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Draft {
+    /// Its id.
+    pub id: DraftId,
+    /// The stored record.
+    pub record: DraftRecord,
+}
+
+/// What a staging operation changed in a draft.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StageReport {
+    /// The draft's tree before and after.
+    pub diff: Diff,
+    /// Files looked at in the folder.
+    pub files_scanned: u64,
+    /// Files read and hashed (the rest were known from the stat cache).
+    pub files_hashed: u64,
+    /// Bytes read and hashed.
+    pub bytes_hashed: u64,
+    /// Bytes of the files looked at.
+    pub bytes_scanned: u64,
+    /// Bytes newly stored (chunks after compression, plus metadata).
+    pub stored_bytes: u64,
+    /// Chunks newly stored.
+    pub new_chunks: u64,
+    /// Paths skipped because they are neither file, directory nor symlink.
+    pub skipped_special: Vec<PathBuf>,
+    /// Files that disappeared between listing and reading.
+    pub vanished: Vec<PathBuf>,
+    /// Whether anything was written.
+    pub committed: bool,
+}
+
+/// The storage engine.
+pub struct Store {
+    dir: PathBuf,
+    config: RepoConfig,
+    backend: Box<dyn Backend>,
+    reader: RwLock<Arc<dyn KvRead>>,
+    packs: PackReader,
+    opts: StoreOptions,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).finish()
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Sub-directory of packs.
+pub const PACKS_DIR: &str = "packs";
+/// Sub-directory of the database.
+pub const DB_DIR: &str = "db";
+
+impl Store {
+    /// Creates a repository in `dir` (the `.dsv` directory) with RocksDB.
+    #[cfg(feature = "rocksdb")]
+    pub fn init(dir: &Path, config: RepoConfig, opts: StoreOptions) -> Result<Store> {
+        let backend = Box::new(crate::kv::RocksBackend::new(dir.join(DB_DIR)));
+        Self::init_with_backend(dir, config, backend, opts)
+    }
+
+    /// Opens the repository in `dir` (the `.dsv` directory) with RocksDB.
+    #[cfg(feature = "rocksdb")]
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store> {
+        if !dir.join(crate::config::CONFIG_FILE).exists() {
+            return Err(Error::NotARepository(dir.to_path_buf()));
+        }
+        let backend = Box::new(crate::kv::RocksBackend::new(dir.join(DB_DIR)));
+        Self::open_with_backend(dir, backend, opts)
+    }
+
+    /// Creates a repository with any backend.
+    pub fn init_with_backend(
+        dir: &Path,
+        config: RepoConfig,
+        backend: Box<dyn Backend>,
+        opts: StoreOptions,
+    ) -> Result<Store> {
+        config.validate()?;
+        if dir.join(crate::config::CONFIG_FILE).exists() {
+            return Err(Error::AlreadyExists(dir.to_path_buf()));
+        }
+        std::fs::create_dir_all(dir.join(PACKS_DIR))
+            .map_err(|e| Error::io("create", dir.join(PACKS_DIR), e))?;
+        {
+            let _lock = crate::lock::WriteLock::acquire(dir, opts.lock_timeout, &opts.holder)?;
+            let w = backend.open_write()?;
+            let mut b = Batch::default();
+            b.put(
+                Cf::Meta,
+                schema::META_FORMAT,
+                schema::REPO_FORMAT.to_le_bytes().to_vec(),
+            );
+            b.put(
+                Cf::Meta,
+                schema::META_GC_GENERATION,
+                0u64.to_le_bytes().to_vec(),
+            );
+            let empty = TreeNode::Leaf(Vec::new()).encode();
+            b.put(
+                Cf::Objects,
+                tree::empty_tree_id().as_bytes().to_vec(),
+                stored::wrap(&empty, config.compression_level),
+            );
+            w.write(b)?;
+        }
+        // The config file is written last: its presence marks a complete repository.
+        config.save(dir)?;
+        Self::open_with_backend(dir, backend, opts)
+    }
+
+    /// Opens a repository with any backend.
+    pub fn open_with_backend(
+        dir: &Path,
+        backend: Box<dyn Backend>,
+        opts: StoreOptions,
+    ) -> Result<Store> {
+        let config = RepoConfig::load(dir)?;
+        let reader = backend.open_read()?;
+        match reader.get(Cf::Meta, schema::META_FORMAT)? {
+            Some(v) => {
+                let found = u32::from_le_bytes(
+                    v.as_slice()
+                        .try_into()
+                        .map_err(|_| Error::corrupted("meta format", "bad length"))?,
+                );
+                if found != schema::REPO_FORMAT {
+                    return Err(Error::UnsupportedFormatVersion {
+                        what: "database".into(),
+                        found,
+                        supported: schema::REPO_FORMAT,
+                    });
+                }
+            }
+            None => {
+                return Err(Error::corrupted(
+                    dir.join(DB_DIR).display().to_string(),
+                    "no format marker",
+                ))
+            }
+        }
+        Ok(Store {
+            packs: PackReader::new(dir.join(PACKS_DIR)),
+            dir: dir.to_path_buf(),
+            config,
+            backend,
+            reader: RwLock::new(reader),
+            opts,
+        })
+    }
+
+    /// The repository directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// The packs directory.
+    pub fn packs_dir(&self) -> PathBuf {
+        self.dir.join(PACKS_DIR)
+    }
+    /// The repository's config.
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+    /// The options the store was opened with.
+    pub fn options(&self) -> &StoreOptions {
+        &self.opts
+    }
+
+    /// The current read handle.
+    pub fn reader(&self) -> Arc<dyn KvRead> {
+        self.reader
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Re-opens the read handle to see other processes' commits.
+    pub fn refresh(&self) -> Result<()> {
+        let fresh = self.backend.open_read()?;
+        match self.reader.write() {
+            Ok(mut r) => *r = fresh,
+            Err(p) => *p.into_inner() = fresh,
+        }
+        self.packs.reset();
+        Ok(())
+    }
+
+    pub(crate) fn pack_reader(&self) -> &PackReader {
+        &self.packs
+    }
+
+    /// Runs one mutation: takes the write lock, opens the database
+    /// read-write, lets `f` read the latest state and build a batch, applies
+    /// it atomically, then refreshes the read handle.
+    pub fn write<T>(&self, f: impl FnOnce(&dyn KvRead) -> Result<(Batch, T)>) -> Result<T> {
+        let lock =
+            crate::lock::WriteLock::acquire(&self.dir, self.opts.lock_timeout, &self.opts.holder)?;
+        let out = {
+            let w: Box<dyn KvWrite> = self.backend.open_write()?;
+            let (batch, out) = f(&*w as &dyn KvRead)?;
+            if !batch.is_empty() {
+                w.write(batch)?;
+            }
+            out
+        };
+        drop(lock);
+        self.refresh()?;
+        Ok(out)
+    }
+
+    // ---- objects and chunks -------------------------------------------
+
+    /// Reads an object.
+    pub fn object(&self, id: &ObjectId) -> Result<Object> {
+        tree::read_object(&*self.reader(), id)
+    }
+
+    /// Reads a tree node.
+    pub fn tree_node(&self, id: &ObjectId) -> Result<TreeNode> {
+        KvObjects(&*self.reader()).tree(id)
+    }
+
+    /// Reads a file manifest.
+    pub fn file_object(&self, id: &ObjectId) -> Result<FileObject> {
+        KvObjects(&*self.reader()).file(id)
+    }
+
+    /// All entries of a directory, sorted.
+    pub fn list_dir(&self, id: &ObjectId) -> Result<Vec<Entry>> {
+        tree::list_dir(&KvObjects(&*self.reader()), id)
+    }
+
+    /// Looks up a path in a tree.
+    pub fn lookup(&self, root: &ObjectId, path: &[u8]) -> Result<Option<Entry>> {
+        tree::lookup(&KvObjects(&*self.reader()), root, path)
+    }
+
+    /// Visits every file and symlink below `root`, in path order.
+    pub fn walk_files(
+        &self,
+        root: &ObjectId,
+        visit: &mut dyn FnMut(&[u8], &Entry) -> Result<()>,
+    ) -> Result<()> {
+        tree::walk_files(&KvObjects(&*self.reader()), root, b"", visit)
+    }
+
+    /// Where a chunk is stored.
+    pub fn chunk_loc(&self, id: &ChunkId) -> Result<ChunkLoc> {
+        let v = self
+            .reader()
+            .get(Cf::Chunks, id.as_bytes())?
+            .ok_or_else(|| Error::not_found(Kind::Chunk, id.to_hex()))?;
+        ChunkLoc::decode(&v, id)
+    }
+
+    /// Reads a chunk's bytes, checking its hash.
+    pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let loc = self.chunk_loc(id)?;
+        let stored = match self.packs.read_stored(id, &loc) {
+            Ok(s) => s,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                // A gc may have repacked the chunk since our read view was opened.
+                self.refresh()?;
+                let loc = self.chunk_loc(id)?;
+                self.packs.read_stored(id, &loc)?
+            }
+            Err(e) => return Err(e),
+        };
+        crate::compress::decode_chunk(id, loc.codec, &stored, loc.raw_len)
+    }
+
+    /// Streams a file's bytes into `out`; returns the bytes written.
+    pub fn read_file_to(&self, file: &ObjectId, out: &mut dyn std::io::Write) -> Result<u64> {
+        let f = self.file_object(file)?;
+        let mut n = 0;
+        for (cid, _) in &f.chunks {
+            let data = self.read_chunk(cid)?;
+            out.write_all(&data)
+                .map_err(|e| Error::io("write", "output", e))?;
+            n += data.len() as u64;
+        }
+        Ok(n)
+    }
+
+    /// Reads `len` bytes of a file from `offset` (fewer at the end).
+    pub fn read_file_range(&self, file: &FileObject, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(len.min(file.size.saturating_sub(offset) as usize));
+        let end = offset.saturating_add(len as u64).min(file.size);
+        let mut pos = 0u64;
+        for (cid, clen) in &file.chunks {
+            let cend = pos + *clen as u64;
+            if cend > offset && pos < end {
+                let data = self.read_chunk(cid)?;
+                let from = offset.saturating_sub(pos) as usize;
+                let to = ((end - pos) as usize).min(data.len());
+                out.extend_from_slice(&data[from..to]);
+            }
+            if cend >= end {
+                break;
+            }
+            pos = cend;
+        }
+        Ok(out)
+    }
+
+    /// Reads a path of a version's tree into `out`.
+    pub fn cat(&self, root: &ObjectId, path: &[u8], out: &mut dyn std::io::Write) -> Result<u64> {
+        let e = self
+            .lookup(root, path)?
+            .ok_or_else(|| Error::not_found(Kind::Path, String::from_utf8_lossy(path)))?;
+        match e.target {
+            EntryTarget::File(id) => self.read_file_to(&id, out),
+            EntryTarget::Symlink(t) => {
+                out.write_all(&t)
+                    .map_err(|e| Error::io("write", "output", e))?;
+                Ok(t.len() as u64)
+            }
+            EntryTarget::Dir { .. } => Err(Error::Invalid(format!(
+                "'{}' is a directory",
+                String::from_utf8_lossy(path)
+            ))),
+        }
+    }
+
+    // ---- versions, refs, tags -----------------------------------------
+
+    /// Reads a version.
+    pub fn version(&self, id: &VersionId) -> Result<Version> {
+        version_in(&*self.reader(), id)
+    }
+
+    /// Every finalized (not deleted) version id with its creation time.
+    pub fn list_versions(&self) -> Result<Vec<(VersionId, i64)>> {
+        let mut out = Vec::new();
+        self.reader()
+            .scan(Cf::Roots, &[schema::ROOT_VERSION], &mut |k, v| {
+                if let (Some(id), Ok(ms)) = (VersionId::from_slice(&k[1..]), <[u8; 8]>::try_from(v))
+                {
+                    out.push((id, i64::from_le_bytes(ms)));
+                }
+                Ok(true)
+            })?;
+        Ok(out)
+    }
+
+    /// Whether a version is live (finalized and not deleted).
+    pub fn version_exists(&self, id: &VersionId) -> Result<bool> {
+        self.reader()
+            .contains(Cf::Roots, &schema::root_version_key(id))
+    }
+
+    /// The one live version whose id starts with `prefix`.
+    pub fn resolve_version_prefix(&self, prefix: &str) -> Result<VersionId> {
+        let p = HexPrefix::parse(prefix)?;
+        let mut key = vec![schema::ROOT_VERSION];
+        key.extend_from_slice(&p.bytes);
+        let mut found = Vec::new();
+        self.reader().scan(Cf::Roots, &key, &mut |k, _| {
+            if p.matches(&k[1..]) {
+                found.extend(VersionId::from_slice(&k[1..]));
+            }
+            Ok(found.len() < 8)
+        })?;
+        one_of(found, Kind::Version, p.as_str())
+    }
+
+    /// The one draft whose id starts with `prefix`.
+    pub fn resolve_draft_prefix(&self, prefix: &str) -> Result<DraftId> {
+        let p = HexPrefix::parse(prefix)?;
+        let mut found = Vec::new();
+        self.reader().scan(Cf::Drafts, &p.bytes, &mut |k, _| {
+            if p.matches(k) {
+                found.extend(DraftId::from_slice(k));
+            }
+            Ok(found.len() < 8)
+        })?;
+        one_of(found, Kind::Draft, p.as_str())
+    }
+
+    /// A ref's target.
+    pub fn get_ref(&self, name: &str) -> Result<Option<VersionId>> {
+        get_ref_in(&*self.reader(), name)
+    }
+
+    /// Refs whose names start with `prefix`.
+    pub fn list_refs(&self, prefix: &str) -> Result<Vec<(String, VersionId)>> {
+        let mut out = Vec::new();
+        self.reader()
+            .scan(Cf::Refs, prefix.as_bytes(), &mut |k, v| {
+                if let (Ok(name), Some(id)) = (std::str::from_utf8(k), VersionId::from_slice(v)) {
+                    out.push((name.to_string(), id));
+                }
+                Ok(true)
+            })?;
+        Ok(out)
+    }
+
+    /// Tags of a version, sorted.
+    pub fn tags_of(&self, id: &VersionId) -> Result<Vec<String>> {
+        tags_of_in(&*self.reader(), id)
+    }
+
+    /// Versions carrying a tag.
+    pub fn versions_tagged(&self, tag: &str) -> Result<Vec<VersionId>> {
+        let mut out = Vec::new();
+        let prefix = schema::tag_by_name_prefix(tag);
+        self.reader().scan(Cf::Tags, &prefix, &mut |k, _| {
+            out.extend(VersionId::from_slice(&k[prefix.len()..]));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    // ---- drafts ---------------------------------------------------------
+
+    /// Reads a draft.
+    pub fn draft(&self, id: &DraftId) -> Result<Draft> {
+        draft_in(&*self.reader(), id)
+    }
+
+    /// Every draft (including finalized ones, which redirect to their version).
+    pub fn list_drafts(&self) -> Result<Vec<Draft>> {
+        let mut out = Vec::new();
+        self.reader().scan(Cf::Drafts, b"", &mut |k, v| {
+            if let Some(id) = DraftId::from_slice(k) {
+                out.push(Draft {
+                    id,
+                    record: DraftRecord::decode(v, &id)?,
+                });
+            }
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Creates a draft whose tree is its parents' merged (later parents win
+    /// per path), or empty without parents.
+    pub fn create_draft(&self, parents: &[VersionId]) -> Result<DraftId> {
+        self.write(|kv| {
+            let mut b = Batch::default();
+            let id = self.create_draft_batch(kv, parents, &mut b)?;
+            Ok((b, id))
+        })
+    }
+
+    /// Adds the writes creating a draft to `b` (for callers composing one
+    /// atomic write).
+    pub fn create_draft_batch(
+        &self,
+        kv: &dyn KvRead,
+        parents: &[VersionId],
+        b: &mut Batch,
+    ) -> Result<DraftId> {
+        let mut pending = Pending::default();
+        let mut root = tree::empty_tree_id();
+        for (i, p) in parents.iter().enumerate() {
+            if !kv.contains(Cf::Roots, &schema::root_version_key(p))? {
+                return Err(Error::not_found(Kind::Version, p.to_hex()));
+            }
+            let v = version_in(kv, p)?;
+            if i == 0 {
+                root = v.object.root;
+            } else {
+                let mut w = Objs {
+                    kv,
+                    pending: &mut pending,
+                };
+                root = tree::merge_dirs(&mut w, root, v.object.root)?.0;
+            }
+        }
+        let stored = self.pending_batch(kv, &pending, b)?;
+        let id = DraftId::random();
+        let rec = DraftRecord {
+            parents: parents.to_vec(),
+            root,
+            created_ms: now_ms(),
+            stored_bytes: stored,
+            finalized: None,
+        };
+        b.put(Cf::Drafts, id.as_bytes().to_vec(), rec.encode());
+        Ok(id)
+    }
+
+    /// Writes pending objects that are not stored yet into `b`; returns
+    /// their stored size.
+    pub(crate) fn pending_batch(
+        &self,
+        kv: &dyn KvRead,
+        pending: &Pending,
+        b: &mut Batch,
+    ) -> Result<u64> {
+        let mut bytes = 0;
+        for (id, canonical) in pending.encodings() {
+            if kv.contains(Cf::Objects, id.as_bytes())? {
+                continue;
+            }
+            let v = stored::wrap(canonical, self.config.compression_level);
+            bytes += v.len() as u64 + 32;
+            b.put(Cf::Objects, id.as_bytes().to_vec(), v);
+        }
+        Ok(bytes)
+    }
+
+    /// Applies path changes (set, remove, descend, merge) to a draft.
+    pub fn stage_changes(
+        &self,
+        draft: &DraftId,
+        changes: Vec<(Vec<u8>, Change)>,
+    ) -> Result<StageReport> {
+        let changes = tree::changes_from_paths(changes)?;
+        self.write(|kv| {
+            let rec = open_draft(kv, draft)?;
+            let mut pending = Pending::default();
+            let mut w = Objs {
+                kv,
+                pending: &mut pending,
+            };
+            let (root, _) = tree::apply_root(&mut w, rec.root, changes)?;
+            let diff = diff_trees(&w, &rec.root, &root)?;
+            let mut b = Batch::default();
+            if root == rec.root {
+                return Ok((b, StageReport::default()));
+            }
+            let stored = self.pending_batch(kv, &pending, &mut b)?;
+            let rec = DraftRecord {
+                root,
+                stored_bytes: rec.stored_bytes + stored,
+                ..rec
+            };
+            b.put(Cf::Drafts, draft.as_bytes().to_vec(), rec.encode());
+            Ok((
+                b,
+                StageReport {
+                    diff,
+                    stored_bytes: stored,
+                    committed: true,
+                    ..Default::default()
+                },
+            ))
+        })
+    }
+
+    /// Replaces a draft's whole tree with another tree (already stored).
+    pub fn set_draft_root(&self, draft: &DraftId, root: ObjectId) -> Result<Diff> {
+        self.write(|kv| {
+            let rec = open_draft(kv, draft)?;
+            let r = KvObjects(kv);
+            r.tree(&root)?;
+            let diff = diff_trees(&r, &rec.root, &root)?;
+            let mut b = Batch::default();
+            b.put(
+                Cf::Drafts,
+                draft.as_bytes().to_vec(),
+                DraftRecord { root, ..rec }.encode(),
+            );
+            Ok((b, diff))
+        })
+    }
+
+    /// Freezes a draft into a version. `extra` may add the caller's own
+    /// writes (events, indexes) to the same atomic batch.
+    pub fn finalize(
+        &self,
+        draft: &DraftId,
+        message: &str,
+        metadata: BTreeMap<String, String>,
+        extra: &mut dyn FnMut(&dyn KvRead, &Version, &mut Batch) -> Result<()>,
+    ) -> Result<Version> {
+        self.write(|kv| {
+            let mut b = Batch::default();
+            let v = self.finalize_batch(kv, draft, message, metadata, &mut b)?;
+            extra(kv, &v, &mut b)?;
+            Ok((b, v))
+        })
+    }
+
+    /// The writes that finalize a draft, added to `b`.
+    pub fn finalize_batch(
+        &self,
+        kv: &dyn KvRead,
+        draft: &DraftId,
+        message: &str,
+        metadata: BTreeMap<String, String>,
+        b: &mut Batch,
+    ) -> Result<Version> {
+        let rec = open_draft(kv, draft)?;
+        let r = KvObjects(kv);
+        let base = match rec.parents.first() {
+            Some(p) => version_in(kv, p)?.object.root,
+            None => tree::empty_tree_id(),
+        };
+        let diff = diff_trees(&r, &base, &rec.root)?;
+        let mut delta = diff.delta();
+        delta.stored_bytes = rec.stored_bytes;
+        let summary: DirSummary = r.tree(&rec.root)?.summary();
+        let object = VersionObject {
+            root: rec.root,
+            parents: rec.parents.clone(),
+            created_ms: now_ms(),
+            message: message.to_string(),
+            metadata,
+            delta,
+            file_count: summary.file_count,
+            total_bytes: summary.total_size,
+        };
+        let canonical = object.encode();
+        let id = VersionId(crate::id::hash(&canonical));
+        b.put(
+            Cf::Objects,
+            id.as_bytes().to_vec(),
+            stored::wrap(&canonical, self.config.compression_level),
+        );
+        b.put(
+            Cf::Roots,
+            schema::root_version_key(&id),
+            object.created_ms.to_le_bytes().to_vec(),
+        );
+        b.put(
+            Cf::Drafts,
+            draft.as_bytes().to_vec(),
+            DraftRecord {
+                finalized: Some(id),
+                ..rec
+            }
+            .encode(),
+        );
+        Ok(Version { id, object })
+    }
+
+    /// Discards a draft that was never finalized.
+    pub fn discard_draft_batch(
+        &self,
+        kv: &dyn KvRead,
+        draft: &DraftId,
+        b: &mut Batch,
+    ) -> Result<()> {
+        open_draft(kv, draft)?;
+        b.delete(Cf::Drafts, draft.as_bytes().to_vec());
+        Ok(())
+    }
+
+    /// The writes that delete a version: its root entry, tags and refs to
+    /// it. Its data stays until `gc`.
+    pub fn delete_version_batch(
+        &self,
+        kv: &dyn KvRead,
+        id: &VersionId,
+        b: &mut Batch,
+    ) -> Result<()> {
+        if !kv.contains(Cf::Roots, &schema::root_version_key(id))? {
+            return Err(Error::not_found(Kind::Version, id.to_hex()));
+        }
+        b.delete(Cf::Roots, schema::root_version_key(id));
+        for t in tags_of_in(kv, id)? {
+            b.delete(Cf::Tags, schema::tag_by_name_key(&t, id));
+            b.delete(Cf::Tags, schema::tag_by_version_key(id, &t));
+        }
+        kv.scan(Cf::Refs, b"", &mut |k, v| {
+            if v == id.as_bytes() {
+                b.delete(Cf::Refs, k.to_vec());
+            }
+            Ok(true)
+        })?;
+        Ok(())
+    }
+
+    /// Compares two trees.
+    pub fn diff(&self, a: &ObjectId, b: &ObjectId) -> Result<Diff> {
+        diff_trees(&KvObjects(&*self.reader()), a, b)
+    }
+
+    /// Compares two versions.
+    pub fn diff_versions(&self, a: &VersionId, b: &VersionId) -> Result<Diff> {
+        let ra = self.version(a)?.object.root;
+        let rb = self.version(b)?.object.root;
+        self.diff(&ra, &rb)
+    }
+}
+
+fn one_of<T: std::fmt::Display + Copy>(found: Vec<T>, kind: Kind, prefix: &str) -> Result<T> {
+    match found.as_slice() {
+        [] => Err(Error::not_found(kind, prefix)),
+        [one] => Ok(*one),
+        many => Err(Error::Ambiguous {
+            kind,
+            prefix: prefix.to_string(),
+            candidates: many
+                .iter()
+                .map(|c| c.to_string()[..12].to_string())
+                .collect(),
+        }),
+    }
+}
+
+/// Reads a version from a handle.
+pub fn version_in(kv: &dyn KvRead, id: &VersionId) -> Result<Version> {
+    let oid = ObjectId(id.0);
+    match tree::read_object(kv, &oid) {
+        Ok(Object::Version(object)) => Ok(Version { id: *id, object }),
+        Ok(other) => Err(Error::WrongObjectType {
+            id: oid,
+            found: other.type_name(),
+            expected: "version",
+        }),
+        Err(Error::NotFound { .. }) => Err(Error::not_found(Kind::Version, id.to_hex())),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads a ref from a handle.
+pub fn get_ref_in(kv: &dyn KvRead, name: &str) -> Result<Option<VersionId>> {
+    match kv.get(Cf::Refs, name.as_bytes())? {
+        Some(v) => Ok(Some(VersionId::from_slice(&v).ok_or_else(|| {
+            Error::corrupted(format!("ref {name}"), "bad length")
+        })?)),
+        None => Ok(None),
+    }
+}
+
+/// Tags of a version from a handle.
+pub fn tags_of_in(kv: &dyn KvRead, id: &VersionId) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let prefix = schema::tag_by_version_prefix(id);
+    kv.scan(Cf::Tags, &prefix, &mut |k, _| {
+        out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+        Ok(true)
+    })?;
+    Ok(out)
+}
+
+/// Adds a tag to a version (in `b`).
+pub fn add_tag_batch(id: &VersionId, tag: &str, b: &mut Batch) -> Result<()> {
+    validate_label(tag, "tag")?;
+    b.put(Cf::Tags, schema::tag_by_name_key(tag, id), Vec::new());
+    b.put(Cf::Tags, schema::tag_by_version_key(id, tag), Vec::new());
+    Ok(())
+}
+
+/// Removes a tag from a version (in `b`).
+pub fn remove_tag_batch(id: &VersionId, tag: &str, b: &mut Batch) {
+    b.delete(Cf::Tags, schema::tag_by_name_key(tag, id));
+    b.delete(Cf::Tags, schema::tag_by_version_key(id, tag));
+}
+
+/// Points a ref at a version (in `b`).
+pub fn set_ref_batch(name: &str, id: &VersionId, b: &mut Batch) -> Result<()> {
+    validate_label(name, "ref name")?;
+    b.put(Cf::Refs, name.as_bytes().to_vec(), id.as_bytes().to_vec());
+    Ok(())
+}
+
+/// Checks a tag or ref name: 1–255 bytes, no NUL or control characters.
+pub fn validate_label(s: &str, what: &str) -> Result<()> {
+    if s.is_empty() || s.len() > 255 || s.chars().any(|c| c.is_control()) {
+        return Err(Error::Invalid(format!(
+            "invalid {what} '{s}': 1 to 255 printable characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads a draft from a handle.
+pub fn draft_in(kv: &dyn KvRead, id: &DraftId) -> Result<Draft> {
+    let v = kv
+        .get(Cf::Drafts, id.as_bytes())?
+        .ok_or_else(|| Error::not_found(Kind::Draft, id.to_hex()))?;
+    Ok(Draft {
+        id: *id,
+        record: DraftRecord::decode(&v, id)?,
+    })
+}
+
+/// Reads a draft that still accepts changes.
+pub(crate) fn open_draft(kv: &dyn KvRead, id: &DraftId) -> Result<DraftRecord> {
+    let d = draft_in(kv, id)?;
+    if let Some(v) = d.record.finalized {
+        return Err(Error::DraftFinalized(*id, v));
+    }
+    Ok(d.record)
+}

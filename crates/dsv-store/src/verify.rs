@@ -1,0 +1,360 @@
+//! `fsck`: every object decodes and hashes to its id, every reference
+//! resolves, every chunk's index entry points inside an existing pack; with
+//! `read_data`, every chunk is read, decompressed and rehashed.
+
+use std::collections::{HashMap, HashSet};
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::id::{hash, ChunkId, ObjectId, VersionId};
+use crate::kv::{Cf, KvRead};
+use crate::object::{stored, EntryTarget, Object, TreeNode};
+use crate::pack::{check_record_header, pack_path, RECORD_HEADER_LEN};
+use crate::schema::{self, ChunkLoc, DraftRecord};
+use crate::store::{Progress, Store};
+
+/// What `verify` checks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VerifyOptions {
+    /// Read, decompress and rehash every chunk.
+    pub read_data: bool,
+}
+
+/// One problem found.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    /// What is wrong: `corrupt-object`, `missing-object`, `missing-chunk`,
+    /// `corrupt-chunk`, `missing-pack`, `bad-index`, `dangling-ref`, ...
+    pub kind: &'static str,
+    /// The id, key or file at fault.
+    pub what: String,
+    /// Details, including the versions and paths that use a bad chunk.
+    pub detail: String,
+}
+
+/// The outcome of a check.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct VerifyReport {
+    /// Objects decoded.
+    pub objects: u64,
+    /// Versions among them.
+    pub versions: u64,
+    /// Chunk index entries checked.
+    pub chunks: u64,
+    /// Chunk bytes read and rehashed (with `read_data`).
+    pub bytes_read: u64,
+    /// Everything wrong.
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    /// Whether nothing is wrong.
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+fn problem(kind: &'static str, what: impl Into<String>, detail: impl Into<String>) -> Problem {
+    Problem {
+        kind,
+        what: what.into(),
+        detail: detail.into(),
+    }
+}
+
+impl Store {
+    /// Checks the repository.
+    pub fn verify(&self, opts: VerifyOptions, progress: &dyn Progress) -> Result<VerifyReport> {
+        let kv = self.reader();
+        let mut report = VerifyReport::default();
+        let mut objects: HashSet<ObjectId> = HashSet::new();
+        let mut object_refs: Vec<(ObjectId, ObjectId)> = Vec::new();
+        let mut chunk_refs: HashMap<ChunkId, ObjectId> = HashMap::new();
+        let mut version_parents: Vec<(VersionId, VersionId)> = Vec::new();
+
+        kv.scan(Cf::Objects, b"", &mut |k, v| {
+            report.objects += 1;
+            let Some(id) = ObjectId::from_slice(k) else {
+                report.problems.push(problem(
+                    "bad-key",
+                    hex::encode(k),
+                    "object key is not 32 bytes",
+                ));
+                return Ok(true);
+            };
+            let what = format!("object {id}");
+            let decoded = stored::unwrap(v, &what).and_then(|c| {
+                if hash(&c) != id.0 {
+                    return Err(Error::corrupted(&what, "content does not hash to its id"));
+                }
+                Object::decode(&c, &what)
+            });
+            match decoded {
+                Ok(obj) => {
+                    objects.insert(id);
+                    match obj {
+                        Object::File(f) => {
+                            for (c, _) in f.chunks {
+                                chunk_refs.entry(c).or_insert(id);
+                            }
+                        }
+                        Object::Tree(TreeNode::Leaf(entries)) => {
+                            for e in entries {
+                                match e.target {
+                                    EntryTarget::File(t) | EntryTarget::Dir { id: t, .. } => {
+                                        object_refs.push((id, t))
+                                    }
+                                    EntryTarget::Symlink(_) => {}
+                                }
+                            }
+                        }
+                        Object::Tree(TreeNode::Shard(s)) => {
+                            object_refs.extend(s.children.iter().map(|(_, c)| (id, *c)));
+                        }
+                        Object::Version(v) => {
+                            report.versions += 1;
+                            object_refs.push((id, v.root));
+                            let vid = VersionId(id.0);
+                            version_parents.extend(v.parents.iter().map(|p| (vid, *p)));
+                        }
+                    }
+                }
+                Err(e) => {
+                    report
+                        .problems
+                        .push(problem("corrupt-object", id.to_hex(), e.to_string()))
+                }
+            }
+            Ok(true)
+        })?;
+
+        for (from, to) in &object_refs {
+            if !objects.contains(to) {
+                report.problems.push(problem(
+                    "missing-object",
+                    to.to_hex(),
+                    format!("referenced by {from}"),
+                ));
+            }
+        }
+        let live_versions: HashSet<VersionId> =
+            self.list_versions()?.into_iter().map(|(v, _)| v).collect();
+        for v in &live_versions {
+            if !objects.contains(&ObjectId(v.0)) {
+                report.problems.push(problem(
+                    "missing-object",
+                    v.to_hex(),
+                    "finalized version has no object",
+                ));
+            }
+        }
+        let _ = version_parents; // Parents may be deleted versions: lineage only, not an error.
+
+        // Refs, tags and drafts must point at live data.
+        kv.scan(Cf::Refs, b"", &mut |k, v| {
+            match VersionId::from_slice(v) {
+                Some(id) if live_versions.contains(&id) => {}
+                _ => report.problems.push(problem(
+                    "dangling-ref",
+                    String::from_utf8_lossy(k),
+                    "points at no live version",
+                )),
+            }
+            Ok(true)
+        })?;
+        kv.scan(Cf::Drafts, b"", &mut |k, v| {
+            let Some(id) = crate::id::DraftId::from_slice(k) else {
+                return Ok(true);
+            };
+            match DraftRecord::decode(v, &id) {
+                Ok(d) if d.finalized.is_none() && !objects.contains(&d.root) => {
+                    report.problems.push(problem(
+                        "missing-object",
+                        d.root.to_hex(),
+                        format!("root of draft {id}"),
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    report
+                        .problems
+                        .push(problem("corrupt-draft", id.to_hex(), e.to_string()))
+                }
+            }
+            Ok(true)
+        })?;
+
+        // Chunk index.
+        let mut pack_sizes: HashMap<u64, Option<u64>> = HashMap::new();
+        let mut by_pack: HashMap<u64, Vec<(ChunkId, ChunkLoc)>> = HashMap::new();
+        let mut indexed: HashSet<ChunkId> = HashSet::new();
+        kv.scan(Cf::Chunks, b"", &mut |k, v| {
+            report.chunks += 1;
+            let Some(id) = ChunkId::from_slice(k) else {
+                report.problems.push(problem(
+                    "bad-index",
+                    hex::encode(k),
+                    "chunk key is not 32 bytes",
+                ));
+                return Ok(true);
+            };
+            match ChunkLoc::decode(v, &id) {
+                Ok(loc) => {
+                    indexed.insert(id);
+                    let size = *pack_sizes.entry(loc.pack).or_insert_with(|| {
+                        std::fs::metadata(pack_path(&self.packs_dir(), loc.pack))
+                            .ok()
+                            .map(|m| m.len())
+                    });
+                    match size {
+                        None => report.problems.push(problem(
+                            "missing-pack",
+                            format!("{:016x}.pack", loc.pack),
+                            format!("holds chunk {id}"),
+                        )),
+                        Some(s) if loc.offset + RECORD_HEADER_LEN + loc.stored_len as u64 > s => {
+                            report.problems.push(problem(
+                                "corrupt-chunk",
+                                id.to_hex(),
+                                format!("pack {:016x} is truncated", loc.pack),
+                            ))
+                        }
+                        Some(_) => by_pack.entry(loc.pack).or_default().push((id, loc)),
+                    }
+                }
+                Err(e) => report
+                    .problems
+                    .push(problem("bad-index", id.to_hex(), e.to_string())),
+            }
+            Ok(true)
+        })?;
+        for (c, user) in &chunk_refs {
+            if !indexed.contains(c) {
+                report.problems.push(problem(
+                    "missing-chunk",
+                    c.to_hex(),
+                    format!("used by file {user}"),
+                ));
+            }
+        }
+
+        if opts.read_data {
+            let total: u64 = by_pack
+                .values()
+                .flatten()
+                .map(|(_, l)| l.stored_len as u64)
+                .sum();
+            progress.start("reading chunks", total);
+            let dir = self.packs_dir();
+            let packs: Vec<(u64, Vec<(ChunkId, ChunkLoc)>)> = by_pack.into_iter().collect();
+            let results: Vec<(u64, Vec<(ChunkId, String)>)> = packs
+                .into_par_iter()
+                .map(|(pack, mut entries)| {
+                    entries.sort_by_key(|(_, l)| l.offset);
+                    let path = pack_path(&dir, pack);
+                    let map = match std::fs::File::open(&path).and_then(|f| map_file(&f)) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            return (
+                                0,
+                                entries
+                                    .iter()
+                                    .map(|(id, _)| (*id, format!("{}: {e}", path.display())))
+                                    .collect(),
+                            )
+                        }
+                    };
+                    let bad: Vec<(ChunkId, String)> = entries
+                        .par_iter()
+                        .filter_map(|(id, loc)| {
+                            let start = loc.offset as usize;
+                            let end = start + RECORD_HEADER_LEN as usize + loc.stored_len as usize;
+                            let rec = map.get(start..end)?;
+                            let res = check_record_header(rec, id, loc).and_then(|_| {
+                                crate::compress::decode_chunk(
+                                    id,
+                                    loc.codec,
+                                    &rec[RECORD_HEADER_LEN as usize..],
+                                    loc.raw_len,
+                                )
+                            });
+                            progress.advance(loc.stored_len as u64);
+                            res.err().map(|e| (*id, e.to_string()))
+                        })
+                        .collect();
+                    let bytes = entries.iter().map(|(_, l)| l.raw_len as u64).sum();
+                    (bytes, bad)
+                })
+                .collect();
+            progress.finish();
+            let mut bad_chunks: HashMap<ChunkId, String> = HashMap::new();
+            for (bytes, bad) in results {
+                report.bytes_read += bytes;
+                bad_chunks.extend(bad);
+            }
+            if !bad_chunks.is_empty() {
+                let users = self.paths_using(&bad_chunks.keys().copied().collect())?;
+                let mut bad: Vec<_> = bad_chunks.into_iter().collect();
+                bad.sort();
+                for (id, why) in bad {
+                    let used = users.get(&id).map(|u| u.join(", ")).unwrap_or_default();
+                    let detail = if used.is_empty() {
+                        why
+                    } else {
+                        format!("{why}; used by {used}")
+                    };
+                    report
+                        .problems
+                        .push(problem("corrupt-chunk", id.to_hex(), detail));
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// For each chunk, the `version:path` places that use it.
+    pub fn paths_using(&self, chunks: &HashSet<ChunkId>) -> Result<HashMap<ChunkId, Vec<String>>> {
+        let mut out: HashMap<ChunkId, Vec<String>> = HashMap::new();
+        for (v, _) in self.list_versions()? {
+            let root = self.version(&v)?.object.root;
+            self.walk_files(&root, &mut |p, e| {
+                if let EntryTarget::File(f) = e.target {
+                    if let Ok(file) = self.file_object(&f) {
+                        for (c, _) in &file.chunks {
+                            if chunks.contains(c) {
+                                out.entry(*c).or_default().push(format!(
+                                    "{}:{}",
+                                    v.short(12),
+                                    String::from_utf8_lossy(p)
+                                ));
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(out)
+    }
+}
+
+/// Memory-maps a pack for sequential verification. Packs are immutable once
+/// written and only ever deleted (never truncated) by gc, so the mapping
+/// cannot shrink under us.
+#[allow(unsafe_code)]
+fn map_file(f: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: pack files are append-only while locked by their writer and
+    // never modified afterwards; gc unlinks them, which keeps the mapping valid.
+    let m = unsafe { memmap2::Mmap::map(f)? };
+    let _ = m.advise(memmap2::Advice::Sequential);
+    Ok(m)
+}
+
+/// Reads the repository format marker (for `stats`).
+pub fn format_of(kv: &dyn KvRead) -> Result<Option<u32>> {
+    Ok(kv
+        .get(Cf::Meta, schema::META_FORMAT)?
+        .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
+        .map(u32::from_le_bytes))
+}

@@ -1,0 +1,720 @@
+//! Integration tests of the storage engine over the in-memory database
+//! (fast) with real pack files in a temporary folder.
+
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use dsv_store::kv::{CrashingKv, MemKv};
+use dsv_store::{
+    ChunkerParams, EntryTarget, Error, GcOptions, IngestOptions, NoProgress, RepoConfig, StageMode,
+    Store, StoreOptions, VerifyOptions,
+};
+use proptest::prelude::*;
+
+fn small_config() -> RepoConfig {
+    RepoConfig {
+        chunking: ChunkerParams {
+            min_size: 256,
+            avg_size: 1024,
+            max_size: 4096,
+        },
+        ..RepoConfig::default()
+    }
+}
+
+fn mem_store(dir: &Path, kv: MemKv, config: RepoConfig) -> Store {
+    Store::init_with_backend(
+        &dir.join(".dsv"),
+        config,
+        Box::new(kv),
+        StoreOptions::default(),
+    )
+    .unwrap()
+}
+
+fn reopen(dir: &Path, kv: MemKv) -> Store {
+    Store::open_with_backend(&dir.join(".dsv"), Box::new(kv), StoreOptions::default()).unwrap()
+}
+
+fn age(path: &Path) {
+    let past = SystemTime::now() - Duration::from_secs(60);
+    for e in walk(path) {
+        if e.is_file() {
+            std::fs::File::options()
+                .write(true)
+                .open(&e)
+                .unwrap()
+                .set_modified(past)
+                .unwrap();
+        }
+    }
+}
+
+fn walk(path: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(path).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() && !p.is_symlink() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+fn write_tree(root: &Path, files: &BTreeMap<String, Vec<u8>>) {
+    for (p, data) in files {
+        let full = root.join(p);
+        std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+        std::fs::write(full, data).unwrap();
+    }
+}
+
+fn snapshot(store: &Store, folder: &Path) -> dsv_store::Version {
+    let draft = store.create_draft(&[]).unwrap();
+    store
+        .stage_folder(&draft, folder, &IngestOptions::default())
+        .unwrap();
+    store
+        .finalize(&draft, "snap", BTreeMap::new(), &mut |_, _, _| Ok(()))
+        .unwrap()
+}
+
+fn read_back(store: &Store, root: &dsv_store::ObjectId) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut files = Vec::new();
+    store
+        .walk_files(root, &mut |p, e| {
+            files.push((String::from_utf8_lossy(p).into_owned(), e.clone()));
+            Ok(())
+        })
+        .unwrap();
+    for (p, e) in files {
+        let mut buf = Vec::new();
+        match e.target {
+            EntryTarget::File(id) => {
+                store.read_file_to(&id, &mut buf).unwrap();
+            }
+            EntryTarget::Symlink(t) => buf = t,
+            EntryTarget::Dir { .. } => unreachable!("walk_files yields no directories"),
+        }
+        out.insert(p, buf);
+    }
+    out
+}
+
+fn content(seed: u64, len: usize) -> Vec<u8> {
+    // Half compressible text, half noise, so both codecs are exercised.
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    (0..len)
+        .map(|i| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            if (i / 512) % 2 == 0 {
+                b"sensor,reading\n"[i % 15]
+            } else {
+                (s >> 33) as u8
+            }
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    #[test]
+    fn ingested_trees_read_back_byte_identical(
+        files in prop::collection::btree_map("[a-c]{1,2}(/[a-d]{1,3}){0,2}\\.bin", (0u64..1000, 0usize..20_000), 1..25)
+    ) {
+        // Drop paths that are prefixes of other paths (a file cannot also be a folder).
+        let mut tree: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        for (p, (seed, len)) in &files {
+            let clash = files.keys().any(|o| o != p && (o.starts_with(&format!("{p}/")) || p.starts_with(&format!("{o}/"))));
+            if !clash {
+                tree.insert(p.clone(), content(*seed, *len));
+            }
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        write_tree(&data, &tree);
+        let store = mem_store(tmp.path(), MemKv::new(), small_config());
+        let v = snapshot(&store, &data);
+        prop_assert_eq!(read_back(&store, &v.object.root), tree.clone());
+        prop_assert_eq!(v.object.file_count, tree.len() as u64);
+        prop_assert_eq!(v.object.total_bytes, tree.values().map(|d| d.len() as u64).sum::<u64>());
+        let report = store.verify(VerifyOptions { read_data: true }, &NoProgress).unwrap();
+        prop_assert!(report.ok(), "{:?}", report.problems);
+    }
+}
+
+#[test]
+fn an_insertion_in_a_large_file_reuses_most_chunks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let original = content(42, 10 << 20)
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| b ^ (i as u8).wrapping_mul(31))
+        .collect::<Vec<u8>>();
+    std::fs::write(data.join("big.bin"), &original).unwrap();
+    let store = mem_store(tmp.path(), MemKv::new(), RepoConfig::default());
+    let v1 = snapshot(&store, &data);
+    let mut edited = original.clone();
+    edited.splice(5 << 20..5 << 20, std::iter::repeat_n(7u8, 100));
+    std::fs::write(data.join("big.bin"), &edited).unwrap();
+    let draft = store.create_draft(&[v1.id]).unwrap();
+    store
+        .stage_folder(&draft, &data, &IngestOptions::default())
+        .unwrap();
+    let v2 = store
+        .finalize(&draft, "edit", BTreeMap::new(), &mut |_, _, _| Ok(()))
+        .unwrap();
+    let chunks = |v: &dsv_store::Version| {
+        let e = store.lookup(&v.object.root, b"big.bin").unwrap().unwrap();
+        let EntryTarget::File(id) = e.target else {
+            panic!("not a file")
+        };
+        store.file_object(&id).unwrap().chunks
+    };
+    let (a, b) = (chunks(&v1), chunks(&v2));
+    let old: std::collections::HashSet<_> = a.iter().map(|c| c.0).collect();
+    let reused = b.iter().filter(|c| old.contains(&c.0)).count();
+    assert!(
+        reused * 100 >= b.len() * 95,
+        "{reused} of {} chunks reused",
+        b.len()
+    );
+    assert!(
+        v2.object.delta.stored_bytes < 600 * 1024,
+        "stored {} new bytes",
+        v2.object.delta.stored_bytes
+    );
+    assert_eq!(v2.object.delta.modified, 1);
+    let mut out = Vec::new();
+    store.cat(&v2.object.root, b"big.bin", &mut out).unwrap();
+    assert!(out == edited, "edited file reads back");
+}
+
+#[test]
+fn renaming_a_folder_stores_almost_nothing_and_reports_renames() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut tree = BTreeMap::new();
+    for i in 0..1000 {
+        tree.insert(format!("batch-a/img{i:04}.raw"), content(i, 3000));
+    }
+    write_tree(&data, &tree);
+    let store = mem_store(tmp.path(), MemKv::new(), RepoConfig::default());
+    let v1 = snapshot(&store, &data);
+    std::fs::rename(data.join("batch-a"), data.join("batch-b")).unwrap();
+    let draft = store.create_draft(&[v1.id]).unwrap();
+    store
+        .stage_folder(&draft, &data, &IngestOptions::default())
+        .unwrap();
+    let v2 = store
+        .finalize(&draft, "rename", BTreeMap::new(), &mut |_, _, _| Ok(()))
+        .unwrap();
+    assert_eq!(v2.object.delta.renamed, 1000);
+    assert_eq!(
+        v2.object.delta.added + v2.object.delta.removed + v2.object.delta.modified,
+        0
+    );
+    let folder_bytes: u64 = tree.values().map(|d| d.len() as u64).sum();
+    assert!(
+        v2.object.delta.stored_bytes * 100 < folder_bytes,
+        "stored {} of {folder_bytes}",
+        v2.object.delta.stored_bytes
+    );
+    let diff = store.diff_versions(&v1.id, &v2.id).unwrap();
+    assert_eq!(diff.renamed[0].from, b"batch-a/img0000.raw");
+    assert_eq!(diff.renamed[0].to, b"batch-b/img0000.raw");
+}
+
+#[test]
+fn unchanged_folder_is_not_rehashed_and_changes_are_seen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut tree = BTreeMap::new();
+    for i in 0..50 {
+        tree.insert(format!("d{}/f{i}.csv", i % 5), content(i, 2000));
+    }
+    write_tree(&data, &tree);
+    age(&data);
+    let store = mem_store(tmp.path(), MemKv::new(), small_config());
+    let draft = store.create_draft(&[]).unwrap();
+    let first = store
+        .stage_folder(&draft, &data, &IngestOptions::default())
+        .unwrap();
+    assert_eq!(first.files_hashed, 50);
+    assert_eq!(first.diff.added.len(), 50);
+    let again = store
+        .stage_folder(&draft, &data, &IngestOptions::default())
+        .unwrap();
+    assert_eq!(again.files_hashed, 0, "stat cache skips unchanged files");
+    assert!(again.diff.is_empty() && !again.committed);
+    // Same size, new content, new mtime: must be noticed.
+    let p = data.join("d0/f0.csv");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&p, &bytes).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_modified(SystemTime::now() - Duration::from_secs(5))
+        .unwrap();
+    let third = store
+        .stage_folder(&draft, &data, &IngestOptions::default())
+        .unwrap();
+    assert_eq!(third.files_hashed, 1);
+    assert_eq!(third.diff.modified.len(), 1);
+}
+
+#[test]
+fn add_mode_keeps_and_sync_mode_removes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    write_tree(
+        &a,
+        &[
+            ("x.txt".to_string(), b"x".to_vec()),
+            ("y.txt".to_string(), b"y".to_vec()),
+        ]
+        .into(),
+    );
+    write_tree(
+        &b,
+        &[
+            ("y.txt".to_string(), b"Y".to_vec()),
+            ("z.txt".to_string(), b"z".to_vec()),
+        ]
+        .into(),
+    );
+    let store = mem_store(tmp.path(), MemKv::new(), small_config());
+    let draft = store.create_draft(&[]).unwrap();
+    store
+        .stage_folder(
+            &draft,
+            &a,
+            &IngestOptions {
+                dataset_path: "sub",
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let add = IngestOptions {
+        dataset_path: "sub",
+        mode: StageMode::Add,
+        ..Default::default()
+    };
+    let r = store.stage_folder(&draft, &b, &add).unwrap();
+    assert_eq!(
+        (
+            r.diff.added.len(),
+            r.diff.modified.len(),
+            r.diff.removed.len()
+        ),
+        (1, 1, 0)
+    );
+    let root = store.draft(&draft).unwrap().record.root;
+    let got = read_back(&store, &root);
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        ["sub/x.txt", "sub/y.txt", "sub/z.txt"]
+    );
+    let r = store
+        .stage_folder(
+            &draft,
+            &b,
+            &IngestOptions {
+                dataset_path: "sub",
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(r.diff.removed.len(), 1);
+    assert!(matches!(
+        store.stage_folder(
+            &draft,
+            &b,
+            &IngestOptions {
+                dataset_path: "../up",
+                ..Default::default()
+            }
+        ),
+        Err(Error::Invalid(_))
+    ));
+}
+
+#[test]
+fn symlinks_empty_entries_odd_names_and_special_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("empty-dir")).unwrap();
+    std::fs::write(data.join("empty.txt"), b"").unwrap();
+    let odd = std::ffi::OsStr::from_bytes(b"caf\xe9.txt");
+    std::fs::write(data.join(odd), b"latin-1 name").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", data.join("outside")).unwrap();
+    let fifo = data.join("pipe");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY-free: mkfifo through the shell keeps this test free of unsafe code.
+    std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    drop(c);
+    let store = mem_store(tmp.path(), MemKv::new(), small_config());
+    let draft = store.create_draft(&[]).unwrap();
+    let r = store
+        .stage_folder(&draft, &data, &IngestOptions::default())
+        .unwrap();
+    assert_eq!(r.skipped_special, vec![fifo]);
+    let root = store.draft(&draft).unwrap().record.root;
+    let link = store.lookup(&root, b"outside").unwrap().unwrap();
+    assert_eq!(
+        link.target,
+        EntryTarget::Symlink(b"/etc/passwd".to_vec()),
+        "stored as a link, not followed"
+    );
+    let dir = store.lookup(&root, b"empty-dir").unwrap().unwrap();
+    assert!(dir.is_dir());
+    assert_eq!(store.lookup(&root, b"empty.txt").unwrap().unwrap().size, 0);
+    let mut out = Vec::new();
+    store.cat(&root, b"caf\xe9.txt", &mut out).unwrap();
+    assert_eq!(out, b"latin-1 name");
+}
+
+#[test]
+fn bad_folders_leave_the_repository_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kv = MemKv::new();
+    let store = mem_store(tmp.path(), kv.clone(), small_config());
+    let draft = store.create_draft(&[]).unwrap();
+    let before = kv.snapshot();
+    let missing = tmp.path().join("nope");
+    let err = store
+        .stage_folder(&draft, &missing, &IngestOptions::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("nope"), "{err}");
+    let file = tmp.path().join("file.txt");
+    std::fs::write(&file, b"x").unwrap();
+    let err = store
+        .stage_folder(&draft, &file, &IngestOptions::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("not a folder"), "{err}");
+    assert_eq!(kv.snapshot(), before);
+    let packs = std::fs::read_dir(store.packs_dir()).unwrap().count();
+    assert_eq!(packs, 0);
+}
+
+#[test]
+fn a_flipped_byte_is_found_by_fsck_and_reads_fail_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_tree(
+        &data,
+        &[
+            ("a.bin".to_string(), content(1, 50_000)),
+            ("b.bin".to_string(), content(2, 50_000)),
+        ]
+        .into(),
+    );
+    let store = mem_store(tmp.path(), MemKv::new(), small_config());
+    let v = snapshot(&store, &data);
+    assert!(store
+        .verify(VerifyOptions { read_data: true }, &NoProgress)
+        .unwrap()
+        .ok());
+    let e = store.lookup(&v.object.root, b"a.bin").unwrap().unwrap();
+    let EntryTarget::File(fid) = e.target else {
+        panic!("file expected")
+    };
+    let (chunk, _) = store.file_object(&fid).unwrap().chunks[3];
+    let loc = store.chunk_loc(&chunk).unwrap();
+    let path = dsv_store::pack::pack_path(&store.packs_dir(), loc.pack);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at =
+        (loc.offset + dsv_store::pack::RECORD_HEADER_LEN) as usize + loc.stored_len as usize / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+    // Metadata-only fsck does not read chunk data.
+    assert!(store
+        .verify(VerifyOptions::default(), &NoProgress)
+        .unwrap()
+        .ok());
+    let report = store
+        .verify(VerifyOptions { read_data: true }, &NoProgress)
+        .unwrap();
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert_eq!(report.problems[0].what, chunk.to_hex());
+    assert!(
+        report.problems[0].detail.contains("a.bin"),
+        "{}",
+        report.problems[0].detail
+    );
+    let err = store.read_file_to(&fid, &mut Vec::new()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ChecksumMismatch { .. } | Error::Corrupted { .. }
+        ),
+        "{err}"
+    );
+    // The other file is intact.
+    let mut out = Vec::new();
+    store.cat(&v.object.root, b"b.bin", &mut out).unwrap();
+    assert_eq!(out, content(2, 50_000));
+}
+
+/// Runs init → draft → stage → finalize → tag, crashing at write `k`.
+fn scripted(tmp: &Path, data: &Path, kv: MemKv, k: usize) -> Result<(), Error> {
+    let crashing = CrashingKv::new(kv, k);
+    let store = Store::init_with_backend(
+        &tmp.join(".dsv"),
+        small_config(),
+        Box::new(crashing),
+        StoreOptions::default(),
+    )?;
+    let draft = store.create_draft(&[])?;
+    store.stage_folder(&draft, data, &IngestOptions::default())?;
+    let v = store.finalize(&draft, "m", BTreeMap::new(), &mut |_, v, b| {
+        dsv_store::store::set_ref_batch("main", &v.id, b)
+    })?;
+    store.write(|_| {
+        let mut b = dsv_store::Batch::default();
+        dsv_store::store::add_tag_batch(&v.id, "prod", &mut b)?;
+        Ok((b, ()))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_crash_at_any_write_leaves_the_old_or_the_new_state() {
+    let base = tempfile::tempdir().unwrap();
+    let data = base.path().join("data");
+    write_tree(
+        &data,
+        &[
+            ("a.csv".to_string(), content(5, 30_000)),
+            ("d/b.csv".to_string(), content(6, 9_000)),
+        ]
+        .into(),
+    );
+    let mut completed = false;
+    for k in 0..10 {
+        let tmp = tempfile::tempdir().unwrap();
+        let kv = MemKv::new();
+        let outcome = scripted(tmp.path(), &data, kv.clone(), k);
+        if k == 0 {
+            assert!(outcome.is_err());
+            continue; // init never completed: there is no repository to check
+        }
+        let store = reopen(tmp.path(), kv.clone());
+        let report = store
+            .verify(VerifyOptions { read_data: true }, &NoProgress)
+            .unwrap();
+        assert!(report.ok(), "crash at write {k}: {:?}", report.problems);
+        let versions = store.list_versions().unwrap();
+        let main = store.get_ref("main").unwrap();
+        match main {
+            Some(id) => {
+                // The version and its ref were one write: all of it is there.
+                assert_eq!(versions.len(), 1);
+                assert_eq!(versions[0].0, id);
+                let got = read_back(&store, &store.version(&id).unwrap().object.root);
+                assert_eq!(got.len(), 2);
+            }
+            None => assert!(
+                versions.is_empty(),
+                "crash at write {k}: version without its ref"
+            ),
+        }
+        // Orphaned packs from the failed write are removed by gc.
+        store
+            .gc(
+                GcOptions {
+                    orphan_grace: Duration::ZERO,
+                    ..Default::default()
+                },
+                false,
+            )
+            .unwrap();
+        assert!(store
+            .verify(VerifyOptions { read_data: true }, &NoProgress)
+            .unwrap()
+            .ok());
+        if outcome.is_ok() {
+            completed = true;
+            assert_eq!(store.tags_of(&main.unwrap()).unwrap(), ["prod"]);
+        } else if main.is_none()
+            && store
+                .list_drafts()
+                .unwrap()
+                .iter()
+                .all(|d| d.record.finalized.is_some())
+        {
+            let packs = std::fs::read_dir(store.packs_dir()).unwrap().count();
+            assert_eq!(packs, 0, "crash at write {k}: orphan packs left after gc");
+        }
+    }
+    assert!(
+        completed,
+        "the script ran to completion at some crash point"
+    );
+}
+
+#[test]
+fn gc_frees_deleted_versions_and_keeps_live_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    write_tree(&a, &[("one.bin".to_string(), content(10, 200_000))].into());
+    write_tree(&b, &[("two.bin".to_string(), content(11, 200_000))].into());
+    let kv = MemKv::new();
+    let store = mem_store(tmp.path(), kv.clone(), small_config());
+    let va = snapshot(&store, &a);
+    let vb = snapshot(&store, &b);
+    let plan = store.gc(GcOptions::default(), true).unwrap();
+    assert_eq!(plan.dead_chunks, 0);
+    store
+        .write(|kv| {
+            let mut batch = dsv_store::Batch::default();
+            store.delete_version_batch(kv, &va.id, &mut batch)?;
+            Ok((batch, ()))
+        })
+        .unwrap();
+    let before = kv.snapshot();
+    let plan = store
+        .gc(
+            GcOptions {
+                repack_threshold: 0.0,
+                ..Default::default()
+            },
+            true,
+        )
+        .unwrap();
+    assert!(plan.dead_chunks > 0 && plan.dead_objects > 0);
+    assert_eq!(kv.snapshot(), before, "a dry run changes nothing");
+    let done = store
+        .gc(
+            GcOptions {
+                repack_threshold: 0.0,
+                ..Default::default()
+            },
+            false,
+        )
+        .unwrap();
+    assert_eq!(done.dead_chunks, plan.dead_chunks);
+    assert!(done.bytes_freed > 0);
+    assert!(store
+        .verify(VerifyOptions { read_data: true }, &NoProgress)
+        .unwrap()
+        .ok());
+    assert_eq!(
+        read_back(&store, &vb.object.root)["two.bin"],
+        content(11, 200_000)
+    );
+    assert!(store.version(&va.id).is_err());
+    let again = store.gc(GcOptions::default(), false).unwrap();
+    assert_eq!(again.dead_chunks + again.dead_objects, 0);
+}
+
+#[test]
+fn merges_and_prefix_lookups() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    write_tree(
+        &a,
+        &[
+            ("p.txt".to_string(), b"a-p".to_vec()),
+            ("q.txt".to_string(), b"a-q".to_vec()),
+        ]
+        .into(),
+    );
+    write_tree(
+        &b,
+        &[
+            ("q.txt".to_string(), b"b-q".to_vec()),
+            ("r.txt".to_string(), b"b-r".to_vec()),
+        ]
+        .into(),
+    );
+    let store = mem_store(tmp.path(), MemKv::new(), small_config());
+    let va = snapshot(&store, &a);
+    let vb = snapshot(&store, &b);
+    let draft = store.create_draft(&[va.id, vb.id]).unwrap();
+    let vm = store
+        .finalize(&draft, "merge", BTreeMap::new(), &mut |_, _, _| Ok(()))
+        .unwrap();
+    assert_eq!(vm.object.parents, vec![va.id, vb.id]);
+    let got = read_back(&store, &vm.object.root);
+    assert_eq!(got["q.txt"], b"b-q", "later parent wins");
+    assert_eq!(got.len(), 3);
+    assert_eq!((vm.object.delta.added, vm.object.delta.modified), (1, 1));
+    assert_eq!(
+        store.resolve_version_prefix(&vm.id.to_hex()[..10]).unwrap(),
+        vm.id
+    );
+    assert!(matches!(
+        store.resolve_version_prefix("zz"),
+        Err(Error::ParseId(_))
+    ));
+    let all = store.list_versions().unwrap();
+    let common = (1..64).find(|&n| {
+        all.iter()
+            .filter(|(v, _)| v.to_hex()[..n] == vm.id.to_hex()[..n])
+            .count()
+            == 1
+    });
+    assert!(common.is_some());
+    assert!(matches!(
+        store.stage_folder(&draft, &a, &IngestOptions::default()),
+        Err(Error::DraftFinalized(..))
+    ));
+}
+
+#[test]
+fn gc_removes_orphan_packs_but_not_ones_a_writer_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = mem_store(tmp.path(), MemKv::new(), small_config());
+    let write_pack = || {
+        let w = dsv_store::pack::PackWriter::new(store.packs_dir(), 1 << 20);
+        let id = dsv_store::ChunkId(*blake3::hash(b"orphan").as_bytes());
+        w.append(&id, 0, 6, b"orphan").unwrap();
+        w.finish().unwrap()
+    };
+    let held = write_pack();
+    let crashed = write_pack();
+    drop(crashed); // a writer that died before its commit: unlocked, unindexed
+    let report = store
+        .gc(
+            GcOptions {
+                orphan_grace: Duration::ZERO,
+                ..Default::default()
+            },
+            false,
+        )
+        .unwrap();
+    assert_eq!(report.packs_deleted, 1, "only the unlocked orphan goes");
+    let left: Vec<_> = std::fs::read_dir(store.packs_dir()).unwrap().collect();
+    assert_eq!(left.len(), 1);
+    assert_eq!(held.ids().len(), 1);
+    drop(held);
+    let report = store
+        .gc(
+            GcOptions {
+                orphan_grace: Duration::from_secs(3600),
+                ..Default::default()
+            },
+            false,
+        )
+        .unwrap();
+    assert_eq!(
+        report.packs_deleted, 0,
+        "young orphans are left for their writer"
+    );
+}
