@@ -1,1 +1,149 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: find the `dsv` binary, make scratch
+//! repositories, run commands and parse their JSON.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `dsv` binary built by this workspace.
+pub fn dsv_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("DSV_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("the test binary knows its path");
+    // target/<profile>/deps/<test> → target/<profile>/dsv
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps");
+    let bin = profile_dir.join("dsv");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo test --workspace` (it builds the dsv binary)",
+        bin.display()
+    );
+    bin
+}
+
+/// The shared occupancy data set (read-only, outside the project).
+pub fn occupancy_dir() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let candidates = [
+        here.join("../../shared/data/occupancy"),
+        here.join("../shared/data/occupancy"),
+    ];
+    for c in &candidates {
+        if c.join("datatraining.txt").is_file() {
+            return c.clone();
+        }
+    }
+    panic!(
+        "the occupancy data is missing: expected ../shared/data/occupancy beside the repository"
+    );
+}
+
+/// A scratch folder with a repository in it.
+pub struct Sandbox {
+    /// Holds the temporary folder alive.
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sandbox {
+    /// A sandbox with `dsv init` already run in `repo/`.
+    pub fn new() -> Self {
+        let s = Self::empty();
+        let out = s.dsv(&["init", s.repo().to_str().expect("utf-8 temp path")]);
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        s
+    }
+
+    /// A sandbox without a repository.
+    pub fn empty() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// The repository's work folder (holding `.dsv`).
+    pub fn repo(&self) -> PathBuf {
+        self.dir.path().join("repo")
+    }
+
+    /// A path inside the sandbox.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Runs `dsv ARGS` against this repository.
+    pub fn dsv(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("dsv runs")
+    }
+
+    /// The command, for callers that need to adjust it.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(dsv_bin());
+        c.args(args)
+            .env("DSV_REPO", self.repo())
+            .env_remove("RUST_LOG")
+            .current_dir(self.dir.path());
+        c
+    }
+
+    /// Runs `dsv --json ARGS`, asserts success, parses stdout.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.dsv(&all);
+        assert!(
+            out.status.success(),
+            "dsv {args:?} failed ({:?}): {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "dsv {args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+}
+
+/// stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// stdout as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Copies the files of `from` (not recursive) into `to`.
+pub fn copy_files(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create target");
+    for e in std::fs::read_dir(from).expect("list source") {
+        let p = e.expect("entry").path();
+        if p.is_file() {
+            std::fs::copy(&p, to.join(p.file_name().expect("name"))).expect("copy");
+        }
+    }
+}
+
+/// Whether this process runs as root (then permission tests drop privileges).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}

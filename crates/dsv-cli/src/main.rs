@@ -1,1 +1,103 @@
-fn main() {}
+//! `dsv`: the command-line front end of the dsv dataset store.
+//!
+//! The binary owns presentation: human tables or `--json`, progress bars on
+//! stderr when it is a terminal, `RUST_LOG` tracing, and exit codes (0 ok,
+//! 1 user error, 2 repository problem).
+
+mod error;
+mod output;
+mod plumbing;
+mod repo;
+mod repo_cmds;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::CliError;
+
+/// dsv — an embedded, git-like dataset store.
+#[derive(Debug, Parser)]
+#[command(name = "dsv", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Repository (a folder holding `.dsv`, or the `.dsv` folder itself).
+    /// Defaults to $DSV_REPO, then the nearest `.dsv` above the working directory.
+    #[arg(long, global = true, value_name = "PATH")]
+    repo: Option<PathBuf>,
+    /// Print one JSON document instead of human output.
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bars.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// Seconds to wait for another process's write lock.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 60)]
+    lock_timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a repository (PATH/.dsv; PATH defaults to the working directory).
+    Init(repo_cmds::InitArgs),
+    /// Check every object; with --read-data rehash every chunk.
+    Fsck(repo_cmds::FsckArgs),
+    /// Remove what no version, draft, task or model references.
+    Gc(repo_cmds::GcArgs),
+    /// Counts and sizes: objects, chunks, logical and stored bytes.
+    Stats,
+    /// Plumbing: store a folder as a new version on a ref (prints what changed).
+    Snapshot(plumbing::SnapshotArgs),
+}
+
+/// What every command gets.
+pub struct Ctx {
+    /// Parsed global flags.
+    pub repo: Option<PathBuf>,
+    /// `--json`.
+    pub json: bool,
+    /// Whether to draw progress bars.
+    pub progress: bool,
+    /// Write-lock wait.
+    pub lock_timeout: std::time::Duration,
+    /// This command's name, for lock messages.
+    pub command: String,
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    let command = match &cli.command {
+        Command::Init(_) => "init",
+        Command::Fsck(_) => "fsck",
+        Command::Gc(_) => "gc",
+        Command::Stats => "stats",
+        Command::Snapshot(_) => "snapshot",
+    };
+    let ctx = Ctx {
+        repo: cli.repo.clone(),
+        json: cli.json,
+        progress: !cli.quiet && !cli.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        lock_timeout: std::time::Duration::from_secs(cli.lock_timeout),
+        command: format!("dsv {command}"),
+    };
+    match cli.command {
+        Command::Init(a) => repo_cmds::init(&ctx, a),
+        Command::Fsck(a) => repo_cmds::fsck(&ctx, a),
+        Command::Gc(a) => repo_cmds::gc(&ctx, a),
+        Command::Stats => repo_cmds::stats(&ctx),
+        Command::Snapshot(a) => plumbing::snapshot(&ctx, a),
+    }
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("RUST_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(()) => 0,
+        Err(e) => e.report(),
+    };
+    std::process::exit(code);
+}

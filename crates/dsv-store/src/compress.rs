@@ -15,6 +15,9 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
+/// No chunk is larger (the largest allowed `max_size`).
+pub const MAX_CHUNK: usize = 16 << 20;
+
 /// Compresses `raw` at `level`; returns `None` when compression does not
 /// shrink it (the chunk is then stored raw).
 pub fn compress(raw: &[u8], level: i32) -> Option<Vec<u8>> {
@@ -34,6 +37,12 @@ pub fn compress(raw: &[u8], level: i32) -> Option<Vec<u8>> {
 
 /// Decodes a stored chunk into its raw bytes and checks its hash.
 pub fn decode_chunk(id: &ChunkId, codec: u8, stored: &[u8], raw_len: u32) -> Result<Vec<u8>> {
+    if raw_len as usize > MAX_CHUNK {
+        return Err(Error::corrupted(
+            format!("chunk {id}"),
+            format!("declared size {raw_len} exceeds {MAX_CHUNK}"),
+        ));
+    }
     let raw = match codec {
         CODEC_RAW => stored.to_vec(),
         CODEC_ZSTD => DECOMPRESSOR.with(|cell| {

@@ -51,6 +51,18 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// An input file or folder (the user's data, not the repository) could
+    /// not be read.
+    #[error("cannot {op} {path}: {source}")]
+    Input {
+        /// What was being done.
+        op: &'static str,
+        /// The file or folder.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The key-value backend failed.
     #[error("database error: {0}")]
     Kv(String),
@@ -143,6 +155,15 @@ impl Error {
     /// Wraps an I/O error with the operation and path.
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Wraps an I/O error on the user's input.
+    pub fn input(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Input {
             op,
             path: path.into(),
             source,

@@ -141,14 +141,14 @@ enum RawItem {
 }
 
 fn scan_dir(dir: &Path, rel: &[u8], opts: &IngestOptions<'_>, depth: usize) -> Result<RawScan> {
-    let rd = std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::input("list", dir, e))?;
     let mut names = Vec::new();
     for ent in rd {
-        let ent = ent.map_err(|e| Error::io("list", dir, e))?;
+        let ent = ent.map_err(|e| Error::input("list", dir, e))?;
         let ft = match ent.file_type() {
             Ok(ft) => ft,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io("stat", ent.path(), e)),
+            Err(e) => return Err(Error::input("stat", ent.path(), e)),
         };
         names.push((ent.file_name().as_bytes().to_vec(), ent.path(), ft));
     }
@@ -166,7 +166,7 @@ fn scan_dir(dir: &Path, rel: &[u8], opts: &IngestOptions<'_>, depth: usize) -> R
                 let meta = match std::fs::symlink_metadata(&path) {
                     Ok(m) => m,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                    Err(e) => return Err(Error::io("stat", &path, e)),
+                    Err(e) => return Err(Error::input("stat", &path, e)),
                 };
                 let scan = scan_dir(&path, &rel_path, opts, depth + 1)?;
                 return Ok(Some(RawItem::Dir {
@@ -184,7 +184,7 @@ fn scan_dir(dir: &Path, rel: &[u8], opts: &IngestOptions<'_>, depth: usize) -> R
                 let target = match std::fs::read_link(&path) {
                     Ok(t) => t.as_os_str().as_bytes().to_vec(),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                    Err(e) => return Err(Error::io("read link", &path, e)),
+                    Err(e) => return Err(Error::input("read link", &path, e)),
                 };
                 if target.len() > crate::object::MAX_LINK_LEN {
                     return Err(Error::Invalid(format!(
@@ -202,7 +202,7 @@ fn scan_dir(dir: &Path, rel: &[u8], opts: &IngestOptions<'_>, depth: usize) -> R
                 let meta = match std::fs::symlink_metadata(&path) {
                     Ok(m) => m,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                    Err(e) => return Err(Error::io("stat", &path, e)),
+                    Err(e) => return Err(Error::input("stat", &path, e)),
                 };
                 return Ok(Some(RawItem::File {
                     name,
@@ -348,18 +348,18 @@ impl Session<'_> {
             {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(Error::io("open", &job.path, e)),
+                Err(e) => return Err(Error::input("open", &job.path, e)),
             };
             let before = stat_of(
                 &file
                     .metadata()
-                    .map_err(|e| Error::io("stat", &job.path, e))?,
+                    .map_err(|e| Error::input("stat", &job.path, e))?,
             );
             let obj = self.read_and_store(&file, &job.path, before.size)?;
             let after = stat_of(
                 &file
                     .metadata()
-                    .map_err(|e| Error::io("stat", &job.path, e))?,
+                    .map_err(|e| Error::input("stat", &job.path, e))?,
             );
             if obj.is_some() && before.same_stat(&after) {
                 return Ok(obj.map(|o| (o, before)));
@@ -380,7 +380,7 @@ impl Session<'_> {
             let mut buf = Vec::with_capacity(size as usize + 1);
             reader
                 .read_to_end(&mut buf)
-                .map_err(|e| Error::io("read", path, e))?;
+                .map_err(|e| Error::input("read", path, e))?;
             if buf.len() as u64 != size {
                 return Ok(None);
             }
@@ -397,7 +397,7 @@ impl Session<'_> {
                 while !eof && filled < buf.len() {
                     let n = reader
                         .read(&mut buf[filled..])
-                        .map_err(|e| Error::io("read", path, e))?;
+                        .map_err(|e| Error::input("read", path, e))?;
                     if n == 0 {
                         eof = true;
                     }
@@ -491,14 +491,20 @@ impl Store {
         folder: &Path,
         opts: &IngestOptions<'_>,
     ) -> Result<Ingested> {
-        let meta = std::fs::metadata(folder).map_err(|e| Error::io("open folder", folder, e))?;
+        let meta = std::fs::metadata(folder).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::Invalid(format!("folder {} does not exist", folder.display()))
+            } else {
+                Error::input("open folder", folder, e)
+            }
+        })?;
         if !meta.is_dir() {
             return Err(Error::Invalid(format!(
                 "{} is not a folder",
                 folder.display()
             )));
         }
-        let abs = std::fs::canonicalize(folder).map_err(|e| Error::io("resolve", folder, e))?;
+        let abs = std::fs::canonicalize(folder).map_err(|e| Error::input("resolve", folder, e))?;
         let kv = self.reader();
         let generation = Self::gc_generation(&*kv)?;
         let started = now_ns();
@@ -663,37 +669,10 @@ impl Store {
             mut report,
         } = ing;
 
-        let new_root =
-            |kv: &dyn KvRead, pending: &mut Pending, base: ObjectId| -> Result<ObjectId> {
-                let mut w = Objs { kv, pending };
-                let folder_entry = || -> Result<Entry> {
-                    let s = w_summary(&w, &folder_root)?;
-                    Ok(Entry {
-                        name: Vec::new(),
-                        mode: 0o755,
-                        size: s.total_size,
-                        target: EntryTarget::Dir {
-                            id: folder_root,
-                            file_count: s.file_count,
-                        },
-                    })
-                };
-                match (opts.mode, dataset_path.is_empty()) {
-                    (StageMode::Sync, true) => Ok(folder_root),
-                    (StageMode::Add, true) => Ok(tree::merge_dirs(&mut w, base, folder_root)?.0),
-                    (mode, false) => {
-                        let e = folder_entry()?;
-                        let change = if mode == StageMode::Sync {
-                            Change::Set(e)
-                        } else {
-                            Change::Merge(e)
-                        };
-                        let changes =
-                            tree::changes_from_paths(vec![(dataset_path.clone(), change)])?;
-                        Ok(tree::apply_root(&mut w, base, changes)?.0)
-                    }
-                }
-            };
+        let mode = opts.mode;
+        let new_root = |kv: &dyn KvRead, pending: &mut Pending, base: ObjectId| {
+            place_folder(kv, pending, base, folder_root, mode, &dataset_path)
+        };
 
         // Quick path: nothing new to store and the tree is unchanged.
         {
@@ -756,7 +735,169 @@ impl Store {
     }
 }
 
-fn w_summary(w: &Objs<'_>, id: &ObjectId) -> Result<crate::object::DirSummary> {
+/// The tree `base` becomes when `folder_root` is placed at `dataset_path`.
+fn place_folder(
+    kv: &dyn KvRead,
+    pending: &mut Pending,
+    base: ObjectId,
+    folder_root: ObjectId,
+    mode: StageMode,
+    dataset_path: &[u8],
+) -> Result<ObjectId> {
     use crate::tree::ObjectRead;
-    Ok(w.tree(id)?.summary())
+    let mut w = Objs { kv, pending };
+    match (mode, dataset_path.is_empty()) {
+        (StageMode::Sync, true) => Ok(folder_root),
+        (StageMode::Add, true) => Ok(tree::merge_dirs(&mut w, base, folder_root)?.0),
+        (mode, false) => {
+            let s = w.tree(&folder_root)?.summary();
+            let e = Entry {
+                name: Vec::new(),
+                mode: 0o755,
+                size: s.total_size,
+                target: EntryTarget::Dir {
+                    id: folder_root,
+                    file_count: s.file_count,
+                },
+            };
+            let change = if mode == StageMode::Sync {
+                Change::Set(e)
+            } else {
+                Change::Merge(e)
+            };
+            let changes = tree::changes_from_paths(vec![(dataset_path.to_vec(), change)])?;
+            Ok(tree::apply_root(&mut w, base, changes)?.0)
+        }
+    }
+}
+
+/// The result of [`Store::commit_folder`].
+#[derive(Debug)]
+pub struct CommitOutcome {
+    /// The new version, or `None` when the folder matched the first parent.
+    pub version: Option<crate::store::Version>,
+    /// What was read and stored, and the diff against the first parent.
+    pub report: StageReport,
+}
+
+impl Store {
+    /// Stores a folder as a new version whose parents are `parents` (their
+    /// trees merged, later parents winning), in one atomic write together
+    /// with whatever `extra` adds. Creates nothing when the result equals
+    /// the first parent's tree. This is the fast path of "sync a folder":
+    /// no draft, one lock, one batch.
+    pub fn commit_folder(
+        &self,
+        parents: &[crate::id::VersionId],
+        folder: &Path,
+        opts: &IngestOptions<'_>,
+        message: &str,
+        metadata: std::collections::BTreeMap<String, String>,
+        extra: &mut dyn FnMut(&dyn KvRead, &crate::store::Version, &mut Batch) -> Result<()>,
+    ) -> Result<CommitOutcome> {
+        let dataset_path = opts.dataset_path.trim_matches('/').as_bytes().to_vec();
+        tree::split_path(&dataset_path)?;
+        let ing = self.ingest_folder(folder, opts)?;
+        let Ingested {
+            root: folder_root,
+            mut pending,
+            new_chunks,
+            stat_updates,
+            packs,
+            gc_generation,
+            mut report,
+        } = ing;
+        let chunk_bytes = report.stored_bytes;
+        let build = |kv: &dyn KvRead, pending: &mut Pending| -> Result<(ObjectId, ObjectId)> {
+            let mut base = tree::empty_tree_id();
+            for (i, p) in parents.iter().enumerate() {
+                if !kv.contains(Cf::Roots, &schema::root_version_key(p))? {
+                    return Err(Error::not_found(crate::error::Kind::Version, p.to_hex()));
+                }
+                let r = crate::store::version_in(kv, p)?.object.root;
+                base = if i == 0 {
+                    r
+                } else {
+                    tree::merge_dirs(
+                        &mut Objs {
+                            kv,
+                            pending: &mut *pending,
+                        },
+                        base,
+                        r,
+                    )?
+                    .0
+                };
+            }
+            let first = match parents.first() {
+                Some(p) => crate::store::version_in(kv, p)?.object.root,
+                None => tree::empty_tree_id(),
+            };
+            let root = place_folder(kv, pending, base, folder_root, opts.mode, &dataset_path)?;
+            Ok((first, root))
+        };
+        {
+            let kv = self.reader();
+            let (first, root) = build(&*kv, &mut pending)?;
+            if root == first && !parents.is_empty() && stat_updates.is_empty() {
+                packs.discard();
+                return Ok(CommitOutcome {
+                    version: None,
+                    report,
+                });
+            }
+        }
+        let result = self.write(|kv| {
+            if Self::gc_generation(kv)? != gc_generation {
+                return Err(Error::ConcurrentGc("chunks or objects".into()));
+            }
+            let (first, root) = build(kv, &mut pending)?;
+            let diff = crate::diff::diff_trees(
+                &Objs {
+                    kv,
+                    pending: &mut pending,
+                },
+                &first,
+                &root,
+            )?;
+            let mut b = Batch::default();
+            for (k, st) in &stat_updates {
+                b.put(Cf::StatCache, k.clone(), st.encode());
+            }
+            if root == first && !parents.is_empty() {
+                return Ok((b, (diff, None)));
+            }
+            let meta_bytes = self.pending_batch(kv, &pending, &mut b)?;
+            for (id, loc) in &new_chunks {
+                b.put(Cf::Chunks, id.as_bytes().to_vec(), loc.encode());
+            }
+            let v = self.version_batch(
+                kv,
+                root,
+                parents,
+                &diff,
+                chunk_bytes + meta_bytes,
+                message,
+                metadata.clone(),
+                &mut b,
+            )?;
+            extra(kv, &v, &mut b)?;
+            Ok((b, (diff, Some(v))))
+        });
+        match result {
+            Ok((diff, version)) => {
+                drop(packs);
+                report.diff = diff;
+                report.committed = true;
+                if let Some(v) = &version {
+                    report.stored_bytes = v.object.delta.stored_bytes;
+                }
+                Ok(CommitOutcome { version, report })
+            }
+            Err(e) => {
+                packs.discard();
+                Err(e)
+            }
+        }
+    }
 }

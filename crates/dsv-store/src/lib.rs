@@ -42,7 +42,7 @@ pub use diff::{Diff, Modified, PathEntry, Renamed};
 pub use error::{Error, Kind, Result};
 pub use gc::{GcOptions, GcReport};
 pub use id::{ChunkId, DraftId, HexPrefix, ObjectId, VersionId};
-pub use ingest::{IngestOptions, StageMode};
+pub use ingest::{CommitOutcome, IngestOptions, StageMode};
 pub use kv::{Batch, Cf, KvRead};
 pub use object::{Delta, Entry, EntryTarget, FileObject, VersionObject};
 pub use stats::Stats;

@@ -585,6 +585,16 @@ impl Store {
         Ok(bytes)
     }
 
+    /// Stores objects built with [`tree::build_dir`] (those not stored yet)
+    /// in one write; returns the bytes written.
+    pub fn write_objects(&self, pending: &Pending) -> Result<u64> {
+        self.write(|kv| {
+            let mut b = Batch::default();
+            let n = self.pending_batch(kv, pending, &mut b)?;
+            Ok((b, n))
+        })
+    }
+
     /// Applies path changes (set, remove, descend, merge) to a draft.
     pub fn stage_changes(
         &self,
@@ -674,12 +684,60 @@ impl Store {
             None => tree::empty_tree_id(),
         };
         let diff = diff_trees(&r, &base, &rec.root)?;
+        let v = self.version_batch(
+            kv,
+            rec.root,
+            &rec.parents,
+            &diff,
+            rec.stored_bytes,
+            message,
+            metadata,
+            b,
+        )?;
+        b.put(
+            Cf::Drafts,
+            draft.as_bytes().to_vec(),
+            DraftRecord {
+                finalized: Some(v.id),
+                ..rec
+            }
+            .encode(),
+        );
+        Ok(v)
+    }
+
+    /// The writes that create a version object and register it as a root.
+    /// The root tree must be stored, or put into `b` before this call.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn version_batch(
+        &self,
+        kv: &dyn KvRead,
+        root: ObjectId,
+        parents: &[VersionId],
+        diff: &Diff,
+        stored_bytes: u64,
+        message: &str,
+        metadata: BTreeMap<String, String>,
+        b: &mut Batch,
+    ) -> Result<Version> {
         let mut delta = diff.delta();
-        delta.stored_bytes = rec.stored_bytes;
-        let summary: DirSummary = r.tree(&rec.root)?.summary();
+        delta.stored_bytes = stored_bytes;
+        let pending_root = b.ops.iter().rev().find_map(|op| match op {
+            crate::kv::Op::Put(Cf::Objects, k, v) if k.as_slice() == root.as_bytes() => {
+                Some(v.clone())
+            }
+            _ => None,
+        });
+        let summary: DirSummary = match pending_root {
+            Some(v) => match Object::decode(&stored::unwrap(&v, "new root")?, "new root")? {
+                Object::Tree(t) => t.summary(),
+                _ => return Err(Error::corrupted("new root", "not a tree")),
+            },
+            None => KvObjects(kv).tree(&root)?.summary(),
+        };
         let object = VersionObject {
-            root: rec.root,
-            parents: rec.parents.clone(),
+            root,
+            parents: parents.to_vec(),
             created_ms: now_ms(),
             message: message.to_string(),
             metadata,
@@ -698,15 +756,6 @@ impl Store {
             Cf::Roots,
             schema::root_version_key(&id),
             object.created_ms.to_le_bytes().to_vec(),
-        );
-        b.put(
-            Cf::Drafts,
-            draft.as_bytes().to_vec(),
-            DraftRecord {
-                finalized: Some(id),
-                ..rec
-            }
-            .encode(),
         );
         Ok(Version { id, object })
     }

@@ -1,0 +1,78 @@
+//! Errors as the user sees them: one line naming what is at fault, an
+//! optional hint, and an exit code.
+
+use dsv_store::Error as StoreError;
+
+/// A failed command.
+#[derive(Debug)]
+pub struct CliError {
+    /// 1 = user error, 2 = repository problem.
+    pub code: i32,
+    /// The one-line message.
+    pub message: String,
+    /// What to do about it.
+    pub hint: Option<String>,
+}
+
+impl CliError {
+    /// A user error (exit 1).
+    pub fn user(message: impl Into<String>) -> Self {
+        Self {
+            code: 1,
+            message: message.into(),
+            hint: None,
+        }
+    }
+    /// A repository problem (exit 2).
+    pub fn repo(message: impl Into<String>) -> Self {
+        Self {
+            code: 2,
+            message: message.into(),
+            hint: None,
+        }
+    }
+    /// Adds a hint.
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+    /// Prints to stderr and returns the exit code. A closed stdout is not an error.
+    pub fn report(&self) -> i32 {
+        if self.message.contains("Broken pipe") {
+            return 0;
+        }
+        match &self.hint {
+            Some(h) => eprintln!("error: {}\nhint: {h}", self.message),
+            None => eprintln!("error: {}", self.message),
+        }
+        self.code
+    }
+}
+
+impl From<StoreError> for CliError {
+    fn from(e: StoreError) -> Self {
+        let hint = match &e {
+            StoreError::LockTimeout { .. } => {
+                Some("wait for it to finish, or raise --lock-timeout".to_string())
+            }
+            StoreError::NotARepository(_) => Some("run 'dsv init' or pass --repo PATH".to_string()),
+            StoreError::ChecksumMismatch { .. } | StoreError::Corrupted { .. } => {
+                Some("run 'dsv fsck --read-data' to list every damaged object".to_string())
+            }
+            StoreError::Ambiguous { .. } => Some("give more digits of the id".to_string()),
+            _ => None,
+        };
+        let code = if e.is_repository_problem() { 2 } else { 1 };
+        CliError {
+            code,
+            message: e.to_string(),
+            hint,
+        }
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        CliError::repo(e.to_string())
+    }
+}
