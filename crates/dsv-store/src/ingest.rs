@@ -37,6 +37,12 @@ pub const WINDOW: usize = 32 << 20;
 /// within the same tick would otherwise go unnoticed).
 pub const RACY_NS: i64 = 100_000_000;
 
+/// A predicate on a file's path relative to the ingested folder.
+pub type PathFilter = dyn Fn(&[u8]) -> bool + Sync;
+
+/// A hashed file: its id, stat fingerprint, and manifest when it was read.
+type Hashed = Option<(ObjectId, StatEntry, Option<FileObject>)>;
+
 /// How a folder is staged into a draft.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StageMode {
@@ -55,7 +61,7 @@ pub struct IngestOptions<'a> {
     /// Descend into sub-folders.
     pub recursive: bool,
     /// Keep only files whose path relative to the folder passes.
-    pub filter: Option<&'a (dyn Fn(&[u8]) -> bool + Sync)>,
+    pub filter: Option<&'a PathFilter>,
     /// Progress in bytes.
     pub progress: &'a dyn Progress,
 }
@@ -140,7 +146,7 @@ enum RawItem {
     Special(PathBuf),
 }
 
-fn scan_dir(dir: &Path, rel: &[u8], opts: &IngestOptions<'_>, depth: usize) -> Result<RawScan> {
+fn scan_dir(dir: &Path, rel: &[u8], opts: &IngestOptions<'_>) -> Result<RawScan> {
     let rd = std::fs::read_dir(dir).map_err(|e| Error::input("list", dir, e))?;
     let mut names = Vec::new();
     for ent in rd {
@@ -168,7 +174,7 @@ fn scan_dir(dir: &Path, rel: &[u8], opts: &IngestOptions<'_>, depth: usize) -> R
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                     Err(e) => return Err(Error::input("stat", &path, e)),
                 };
-                let scan = scan_dir(&path, &rel_path, opts, depth + 1)?;
+                let scan = scan_dir(&path, &rel_path, opts)?;
                 return Ok(Some(RawItem::Dir {
                     name,
                     mode: meta.mode() & 0o7777,
@@ -508,7 +514,7 @@ impl Store {
         let kv = self.reader();
         let generation = Self::gc_generation(&*kv)?;
         let started = now_ns();
-        let raw = scan_dir(&abs, b"", opts, 0)?;
+        let raw = scan_dir(&abs, b"", opts)?;
         let mut scan = ScanOut::default();
         let dir = flatten(raw, &mut scan, opts.filter.is_none());
 
@@ -557,7 +563,7 @@ impl Store {
             .sum();
         opts.progress.start("hashing", to_hash);
 
-        let results: Vec<Result<Option<(ObjectId, StatEntry, Option<FileObject>)>>> = scan
+        let results: Vec<Result<Hashed>> = scan
             .jobs
             .par_iter()
             .zip(known.par_iter())

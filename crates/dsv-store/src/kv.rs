@@ -305,6 +305,9 @@ mod rocks {
     };
     use std::path::{Path, PathBuf};
 
+    /// Batches larger than this are flushed to tables right away.
+    const FLUSH_AFTER: u64 = 256 << 10;
+
     /// RocksDB in a directory.
     pub struct RocksBackend {
         path: PathBuf,
@@ -345,7 +348,9 @@ mod rocks {
             }
             o.set_block_based_table_factory(&b);
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            o.set_write_buffer_size(64 << 20);
+            // Metadata only (chunk data lives in packs): small memtables keep
+            // the WAL (preallocated to about this size) and recovery small.
+            o.set_write_buffer_size(16 << 20);
             o.set_level_compaction_dynamic_level_bytes(true);
             o
         }
@@ -365,6 +370,8 @@ mod rocks {
             o.set_keep_log_file_num(4);
             o.set_max_log_file_size(1 << 20);
             o.set_max_background_jobs(2);
+            o.set_manifest_preallocation_size(64 << 10);
+            o.set_log_level(rocksdb::LogLevel::Warn);
             o
         }
     }
@@ -433,7 +440,19 @@ mod rocks {
             wo.set_sync(true);
             self.db
                 .write_opt(wb, &wo)
-                .map_err(|e| kv_err(&self.path, e))
+                .map_err(|e| kv_err(&self.path, e))?;
+            if batch.put_bytes() > FLUSH_AFTER {
+                // Readers open read-only and replay the WAL on every open:
+                // after a large write, move it into tables once, here.
+                let handles: Vec<_> = ALL_CFS
+                    .iter()
+                    .filter_map(|c| self.db.cf_handle(c.name()))
+                    .collect();
+                self.db
+                    .flush_cfs_opt(&handles, &rocksdb::FlushOptions::default())
+                    .map_err(|e| kv_err(&self.path, e))?;
+            }
+            Ok(())
         }
     }
 

@@ -112,6 +112,7 @@ pub struct Store {
     config: RepoConfig,
     backend: Box<dyn Backend>,
     reader: RwLock<Arc<dyn KvRead>>,
+    stale: std::sync::atomic::AtomicBool,
     packs: PackReader,
     opts: StoreOptions,
 }
@@ -229,6 +230,7 @@ impl Store {
             config,
             backend,
             reader: RwLock::new(reader),
+            stale: std::sync::atomic::AtomicBool::new(false),
             opts,
         })
     }
@@ -250,8 +252,15 @@ impl Store {
         &self.opts
     }
 
-    /// The current read handle.
+    /// The current read handle (reopened first if this store wrote since).
     pub fn reader(&self) -> Arc<dyn KvRead> {
+        if self.stale.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            if let Err(e) = self.refresh() {
+                // Keep the old view; the next call tries again.
+                tracing::warn!("cannot reopen the database for reading: {e}");
+                self.stale.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
         self.reader
             .read()
             .map(|r| r.clone())
@@ -288,7 +297,9 @@ impl Store {
             out
         };
         drop(lock);
-        self.refresh()?;
+        // Reopen the read view lazily: a command that exits after its write
+        // never pays for it.
+        self.stale.store(true, std::sync::atomic::Ordering::Release);
         Ok(out)
     }
 
