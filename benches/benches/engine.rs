@@ -1,4 +1,5 @@
 //! Criterion benchmarks of the engine's stages on this machine:
+#![allow(missing_docs)] // criterion_group! generates undocumented functions
 //! chunking (one core), hashing, compression, folder ingest, diff, verify.
 
 use std::collections::BTreeMap;
