@@ -76,3 +76,31 @@ impl From<std::io::Error> for CliError {
         CliError::repo(e.to_string())
     }
 }
+
+impl From<dsv::Error> for CliError {
+    fn from(e: dsv::Error) -> Self {
+        match e {
+            dsv::Error::Store(s) => s.into(),
+            other => {
+                let hint = match &other {
+                    dsv::Error::DatasetNotFound(_) => {
+                        Some("'dsv dataset list' shows the datasets".to_string())
+                    }
+                    dsv::Error::InvalidRevision { .. } => Some(
+                        "use PROJECT/NAME, PROJECT/NAME@VERSION, PROJECT/NAME@TAG or an id prefix (6+ hex digits)"
+                            .to_string(),
+                    ),
+                    dsv::Error::RevisionNotFound(_) => {
+                        Some("'dsv dataset list PROJECT/NAME' shows its versions and tags".to_string())
+                    }
+                    _ => None,
+                };
+                CliError {
+                    code: if other.is_repository_problem() { 2 } else { 1 },
+                    message: other.to_string(),
+                    hint,
+                }
+            }
+        }
+    }
+}

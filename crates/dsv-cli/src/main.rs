@@ -4,11 +4,13 @@
 //! stderr when it is a terminal, `RUST_LOG` tracing, and exit codes (0 ok,
 //! 1 user error, 2 repository problem).
 
+mod dataset;
 mod error;
 mod output;
 mod plumbing;
 mod repo;
 mod repo_cmds;
+mod watch;
 
 use std::path::PathBuf;
 
@@ -18,7 +20,7 @@ use crate::error::CliError;
 
 /// dsv — an embedded, git-like dataset store.
 #[derive(Debug, Parser)]
-#[command(name = "dsv", version, about, propagate_version = true)]
+#[command(name = "dsv", version, about)]
 pub struct Cli {
     /// Repository (a folder holding `.dsv`, or the `.dsv` folder itself).
     /// Defaults to $DSV_REPO, then the nearest `.dsv` above the working directory.
@@ -47,6 +49,9 @@ enum Command {
     Gc(repo_cmds::GcArgs),
     /// Counts and sizes: objects, chunks, logical and stored bytes.
     Stats,
+    /// Datasets: create, add, sync, watch, show, list, diff, tag …
+    #[command(subcommand)]
+    Dataset(dataset::DatasetCmd),
     /// Plumbing: store a folder as a new version on a ref (prints what changed).
     Snapshot(plumbing::SnapshotArgs),
 }
@@ -72,6 +77,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Gc(_) => "gc",
         Command::Stats => "stats",
         Command::Snapshot(_) => "snapshot",
+        Command::Dataset(_) => "dataset",
     };
     let ctx = Ctx {
         repo: cli.repo.clone(),
@@ -86,6 +92,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Gc(a) => repo_cmds::gc(&ctx, a),
         Command::Stats => repo_cmds::stats(&ctx),
         Command::Snapshot(a) => plumbing::snapshot(&ctx, a),
+        Command::Dataset(c) => dataset::run(&ctx, c),
     }
 }
 
@@ -100,4 +107,13 @@ fn main() {
         Err(e) => e.report(),
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

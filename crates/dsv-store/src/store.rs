@@ -720,7 +720,7 @@ impl Store {
     /// The writes that create a version object and register it as a root.
     /// The root tree must be stored, or put into `b` before this call.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn version_batch(
+    pub fn version_batch(
         &self,
         kv: &dyn KvRead,
         root: ObjectId,
@@ -769,6 +769,47 @@ impl Store {
             object.created_ms.to_le_bytes().to_vec(),
         );
         Ok(Version { id, object })
+    }
+
+    /// The writes that create one standalone version (no parents) whose
+    /// tree is `sources` merged, later sources winning per path. Chunks are
+    /// shared with the sources; only merged tree nodes and the version are
+    /// new.
+    pub fn squash_batch(
+        &self,
+        kv: &dyn KvRead,
+        sources: &[VersionId],
+        message: &str,
+        metadata: BTreeMap<String, String>,
+        b: &mut Batch,
+    ) -> Result<Version> {
+        let mut pending = Pending::default();
+        let mut root = tree::empty_tree_id();
+        for (i, s) in sources.iter().enumerate() {
+            if !kv.contains(Cf::Roots, &schema::root_version_key(s))? {
+                return Err(Error::not_found(Kind::Version, s.to_hex()));
+            }
+            let r = version_in(kv, s)?.object.root;
+            root = if i == 0 {
+                r
+            } else {
+                let mut w = Objs {
+                    kv,
+                    pending: &mut pending,
+                };
+                tree::merge_dirs(&mut w, root, r)?.0
+            };
+        }
+        let diff = diff_trees(
+            &Objs {
+                kv,
+                pending: &mut pending,
+            },
+            &tree::empty_tree_id(),
+            &root,
+        )?;
+        let stored = self.pending_batch(kv, &pending, b)?;
+        self.version_batch(kv, root, &[], &diff, stored, message, metadata, b)
     }
 
     /// Discards a draft that was never finalized.

@@ -1,0 +1,929 @@
+//! `dsv dataset …`: the dataset commands of `cli.md`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use dsv::{AddOptions, AddReport, CreateOptions, DatasetVersion, DraftHandle, Repo, SyncOptions};
+use dsv_store::VersionId;
+
+use crate::error::CliError;
+use crate::output::{self, Bar};
+use crate::repo;
+use crate::Ctx;
+
+/// `dsv dataset`.
+#[derive(Debug, Subcommand)]
+pub enum DatasetCmd {
+    /// Start a draft version of PROJECT/NAME (the dataset is created on first use).
+    Create(CreateArgs),
+    /// Add files and folders to a draft.
+    Add(AddArgs),
+    /// Remove files (glob patterns or folder paths) from a draft.
+    Remove(RemoveArgs),
+    /// Freeze a draft into an immutable version.
+    Finalize(FinalizeArgs),
+    /// The "upload" button: make a new version match FOLDER (nothing when unchanged).
+    Sync(SyncArgs),
+    /// Add each finished file as it appears in FOLDER; finalize on SIGINT/SIGTERM.
+    Watch(crate::watch::WatchArgs),
+    /// A version's metadata and delta (reads no file data).
+    Show(RevArg),
+    /// Versions, newest first.
+    List(ListArgs),
+    /// File entries of a version.
+    Files(FilesArgs),
+    /// What changed between two versions.
+    Diff(DiffArgs),
+    /// Write one file of a version to stdout.
+    Cat(CatArgs),
+    /// Add or remove tags.
+    Tag(TagArgs),
+    /// Read or set user metadata (KEY=VALUE, VALUE parsed as JSON when it is JSON).
+    Meta(MetaArgs),
+    /// First rows and per-column statistics of tabular files, and the delta.
+    Preview(PreviewArgs),
+    /// Rehash every stored chunk of a version.
+    Verify(VerifyArgs),
+    /// One standalone version from several.
+    Squash(SquashArgs),
+    /// Delete a version (refuses while others depend on it unless --force).
+    Delete(DeleteArgs),
+    /// Rename or move a dataset (versions keep their ids).
+    Rename(RenameArgs),
+}
+
+/// `create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// PROJECT/NAME.
+    dataset: String,
+    /// Parent revision (repeat for a merge: later parents win per path).
+    #[arg(long = "parent", value_name = "REV")]
+    parents: Vec<String>,
+    /// Tag for the version.
+    #[arg(long = "tag", value_name = "T")]
+    tags: Vec<String>,
+    /// Version string (default: next patch version at finalize).
+    #[arg(long)]
+    version: Option<String>,
+    /// Message.
+    #[arg(long, short, default_value = "")]
+    message: String,
+    /// Start from the dataset's newest version (a writable copy).
+    #[arg(long, conflicts_with = "parents")]
+    from_latest: bool,
+}
+
+/// `add`.
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// Draft id (or unique prefix).
+    id: String,
+    /// Files and folders.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Folder inside the dataset.
+    #[arg(long, default_value = "")]
+    dataset_path: String,
+    /// Only files matching (path relative to the folder, or file name).
+    #[arg(long = "wildcard", value_name = "GLOB")]
+    wildcards: Vec<String>,
+    /// Do not descend into sub-folders.
+    #[arg(long)]
+    non_recursive: bool,
+}
+
+/// `remove`.
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    /// Draft id.
+    id: String,
+    /// Glob patterns or folder paths.
+    #[arg(required = true)]
+    patterns: Vec<String>,
+}
+
+/// `finalize`.
+#[derive(Debug, Args)]
+pub struct FinalizeArgs {
+    /// Draft id.
+    id: String,
+}
+
+/// `sync`.
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// PROJECT/NAME.
+    dataset: String,
+    /// Folder to upload.
+    folder: PathBuf,
+    /// Folder inside the dataset the folder maps to.
+    #[arg(long, default_value = "")]
+    dataset_path: String,
+    /// Tag for the new version.
+    #[arg(long = "tag", value_name = "T")]
+    tags: Vec<String>,
+    /// Message.
+    #[arg(long, short, default_value = "")]
+    message: String,
+    /// Version string (default: next patch version).
+    #[arg(long)]
+    version: Option<String>,
+}
+
+/// A revision argument.
+#[derive(Debug, Args)]
+pub struct RevArg {
+    /// PROJECT/NAME[@VERSION|@TAG] or a version id prefix.
+    rev: String,
+}
+
+/// `list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// PROJECT or PROJECT/NAME.
+    filter: Option<String>,
+    /// Only versions with this tag (repeat: all of them).
+    #[arg(long = "tag", value_name = "T")]
+    tags: Vec<String>,
+}
+
+/// `files`.
+#[derive(Debug, Args)]
+pub struct FilesArgs {
+    /// Revision.
+    rev: String,
+    /// Only paths matching.
+    glob: Option<String>,
+    /// Only files added against the parent (or --against).
+    #[arg(long, group = "which")]
+    added: bool,
+    /// Only files modified.
+    #[arg(long, group = "which")]
+    modified: bool,
+    /// Only files removed.
+    #[arg(long, group = "which")]
+    removed: bool,
+    /// Compare with this revision instead of the first parent.
+    #[arg(long, value_name = "REV")]
+    against: Option<String>,
+}
+
+/// `diff`.
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// From.
+    a: String,
+    /// To.
+    b: String,
+}
+
+/// `cat`.
+#[derive(Debug, Args)]
+pub struct CatArgs {
+    /// Revision.
+    rev: String,
+    /// Path in the version.
+    path: String,
+}
+
+/// `tag`.
+#[derive(Debug, Args)]
+pub struct TagArgs {
+    /// Revision.
+    rev: String,
+    /// Tags to add.
+    #[arg(long = "add", value_name = "T")]
+    add: Vec<String>,
+    /// Tags to remove.
+    #[arg(long = "remove", value_name = "T")]
+    remove: Vec<String>,
+}
+
+/// `meta`.
+#[derive(Debug, Args)]
+pub struct MetaArgs {
+    /// Revision.
+    rev: String,
+    /// KEY=VALUE (VALUE as JSON when it parses, else a string; `null` removes).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print one key's value.
+    #[arg(long)]
+    get: Option<String>,
+    /// Set the description.
+    #[arg(long)]
+    description: Option<String>,
+}
+
+/// `preview`.
+#[derive(Debug, Args)]
+pub struct PreviewArgs {
+    /// Revision.
+    rev: String,
+    /// Rows shown per file.
+    #[arg(long, default_value_t = 5)]
+    rows: usize,
+    /// Tabular files previewed at most.
+    #[arg(long, default_value_t = 10)]
+    max_files: usize,
+    /// Rows read per file for the statistics.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_rows: u64,
+}
+
+/// `verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Revision.
+    rev: String,
+}
+
+/// `squash`.
+#[derive(Debug, Args)]
+pub struct SquashArgs {
+    /// PROJECT/NAME of the result.
+    dataset: String,
+    /// Versions to squash (later win per path).
+    #[arg(required = true)]
+    revs: Vec<String>,
+    /// Version string.
+    #[arg(long)]
+    version: Option<String>,
+    /// Message.
+    #[arg(long, short, default_value = "")]
+    message: String,
+}
+
+/// `delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Revision.
+    rev: String,
+    /// Delete even when other versions depend on it.
+    #[arg(long)]
+    force: bool,
+}
+
+/// `rename`.
+#[derive(Debug, Args)]
+pub struct RenameArgs {
+    /// PROJECT/NAME now.
+    from: String,
+    /// New PROJECT/NAME.
+    to: String,
+}
+
+/// Opens the repository with dataset semantics.
+pub fn open(ctx: &Ctx) -> Result<Repo, CliError> {
+    Ok(Repo::from_store(repo::open(ctx)?))
+}
+
+/// ISO-8601 UTC from ms since the epoch.
+pub fn iso(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// The version object as `show --json` prints it.
+pub fn version_json(v: &DatasetVersion) -> Value {
+    json!({
+        "id": v.id,
+        "dataset_id": v.dataset.id,
+        "project": v.dataset.project,
+        "name": v.dataset.name,
+        "version": v.version,
+        "parents": v.parents,
+        "tags": v.tags,
+        "created": iso(v.created_ms),
+        "created_ms": v.created_ms,
+        "file_count": v.file_count,
+        "total_bytes": v.total_bytes,
+        "delta": v.delta,
+        "message": v.message,
+        "description": v.description,
+        "metadata": v.metadata,
+    })
+}
+
+fn draft_json(d: &DraftHandle) -> Value {
+    json!({
+        "id": d.id,
+        "draft": true,
+        "dataset_id": d.dataset.id,
+        "project": d.dataset.project,
+        "name": d.dataset.name,
+        "version": d.info.version,
+        "parents": d.parents,
+        "tags": d.info.tags,
+        "created": iso(d.info.created_ms),
+        "file_count": d.file_count,
+        "total_bytes": d.total_bytes,
+    })
+}
+
+fn print_version_line(v: &DatasetVersion) {
+    let d = &v.delta;
+    println!(
+        "{}/{} {}  {}  +{} ~{} -{} >{}  {} files, {} ({} newly stored){}",
+        v.dataset.project,
+        v.dataset.name,
+        v.version,
+        v.id.short(12),
+        d.added,
+        d.modified,
+        d.removed,
+        d.renamed,
+        v.file_count,
+        output::bytes(v.total_bytes),
+        output::bytes(d.stored_bytes),
+        if v.tags.is_empty() {
+            String::new()
+        } else {
+            format!("  [{}]", v.tags.join(", "))
+        }
+    );
+}
+
+fn print_report(r: &AddReport, limit: usize) {
+    let mut shown = 0;
+    let mut line = |s: String| {
+        if shown < limit {
+            println!("{s}");
+        }
+        shown += 1;
+    };
+    for p in &r.added {
+        line(format!("  added     {p}"));
+    }
+    for p in &r.modified {
+        line(format!("  modified  {p}"));
+    }
+    for p in &r.removed {
+        line(format!("  removed   {p}"));
+    }
+    for (a, b) in &r.renamed {
+        line(format!("  renamed   {a} -> {b}"));
+    }
+    if shown > limit {
+        println!("  … and {} more", shown - limit);
+    }
+}
+
+fn changes_json(r: &AddReport) -> Value {
+    json!({
+        "added": r.added,
+        "modified": r.modified,
+        "removed": r.removed,
+        "renamed": r.renamed.iter().map(|(a, b)| json!({"from": a, "to": b})).collect::<Vec<_>>(),
+    })
+}
+
+fn resolve_versions(repo: &Repo, revs: &[String]) -> Result<Vec<VersionId>, CliError> {
+    revs.iter()
+        .map(|r| Ok(repo.resolve(r)?.id))
+        .collect::<Result<Vec<_>, CliError>>()
+}
+
+/// Runs a dataset command.
+pub fn run(ctx: &Ctx, cmd: DatasetCmd) -> Result<(), CliError> {
+    match cmd {
+        DatasetCmd::Create(a) => create(ctx, a),
+        DatasetCmd::Add(a) => add(ctx, a),
+        DatasetCmd::Remove(a) => remove(ctx, a),
+        DatasetCmd::Finalize(a) => finalize(ctx, a),
+        DatasetCmd::Sync(a) => sync(ctx, a),
+        DatasetCmd::Watch(a) => crate::watch::watch(ctx, a),
+        DatasetCmd::Show(a) => show(ctx, a),
+        DatasetCmd::List(a) => list(ctx, a),
+        DatasetCmd::Files(a) => files(ctx, a),
+        DatasetCmd::Diff(a) => diff(ctx, a),
+        DatasetCmd::Cat(a) => cat(ctx, a),
+        DatasetCmd::Tag(a) => tag(ctx, a),
+        DatasetCmd::Meta(a) => meta(ctx, a),
+        DatasetCmd::Preview(a) => preview(ctx, a),
+        DatasetCmd::Verify(a) => verify(ctx, a),
+        DatasetCmd::Squash(a) => squash(ctx, a),
+        DatasetCmd::Delete(a) => delete(ctx, a),
+        DatasetCmd::Rename(a) => rename(ctx, a),
+    }
+}
+
+fn create(ctx: &Ctx, a: CreateArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let (project, name) = dsv::rev::parse_dataset_name(&a.dataset)?;
+    let opts = CreateOptions {
+        parents: resolve_versions(&repo, &a.parents)?,
+        version: a.version,
+        tags: a.tags,
+        message: a.message,
+        auto_create: true,
+    };
+    let d = if a.from_latest {
+        repo.writable_copy_or_create(&project, &name, &opts)?
+    } else {
+        repo.create(&project, &name, &opts)?
+    };
+    if ctx.json {
+        return output::json(&draft_json(&d));
+    }
+    println!("{}", d.id);
+    eprintln!(
+        "draft of {} ({} files from {} parent(s)); add files with 'dsv dataset add {} PATH…', then 'dsv dataset finalize {}'",
+        d.dataset.full_name(),
+        d.file_count,
+        d.parents.len(),
+        d.id.short(12),
+        d.id.short(12)
+    );
+    Ok(())
+}
+
+fn add(ctx: &Ctx, a: AddArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let d = repo.resolve_draft(&a.id)?;
+    let bar = Bar::new(ctx.progress);
+    let r = repo.add(
+        &d,
+        &a.paths,
+        &AddOptions {
+            dataset_path: a.dataset_path,
+            wildcards: a.wildcards,
+            non_recursive: a.non_recursive,
+            progress: Some(&bar),
+        },
+    )?;
+    if ctx.json {
+        return output::json(&json!({
+            "id": d.id,
+            "added": r.added.len(),
+            "modified": r.modified.len(),
+            "unchanged": r.unchanged,
+            "bytes": r.bytes,
+            "stored_bytes": r.stored_bytes,
+            "changes": changes_json(&r),
+        }));
+    }
+    print_report(&r, 50);
+    println!(
+        "{}: {} added, {} modified, {} unchanged ({} read, {} newly stored)",
+        d.id.short(12),
+        r.added.len(),
+        r.modified.len(),
+        r.unchanged,
+        output::bytes(r.bytes),
+        output::bytes(r.stored_bytes)
+    );
+    Ok(())
+}
+
+fn remove(ctx: &Ctx, a: RemoveArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let d = repo.resolve_draft(&a.id)?;
+    let removed = repo.remove(&d, &a.patterns)?;
+    if ctx.json {
+        return output::json(&json!({"id": d.id, "removed": removed.len(), "paths": removed}));
+    }
+    for p in &removed {
+        println!("  removed   {p}");
+    }
+    println!("{}: {} removed", d.id.short(12), removed.len());
+    Ok(())
+}
+
+fn finalize(ctx: &Ctx, a: FinalizeArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let d = repo.resolve_draft(&a.id)?;
+    let v = repo.finalize(&d)?;
+    if ctx.json {
+        return output::json(&version_json(&v));
+    }
+    print_version_line(&v);
+    Ok(())
+}
+
+fn sync(ctx: &Ctx, a: SyncArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let (project, name) = dsv::rev::parse_dataset_name(&a.dataset)?;
+    let bar = Bar::new(ctx.progress);
+    let out = repo.sync(
+        &project,
+        &name,
+        &a.folder,
+        &SyncOptions {
+            dataset_path: a.dataset_path,
+            tags: a.tags,
+            message: a.message,
+            version: a.version,
+            progress: Some(&bar),
+        },
+    )?;
+    match out.version {
+        Some(v) => {
+            if ctx.json {
+                let mut doc = version_json(&v);
+                doc["changed"] = json!(true);
+                doc["changes"] = changes_json(&out.report);
+                return output::json(&doc);
+            }
+            print_report(&out.report, 50);
+            print_version_line(&v);
+        }
+        None => {
+            if ctx.json {
+                return output::json(&json!({
+                    "changed": false,
+                    "id": out.unchanged_from,
+                    "unchanged": out.report.unchanged,
+                }));
+            }
+            println!(
+                "{project}/{name} unchanged ({} files checked, {} read); no version created",
+                out.report.unchanged,
+                output::bytes(out.report.bytes_hashed)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn show(ctx: &Ctx, a: RevArg) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let v = match repo.resolve(&a.rev) {
+        Ok(v) => v,
+        Err(e) => {
+            // A draft id prints the draft.
+            if let Ok(d) = repo.resolve_draft(&a.rev) {
+                if ctx.json {
+                    return output::json(&draft_json(&d));
+                }
+                println!(
+                    "draft {} of {} ({} files, {}; parents {:?})",
+                    d.id,
+                    d.dataset.full_name(),
+                    d.file_count,
+                    output::bytes(d.total_bytes),
+                    d.parents.iter().map(|p| p.short(12)).collect::<Vec<_>>()
+                );
+                return Ok(());
+            }
+            return Err(e.into());
+        }
+    };
+    if ctx.json {
+        return output::json(&version_json(&v));
+    }
+    let d = &v.delta;
+    println!("id:          {}", v.id);
+    println!("dataset:     {}/{}", v.dataset.project, v.dataset.name);
+    println!("version:     {}", v.version);
+    println!("created:     {}", iso(v.created_ms));
+    for p in &v.parents {
+        println!("parent:      {p}");
+    }
+    println!("tags:        {}", v.tags.join(", "));
+    println!(
+        "files:       {} ({})",
+        v.file_count,
+        output::bytes(v.total_bytes)
+    );
+    println!(
+        "delta:       +{} added, ~{} modified, -{} removed, >{} renamed; {} changed, {} newly stored",
+        d.added,
+        d.modified,
+        d.removed,
+        d.renamed,
+        output::bytes(d.added_bytes),
+        output::bytes(d.stored_bytes)
+    );
+    if !v.message.is_empty() {
+        println!("message:     {}", v.message);
+    }
+    if !v.description.is_empty() {
+        println!("description: {}", v.description);
+    }
+    for (k, val) in &v.metadata {
+        println!("meta:        {k} = {val}");
+    }
+    Ok(())
+}
+
+fn list(ctx: &Ctx, a: ListArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let vs = match &a.filter {
+        None => repo.list(None, None, &a.tags)?,
+        Some(f) => {
+            let exact = dsv::rev::parse_dataset_name(f)
+                .ok()
+                .filter(|(p, n)| repo.dataset(p, n).ok().flatten().is_some());
+            match exact {
+                Some((p, n)) => repo.list(Some(&p), Some(&n), &a.tags)?,
+                None => {
+                    let p = f.trim_end_matches('/');
+                    let vs = repo.list(Some(p), None, &a.tags)?;
+                    if vs.is_empty()
+                        && !repo
+                            .datasets()?
+                            .iter()
+                            .any(|d| d.project == p || d.project.starts_with(&format!("{p}/")))
+                    {
+                        return Err(CliError::user(format!("no dataset or project named {f}"))
+                            .hint("'dsv dataset list' shows every dataset"));
+                    }
+                    vs
+                }
+            }
+        }
+    };
+    if ctx.json {
+        return output::json(&Value::Array(vs.iter().map(version_json).collect()));
+    }
+    for v in &vs {
+        print_version_line(v);
+    }
+    Ok(())
+}
+
+fn file_json(f: &dsv::FileItem) -> Value {
+    json!({"path": f.path, "size": f.size, "hash": f.hash, "mode": format!("{:o}", f.mode), "symlink": f.symlink})
+}
+
+fn files(ctx: &Ctx, a: FilesArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let v = repo.resolve(&a.rev)?;
+    let set = match &a.glob {
+        Some(g) => Some(
+            globset::Glob::new(g)
+                .map_err(|e| CliError::user(format!("invalid pattern '{g}': {e}")))?
+                .compile_matcher(),
+        ),
+        None => None,
+    };
+    let list: Vec<dsv::FileItem> = if a.added || a.modified || a.removed {
+        let ch = match &a.against {
+            Some(r) => repo.diff(&repo.resolve(r)?.id, &v.id)?,
+            None => repo.changes(&v)?,
+        };
+        let mut l = if a.added {
+            ch.added
+        } else if a.modified {
+            ch.modified
+        } else {
+            ch.removed
+        };
+        if let Some(s) = &set {
+            l.retain(|f| s.is_match(&f.path));
+        }
+        l
+    } else {
+        repo.files(&v, a.glob.as_deref())?
+    };
+    if ctx.json {
+        return output::json(&Value::Array(list.iter().map(file_json).collect()));
+    }
+    let mut out = std::io::stdout().lock();
+    for f in &list {
+        writeln!(
+            out,
+            "{:>12}  {}  {}",
+            f.size,
+            &f.hash[..f.hash.len().min(12)],
+            f.path
+        )?;
+    }
+    Ok(())
+}
+
+fn diff(ctx: &Ctx, a: DiffArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let va = repo.resolve(&a.a)?;
+    let vb = repo.resolve(&a.b)?;
+    let ch = repo.diff(&va.id, &vb.id)?;
+    if ctx.json {
+        return output::json(&json!({
+            "from": va.id,
+            "to": vb.id,
+            "added": ch.added.iter().map(|f| &f.path).collect::<Vec<_>>(),
+            "modified": ch.modified.iter().map(|f| &f.path).collect::<Vec<_>>(),
+            "removed": ch.removed.iter().map(|f| &f.path).collect::<Vec<_>>(),
+            "renamed": ch.renamed.iter().map(|(a, b)| json!({"from": a, "to": b})).collect::<Vec<_>>(),
+        }));
+    }
+    let mut out = std::io::stdout().lock();
+    for f in &ch.added {
+        writeln!(out, "A  {}", f.path)?;
+    }
+    for f in &ch.modified {
+        writeln!(out, "M  {}", f.path)?;
+    }
+    for f in &ch.removed {
+        writeln!(out, "D  {}", f.path)?;
+    }
+    for (x, y) in &ch.renamed {
+        writeln!(out, "R  {x} -> {y}")?;
+    }
+    Ok(())
+}
+
+fn cat(ctx: &Ctx, a: CatArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let v = repo.resolve(&a.rev)?;
+    let mut out = std::io::stdout().lock();
+    repo.cat(&v, &a.path, &mut out)?;
+    out.flush()?;
+    Ok(())
+}
+
+fn tag(ctx: &Ctx, a: TagArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let v = repo.resolve(&a.rev)?;
+    let tags = if a.add.is_empty() && a.remove.is_empty() {
+        v.tags.clone()
+    } else {
+        repo.tag(&v, &a.add, &a.remove)?
+    };
+    if ctx.json {
+        return output::json(&json!({"id": v.id, "tags": tags}));
+    }
+    println!("{}", tags.join(" "));
+    Ok(())
+}
+
+fn meta(ctx: &Ctx, a: MetaArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let v = repo.resolve(&a.rev)?;
+    let mut set = BTreeMap::new();
+    for kv in &a.set {
+        let (k, val) = kv
+            .split_once('=')
+            .ok_or_else(|| CliError::user(format!("--set {kv}: expected KEY=VALUE")))?;
+        let value =
+            serde_json::from_str::<Value>(val).unwrap_or_else(|_| Value::String(val.to_string()));
+        set.insert(k.to_string(), value);
+    }
+    let metadata = if set.is_empty() && a.description.is_none() {
+        v.metadata.clone()
+    } else {
+        repo.set_metadata(&v, &set, a.description.as_deref())?
+    };
+    if let Some(k) = &a.get {
+        let val = metadata.get(k).ok_or_else(|| {
+            CliError::user(format!(
+                "version {} has no metadata key '{k}'",
+                v.id.short(12)
+            ))
+        })?;
+        if ctx.json {
+            return output::json(val);
+        }
+        match val {
+            Value::String(s) => println!("{s}"),
+            other => println!("{other}"),
+        }
+        return Ok(());
+    }
+    if ctx.json {
+        return output::json(&json!(metadata));
+    }
+    for (k, val) in &metadata {
+        println!("{k} = {val}");
+    }
+    Ok(())
+}
+
+fn preview(ctx: &Ctx, a: PreviewArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let v = repo.resolve(&a.rev)?;
+    let previews = repo.preview(&v, a.rows, a.max_files, a.max_rows)?;
+    if ctx.json {
+        return output::json(&json!({
+            "version": version_json(&v),
+            "delta": v.delta,
+            "files": previews,
+        }));
+    }
+    print_version_line(&v);
+    if previews.is_empty() {
+        println!("(no tabular files)");
+    }
+    for p in &previews {
+        println!("\n== {} ({} rows)", p.path, p.row_count);
+        println!("{}", p.header.join(" | "));
+        for r in &p.rows {
+            println!("{}", r.join(" | "));
+        }
+        println!(
+            "{:<20} {:>8} {:>14} {:>14} {:>14}",
+            "column", "count", "min", "max", "mean"
+        );
+        for c in &p.columns {
+            let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
+            println!(
+                "{:<20} {:>8} {:>14} {:>14} {:>14}",
+                c.name,
+                c.count,
+                f(c.min),
+                f(c.max),
+                f(c.mean)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let v = repo.resolve(&a.rev)?;
+    let bad = repo.verify(&v)?;
+    if ctx.json {
+        output::json(
+            &json!({"id": v.id, "ok": bad.is_empty(), "files": v.file_count, "mismatches": bad}),
+        )?;
+    } else if bad.is_empty() {
+        println!(
+            "{} ok: {} files, {} rehashed",
+            v.id.short(12),
+            v.file_count,
+            output::bytes(v.total_bytes)
+        );
+    } else {
+        for m in &bad {
+            println!("BAD  {}: {}", m.path, m.error);
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::repo(format!(
+            "{} damaged file(s) in version {}",
+            bad.len(),
+            v.id.short(12)
+        ))
+        .hint("run 'dsv fsck --read-data' for the whole repository"))
+    }
+}
+
+fn squash(ctx: &Ctx, a: SquashArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let (project, name) = dsv::rev::parse_dataset_name(&a.dataset)?;
+    let sources = a
+        .revs
+        .iter()
+        .map(|r| repo.resolve(r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let v = repo.squash(&project, &name, &sources, a.version.as_deref(), &a.message)?;
+    if ctx.json {
+        return output::json(&version_json(&v));
+    }
+    print_version_line(&v);
+    Ok(())
+}
+
+fn delete(ctx: &Ctx, a: DeleteArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let v = repo.resolve(&a.rev)?;
+    repo.delete(&v, a.force)?;
+    if ctx.json {
+        return output::json(&json!({"deleted": v.id}));
+    }
+    println!(
+        "deleted {}/{} {} ({}); run 'dsv gc' to reclaim its bytes",
+        v.dataset.project,
+        v.dataset.name,
+        v.version,
+        v.id.short(12)
+    );
+    Ok(())
+}
+
+fn rename(ctx: &Ctx, a: RenameArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let d = repo.rename_dataset(&a.from, &a.to)?;
+    if ctx.json {
+        return output::json(&json!({"id": d.id, "project": d.project, "name": d.name}));
+    }
+    println!("{} -> {}", a.from, d.full_name());
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! The porcelain's keys in the engine's `app` column family — one place,
+//! mirrored in `docs/FORMAT.md`. Values are JSON documents (self-describing,
+//! forward-compatible: unknown fields are ignored); sequence numbers and
+//! times in keys are big-endian so that keys sort by them.
+//!
+//! | key | value |
+//! |---|---|
+//! | `ds/` · dataset id [16] | [`DatasetRecord`](crate::records::DatasetRecord) |
+//! | `dn/` · project · 0x00 · name | dataset id [16] |
+//! | `dv/` · dataset id [16] · created ms u64 BE · version id [32] | [`VersionInfo`](crate::records::VersionInfo) |
+//! | `vi/` · version id [32] | dataset id [16] · created ms u64 BE |
+//! | `vm/` · version id [32] | [`VersionMeta`](crate::records::VersionMeta) (mutable: description, user metadata) |
+//! | `dr/` · draft id [32] | [`DraftInfo`](crate::records::DraftInfo) |
+//! | `ev/` · sequence u64 BE | [`Event`](crate::events::Event) |
+//! | `sq/events` | last event sequence, u64 LE |
+
+use dsv_store::{DraftId, VersionId};
+
+use crate::records::DatasetId;
+
+/// Prefix of dataset records.
+pub const DATASET: &[u8] = b"ds/";
+/// Prefix of the name index.
+pub const DATASET_NAME: &[u8] = b"dn/";
+/// Prefix of the per-dataset version index.
+pub const DATASET_VERSION: &[u8] = b"dv/";
+/// Prefix of version → dataset.
+pub const VERSION_INDEX: &[u8] = b"vi/";
+/// Prefix of mutable version metadata.
+pub const VERSION_META: &[u8] = b"vm/";
+/// Prefix of dataset drafts.
+pub const DRAFT: &[u8] = b"dr/";
+/// Prefix of events.
+pub const EVENT: &[u8] = b"ev/";
+/// The event sequence counter.
+pub const EVENT_SEQ: &[u8] = b"sq/events";
+
+fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+/// `ds/` key.
+pub fn dataset(id: &DatasetId) -> Vec<u8> {
+    cat(&[DATASET, &id.0])
+}
+
+/// `dn/` key.
+pub fn dataset_name(project: &str, name: &str) -> Vec<u8> {
+    cat(&[DATASET_NAME, project.as_bytes(), &[0], name.as_bytes()])
+}
+
+/// Prefix of one dataset's versions.
+pub fn dataset_versions(id: &DatasetId) -> Vec<u8> {
+    cat(&[DATASET_VERSION, &id.0])
+}
+
+/// `dv/` key.
+pub fn dataset_version(id: &DatasetId, created_ms: i64, v: &VersionId) -> Vec<u8> {
+    cat(&[
+        DATASET_VERSION,
+        &id.0,
+        &(created_ms.max(0) as u64).to_be_bytes(),
+        v.as_bytes(),
+    ])
+}
+
+/// `vi/` key.
+pub fn version_index(v: &VersionId) -> Vec<u8> {
+    cat(&[VERSION_INDEX, v.as_bytes()])
+}
+
+/// `vm/` key.
+pub fn version_meta(v: &VersionId) -> Vec<u8> {
+    cat(&[VERSION_META, v.as_bytes()])
+}
+
+/// `dr/` key.
+pub fn draft(d: &DraftId) -> Vec<u8> {
+    cat(&[DRAFT, d.as_bytes()])
+}
+
+/// `ev/` key.
+pub fn event(seq: u64) -> Vec<u8> {
+    cat(&[EVENT, &seq.to_be_bytes()])
+}

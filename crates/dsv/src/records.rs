@@ -1,0 +1,155 @@
+//! The porcelain's stored records (JSON values under [`crate::keys`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use dsv_store::{Delta, VersionId};
+
+use crate::error::{Error, Result};
+
+/// A dataset's stable id (16 random bytes); names can change, ids do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DatasetId(pub [u8; 16]);
+
+impl DatasetId {
+    /// A fresh id.
+    pub fn random() -> Self {
+        let d = dsv_store::DraftId::random();
+        let mut b = [0; 16];
+        b.copy_from_slice(&d.0[..16]);
+        Self(b)
+    }
+    /// From stored bytes.
+    pub fn from_slice(s: &[u8]) -> Option<Self> {
+        Some(Self(s.try_into().ok()?))
+    }
+}
+
+impl fmt::Display for DatasetId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for DatasetId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::Invalid(format!("invalid dataset id '{s}': 32 hex digits"));
+        if s.len() != 32 {
+            return Err(bad());
+        }
+        let mut b = [0u8; 16];
+        for (i, out) in b.iter_mut().enumerate() {
+            *out = u8::from_str_radix(s.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+                .map_err(|_| bad())?;
+        }
+        Ok(Self(b))
+    }
+}
+
+impl Serialize for DatasetId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for DatasetId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A dataset: a project/name that owns a line of versions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetRecord {
+    /// Project (may contain `/` for sub-projects).
+    pub project: String,
+    /// Name (no `/`).
+    pub name: String,
+    /// Creation time, ms since the epoch.
+    pub created_ms: i64,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// What the porcelain indexes about a finalized version (the immutable
+/// facts are copied from the version object so that listings never decode
+/// objects).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// Version string (semantic, or any label).
+    pub version: String,
+    /// Parent versions.
+    pub parents: Vec<VersionId>,
+    /// Creation time, ms.
+    pub created_ms: i64,
+    /// Files.
+    pub file_count: u64,
+    /// Logical bytes.
+    pub total_bytes: u64,
+    /// Change against the first parent.
+    pub delta: Delta,
+    /// Message given at finalize.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// Mutable facts about a version: description and user metadata.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VersionMeta {
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// User metadata, key → any JSON value.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+}
+
+/// A dataset draft: which dataset it belongs to and what finalize applies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DraftInfo {
+    /// The dataset.
+    pub dataset: DatasetId,
+    /// Explicit version string, or `None` for the next patch version.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Tags the version gets.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Message for the version.
+    #[serde(default)]
+    pub message: String,
+    /// Creation time, ms.
+    pub created_ms: i64,
+    /// The folder a `watch` feeds this draft from (to resume it).
+    #[serde(default)]
+    pub watch: Option<String>,
+}
+
+pub(crate) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(v: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(v).map_err(|e| Error::corrupted(what, e))
+}
+
+/// Orders version strings: semantic versions by precedence above any
+/// non-semantic label; ties by creation time.
+pub fn version_order_key(version: &str, created_ms: i64) -> (bool, Option<semver::Version>, i64) {
+    let sv = semver::Version::parse(version.trim_start_matches('v')).ok();
+    (sv.is_some(), sv, created_ms)
+}
+
+/// The version after `v`: its patch number plus one.
+pub fn bump_patch(v: &semver::Version) -> String {
+    semver::Version::new(v.major, v.minor, v.patch + 1).to_string()
+}

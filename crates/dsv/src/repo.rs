@@ -1,0 +1,1605 @@
+//! [`Repo`]: datasets over the engine. Every mutation is one atomic engine
+//! write that also appends its events.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde::Serialize;
+
+use dsv_store::kv::Batch;
+use dsv_store::store::{add_tag_batch, remove_tag_batch, tags_of_in};
+use dsv_store::tree::{walk_files, KvObjects, ObjectRead};
+use dsv_store::{
+    Cf, Change, Delta, Diff, DraftId, Entry, EntryTarget, IngestOptions, KvRead, NoProgress,
+    Progress, RepoConfig, StageMode, Store, StoreOptions, VersionId,
+};
+
+use crate::error::{Error, Parked, Result};
+use crate::events::{Event, EventKind, EventWriter};
+use crate::keys;
+use crate::records::{
+    bump_patch, from_json, to_json, version_order_key, DatasetId, DatasetRecord, DraftInfo,
+    VersionInfo, VersionMeta,
+};
+use crate::rev::{parse_dataset_name, RevSpec};
+
+/// Version-object metadata key holding the owning dataset's id.
+pub const META_DATASET: &str = "dsv.dataset";
+
+/// A repository with dataset semantics.
+#[derive(Debug)]
+pub struct Repo {
+    store: Store,
+}
+
+/// A dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Dataset {
+    /// Stable id.
+    pub id: DatasetId,
+    /// Project.
+    pub project: String,
+    /// Name.
+    pub name: String,
+    /// Creation time, ms.
+    pub created_ms: i64,
+}
+
+impl Dataset {
+    /// `project/name`.
+    pub fn full_name(&self) -> String {
+        format!("{}/{}", self.project, self.name)
+    }
+}
+
+/// A finalized version of a dataset.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DatasetVersion {
+    /// Version id.
+    pub id: VersionId,
+    /// The dataset.
+    pub dataset: Dataset,
+    /// Version string.
+    pub version: String,
+    /// Parents.
+    pub parents: Vec<VersionId>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Creation time, ms.
+    pub created_ms: i64,
+    /// Files.
+    pub file_count: u64,
+    /// Logical bytes.
+    pub total_bytes: u64,
+    /// Change against the first parent.
+    pub delta: Delta,
+    /// Message.
+    pub message: String,
+    /// Description.
+    pub description: String,
+    /// User metadata.
+    pub metadata: BTreeMap<String, serde_json::Value>,
+}
+
+/// A writable draft of a dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DraftHandle {
+    /// Draft id.
+    pub id: DraftId,
+    /// The dataset.
+    pub dataset: Dataset,
+    /// Parents the draft started from.
+    pub parents: Vec<VersionId>,
+    /// What finalize applies.
+    pub info: DraftInfo,
+    /// Files in the draft now.
+    pub file_count: u64,
+    /// Bytes in the draft now.
+    pub total_bytes: u64,
+}
+
+/// Options of [`Repo::create`].
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// Parents (their trees merged, later parents winning per path).
+    pub parents: Vec<VersionId>,
+    /// Explicit version string; default: next patch of the dataset's highest.
+    pub version: Option<String>,
+    /// Tags the version gets at finalize.
+    pub tags: Vec<String>,
+    /// Message.
+    pub message: String,
+    /// Create the dataset when missing.
+    pub auto_create: bool,
+}
+
+/// ClearML-style lookup ([`Repo::get`]).
+#[derive(Debug, Clone, Default)]
+pub struct GetQuery {
+    /// Version id or unique prefix.
+    pub id: Option<String>,
+    /// Project.
+    pub project: Option<String>,
+    /// Name.
+    pub name: Option<String>,
+    /// Version string.
+    pub version: Option<String>,
+    /// Tags the version must all carry.
+    pub tags: Vec<String>,
+    /// Only finalized versions (otherwise a newer open draft of the dataset
+    /// is returned when one exists).
+    pub only_finalized: bool,
+    /// Create the dataset (as an empty draft) when nothing matches.
+    pub auto_create: bool,
+    /// Return a new draft whose parent is the version found.
+    pub writable_copy: bool,
+}
+
+/// What [`Repo::get`] found.
+#[derive(Debug, Clone)]
+pub enum Got {
+    /// A finalized version.
+    Version(Box<DatasetVersion>),
+    /// A draft (open, auto-created or a writable copy).
+    Draft(Box<DraftHandle>),
+}
+
+/// Options of [`Repo::add`].
+#[derive(Default)]
+pub struct AddOptions<'a> {
+    /// Folder inside the dataset (`""` = root).
+    pub dataset_path: String,
+    /// Only files matching one of these globs (against the path relative
+    /// to the added folder, or the file name).
+    pub wildcards: Vec<String>,
+    /// Do not descend into sub-folders.
+    pub non_recursive: bool,
+    /// Progress (bytes).
+    pub progress: Option<&'a dyn Progress>,
+}
+
+/// What an add or sync changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AddReport {
+    /// New paths.
+    pub added: Vec<String>,
+    /// Changed paths.
+    pub modified: Vec<String>,
+    /// Removed paths (sync only).
+    pub removed: Vec<String>,
+    /// Moved paths `(from, to)`.
+    pub renamed: Vec<(String, String)>,
+    /// Files looked at that did not change.
+    pub unchanged: u64,
+    /// Bytes of the files looked at.
+    pub bytes: u64,
+    /// Bytes read and hashed (the rest came from the stat cache).
+    pub bytes_hashed: u64,
+    /// Bytes newly stored.
+    pub stored_bytes: u64,
+}
+
+/// Options of [`Repo::sync`].
+#[derive(Default)]
+pub struct SyncOptions<'a> {
+    /// Folder inside the dataset the folder maps to.
+    pub dataset_path: String,
+    /// Tags for the new version.
+    pub tags: Vec<String>,
+    /// Message.
+    pub message: String,
+    /// Explicit version string.
+    pub version: Option<String>,
+    /// Progress (bytes).
+    pub progress: Option<&'a dyn Progress>,
+}
+
+/// What [`Repo::sync`] did.
+#[derive(Debug, Clone)]
+pub struct SyncOutcome {
+    /// The new version, or `None` when the folder matched the latest.
+    pub version: Option<DatasetVersion>,
+    /// The latest version when nothing changed.
+    pub unchanged_from: Option<VersionId>,
+    /// What changed.
+    pub report: AddReport,
+}
+
+/// One file of a version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileItem {
+    /// Path.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// File object id (content hash), or the link target for a symlink.
+    pub hash: String,
+    /// Permission bits.
+    pub mode: u32,
+    /// Whether it is a symbolic link.
+    pub symlink: bool,
+}
+
+/// What changed between two versions, with paths as strings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Changes {
+    /// New files.
+    pub added: Vec<FileItem>,
+    /// Changed files (new state).
+    pub modified: Vec<FileItem>,
+    /// Gone files (old state).
+    pub removed: Vec<FileItem>,
+    /// Moves.
+    pub renamed: Vec<(String, String)>,
+}
+
+/// A file whose stored bytes failed verification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VerifyMismatch {
+    /// Path in the version.
+    pub path: String,
+    /// What failed.
+    pub error: String,
+}
+
+fn lossy(p: &[u8]) -> String {
+    String::from_utf8_lossy(p).into_owned()
+}
+
+fn item(path: &[u8], e: &Entry) -> FileItem {
+    let (hash, symlink) = match &e.target {
+        EntryTarget::File(id) => (id.to_hex(), false),
+        EntryTarget::Symlink(t) => (lossy(t), true),
+        EntryTarget::Dir { id, .. } => (id.to_hex(), false),
+    };
+    FileItem {
+        path: lossy(path),
+        size: e.size,
+        hash,
+        mode: e.mode,
+        symlink,
+    }
+}
+
+fn changes_of(d: &Diff) -> Changes {
+    Changes {
+        added: d.added.iter().map(|p| item(&p.path, &p.entry)).collect(),
+        modified: d.modified.iter().map(|m| item(&m.path, &m.new)).collect(),
+        removed: d.removed.iter().map(|p| item(&p.path, &p.entry)).collect(),
+        renamed: d
+            .renamed
+            .iter()
+            .map(|r| (lossy(&r.from), lossy(&r.to)))
+            .collect(),
+    }
+}
+
+fn report_of(d: &Diff, s: &dsv_store::StageReport) -> AddReport {
+    let changed = (d.added.len() + d.modified.len() + d.renamed.len()) as u64;
+    AddReport {
+        added: d.added.iter().map(|p| lossy(&p.path)).collect(),
+        modified: d.modified.iter().map(|m| lossy(&m.path)).collect(),
+        removed: d.removed.iter().map(|p| lossy(&p.path)).collect(),
+        renamed: d
+            .renamed
+            .iter()
+            .map(|r| (lossy(&r.from), lossy(&r.to)))
+            .collect(),
+        unchanged: s.files_scanned.saturating_sub(changed),
+        bytes: s.bytes_scanned,
+        bytes_hashed: s.bytes_hashed,
+        stored_bytes: s.stored_bytes,
+    }
+}
+
+fn glob_set(patterns: &[String]) -> Result<Option<GlobSet>> {
+    if patterns.is_empty() {
+        return Ok(None);
+    }
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        b.add(Glob::new(p).map_err(|e| Error::Invalid(format!("invalid pattern '{p}': {e}")))?);
+    }
+    Ok(Some(b.build().map_err(|e| Error::Invalid(e.to_string()))?))
+}
+
+fn glob_matches(set: &GlobSet, path: &[u8]) -> bool {
+    let s = lossy(path);
+    let name = s.rsplit('/').next().unwrap_or(&s);
+    set.is_match(&s) || set.is_match(name)
+}
+
+// ---- record access on a KV handle ---------------------------------------
+
+fn dataset_in(kv: &dyn KvRead, id: &DatasetId) -> Result<Dataset> {
+    let v = kv
+        .get(Cf::App, &keys::dataset(id))?
+        .ok_or_else(|| Error::corrupted(format!("dataset {id}"), "record missing"))?;
+    let r: DatasetRecord = from_json(&v, &format!("dataset {id}"))?;
+    Ok(Dataset {
+        id: *id,
+        project: r.project,
+        name: r.name,
+        created_ms: r.created_ms,
+    })
+}
+
+fn dataset_by_name_in(kv: &dyn KvRead, project: &str, name: &str) -> Result<Option<Dataset>> {
+    match kv.get(Cf::App, &keys::dataset_name(project, name))? {
+        None => Ok(None),
+        Some(v) => {
+            let id = DatasetId::from_slice(&v)
+                .ok_or_else(|| Error::corrupted(format!("name {project}/{name}"), "bad id"))?;
+            Ok(Some(dataset_in(kv, &id)?))
+        }
+    }
+}
+
+/// Every version of a dataset as (id, info), oldest first.
+fn versions_in(kv: &dyn KvRead, ds: &DatasetId) -> Result<Vec<(VersionId, VersionInfo)>> {
+    let prefix = keys::dataset_versions(ds);
+    let mut out = Vec::new();
+    let mut err = None;
+    kv.scan(Cf::App, &prefix, &mut |k, v| {
+        let id = VersionId::from_slice(&k[prefix.len() + 8..]);
+        match (id, from_json::<VersionInfo>(v, "version index")) {
+            (Some(id), Ok(info)) => out.push((id, info)),
+            (_, Err(e)) => {
+                err = Some(e);
+                return Ok(false);
+            }
+            (None, _) => {}
+        }
+        Ok(true)
+    })?;
+    match err {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+fn newest<'a>(
+    vs: impl Iterator<Item = &'a (VersionId, VersionInfo)>,
+) -> Option<&'a (VersionId, VersionInfo)> {
+    vs.max_by(|a, b| {
+        version_order_key(&a.1.version, a.1.created_ms)
+            .cmp(&version_order_key(&b.1.version, b.1.created_ms))
+    })
+}
+
+fn next_version(vs: &[(VersionId, VersionInfo)]) -> String {
+    vs.iter()
+        .filter_map(|(_, i)| semver::Version::parse(i.version.trim_start_matches('v')).ok())
+        .max()
+        .map(|v| bump_patch(&v))
+        .unwrap_or_else(|| "1.0.0".to_string())
+}
+
+fn version_meta_in(kv: &dyn KvRead, id: &VersionId) -> Result<VersionMeta> {
+    match kv.get(Cf::App, &keys::version_meta(id))? {
+        None => Ok(VersionMeta::default()),
+        Some(v) => from_json(&v, &format!("metadata of {id}")),
+    }
+}
+
+fn version_dataset_in(kv: &dyn KvRead, id: &VersionId) -> Result<Option<(DatasetId, i64)>> {
+    match kv.get(Cf::App, &keys::version_index(id))? {
+        None => Ok(None),
+        Some(v) if v.len() == 24 => {
+            let ds = DatasetId::from_slice(&v[..16]).expect("16 bytes");
+            let created = u64::from_be_bytes(v[16..24].try_into().expect("8 bytes")) as i64;
+            Ok(Some((ds, created)))
+        }
+        Some(_) => Err(Error::corrupted(
+            format!("version index {id}"),
+            "bad length",
+        )),
+    }
+}
+
+fn draft_info_in(kv: &dyn KvRead, id: &DraftId) -> Result<Option<DraftInfo>> {
+    match kv.get(Cf::App, &keys::draft(id))? {
+        None => Ok(None),
+        Some(v) => Ok(Some(from_json(&v, &format!("draft {id}"))?)),
+    }
+}
+
+fn check_version_string(v: &str) -> Result<()> {
+    if v.is_empty() || v.len() > 100 || v.chars().any(|c| c.is_control() || c == '/' || c == '@') {
+        return Err(Error::Invalid(format!(
+            "invalid version '{v}': 1 to 100 characters, no '/', '@' or control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes the index records of a new version of `ds`.
+fn index_version_batch(b: &mut Batch, ds: &DatasetId, v: &dsv_store::Version, version: &str) {
+    let o = &v.object;
+    let info = VersionInfo {
+        version: version.to_string(),
+        parents: o.parents.clone(),
+        created_ms: o.created_ms,
+        file_count: o.file_count,
+        total_bytes: o.total_bytes,
+        delta: o.delta,
+        message: o.message.clone(),
+    };
+    b.put(
+        Cf::App,
+        keys::dataset_version(ds, o.created_ms, &v.id),
+        to_json(&info),
+    );
+    let mut idx = ds.0.to_vec();
+    idx.extend_from_slice(&(o.created_ms.max(0) as u64).to_be_bytes());
+    b.put(Cf::App, keys::version_index(&v.id), idx);
+}
+
+fn new_dataset_batch(
+    b: &mut Batch,
+    ev: &mut EventWriter,
+    id: DatasetId,
+    project: &str,
+    name: &str,
+) -> Dataset {
+    let created_ms = dsv_store::store::now_ms();
+    let rec = DatasetRecord {
+        project: project.to_string(),
+        name: name.to_string(),
+        created_ms,
+        description: String::new(),
+    };
+    b.put(Cf::App, keys::dataset(&id), to_json(&rec));
+    b.put(Cf::App, keys::dataset_name(project, name), id.0.to_vec());
+    let mut e = Event::new(EventKind::DatasetCreated);
+    e.dataset = Some(id.to_string());
+    e.project = project.to_string();
+    e.name = name.to_string();
+    ev.push(b, e);
+    Dataset {
+        id,
+        project: project.to_string(),
+        name: name.to_string(),
+        created_ms,
+    }
+}
+
+fn version_event(
+    kind: EventKind,
+    ds: &Dataset,
+    id: &VersionId,
+    version: &str,
+    tags: &[String],
+) -> Event {
+    let mut e = Event::new(kind);
+    e.dataset = Some(ds.id.to_string());
+    e.project = ds.project.clone();
+    e.name = ds.name.clone();
+    e.version_id = Some(id.to_hex());
+    e.version = Some(version.to_string());
+    e.tags = tags.to_vec();
+    e
+}
+
+impl Repo {
+    /// Creates a repository (RocksDB) in `dir` (the `.dsv` folder).
+    pub fn init(dir: &Path, config: RepoConfig, opts: StoreOptions) -> Result<Repo> {
+        Ok(Repo {
+            store: Store::init(dir, config, opts)?,
+        })
+    }
+
+    /// Opens the repository in `dir` (the `.dsv` folder).
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<Repo> {
+        Ok(Repo {
+            store: Store::open(dir, opts)?,
+        })
+    }
+
+    /// Wraps an open store.
+    pub fn from_store(store: Store) -> Repo {
+        Repo { store }
+    }
+
+    /// The engine.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// One atomic write whose closure may fail with porcelain errors.
+    fn write<T>(&self, f: impl FnOnce(&dyn KvRead) -> Result<(Batch, T)>) -> Result<T> {
+        let mut parked = Parked::default();
+        let r = self.store.write(|kv| f(kv).map_err(|e| parked.park(e)));
+        r.map_err(|e| parked.unpark(e))
+    }
+
+    // ---- datasets ---------------------------------------------------------
+
+    /// Every dataset, sorted by project then name.
+    pub fn datasets(&self) -> Result<Vec<Dataset>> {
+        let kv = self.store.reader();
+        let mut ids = Vec::new();
+        kv.scan(Cf::App, keys::DATASET_NAME, &mut |_, v| {
+            ids.extend(DatasetId::from_slice(v));
+            Ok(true)
+        })?;
+        ids.iter().map(|id| dataset_in(&*kv, id)).collect()
+    }
+
+    /// The dataset `project/name`, if it exists.
+    pub fn dataset(&self, project: &str, name: &str) -> Result<Option<Dataset>> {
+        dataset_by_name_in(&*self.store.reader(), project, name)
+    }
+
+    fn require_dataset(&self, project: &str, name: &str) -> Result<Dataset> {
+        self.dataset(project, name)?
+            .ok_or_else(|| Error::DatasetNotFound(format!("{project}/{name}")))
+    }
+
+    /// Renames or moves a dataset; its versions keep their ids.
+    pub fn rename_dataset(&self, from: &str, to: &str) -> Result<Dataset> {
+        let (p0, n0) = parse_dataset_name(from)?;
+        let (p1, n1) = parse_dataset_name(to)?;
+        self.write(|kv| {
+            let ds = dataset_by_name_in(kv, &p0, &n0)?
+                .ok_or_else(|| Error::DatasetNotFound(from.to_string()))?;
+            if dataset_by_name_in(kv, &p1, &n1)?.is_some() {
+                return Err(Error::Invalid(format!("dataset {to} already exists")));
+            }
+            let mut b = Batch::default();
+            let rec_v = kv
+                .get(Cf::App, &keys::dataset(&ds.id))?
+                .ok_or_else(|| Error::corrupted(format!("dataset {}", ds.id), "record missing"))?;
+            let mut rec: DatasetRecord = from_json(&rec_v, "dataset")?;
+            rec.project = p1.clone();
+            rec.name = n1.clone();
+            b.put(Cf::App, keys::dataset(&ds.id), to_json(&rec));
+            b.delete(Cf::App, keys::dataset_name(&p0, &n0));
+            b.put(Cf::App, keys::dataset_name(&p1, &n1), ds.id.0.to_vec());
+            let mut ev = EventWriter::new(kv)?;
+            let mut e = Event::new(EventKind::DatasetRenamed);
+            e.dataset = Some(ds.id.to_string());
+            e.project = p1.clone();
+            e.name = n1.clone();
+            e.extra.insert("from".into(), serde_json::json!(from));
+            ev.push(&mut b, e);
+            Ok((
+                b,
+                Dataset {
+                    project: p1.clone(),
+                    name: n1.clone(),
+                    ..ds
+                },
+            ))
+        })
+    }
+
+    // ---- versions ---------------------------------------------------------
+
+    fn assemble(
+        &self,
+        kv: &dyn KvRead,
+        ds: Dataset,
+        id: VersionId,
+        info: VersionInfo,
+    ) -> Result<DatasetVersion> {
+        let meta = version_meta_in(kv, &id)?;
+        Ok(DatasetVersion {
+            id,
+            dataset: ds,
+            version: info.version,
+            parents: info.parents,
+            tags: tags_of_in(kv, &id)?,
+            created_ms: info.created_ms,
+            file_count: info.file_count,
+            total_bytes: info.total_bytes,
+            delta: info.delta,
+            message: info.message,
+            description: meta.description,
+            metadata: meta.metadata,
+        })
+    }
+
+    fn version_in_kv(&self, kv: &dyn KvRead, id: &VersionId) -> Result<DatasetVersion> {
+        let (ds_id, created) = version_dataset_in(kv, id)?.ok_or_else(|| {
+            Error::RevisionNotFound(format!(
+                "version {id} is not a dataset version (or was deleted)"
+            ))
+        })?;
+        let ds = dataset_in(kv, &ds_id)?;
+        let v = kv
+            .get(Cf::App, &keys::dataset_version(&ds_id, created, id))?
+            .ok_or_else(|| Error::corrupted(format!("version index {id}"), "entry missing"))?;
+        let info: VersionInfo = from_json(&v, "version index")?;
+        self.assemble(kv, ds, *id, info)
+    }
+
+    /// A dataset version by id.
+    pub fn version(&self, id: &VersionId) -> Result<DatasetVersion> {
+        self.version_in_kv(&*self.store.reader(), id)
+    }
+
+    /// Versions of a dataset, newest first (by semantic version, then time).
+    pub fn versions(&self, ds: &Dataset) -> Result<Vec<DatasetVersion>> {
+        let kv = self.store.reader();
+        let mut vs = versions_in(&*kv, &ds.id)?;
+        vs.sort_by(|a, b| {
+            version_order_key(&b.1.version, b.1.created_ms)
+                .cmp(&version_order_key(&a.1.version, a.1.created_ms))
+        });
+        vs.into_iter()
+            .map(|(id, info)| self.assemble(&*kv, ds.clone(), id, info))
+            .collect()
+    }
+
+    /// Versions of every dataset matching `project` / `name` (either may be
+    /// `None`) and carrying every tag, newest first.
+    pub fn list(
+        &self,
+        project: Option<&str>,
+        name: Option<&str>,
+        tags: &[String],
+    ) -> Result<Vec<DatasetVersion>> {
+        let mut out = Vec::new();
+        for ds in self.datasets()? {
+            if project.is_some_and(|p| p != ds.project && !ds.project.starts_with(&format!("{p}/")))
+            {
+                continue;
+            }
+            if name.is_some_and(|n| n != ds.name) {
+                continue;
+            }
+            for v in self.versions(&ds)? {
+                if tags.iter().all(|t| v.tags.contains(t)) {
+                    out.push(v);
+                }
+            }
+        }
+        out.sort_by(|a, b| b.created_ms.cmp(&a.created_ms));
+        Ok(out)
+    }
+
+    /// The newest version of a dataset.
+    pub fn latest(&self, ds: &Dataset) -> Result<Option<DatasetVersion>> {
+        let kv = self.store.reader();
+        let vs = versions_in(&*kv, &ds.id)?;
+        match newest(vs.iter()) {
+            None => Ok(None),
+            Some((id, info)) => Ok(Some(self.assemble(&*kv, ds.clone(), *id, info.clone())?)),
+        }
+    }
+
+    /// Resolves a revision string.
+    pub fn resolve(&self, spec: &str) -> Result<DatasetVersion> {
+        match RevSpec::parse(spec)? {
+            RevSpec::Id(prefix) => {
+                let id = self.store.resolve_version_prefix(&prefix)?;
+                self.version(&id)
+            }
+            RevSpec::Dataset {
+                project,
+                name,
+                selector,
+            } => {
+                let ds = self.require_dataset(&project, &name)?;
+                let kv = self.store.reader();
+                let vs = versions_in(&*kv, &ds.id)?;
+                let found = match &selector {
+                    None => newest(vs.iter()),
+                    Some(sel) => {
+                        let by_version: Vec<_> =
+                            vs.iter().filter(|(_, i)| &i.version == sel).collect();
+                        if let Some(v) = newest(by_version.into_iter()) {
+                            Some(v)
+                        } else {
+                            let tagged: BTreeSet<VersionId> =
+                                self.store.versions_tagged(sel)?.into_iter().collect();
+                            newest(vs.iter().filter(|(id, _)| tagged.contains(id)))
+                        }
+                    }
+                };
+                match found {
+                    Some((id, info)) => self.assemble(&*kv, ds, *id, info.clone()),
+                    None => Err(Error::RevisionNotFound(match selector {
+                        None => format!("dataset {project}/{name} has no finalized version"),
+                        Some(s) => format!("dataset {project}/{name} has no version or tag '{s}'"),
+                    })),
+                }
+            }
+        }
+    }
+
+    /// ClearML's `Dataset.get`: by id, or by project/name narrowed by
+    /// version and tags; newest semantic version wins.
+    pub fn get(&self, q: &GetQuery) -> Result<Got> {
+        let found: Option<DatasetVersion> = if let Some(id) = &q.id {
+            Some(self.resolve(id)?)
+        } else {
+            let (Some(project), Some(name)) = (&q.project, &q.name) else {
+                return Err(Error::Invalid(
+                    "get needs an id, or a project and a name".into(),
+                ));
+            };
+            match self.dataset(project, name)? {
+                None => None,
+                Some(ds) => self.versions(&ds)?.into_iter().find(|v| {
+                    q.version.as_ref().is_none_or(|x| &v.version == x)
+                        && q.tags.iter().all(|t| v.tags.contains(t))
+                }),
+            }
+        };
+        if !q.only_finalized && q.id.is_none() {
+            if let (Some(p), Some(n)) = (&q.project, &q.name) {
+                if let Some(ds) = self.dataset(p, n)? {
+                    let newest_draft = self
+                        .drafts(Some(&ds))?
+                        .into_iter()
+                        .filter(|d| {
+                            found
+                                .as_ref()
+                                .is_none_or(|v| d.info.created_ms > v.created_ms)
+                        })
+                        .max_by_key(|d| d.info.created_ms);
+                    if let Some(d) = newest_draft {
+                        if !q.writable_copy {
+                            return Ok(Got::Draft(Box::new(d)));
+                        }
+                    }
+                }
+            }
+        }
+        match found {
+            Some(v) if q.writable_copy => Ok(Got::Draft(Box::new(self.writable_copy(&v)?))),
+            Some(v) => Ok(Got::Version(Box::new(v))),
+            None if q.auto_create => {
+                let (Some(p), Some(n)) = (&q.project, &q.name) else {
+                    return Err(Error::Invalid(
+                        "auto_create needs a project and a name".into(),
+                    ));
+                };
+                let d = self.create(
+                    p,
+                    n,
+                    &CreateOptions {
+                        version: q.version.clone(),
+                        tags: q.tags.clone(),
+                        auto_create: true,
+                        ..Default::default()
+                    },
+                )?;
+                Ok(Got::Draft(Box::new(d)))
+            }
+            None => Err(Error::RevisionNotFound(match (&q.project, &q.name) {
+                (Some(p), Some(n)) => format!(
+                    "no version of {p}/{n} matches (version {:?}, tags {:?})",
+                    q.version, q.tags
+                ),
+                _ => "no version matches".to_string(),
+            })),
+        }
+    }
+
+    // ---- drafts -----------------------------------------------------------
+
+    /// Starts a draft of `project/name` (created when `auto_create`).
+    pub fn create(&self, project: &str, name: &str, opts: &CreateOptions) -> Result<DraftHandle> {
+        parse_dataset_name(&format!("{project}/{name}"))?;
+        if let Some(v) = &opts.version {
+            check_version_string(v)?;
+        }
+        for t in &opts.tags {
+            dsv_store::store::validate_label(t, "tag")?;
+        }
+        let id = self.write(|kv| {
+            let mut b = Batch::default();
+            let mut ev = EventWriter::new(kv)?;
+            let ds = match dataset_by_name_in(kv, project, name)? {
+                Some(d) => d,
+                None if opts.auto_create => {
+                    new_dataset_batch(&mut b, &mut ev, DatasetId::random(), project, name)
+                }
+                None => return Err(Error::DatasetNotFound(format!("{project}/{name}"))),
+            };
+            if let Some(v) = &opts.version {
+                if versions_in(kv, &ds.id)?
+                    .iter()
+                    .any(|(_, i)| &i.version == v)
+                {
+                    return Err(Error::VersionExists {
+                        dataset: ds.full_name(),
+                        version: v.clone(),
+                    });
+                }
+            }
+            let draft = self.store.create_draft_batch(kv, &opts.parents, &mut b)?;
+            let info = DraftInfo {
+                dataset: ds.id,
+                version: opts.version.clone(),
+                tags: opts.tags.clone(),
+                message: opts.message.clone(),
+                created_ms: dsv_store::store::now_ms(),
+                watch: None,
+            };
+            b.put(Cf::App, keys::draft(&draft), to_json(&info));
+            Ok((b, draft))
+        })?;
+        self.draft(&id)
+    }
+
+    /// A new draft whose parent is `v` (same dataset).
+    pub fn writable_copy(&self, v: &DatasetVersion) -> Result<DraftHandle> {
+        self.create(
+            &v.dataset.project,
+            &v.dataset.name,
+            &CreateOptions {
+                parents: vec![v.id],
+                ..Default::default()
+            },
+        )
+    }
+
+    /// The labeling tool's start: a draft on top of the dataset's newest
+    /// version, creating the dataset on first use.
+    pub fn writable_copy_or_create(
+        &self,
+        project: &str,
+        name: &str,
+        opts: &CreateOptions,
+    ) -> Result<DraftHandle> {
+        let mut o = opts.clone();
+        o.auto_create = true;
+        if o.parents.is_empty() {
+            if let Some(ds) = self.dataset(project, name)? {
+                if let Some(v) = self.latest(&ds)? {
+                    o.parents = vec![v.id];
+                }
+            }
+        }
+        self.create(project, name, &o)
+    }
+
+    /// Reads a draft (open or finalized).
+    pub fn draft(&self, id: &DraftId) -> Result<DraftHandle> {
+        let kv = self.store.reader();
+        let info = draft_info_in(&*kv, id)?.ok_or_else(|| Error::NotADatasetDraft(id.to_hex()))?;
+        let d = self.store.draft(id)?;
+        let ds = dataset_in(&*kv, &info.dataset)?;
+        let summary = KvObjects(&*kv).tree(&d.record.root)?.summary();
+        Ok(DraftHandle {
+            id: *id,
+            dataset: ds,
+            parents: d.record.parents.clone(),
+            info,
+            file_count: summary.file_count,
+            total_bytes: summary.total_size,
+        })
+    }
+
+    /// Resolves a draft id prefix.
+    pub fn resolve_draft(&self, prefix: &str) -> Result<DraftHandle> {
+        let id = self.store.resolve_draft_prefix(prefix)?;
+        let d = self.store.draft(&id)?;
+        if let Some(v) = d.record.finalized {
+            return Err(dsv_store::Error::DraftFinalized(id, v).into());
+        }
+        self.draft(&id)
+    }
+
+    /// Open drafts (of one dataset, or all).
+    pub fn drafts(&self, of: Option<&Dataset>) -> Result<Vec<DraftHandle>> {
+        let mut ids = Vec::new();
+        self.store
+            .reader()
+            .scan(Cf::App, keys::DRAFT, &mut |k, _| {
+                ids.extend(DraftId::from_slice(&k[keys::DRAFT.len()..]));
+                Ok(true)
+            })?;
+        let mut out = Vec::new();
+        for id in ids {
+            let d = self.draft(&id)?;
+            if of.is_none_or(|ds| ds.id == d.dataset.id) {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Marks a draft as fed by `watch` from `folder` (so a restarted watch
+    /// resumes it).
+    pub fn set_draft_watch(&self, draft: &DraftId, folder: Option<String>) -> Result<()> {
+        self.write(|kv| {
+            let mut info =
+                draft_info_in(kv, draft)?.ok_or_else(|| Error::NotADatasetDraft(draft.to_hex()))?;
+            info.watch = folder.clone();
+            let mut b = Batch::default();
+            b.put(Cf::App, keys::draft(draft), to_json(&info));
+            Ok((b, ()))
+        })
+    }
+
+    /// Adds files and folders to a draft. Each path is staged in one atomic
+    /// write; a failure leaves earlier paths staged and the draft valid.
+    pub fn add(
+        &self,
+        draft: &DraftHandle,
+        paths: &[PathBuf],
+        opts: &AddOptions<'_>,
+    ) -> Result<AddReport> {
+        let set = glob_set(&opts.wildcards)?;
+        let mut total = AddReport::default();
+        for p in paths {
+            let meta = std::fs::symlink_metadata(p)
+                .map_err(|e| dsv_store::Error::input("read", p.clone(), e))?;
+            let filter_set = set.clone();
+            let (folder, filter, recursive): (PathBuf, Box<dsv_store::ingest::PathFilter>, bool) =
+                if meta.is_dir() {
+                    (
+                        p.clone(),
+                        Box::new(move |rel: &[u8]| {
+                            filter_set.as_ref().is_none_or(|s| glob_matches(s, rel))
+                        }),
+                        !opts.non_recursive,
+                    )
+                } else {
+                    let name = p
+                        .file_name()
+                        .ok_or_else(|| Error::Invalid(format!("{}: not a file name", p.display())))?
+                        .as_encoded_bytes()
+                        .to_vec();
+                    let parent = match p.parent() {
+                        Some(x) if !x.as_os_str().is_empty() => x.to_path_buf(),
+                        _ => PathBuf::from("."),
+                    };
+                    if let Some(s) = &set {
+                        if !glob_matches(s, &name) {
+                            continue;
+                        }
+                    }
+                    (
+                        parent,
+                        Box::new(move |rel: &[u8]| rel == name.as_slice()),
+                        false,
+                    )
+                };
+            let r = self.store.stage_folder(
+                &draft.id,
+                &folder,
+                &IngestOptions {
+                    dataset_path: &opts.dataset_path,
+                    mode: StageMode::Add,
+                    recursive,
+                    filter: Some(&*filter),
+                    progress: opts.progress.unwrap_or(&NoProgress),
+                },
+            )?;
+            let one = report_of(&r.diff, &r);
+            total.added.extend(one.added);
+            total.modified.extend(one.modified);
+            total.renamed.extend(one.renamed);
+            total.unchanged += one.unchanged;
+            total.bytes += one.bytes;
+            total.bytes_hashed += one.bytes_hashed;
+            total.stored_bytes += one.stored_bytes;
+        }
+        Ok(total)
+    }
+
+    /// Makes the draft's `dataset_path` match `folder` exactly (adds,
+    /// modifies and removes).
+    pub fn sync_folder(
+        &self,
+        draft: &DraftHandle,
+        folder: &Path,
+        dataset_path: &str,
+        progress: Option<&dyn Progress>,
+    ) -> Result<AddReport> {
+        let r = self.store.stage_folder(
+            &draft.id,
+            folder,
+            &IngestOptions {
+                dataset_path,
+                mode: StageMode::Sync,
+                recursive: true,
+                filter: None,
+                progress: progress.unwrap_or(&NoProgress),
+            },
+        )?;
+        Ok(report_of(&r.diff, &r))
+    }
+
+    /// Removes the draft's files matching any pattern (a glob over the
+    /// path, or a folder path). Fails, changing nothing, when a pattern
+    /// matches nothing.
+    pub fn remove(&self, draft: &DraftHandle, patterns: &[String]) -> Result<Vec<String>> {
+        let root = self.store.draft(&draft.id)?.record.root;
+        let kv = self.store.reader();
+        let r = KvObjects(&*kv);
+        let mut changes: Vec<(Vec<u8>, Change)> = Vec::new();
+        let mut removed = Vec::new();
+        for pat in patterns {
+            let trimmed = pat.trim_matches('/');
+            let mut hit = false;
+            if let Some(e) = dsv_store::tree::lookup(&r, &root, trimmed.as_bytes())
+                .ok()
+                .flatten()
+            {
+                hit = true;
+                match &e.target {
+                    EntryTarget::Dir { id, .. } => {
+                        walk_files(&r, id, trimmed.as_bytes(), &mut |p, _| {
+                            removed.push(lossy(p));
+                            Ok(())
+                        })?
+                    }
+                    _ => removed.push(trimmed.to_string()),
+                }
+                changes.push((trimmed.as_bytes().to_vec(), Change::Remove));
+            } else {
+                let set = glob_set(std::slice::from_ref(pat))?.expect("one pattern");
+                walk_files(&r, &root, b"", &mut |p, _| {
+                    if glob_matches(&set, p) {
+                        hit = true;
+                        removed.push(lossy(p));
+                        changes.push((p.to_vec(), Change::Remove));
+                    }
+                    Ok(())
+                })?;
+            }
+            if !hit {
+                return Err(Error::Invalid(format!(
+                    "no file in draft {} matches '{pat}'",
+                    draft.id.short(12)
+                )));
+            }
+        }
+        drop(kv);
+        self.store.stage_changes(&draft.id, changes)?;
+        removed.sort();
+        removed.dedup();
+        Ok(removed)
+    }
+
+    /// Freezes a draft into a version: version string (explicit or next
+    /// patch), tags, index records and a `version_finalized` event — one
+    /// atomic write.
+    pub fn finalize(&self, draft: &DraftHandle) -> Result<DatasetVersion> {
+        let id = self.write(|kv| {
+            let info = draft_info_in(kv, &draft.id)?
+                .ok_or_else(|| Error::NotADatasetDraft(draft.id.to_hex()))?;
+            let ds = dataset_in(kv, &info.dataset)?;
+            let vs = versions_in(kv, &ds.id)?;
+            let version = match &info.version {
+                Some(v) => {
+                    if vs.iter().any(|(_, i)| &i.version == v) {
+                        return Err(Error::VersionExists {
+                            dataset: ds.full_name(),
+                            version: v.clone(),
+                        });
+                    }
+                    v.clone()
+                }
+                None => next_version(&vs),
+            };
+            let mut b = Batch::default();
+            let mut meta = BTreeMap::new();
+            meta.insert(META_DATASET.to_string(), ds.id.to_string());
+            let v = self
+                .store
+                .finalize_batch(kv, &draft.id, &info.message, meta, &mut b)?;
+            index_version_batch(&mut b, &ds.id, &v, &version);
+            for t in &info.tags {
+                add_tag_batch(&v.id, t, &mut b)?;
+            }
+            b.delete(Cf::App, keys::draft(&draft.id));
+            let mut ev = EventWriter::new(kv)?;
+            ev.push(
+                &mut b,
+                version_event(
+                    EventKind::VersionFinalized,
+                    &ds,
+                    &v.id,
+                    &version,
+                    &info.tags,
+                ),
+            );
+            Ok((b, v.id))
+        })?;
+        self.version(&id)
+    }
+
+    /// Discards an open draft.
+    pub fn discard(&self, draft: &DraftHandle) -> Result<()> {
+        self.write(|kv| {
+            let mut b = Batch::default();
+            self.store.discard_draft_batch(kv, &draft.id, &mut b)?;
+            b.delete(Cf::App, keys::draft(&draft.id));
+            Ok((b, ()))
+        })
+    }
+
+    /// The "upload" button: makes `project/name`'s newest version match
+    /// `folder` (at `dataset_path`) as a new version, creating the dataset
+    /// on first use; creates nothing when nothing changed. One read of the
+    /// changed files, one atomic write.
+    pub fn sync(
+        &self,
+        project: &str,
+        name: &str,
+        folder: &Path,
+        opts: &SyncOptions<'_>,
+    ) -> Result<SyncOutcome> {
+        parse_dataset_name(&format!("{project}/{name}"))?;
+        for t in &opts.tags {
+            dsv_store::store::validate_label(t, "tag")?;
+        }
+        if let Some(v) = &opts.version {
+            check_version_string(v)?;
+        }
+        let md = std::fs::metadata(folder)
+            .map_err(|e| dsv_store::Error::input("read folder", folder, e))?;
+        if !md.is_dir() {
+            return Err(Error::Invalid(format!(
+                "{} is not a folder",
+                folder.display()
+            )));
+        }
+        let latest = match self.dataset(project, name)? {
+            Some(ds) => self.latest(&ds)?,
+            None => None,
+        };
+        let parent_id = latest.as_ref().map(|v| v.id);
+        let parents: Vec<VersionId> = parent_id.into_iter().collect();
+        let mut parked = Parked::default();
+        // The dataset's id: existing, or chosen now for a dataset this sync
+        // creates (so the version object can record it).
+        let ds_id = match self.dataset(project, name)? {
+            Some(d) => d.id,
+            None => DatasetId::random(),
+        };
+        let mut new_version: Option<VersionId> = None;
+        let mut extra =
+            |kv: &dyn KvRead, v: &dsv_store::Version, b: &mut Batch| -> dsv_store::Result<()> {
+                let r: Result<()> = (|| {
+                    let mut ev = EventWriter::new(kv)?;
+                    let ds = match dataset_by_name_in(kv, project, name)? {
+                        Some(d) => d,
+                        None => new_dataset_batch(b, &mut ev, ds_id, project, name),
+                    };
+                    let vs = versions_in(kv, &ds.id)?;
+                    let now_latest = newest(vs.iter()).map(|x| x.0);
+                    if now_latest != parent_id {
+                        return Err(Error::Conflict(format!(
+                            "dataset {project}/{name} got a new version while syncing"
+                        )));
+                    }
+                    if ds.id != ds_id {
+                        return Err(Error::Conflict(format!(
+                            "dataset {project}/{name} was replaced while syncing"
+                        )));
+                    }
+                    let version = match &opts.version {
+                        Some(x) if vs.iter().any(|(_, i)| &i.version == x) => {
+                            return Err(Error::VersionExists {
+                                dataset: ds.full_name(),
+                                version: x.clone(),
+                            })
+                        }
+                        Some(x) => x.clone(),
+                        None => next_version(&vs),
+                    };
+                    index_version_batch(b, &ds.id, v, &version);
+                    for t in &opts.tags {
+                        add_tag_batch(&v.id, t, b)?;
+                    }
+                    ev.push(
+                        b,
+                        version_event(
+                            EventKind::VersionFinalized,
+                            &ds,
+                            &v.id,
+                            &version,
+                            &opts.tags,
+                        ),
+                    );
+                    new_version = Some(v.id);
+                    Ok(())
+                })();
+                r.map_err(|e| parked.park(e))
+            };
+        let mut meta = BTreeMap::new();
+        meta.insert(META_DATASET.to_string(), ds_id.to_string());
+        let out = self
+            .store
+            .commit_folder(
+                &parents,
+                folder,
+                &IngestOptions {
+                    dataset_path: &opts.dataset_path,
+                    mode: StageMode::Sync,
+                    recursive: true,
+                    filter: None,
+                    progress: opts.progress.unwrap_or(&NoProgress),
+                },
+                &opts.message,
+                meta,
+                &mut extra,
+            )
+            .map_err(|e| parked.unpark(e))?;
+        let report = report_of(&out.report.diff, &out.report);
+        match new_version {
+            Some(id) => Ok(SyncOutcome {
+                version: Some(self.version(&id)?),
+                unchanged_from: None,
+                report,
+            }),
+            None => Ok(SyncOutcome {
+                version: None,
+                unchanged_from: parent_id,
+                report,
+            }),
+        }
+    }
+
+    // ---- reading ----------------------------------------------------------
+
+    fn root_of(&self, v: &VersionId) -> Result<dsv_store::ObjectId> {
+        Ok(self.store.version(v)?.object.root)
+    }
+
+    /// Files of a version (optionally matching a glob), in path order.
+    pub fn files(&self, v: &DatasetVersion, glob: Option<&str>) -> Result<Vec<FileItem>> {
+        let set = match glob {
+            Some(g) => glob_set(&[g.to_string()])?,
+            None => None,
+        };
+        let root = self.root_of(&v.id)?;
+        let kv = self.store.reader();
+        let mut out = Vec::new();
+        walk_files(&KvObjects(&*kv), &root, b"", &mut |p, e| {
+            if set.as_ref().is_none_or(|s| glob_matches(s, p)) {
+                out.push(item(p, e));
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// What changed from `a` to `b`.
+    pub fn diff(&self, a: &VersionId, b: &VersionId) -> Result<Changes> {
+        Ok(changes_of(&self.store.diff_versions(a, b)?))
+    }
+
+    /// What changed against the first parent (everything is added for a
+    /// version without parents).
+    pub fn changes(&self, v: &DatasetVersion) -> Result<Changes> {
+        let root = self.root_of(&v.id)?;
+        let base = match v.parents.first() {
+            Some(p) => self.root_of(p)?,
+            None => dsv_store::tree::empty_tree_id(),
+        };
+        Ok(changes_of(&self.store.diff(&base, &root)?))
+    }
+
+    /// Streams one file of a version to `out`.
+    pub fn cat(&self, v: &DatasetVersion, path: &str, out: &mut dyn std::io::Write) -> Result<u64> {
+        let root = self.root_of(&v.id)?;
+        Ok(self
+            .store
+            .cat(&root, path.trim_matches('/').as_bytes(), out)?)
+    }
+
+    /// A streaming reader over one file of a version.
+    pub fn open_file(&self, v: &DatasetVersion, path: &str) -> Result<crate::FileReader<'_>> {
+        let root = self.root_of(&v.id)?;
+        let p = path.trim_matches('/');
+        match self.store.lookup(&root, p.as_bytes())? {
+            Some(Entry {
+                target: EntryTarget::File(id),
+                ..
+            }) => Ok(crate::FileReader::new(
+                &self.store,
+                self.store.file_object(&id)?,
+            )),
+            Some(_) => Err(Error::Invalid(format!(
+                "{p} in {} is not a regular file",
+                v.id.short(12)
+            ))),
+            None => Err(dsv_store::Error::not_found(
+                dsv_store::Kind::Path,
+                format!("{p} in version {}", v.id.short(12)),
+            )
+            .into()),
+        }
+    }
+
+    /// Previews of the tabular files of a version (at most `max_files`).
+    pub fn preview(
+        &self,
+        v: &DatasetVersion,
+        head: usize,
+        max_files: usize,
+        max_rows: u64,
+    ) -> Result<Vec<crate::FilePreview>> {
+        let mut out = Vec::new();
+        for f in self.files(v, None)? {
+            if out.len() >= max_files || f.symlink {
+                continue;
+            }
+            let mut r = self.open_file(v, &f.path)?;
+            let mut first = vec![0u8; 4096];
+            let n = read_full(&mut r, &mut first)?;
+            first.truncate(n);
+            let line_end = first
+                .iter()
+                .position(|&c| c == b'\n')
+                .unwrap_or(first.len());
+            let Some(delim) = crate::preview::tabular_delimiter(&f.path, &first[..line_end]) else {
+                continue;
+            };
+            let rest = self.open_file(v, &f.path)?;
+            out.push(crate::preview::preview(
+                &f.path, delim, rest, head, max_rows,
+            )?);
+        }
+        Ok(out)
+    }
+
+    /// Rehashes every chunk of every file of a version (in parallel).
+    pub fn verify(&self, v: &DatasetVersion) -> Result<Vec<VerifyMismatch>> {
+        use rayon::prelude::*;
+        let root = self.root_of(&v.id)?;
+        let kv = self.store.reader();
+        let mut files = Vec::new();
+        walk_files(&KvObjects(&*kv), &root, b"", &mut |p, e| {
+            if let EntryTarget::File(id) = e.target {
+                files.push((lossy(p), id));
+            }
+            Ok(())
+        })?;
+        let mut bad: Vec<VerifyMismatch> = files
+            .par_iter()
+            .filter_map(
+                |(p, id)| match self.store.read_file_to(id, &mut std::io::sink()) {
+                    Ok(_) => None,
+                    Err(e) => Some(VerifyMismatch {
+                        path: p.clone(),
+                        error: e.to_string(),
+                    }),
+                },
+            )
+            .collect();
+        bad.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(bad)
+    }
+
+    // ---- tags, metadata ---------------------------------------------------
+
+    /// Adds and removes tags; returns the version's tags after.
+    pub fn tag(
+        &self,
+        v: &DatasetVersion,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<Vec<String>> {
+        for t in add {
+            dsv_store::store::validate_label(t, "tag")?;
+        }
+        self.write(|kv| {
+            let cur = self.version_in_kv(kv, &v.id)?;
+            let before: BTreeSet<String> = cur.tags.iter().cloned().collect();
+            let mut after = before.clone();
+            let mut b = Batch::default();
+            for t in remove {
+                if after.remove(t) {
+                    remove_tag_batch(&v.id, t, &mut b);
+                }
+            }
+            for t in add {
+                if after.insert(t.clone()) || !before.contains(t) {
+                    add_tag_batch(&v.id, t, &mut b)?;
+                }
+            }
+            let after_v: Vec<String> = after.iter().cloned().collect();
+            if after != before {
+                let mut ev = EventWriter::new(kv)?;
+                let mut e = version_event(
+                    EventKind::VersionTagged,
+                    &cur.dataset,
+                    &v.id,
+                    &cur.version,
+                    &after_v,
+                );
+                e.tags_added = after.difference(&before).cloned().collect();
+                e.tags_removed = before.difference(&after).cloned().collect();
+                ev.push(&mut b, e);
+            }
+            Ok((b, after_v))
+        })
+    }
+
+    /// Sets user metadata keys (JSON values; `Null` removes a key) and
+    /// optionally the description; returns the metadata after.
+    pub fn set_metadata(
+        &self,
+        v: &DatasetVersion,
+        set: &BTreeMap<String, serde_json::Value>,
+        description: Option<&str>,
+    ) -> Result<BTreeMap<String, serde_json::Value>> {
+        self.write(|kv| {
+            let cur = self.version_in_kv(kv, &v.id)?;
+            let mut meta = version_meta_in(kv, &v.id)?;
+            for (k, val) in set {
+                if k.is_empty() {
+                    return Err(Error::Invalid("empty metadata key".into()));
+                }
+                if val.is_null() {
+                    meta.metadata.remove(k);
+                } else {
+                    meta.metadata.insert(k.clone(), val.clone());
+                }
+            }
+            if let Some(d) = description {
+                meta.description = d.to_string();
+            }
+            let mut b = Batch::default();
+            b.put(Cf::App, keys::version_meta(&v.id), to_json(&meta));
+            let mut ev = EventWriter::new(kv)?;
+            let mut e = version_event(
+                EventKind::VersionMetadata,
+                &cur.dataset,
+                &v.id,
+                &cur.version,
+                &cur.tags,
+            );
+            e.extra.insert(
+                "keys".into(),
+                serde_json::json!(set.keys().collect::<Vec<_>>()),
+            );
+            ev.push(&mut b, e);
+            Ok((b, meta.metadata))
+        })
+    }
+
+    // ---- squash, delete ---------------------------------------------------
+
+    /// One standalone version of `project/name` (created if missing) whose
+    /// files are the union of `sources` (later sources win per path).
+    pub fn squash(
+        &self,
+        project: &str,
+        name: &str,
+        sources: &[DatasetVersion],
+        version: Option<&str>,
+        message: &str,
+    ) -> Result<DatasetVersion> {
+        if sources.is_empty() {
+            return Err(Error::Invalid("squash needs at least one version".into()));
+        }
+        if let Some(v) = version {
+            check_version_string(v)?;
+        }
+        parse_dataset_name(&format!("{project}/{name}"))?;
+        let ids: Vec<VersionId> = sources.iter().map(|s| s.id).collect();
+        let id = self.write(|kv| {
+            let mut b = Batch::default();
+            let mut ev = EventWriter::new(kv)?;
+            let ds = match dataset_by_name_in(kv, project, name)? {
+                Some(d) => d,
+                None => new_dataset_batch(&mut b, &mut ev, DatasetId::random(), project, name),
+            };
+            let vs = versions_in(kv, &ds.id)?;
+            let ver = match version {
+                Some(x) if vs.iter().any(|(_, i)| i.version == x) => {
+                    return Err(Error::VersionExists {
+                        dataset: ds.full_name(),
+                        version: x.to_string(),
+                    })
+                }
+                Some(x) => x.to_string(),
+                None => next_version(&vs),
+            };
+            let mut meta = BTreeMap::new();
+            meta.insert(META_DATASET.to_string(), ds.id.to_string());
+            meta.insert(
+                "dsv.squashed_from".into(),
+                ids.iter().map(|i| i.to_hex()).collect::<Vec<_>>().join(","),
+            );
+            let v = self.store.squash_batch(kv, &ids, message, meta, &mut b)?;
+            index_version_batch(&mut b, &ds.id, &v, &ver);
+            let mut e = version_event(EventKind::VersionFinalized, &ds, &v.id, &ver, &[]);
+            e.extra.insert(
+                "squashed_from".into(),
+                serde_json::json!(ids.iter().map(|i| i.to_hex()).collect::<Vec<_>>()),
+            );
+            ev.push(&mut b, e);
+            Ok((b, v.id))
+        })?;
+        self.version(&id)
+    }
+
+    /// Versions and drafts whose parents include `id`.
+    pub fn dependents(&self, id: &VersionId) -> Result<Vec<String>> {
+        let kv = self.store.reader();
+        let mut out = Vec::new();
+        for ds in self.datasets()? {
+            for (vid, info) in versions_in(&*kv, &ds.id)? {
+                if info.parents.contains(id) {
+                    out.push(format!(
+                        "{} ({}@{})",
+                        vid.short(12),
+                        ds.full_name(),
+                        info.version
+                    ));
+                }
+            }
+        }
+        for d in self.store.list_drafts()? {
+            if d.record.finalized.is_none() && d.record.parents.contains(id) {
+                out.push(format!("draft {}", d.id.short(12)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a version (its bytes become reclaimable by `gc`). Refuses
+    /// while other versions or drafts depend on it unless `force`.
+    pub fn delete(&self, v: &DatasetVersion, force: bool) -> Result<()> {
+        let deps = self.dependents(&v.id)?;
+        if !deps.is_empty() && !force {
+            return Err(Error::DependedOn {
+                id: v.id.short(12),
+                children: deps,
+            });
+        }
+        self.write(|kv| {
+            let cur = self.version_in_kv(kv, &v.id)?;
+            let mut b = Batch::default();
+            self.store.delete_version_batch(kv, &v.id, &mut b)?;
+            b.delete(
+                Cf::App,
+                keys::dataset_version(&cur.dataset.id, cur.created_ms, &v.id),
+            );
+            b.delete(Cf::App, keys::version_index(&v.id));
+            b.delete(Cf::App, keys::version_meta(&v.id));
+            let mut ev = EventWriter::new(kv)?;
+            ev.push(
+                &mut b,
+                version_event(
+                    EventKind::VersionDeleted,
+                    &cur.dataset,
+                    &v.id,
+                    &cur.version,
+                    &cur.tags,
+                ),
+            );
+            Ok((b, ()))
+        })
+    }
+
+    // ---- events -----------------------------------------------------------
+
+    /// Events after sequence `after`, oldest first (at most `limit`).
+    pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>> {
+        crate::events::read_after(&*self.store.reader(), after, limit)
+    }
+
+    /// The last event's sequence number.
+    pub fn last_event(&self) -> Result<u64> {
+        crate::events::last_seq(&*self.store.reader())
+    }
+}
+
+fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        let k = r
+            .read(&mut buf[n..])
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    Ok(n)
+}

@@ -1,0 +1,161 @@
+//! Revision specs — one parser used by every command:
+//!
+//! - `PROJECT/NAME` — the dataset's newest version (highest semantic
+//!   version; non-semantic labels rank below, ties by creation time);
+//! - `PROJECT/NAME@1.0.3` — that version string;
+//! - `PROJECT/NAME@TAG` — the newest version carrying the tag;
+//! - a unique prefix (≥ 6 hex digits) of a version id.
+//!
+//! The project is everything before the last `/` (projects may nest:
+//! `vision/cams/day`), the name the last segment.
+
+use crate::error::{Error, Result};
+
+/// A parsed revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevSpec {
+    /// A dataset, optionally narrowed by `@selector` (version or tag).
+    Dataset {
+        /// Project.
+        project: String,
+        /// Name.
+        name: String,
+        /// Version string or tag after `@`.
+        selector: Option<String>,
+    },
+    /// A version id prefix.
+    Id(String),
+}
+
+/// Minimum hex digits of an id prefix.
+pub const MIN_PREFIX: usize = 6;
+
+impl RevSpec {
+    /// Parses a revision string.
+    pub fn parse(s: &str) -> Result<RevSpec> {
+        let bad = |reason: &str| Error::InvalidRevision {
+            spec: s.to_string(),
+            reason: reason.to_string(),
+        };
+        let t = s.trim();
+        if t.is_empty() {
+            return Err(bad("empty"));
+        }
+        if !t.contains('/') && !t.contains('@') {
+            if t.chars().all(|c| c.is_ascii_hexdigit()) {
+                if t.len() < MIN_PREFIX {
+                    return Err(bad("an id prefix needs at least 6 hex digits"));
+                }
+                if t.len() > 64 {
+                    return Err(bad("longer than a 64-digit id"));
+                }
+                return Ok(RevSpec::Id(t.to_ascii_lowercase()));
+            }
+            return Err(bad(
+                "expected PROJECT/NAME, PROJECT/NAME@VERSION, PROJECT/NAME@TAG or an id prefix",
+            ));
+        }
+        let (path, selector) = match t.rsplit_once('@') {
+            Some((p, sel)) => {
+                if sel.is_empty() {
+                    return Err(bad("nothing after '@'"));
+                }
+                (p, Some(sel.to_string()))
+            }
+            None => (t, None),
+        };
+        let (project, name) = split_dataset(path).map_err(|r| bad(&r))?;
+        Ok(RevSpec::Dataset {
+            project,
+            name,
+            selector,
+        })
+    }
+}
+
+/// Splits `PROJECT/NAME` (project may contain `/`) and validates both.
+pub fn split_dataset(path: &str) -> std::result::Result<(String, String), String> {
+    let Some((project, name)) = path.rsplit_once('/') else {
+        return Err("expected PROJECT/NAME".into());
+    };
+    validate_part(project, "project")?;
+    validate_part(name, "name")?;
+    if project.split('/').any(str::is_empty) {
+        return Err("empty project segment".into());
+    }
+    Ok((project.to_string(), name.to_string()))
+}
+
+fn validate_part(s: &str, what: &str) -> std::result::Result<(), String> {
+    if s.is_empty() {
+        return Err(format!("empty {what}"));
+    }
+    if s.len() > 200 {
+        return Err(format!("{what} longer than 200 bytes"));
+    }
+    if s.chars().any(|c| c.is_control() || c == '@') {
+        return Err(format!("{what} contains '@' or a control character"));
+    }
+    Ok(())
+}
+
+/// Parses `PROJECT/NAME` alone (no selector, no id).
+pub fn parse_dataset_name(s: &str) -> Result<(String, String)> {
+    split_dataset(s.trim()).map_err(|reason| Error::InvalidRevision {
+        spec: s.to_string(),
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_form() {
+        assert_eq!(
+            RevSpec::parse("sensors/occupancy").unwrap(),
+            RevSpec::Dataset {
+                project: "sensors".into(),
+                name: "occupancy".into(),
+                selector: None
+            }
+        );
+        assert_eq!(
+            RevSpec::parse("a/b/c@1.0.3").unwrap(),
+            RevSpec::Dataset {
+                project: "a/b".into(),
+                name: "c".into(),
+                selector: Some("1.0.3".into())
+            }
+        );
+        assert_eq!(
+            RevSpec::parse("p/n@production").unwrap(),
+            RevSpec::Dataset {
+                project: "p".into(),
+                name: "n".into(),
+                selector: Some("production".into())
+            }
+        );
+        assert_eq!(
+            RevSpec::parse("ABCdef12").unwrap(),
+            RevSpec::Id("abcdef12".into())
+        );
+    }
+
+    #[test]
+    fn rejects_bad_specs() {
+        for s in [
+            "",
+            "abc",
+            "xyz",
+            "p/",
+            "/n",
+            "p/n@",
+            "p//q/n",
+            "nothex-no-slash",
+        ] {
+            assert!(RevSpec::parse(s).is_err(), "{s:?} should not parse");
+        }
+    }
+}
