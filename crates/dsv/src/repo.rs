@@ -656,7 +656,7 @@ impl Repo {
                 }
             }
         }
-        out.sort_by(|a, b| b.created_ms.cmp(&a.created_ms));
+        out.sort_by_key(|v| std::cmp::Reverse(v.created_ms));
         Ok(out)
     }
 
