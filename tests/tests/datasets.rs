@@ -608,3 +608,16 @@ fn watch_adds_finished_files_and_resumes_after_kill_9() {
     let out = s.dsv(&["dataset", "cat", "lab/session", "day2/b.csv"]);
     assert_eq!(out.stdout, b"x\n2\n");
 }
+
+#[test]
+fn syncing_the_folder_that_holds_the_repository_skips_the_repository() {
+    let s = Sandbox::new();
+    std::fs::write(s.repo().join("data.csv"), "x\n1\n").unwrap();
+    let v = s.json(&["dataset", "sync", "p/here", s.repo().to_str().unwrap()]);
+    assert_eq!(v["file_count"], 1);
+    let files = paths(&s.json(&["dataset", "files", "p/here"]));
+    assert_eq!(files, ["data.csv".to_string()].into());
+    // Unchanged folder (the repository changed by the sync itself): no version.
+    let again = s.json(&["dataset", "sync", "p/here", s.repo().to_str().unwrap()]);
+    assert_eq!(again["changed"], false);
+}

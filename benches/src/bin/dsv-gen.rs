@@ -13,7 +13,10 @@ fn main() {
     let res = match kind.as_str() {
         "binary" => dsv_benches::gen_binary(dir, 1_000_000_000),
         "csv" => dsv_benches::gen_csv(dir, 2000, 1090),
-        "small" => dsv_benches::gen_small(dir, 25_000),
+        "small" => dsv_benches::gen_small(
+            dir,
+            args.get(3).and_then(|s| s.parse().ok()).unwrap_or(25_000),
+        ),
         "edit-binary" => dsv_benches::edit_binary(dir),
         "append-csv" => dsv_benches::append_csv(dir, 2000, 1090),
         "big" => {

@@ -507,6 +507,15 @@ impl Repo {
         &self.store
     }
 
+    /// The repository folder's path relative to `folder` when it lies
+    /// inside it (its files are never ingested).
+    fn repo_inside(&self, folder: &Path) -> Option<Vec<u8>> {
+        let f = std::fs::canonicalize(folder).ok()?;
+        let r = std::fs::canonicalize(self.store.dir()).ok()?;
+        let rel = r.strip_prefix(&f).ok()?;
+        Some(rel.as_os_str().as_encoded_bytes().to_vec())
+    }
+
     /// One atomic write whose closure may fail with porcelain errors.
     fn write<T>(&self, f: impl FnOnce(&dyn KvRead) -> Result<(Batch, T)>) -> Result<T> {
         let mut parked = Parked::default();
@@ -628,6 +637,53 @@ impl Repo {
             version_order_key(&b.1.version, b.1.created_ms)
                 .cmp(&version_order_key(&a.1.version, a.1.created_ms))
         });
+        // Many versions: load every tag and metadata record in two scans
+        // rather than two lookups per version.
+        if vs.len() > 64 {
+            let mut tags: std::collections::HashMap<VersionId, Vec<String>> = Default::default();
+            kv.scan(
+                Cf::Tags,
+                &[dsv_store::schema::TAG_BY_VERSION],
+                &mut |k, _| {
+                    if let Some(id) = VersionId::from_slice(k.get(1..33).unwrap_or_default()) {
+                        tags.entry(id)
+                            .or_default()
+                            .push(String::from_utf8_lossy(&k[33..]).into_owned());
+                    }
+                    Ok(true)
+                },
+            )?;
+            let mut metas: std::collections::HashMap<VersionId, Vec<u8>> = Default::default();
+            kv.scan(Cf::App, keys::VERSION_META, &mut |k, v| {
+                if let Some(id) = VersionId::from_slice(&k[keys::VERSION_META.len()..]) {
+                    metas.insert(id, v.to_vec());
+                }
+                Ok(true)
+            })?;
+            return vs
+                .into_iter()
+                .map(|(id, info)| {
+                    let meta: VersionMeta = match metas.get(&id) {
+                        Some(v) => from_json(v, &format!("metadata of {id}"))?,
+                        None => VersionMeta::default(),
+                    };
+                    Ok(DatasetVersion {
+                        id,
+                        dataset: ds.clone(),
+                        version: info.version,
+                        parents: info.parents,
+                        tags: tags.remove(&id).unwrap_or_default(),
+                        created_ms: info.created_ms,
+                        file_count: info.file_count,
+                        total_bytes: info.total_bytes,
+                        delta: info.delta,
+                        message: info.message,
+                        description: meta.description,
+                        metadata: meta.metadata,
+                    })
+                })
+                .collect();
+        }
         vs.into_iter()
             .map(|(id, info)| self.assemble(&*kv, ds.clone(), id, info))
             .collect()
@@ -738,7 +794,7 @@ impl Repo {
                         .filter(|d| {
                             found
                                 .as_ref()
-                                .is_none_or(|v| d.info.created_ms > v.created_ms)
+                                .is_none_or(|v| d.info.created_ms >= v.created_ms)
                         })
                         .max_by_key(|d| d.info.created_ms);
                     if let Some(d) = newest_draft {
@@ -934,10 +990,12 @@ impl Repo {
             let filter_set = set.clone();
             let (folder, filter, recursive): (PathBuf, Box<dsv_store::ingest::PathFilter>, bool) =
                 if meta.is_dir() {
+                    let skip = self.repo_inside(p);
                     (
                         p.clone(),
                         Box::new(move |rel: &[u8]| {
-                            filter_set.as_ref().is_none_or(|s| glob_matches(s, rel))
+                            !in_repo(&skip, rel)
+                                && filter_set.as_ref().is_none_or(|s| glob_matches(s, rel))
                         }),
                         !opts.non_recursive,
                     )
@@ -994,6 +1052,8 @@ impl Repo {
         dataset_path: &str,
         progress: Option<&dyn Progress>,
     ) -> Result<AddReport> {
+        let skip = self.repo_inside(folder);
+        let filter = move |rel: &[u8]| !in_repo(&skip, rel);
         let r = self.store.stage_folder(
             &draft.id,
             folder,
@@ -1001,7 +1061,7 @@ impl Repo {
                 dataset_path,
                 mode: StageMode::Sync,
                 recursive: true,
-                filter: None,
+                filter: Some(&filter),
                 progress: progress.unwrap_or(&NoProgress),
             },
         )?;
@@ -1209,6 +1269,8 @@ impl Repo {
             };
         let mut meta = BTreeMap::new();
         meta.insert(META_DATASET.to_string(), ds_id.to_string());
+        let skip = self.repo_inside(folder);
+        let filter = move |rel: &[u8]| !in_repo(&skip, rel);
         let out = self
             .store
             .commit_folder(
@@ -1218,7 +1280,7 @@ impl Repo {
                     dataset_path: &opts.dataset_path,
                     mode: StageMode::Sync,
                     recursive: true,
-                    filter: None,
+                    filter: Some(&filter),
                     progress: opts.progress.unwrap_or(&NoProgress),
                 },
                 &opts.message,
@@ -1587,6 +1649,16 @@ impl Repo {
     /// The last event's sequence number.
     pub fn last_event(&self) -> Result<u64> {
         crate::events::last_seq(&*self.store.reader())
+    }
+}
+
+/// Whether `rel` lies in the excluded folder `skip` (the repository).
+fn in_repo(skip: &Option<Vec<u8>>, rel: &[u8]) -> bool {
+    match skip {
+        Some(s) if !s.is_empty() => {
+            rel.starts_with(s) && (rel.len() == s.len() || rel[s.len()] == b'/')
+        }
+        _ => false,
     }
 }
 
