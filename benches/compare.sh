@@ -45,7 +45,7 @@ init() {
   case $tool in
     dsv) "$DSV" init "$repo" >/dev/null ;;
     restic) restic init -q -r "$repo" >/dev/null ;;
-    borg) borg init -q -e none "$repo" ;;
+    borg) borg init -e none "$repo" >/dev/null 2>&1 ;;
     dvc) rm -rf "$data/../.dvc" "$data/../.git" "$data.dvc"; (cd "$data/.." && git init -q . && dvc init -q && dvc config cache.type hardlink) ;;
   esac
 }

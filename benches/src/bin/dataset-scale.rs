@@ -33,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for i in 0..n {
         std::fs::write(
             work.join(format!("file-{:02}.csv", i % 20)),
-            format!("x\n{i}\n"),
+            format!("x\n{i}\nedit\n"),
         )?;
         let out = repo.sync("bench", "many", &work, &SyncOptions::default())?;
         if out.version.is_none() {

@@ -149,7 +149,8 @@ fn get_follows_clearml_semantics() {
     assert_eq!(d.file_count, 0);
     let data = tmp.path().join("data");
     write(&data, "a.csv", "x\n1\n");
-    repo.add(&d, &[data.clone()], &Default::default()).unwrap();
+    repo.add(&d, std::slice::from_ref(&data), &Default::default())
+        .unwrap();
     let v1 = repo.finalize(&d).unwrap();
     assert_eq!(v1.version, "1.0.0");
     // An explicit higher version, then an auto one: newest semver wins.
