@@ -307,6 +307,10 @@ mod rocks {
 
     /// Batches larger than this are flushed to tables right away.
     const FLUSH_AFTER: u64 = 256 << 10;
+    /// Tables in one column family above which small ones are merged.
+    const MAX_TABLES: usize = 32;
+    /// Average table size below which a family counts as fragmented.
+    const SMALL_TABLE: u64 = 1 << 20;
 
     /// RocksDB in a directory.
     pub struct RocksBackend {
@@ -451,6 +455,39 @@ mod rocks {
                 self.db
                     .flush_cfs_opt(&handles, &rocksdb::FlushOptions::default())
                     .map_err(|e| kv_err(&self.path, e))?;
+            }
+            self.compact_small_files()
+        }
+    }
+
+    impl RocksKv {
+        /// Every command is a short-lived process whose read-write open
+        /// flushes the previous write's log into tiny tables. In a family
+        /// with random keys (version ids in `roots`) each tiny table is
+        /// trivially moved down without ever being merged, so tables pile
+        /// up (one per write) and every open pays for all of them. Merge a
+        /// family's tables once it holds many small ones.
+        fn compact_small_files(&self) -> Result<()> {
+            let files = self.db.live_files().map_err(|e| kv_err(&self.path, e))?;
+            let mut per_cf: std::collections::HashMap<&str, (usize, u64)> = Default::default();
+            for f in &files {
+                let e = per_cf.entry(f.column_family_name.as_str()).or_default();
+                e.0 += 1;
+                e.1 += f.size as u64;
+            }
+            for (name, (count, bytes)) in per_cf {
+                if count > MAX_TABLES && bytes / (count as u64) < SMALL_TABLE {
+                    if let Some(h) = self.db.cf_handle(name) {
+                        // Force a rewrite: a plain manual compaction would
+                        // again just move the one-key tables down.
+                        let mut o = rocksdb::CompactOptions::default();
+                        o.set_bottommost_level_compaction(
+                            rocksdb::BottommostLevelCompaction::Force,
+                        );
+                        self.db
+                            .compact_range_cf_opt(h, None::<&[u8]>, None::<&[u8]>, &o);
+                    }
+                }
             }
             Ok(())
         }
