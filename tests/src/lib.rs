@@ -24,8 +24,19 @@ pub fn dsv_bin() -> PathBuf {
     bin
 }
 
-/// The shared occupancy data set (read-only, outside the project).
+/// The shared occupancy data set (read-only, outside the project):
+/// `$DSV_OCCUPANCY` when set (as for `scripts/demo`), else
+/// `../shared/data/occupancy` beside the checkout.
 pub fn occupancy_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("DSV_OCCUPANCY") {
+        let p = PathBuf::from(p);
+        assert!(
+            p.join("datatraining.txt").is_file(),
+            "DSV_OCCUPANCY={} holds no datatraining.txt",
+            p.display()
+        );
+        return p;
+    }
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let candidates = [
         here.join("../../shared/data/occupancy"),
@@ -37,7 +48,7 @@ pub fn occupancy_dir() -> PathBuf {
         }
     }
     panic!(
-        "the occupancy data is missing: expected ../shared/data/occupancy beside the repository"
+        "the occupancy data is missing: expected ../shared/data/occupancy beside the checkout, or set DSV_OCCUPANCY"
     );
 }
 
