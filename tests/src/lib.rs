@@ -37,14 +37,17 @@ pub fn occupancy_dir() -> PathBuf {
         );
         return p;
     }
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let candidates = [
-        here.join("../../shared/data/occupancy"),
-        here.join("../shared/data/occupancy"),
-    ];
-    for c in &candidates {
-        if c.join("datatraining.txt").is_file() {
-            return c.clone();
+    // Looked up at run time from the working directory (cargo runs tests
+    // in the package folder): the build may have been made in another
+    // checkout sharing the target folder.
+    let cwd = std::env::current_dir().expect("a working directory");
+    let baked = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    for start in [cwd.as_path(), baked.as_path()] {
+        for anc in start.ancestors() {
+            let c = anc.join("shared/data/occupancy");
+            if c.join("datatraining.txt").is_file() {
+                return c;
+            }
         }
     }
     panic!(

@@ -345,8 +345,12 @@ fn draft_json(d: &DraftHandle) -> Value {
 }
 
 fn print_version_line(v: &DatasetVersion) {
+    println!("{}", version_line(v));
+}
+
+fn version_line(v: &DatasetVersion) -> String {
     let d = &v.delta;
-    println!(
+    format!(
         "{}/{} {}  {}  +{} ~{} -{} >{}  {} files, {} ({} newly stored){}",
         v.dataset.project,
         v.dataset.name,
@@ -364,7 +368,7 @@ fn print_version_line(v: &DatasetVersion) {
         } else {
             format!("  [{}]", v.tags.join(", "))
         }
-    );
+    )
 }
 
 fn print_report(r: &AddReport, limit: usize) {
@@ -660,9 +664,11 @@ fn list(ctx: &Ctx, a: ListArgs) -> Result<(), CliError> {
     if ctx.json {
         return output::json(&Value::Array(vs.iter().map(version_json).collect()));
     }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for v in &vs {
-        print_version_line(v);
+        writeln!(out, "{}", version_line(v))?;
     }
+    out.flush()?;
     Ok(())
 }
 

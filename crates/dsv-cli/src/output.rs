@@ -8,9 +8,12 @@ use crate::error::CliError;
 
 /// Prints a JSON value on stdout.
 pub fn json(value: &serde_json::Value) -> Result<(), CliError> {
-    let mut out = std::io::stdout().lock();
+    // Buffered: stdout is line-buffered, and a long listing would
+    // otherwise cost one write(2) per line.
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     serde_json::to_writer_pretty(&mut out, value).map_err(|e| CliError::repo(e.to_string()))?;
     writeln!(out)?;
+    out.flush()?;
     Ok(())
 }
 
