@@ -18,7 +18,7 @@ pub fn dsv_bin() -> PathBuf {
     let bin = profile_dir.join("dsv");
     assert!(
         bin.is_file(),
-        "{} is missing: run `cargo test --workspace` (it builds the dsv binary)",
+        "{} is missing: run scripts/test (it builds the dsv binary, then runs the tests)",
         bin.display()
     );
     bin

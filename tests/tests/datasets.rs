@@ -137,6 +137,9 @@ fn three_labeling_sessions_by_day() {
     let list = s.json(&["dataset", "list", "sensors/occupancy"]);
     assert_eq!(list.as_array().unwrap().len(), 3);
     assert_eq!(list[0]["id"], v3["id"], "newest first");
+    let newest = s.json(&["dataset", "list", "sensors/occupancy", "--limit", "1"]);
+    assert_eq!(newest.as_array().unwrap().len(), 1);
+    assert_eq!(newest[0]["id"], v3["id"]);
 
     // Revisions: by version, tag, id prefix; files --added against a parent
     // and against another version; cat returns the bytes.

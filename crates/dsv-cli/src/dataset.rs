@@ -150,6 +150,9 @@ pub struct ListArgs {
     /// Only versions with this tag (repeat: all of them).
     #[arg(long = "tag", value_name = "T")]
     tags: Vec<String>,
+    /// At most N versions (the newest).
+    #[arg(long, short = 'n', value_name = "N")]
+    limit: Option<usize>,
 }
 
 /// `files`.
@@ -661,6 +664,10 @@ fn list(ctx: &Ctx, a: ListArgs) -> Result<(), CliError> {
             }
         }
     };
+    let mut vs = vs;
+    if let Some(n) = a.limit {
+        vs.truncate(n);
+    }
     if ctx.json {
         return output::json(&Value::Array(vs.iter().map(version_json).collect()));
     }
