@@ -161,3 +161,40 @@ pub fn is_root() -> bool {
         .map(|o| o.stdout.starts_with(b"0\n"))
         .unwrap_or(false)
 }
+
+/// Runs `dsv ARGS` on `repo` as an ordinary user: as nobody (through
+/// `setpriv`) when this process is root, who reads every file whatever its
+/// permissions.
+pub fn dsv_unprivileged(repo: &Path, args: &[&str]) -> Output {
+    let mut c = if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(dsv_bin());
+        c
+    } else {
+        Command::new(dsv_bin())
+    };
+    c.args(args)
+        .env("DSV_REPO", repo)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("dsv runs")
+}
+
+/// Opens everything under `dir` to every user (for [`dsv_unprivileged`]),
+/// then makes `file` unreadable.
+pub fn make_unreadable(dir: &Path, file: &Path) {
+    for (mode, path) in [("a+rwX", dir), ("000", file)] {
+        let mut c = Command::new("chmod");
+        if mode != "000" {
+            c.arg("-R");
+        }
+        let ok = c
+            .arg(mode)
+            .arg(path)
+            .status()
+            .expect("chmod runs")
+            .success();
+        assert!(ok, "chmod {mode} {}", path.display());
+    }
+}

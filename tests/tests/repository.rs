@@ -193,31 +193,8 @@ fn an_unreadable_file_aborts_the_snapshot_naming_it() {
     copy_files(&occupancy_dir(), &data);
     let secret = data.join("secret.csv");
     std::fs::write(&secret, "x\n").unwrap();
-    std::process::Command::new("chmod")
-        .args(["000", secret.to_str().unwrap()])
-        .status()
-        .unwrap();
-    // Root reads everything: drop to nobody for this test when running as root.
-    let wrap = |args: &[&str]| {
-        let mut c = if dsv_tests::is_root() {
-            let mut c = Command::new("setpriv");
-            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-                .arg(dsv_tests::dsv_bin());
-            c
-        } else {
-            Command::new(dsv_tests::dsv_bin())
-        };
-        c.args(args).env("DSV_REPO", &repo);
-        c.output().unwrap()
-    };
-    Command::new("chmod")
-        .args(["-R", "a+rwX", s.dir.path().to_str().unwrap()])
-        .status()
-        .unwrap();
-    Command::new("chmod")
-        .args(["000", secret.to_str().unwrap()])
-        .status()
-        .unwrap();
+    dsv_tests::make_unreadable(s.dir.path(), &secret);
+    let wrap = |args: &[&str]| dsv_tests::dsv_unprivileged(&repo, args);
     let out = wrap(&["init", repo.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = wrap(&["snapshot", data.to_str().unwrap()]);

@@ -686,14 +686,8 @@ fn file_json(f: &dsv::FileItem) -> Value {
 fn files(ctx: &Ctx, a: FilesArgs) -> Result<(), CliError> {
     let repo = open(ctx)?;
     let v = repo.resolve(&a.rev)?;
-    let set = match &a.glob {
-        Some(g) => Some(
-            globset::Glob::new(g)
-                .map_err(|e| CliError::user(format!("invalid pattern '{g}': {e}")))?
-                .compile_matcher(),
-        ),
-        None => None,
-    };
+    let globs: Vec<String> = a.glob.iter().cloned().collect();
+    let set = dsv::PathPattern::new(&globs)?;
     let list: Vec<dsv::FileItem> = if a.added || a.modified || a.removed {
         let ch = match &a.against {
             Some(r) => repo.diff(&repo.resolve(r)?.id, &v.id)?,
@@ -707,7 +701,7 @@ fn files(ctx: &Ctx, a: FilesArgs) -> Result<(), CliError> {
             ch.removed
         };
         if let Some(s) = &set {
-            l.retain(|f| s.is_match(&f.path));
+            l.retain(|f| s.matches(f.path.as_bytes()));
         }
         l
     } else {

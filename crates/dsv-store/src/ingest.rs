@@ -815,26 +815,7 @@ impl Store {
         } = ing;
         let chunk_bytes = report.stored_bytes;
         let build = |kv: &dyn KvRead, pending: &mut Pending| -> Result<(ObjectId, ObjectId)> {
-            let mut base = tree::empty_tree_id();
-            for (i, p) in parents.iter().enumerate() {
-                if !kv.contains(Cf::Roots, &schema::root_version_key(p))? {
-                    return Err(Error::not_found(crate::error::Kind::Version, p.to_hex()));
-                }
-                let r = crate::store::version_in(kv, p)?.object.root;
-                base = if i == 0 {
-                    r
-                } else {
-                    tree::merge_dirs(
-                        &mut Objs {
-                            kv,
-                            pending: &mut *pending,
-                        },
-                        base,
-                        r,
-                    )?
-                    .0
-                };
-            }
+            let base = crate::store::merged_root(kv, parents, pending)?;
             let first = match parents.first() {
                 Some(p) => crate::store::version_in(kv, p)?.object.root,
                 None => tree::empty_tree_id(),

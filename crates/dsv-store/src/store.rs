@@ -547,22 +547,7 @@ impl Store {
         b: &mut Batch,
     ) -> Result<DraftId> {
         let mut pending = Pending::default();
-        let mut root = tree::empty_tree_id();
-        for (i, p) in parents.iter().enumerate() {
-            if !kv.contains(Cf::Roots, &schema::root_version_key(p))? {
-                return Err(Error::not_found(Kind::Version, p.to_hex()));
-            }
-            let v = version_in(kv, p)?;
-            if i == 0 {
-                root = v.object.root;
-            } else {
-                let mut w = Objs {
-                    kv,
-                    pending: &mut pending,
-                };
-                root = tree::merge_dirs(&mut w, root, v.object.root)?.0;
-            }
-        }
+        let root = merged_root(kv, parents, &mut pending)?;
         let stored = self.pending_batch(kv, &pending, b)?;
         let id = DraftId::random();
         let rec = DraftRecord {
@@ -784,22 +769,7 @@ impl Store {
         b: &mut Batch,
     ) -> Result<Version> {
         let mut pending = Pending::default();
-        let mut root = tree::empty_tree_id();
-        for (i, s) in sources.iter().enumerate() {
-            if !kv.contains(Cf::Roots, &schema::root_version_key(s))? {
-                return Err(Error::not_found(Kind::Version, s.to_hex()));
-            }
-            let r = version_in(kv, s)?.object.root;
-            root = if i == 0 {
-                r
-            } else {
-                let mut w = Objs {
-                    kv,
-                    pending: &mut pending,
-                };
-                tree::merge_dirs(&mut w, root, r)?.0
-            };
-        }
+        let root = merged_root(kv, sources, &mut pending)?;
         let diff = diff_trees(
             &Objs {
                 kv,
@@ -875,6 +845,29 @@ fn one_of<T: std::fmt::Display + Copy>(found: Vec<T>, kind: Kind, prefix: &str) 
                 .collect(),
         }),
     }
+}
+
+/// The tree of `versions` merged in order (later versions win per path;
+/// the empty tree for none). Each must be a live version. New merged
+/// nodes go to `pending`.
+pub(crate) fn merged_root(
+    kv: &dyn KvRead,
+    versions: &[VersionId],
+    pending: &mut Pending,
+) -> Result<ObjectId> {
+    let mut root = tree::empty_tree_id();
+    for (i, v) in versions.iter().enumerate() {
+        if !kv.contains(Cf::Roots, &schema::root_version_key(v))? {
+            return Err(Error::not_found(Kind::Version, v.to_hex()));
+        }
+        let r = version_in(kv, v)?.object.root;
+        root = if i == 0 {
+            r
+        } else {
+            tree::merge_dirs(&mut Objs { kv, pending }, root, r)?.0
+        };
+    }
+    Ok(root)
 }
 
 /// Reads a version from a handle.

@@ -38,7 +38,7 @@ pub use reader::FileReader;
 pub use records::{DatasetId, DatasetRecord, DraftInfo, VersionInfo};
 pub use repo::{
     AddOptions, AddReport, Changes, CreateOptions, Dataset, DatasetVersion, DraftHandle, FileItem,
-    GetQuery, Got, Repo, SyncOptions, SyncOutcome, VerifyMismatch,
+    GetQuery, Got, PathPattern, Repo, SyncOptions, SyncOutcome, VerifyMismatch,
 };
 pub use rev::RevSpec;
 

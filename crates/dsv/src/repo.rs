@@ -275,7 +275,8 @@ fn changes_of(d: &Diff) -> Changes {
     }
 }
 
-fn report_of(d: &Diff, s: &dsv_store::StageReport) -> AddReport {
+fn report_of(s: &dsv_store::StageReport) -> AddReport {
+    let d = &s.diff;
     let changed = (d.added.len() + d.modified.len() + d.renamed.len()) as u64;
     AddReport {
         added: d.added.iter().map(|p| lossy(&p.path)).collect(),
@@ -293,21 +294,55 @@ fn report_of(d: &Diff, s: &dsv_store::StageReport) -> AddReport {
     }
 }
 
-fn glob_set(patterns: &[String]) -> Result<Option<GlobSet>> {
-    if patterns.is_empty() {
-        return Ok(None);
+/// Glob patterns over paths in a dataset: a pattern matches a file's whole
+/// path or its name (`*.csv` matches `days/d1.csv`); `*` crosses `/`.
+#[derive(Debug, Clone)]
+pub struct PathPattern(GlobSet);
+
+impl PathPattern {
+    /// Compiles `patterns`; `None` when there are none (everything matches).
+    pub fn new(patterns: &[String]) -> Result<Option<PathPattern>> {
+        if patterns.is_empty() {
+            return Ok(None);
+        }
+        let mut b = GlobSetBuilder::new();
+        for p in patterns {
+            b.add(Glob::new(p).map_err(|e| Error::Invalid(format!("invalid pattern '{p}': {e}")))?);
+        }
+        Ok(Some(PathPattern(
+            b.build().map_err(|e| Error::Invalid(e.to_string()))?,
+        )))
     }
-    let mut b = GlobSetBuilder::new();
-    for p in patterns {
-        b.add(Glob::new(p).map_err(|e| Error::Invalid(format!("invalid pattern '{p}': {e}")))?);
+
+    /// Whether `path` (or its last component) matches any pattern.
+    pub fn matches(&self, path: &[u8]) -> bool {
+        let s = lossy(path);
+        let name = s.rsplit('/').next().unwrap_or(&s);
+        self.0.is_match(&s) || self.0.is_match(name)
     }
-    Ok(Some(b.build().map_err(|e| Error::Invalid(e.to_string()))?))
 }
 
-fn glob_matches(set: &GlobSet, path: &[u8]) -> bool {
-    let s = lossy(path);
-    let name = s.rsplit('/').next().unwrap_or(&s);
-    set.is_match(&s) || set.is_match(name)
+fn dataset_version(
+    dataset: Dataset,
+    id: VersionId,
+    info: VersionInfo,
+    tags: Vec<String>,
+    meta: VersionMeta,
+) -> DatasetVersion {
+    DatasetVersion {
+        id,
+        dataset,
+        version: info.version,
+        parents: info.parents,
+        tags,
+        created_ms: info.created_ms,
+        file_count: info.file_count,
+        total_bytes: info.total_bytes,
+        delta: info.delta,
+        message: info.message,
+        description: meta.description,
+        metadata: meta.metadata,
+    }
 }
 
 // ---- record access on a KV handle ---------------------------------------
@@ -594,20 +629,7 @@ impl Repo {
         info: VersionInfo,
     ) -> Result<DatasetVersion> {
         let meta = version_meta_in(kv, &id)?;
-        Ok(DatasetVersion {
-            id,
-            dataset: ds,
-            version: info.version,
-            parents: info.parents,
-            tags: tags_of_in(kv, &id)?,
-            created_ms: info.created_ms,
-            file_count: info.file_count,
-            total_bytes: info.total_bytes,
-            delta: info.delta,
-            message: info.message,
-            description: meta.description,
-            metadata: meta.metadata,
-        })
+        Ok(dataset_version(ds, id, info, tags_of_in(kv, &id)?, meta))
     }
 
     fn version_in_kv(&self, kv: &dyn KvRead, id: &VersionId) -> Result<DatasetVersion> {
@@ -667,20 +689,8 @@ impl Repo {
                         Some(v) => from_json(v, &format!("metadata of {id}"))?,
                         None => VersionMeta::default(),
                     };
-                    Ok(DatasetVersion {
-                        id,
-                        dataset: ds.clone(),
-                        version: info.version,
-                        parents: info.parents,
-                        tags: tags.remove(&id).unwrap_or_default(),
-                        created_ms: info.created_ms,
-                        file_count: info.file_count,
-                        total_bytes: info.total_bytes,
-                        delta: info.delta,
-                        message: info.message,
-                        description: meta.description,
-                        metadata: meta.metadata,
-                    })
+                    let t = tags.remove(&id).unwrap_or_default();
+                    Ok(dataset_version(ds.clone(), id, info, t, meta))
                 })
                 .collect();
         }
@@ -982,7 +992,7 @@ impl Repo {
         paths: &[PathBuf],
         opts: &AddOptions<'_>,
     ) -> Result<AddReport> {
-        let set = glob_set(&opts.wildcards)?;
+        let set = PathPattern::new(&opts.wildcards)?;
         let mut total = AddReport::default();
         for p in paths {
             let meta = std::fs::symlink_metadata(p)
@@ -995,7 +1005,7 @@ impl Repo {
                         p.clone(),
                         Box::new(move |rel: &[u8]| {
                             !in_repo(&skip, rel)
-                                && filter_set.as_ref().is_none_or(|s| glob_matches(s, rel))
+                                && filter_set.as_ref().is_none_or(|s| s.matches(rel))
                         }),
                         !opts.non_recursive,
                     )
@@ -1010,7 +1020,7 @@ impl Repo {
                         _ => PathBuf::from("."),
                     };
                     if let Some(s) = &set {
-                        if !glob_matches(s, &name) {
+                        if !s.matches(&name) {
                             continue;
                         }
                     }
@@ -1031,7 +1041,7 @@ impl Repo {
                     progress: opts.progress.unwrap_or(&NoProgress),
                 },
             )?;
-            let one = report_of(&r.diff, &r);
+            let one = report_of(&r);
             total.added.extend(one.added);
             total.modified.extend(one.modified);
             total.renamed.extend(one.renamed);
@@ -1065,7 +1075,7 @@ impl Repo {
                 progress: progress.unwrap_or(&NoProgress),
             },
         )?;
-        Ok(report_of(&r.diff, &r))
+        Ok(report_of(&r))
     }
 
     /// Removes the draft's files matching any pattern (a glob over the
@@ -1096,9 +1106,9 @@ impl Repo {
                 }
                 changes.push((trimmed.as_bytes().to_vec(), Change::Remove));
             } else {
-                let set = glob_set(std::slice::from_ref(pat))?.expect("one pattern");
+                let set = PathPattern::new(std::slice::from_ref(pat))?.expect("one pattern");
                 walk_files(&r, &root, b"", &mut |p, _| {
-                    if glob_matches(&set, p) {
+                    if set.matches(p) {
                         hit = true;
                         removed.push(lossy(p));
                         changes.push((p.to_vec(), Change::Remove));
@@ -1204,19 +1214,15 @@ impl Repo {
                 folder.display()
             )));
         }
-        let latest = match self.dataset(project, name)? {
-            Some(ds) => self.latest(&ds)?,
-            None => None,
+        // The dataset's id: existing, or chosen now for a dataset this sync
+        // creates (so the version object can record it).
+        let (ds_id, latest) = match self.dataset(project, name)? {
+            Some(ds) => (ds.id, self.latest(&ds)?),
+            None => (DatasetId::random(), None),
         };
         let parent_id = latest.as_ref().map(|v| v.id);
         let parents: Vec<VersionId> = parent_id.into_iter().collect();
         let mut parked = Parked::default();
-        // The dataset's id: existing, or chosen now for a dataset this sync
-        // creates (so the version object can record it).
-        let ds_id = match self.dataset(project, name)? {
-            Some(d) => d.id,
-            None => DatasetId::random(),
-        };
         let mut new_version: Option<VersionId> = None;
         let mut extra =
             |kv: &dyn KvRead, v: &dsv_store::Version, b: &mut Batch| -> dsv_store::Result<()> {
@@ -1288,7 +1294,7 @@ impl Repo {
                 &mut extra,
             )
             .map_err(|e| parked.unpark(e))?;
-        let report = report_of(&out.report.diff, &out.report);
+        let report = report_of(&out.report);
         match new_version {
             Some(id) => Ok(SyncOutcome {
                 version: Some(self.version(&id)?),
@@ -1312,14 +1318,14 @@ impl Repo {
     /// Files of a version (optionally matching a glob), in path order.
     pub fn files(&self, v: &DatasetVersion, glob: Option<&str>) -> Result<Vec<FileItem>> {
         let set = match glob {
-            Some(g) => glob_set(&[g.to_string()])?,
+            Some(g) => PathPattern::new(&[g.to_string()])?,
             None => None,
         };
         let root = self.root_of(&v.id)?;
         let kv = self.store.reader();
         let mut out = Vec::new();
         walk_files(&KvObjects(&*kv), &root, b"", &mut |p, e| {
-            if set.as_ref().is_none_or(|s| glob_matches(s, p)) {
+            if set.as_ref().is_none_or(|s| s.matches(p)) {
                 out.push(item(p, e));
             }
             Ok(())
@@ -1383,26 +1389,28 @@ impl Repo {
         max_files: usize,
         max_rows: u64,
     ) -> Result<Vec<crate::FilePreview>> {
+        use std::io::BufRead;
         let mut out = Vec::new();
         for f in self.files(v, None)? {
-            if out.len() >= max_files || f.symlink {
+            if out.len() >= max_files {
+                break;
+            }
+            if f.symlink {
                 continue;
             }
-            let mut r = self.open_file(v, &f.path)?;
-            let mut first = vec![0u8; 4096];
-            let n = read_full(&mut r, &mut first)?;
-            first.truncate(n);
-            let line_end = first
+            let mut r = std::io::BufReader::with_capacity(64 << 10, self.open_file(v, &f.path)?);
+            let head_bytes = r
+                .fill_buf()
+                .map_err(|e| Error::Invalid(format!("{}: {e}", f.path)))?;
+            let line_end = head_bytes
                 .iter()
                 .position(|&c| c == b'\n')
-                .unwrap_or(first.len());
-            let Some(delim) = crate::preview::tabular_delimiter(&f.path, &first[..line_end]) else {
+                .unwrap_or(head_bytes.len());
+            let Some(delim) = crate::preview::tabular_delimiter(&f.path, &head_bytes[..line_end])
+            else {
                 continue;
             };
-            let rest = self.open_file(v, &f.path)?;
-            out.push(crate::preview::preview(
-                &f.path, delim, rest, head, max_rows,
-            )?);
+            out.push(crate::preview::preview(&f.path, delim, r, head, max_rows)?);
         }
         Ok(out)
     }
@@ -1458,7 +1466,7 @@ impl Repo {
                 }
             }
             for t in add {
-                if after.insert(t.clone()) || !before.contains(t) {
+                if after.insert(t.clone()) {
                     add_tag_batch(&v.id, t, &mut b)?;
                 }
             }
@@ -1660,18 +1668,4 @@ fn in_repo(skip: &Option<Vec<u8>>, rel: &[u8]) -> bool {
         }
         _ => false,
     }
-}
-
-fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        let k = r
-            .read(&mut buf[n..])
-            .map_err(|e| Error::Invalid(e.to_string()))?;
-        if k == 0 {
-            break;
-        }
-        n += k;
-    }
-    Ok(n)
 }
