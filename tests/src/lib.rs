@@ -198,3 +198,27 @@ pub fn make_unreadable(dir: &Path, file: &Path) {
         assert!(ok, "chmod {mode} {}", path.display());
     }
 }
+
+/// Runs `program ARGS` as an ordinary user (nobody, through `setpriv`,
+/// when this process is root; as is otherwise).
+pub fn run_unprivileged(program: &str, args: &[&str]) -> Output {
+    let mut c = if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", program]);
+        c
+    } else {
+        Command::new(program)
+    };
+    c.args(args).output().expect("command runs")
+}
+
+/// Opens everything under `dir` to every user (for the unprivileged runs).
+pub fn open_to_everyone(dir: &Path) {
+    let ok = Command::new("chmod")
+        .args(["-R", "a+rwX"])
+        .arg(dir)
+        .status()
+        .expect("chmod runs")
+        .success();
+    assert!(ok, "chmod -R a+rwX {}", dir.display());
+}

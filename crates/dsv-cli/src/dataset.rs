@@ -46,8 +46,14 @@ pub enum DatasetCmd {
     Meta(MetaArgs),
     /// First rows and per-column statistics of tabular files, and the delta.
     Preview(PreviewArgs),
-    /// Rehash every stored chunk of a version.
+    /// Rehash every stored chunk of a version, or compare a folder with it (--folder).
     Verify(VerifyArgs),
+    /// A read-only cached copy of a version; prints its path.
+    Get(crate::readside::GetArgs),
+    /// A mutable copy of a version in TARGET.
+    Copy(crate::readside::CopyArgs),
+    /// Mount a version read-only (FUSE) until interrupted or unmounted.
+    Mount(crate::readside::MountArgs),
     /// One standalone version from several.
     Squash(SquashArgs),
     /// Delete a version (refuses while others depend on it unless --force).
@@ -244,6 +250,12 @@ pub struct PreviewArgs {
 pub struct VerifyArgs {
     /// Revision.
     rev: String,
+    /// Compare this folder (a cached or mutable copy, or the synced folder) with the version.
+    #[arg(long, value_name = "DIR")]
+    folder: Option<PathBuf>,
+    /// With --folder: hash every file, even those unchanged since dsv read them.
+    #[arg(long, requires = "folder")]
+    full: bool,
 }
 
 /// `squash`.
@@ -431,7 +443,13 @@ pub fn run(ctx: &Ctx, cmd: DatasetCmd) -> Result<(), CliError> {
         DatasetCmd::Tag(a) => tag(ctx, a),
         DatasetCmd::Meta(a) => meta(ctx, a),
         DatasetCmd::Preview(a) => preview(ctx, a),
-        DatasetCmd::Verify(a) => verify(ctx, a),
+        DatasetCmd::Verify(a) => match &a.folder {
+            Some(f) => crate::readside::verify_folder(ctx, &a.rev, f, a.full),
+            None => verify(ctx, a),
+        },
+        DatasetCmd::Get(a) => crate::readside::get(ctx, a),
+        DatasetCmd::Copy(a) => crate::readside::copy(ctx, a),
+        DatasetCmd::Mount(a) => crate::readside::mount(ctx, a),
         DatasetCmd::Squash(a) => squash(ctx, a),
         DatasetCmd::Delete(a) => delete(ctx, a),
         DatasetCmd::Rename(a) => rename(ctx, a),

@@ -8,6 +8,7 @@ mod dataset;
 mod error;
 mod output;
 mod plumbing;
+mod readside;
 mod repo;
 mod repo_cmds;
 mod watch;
@@ -52,6 +53,9 @@ enum Command {
     /// Datasets: create, add, sync, watch, show, list, diff, tag …
     #[command(subcommand)]
     Dataset(dataset::DatasetCmd),
+    /// The cache of read-only copies: list, size, prune, budget.
+    #[command(subcommand)]
+    Cache(readside::CacheCmd),
     /// Plumbing: store a folder as a new version on a ref (prints what changed).
     Snapshot(plumbing::SnapshotArgs),
 }
@@ -78,6 +82,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Stats => "stats",
         Command::Snapshot(_) => "snapshot",
         Command::Dataset(_) => "dataset",
+        Command::Cache(_) => "cache",
     };
     let ctx = Ctx {
         repo: cli.repo.clone(),
@@ -93,6 +98,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Stats => repo_cmds::stats(&ctx),
         Command::Snapshot(a) => plumbing::snapshot(&ctx, a),
         Command::Dataset(c) => dataset::run(&ctx, c),
+        Command::Cache(c) => readside::cache(&ctx, c),
     }
 }
 

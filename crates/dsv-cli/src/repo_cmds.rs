@@ -125,8 +125,13 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
 pub fn gc(ctx: &Ctx, a: GcArgs) -> Result<(), CliError> {
     let store = repo::open(ctx)?;
     let r = store.gc(GcOptions::default(), a.dry_run)?;
+    let repo = dsv::Repo::from_store(store);
+    let c = crate::readside::gc_cache(&repo, a.dry_run)?;
     if ctx.json {
-        return output::json(&serde_json::to_value(&r).map_err(|e| CliError::repo(e.to_string()))?);
+        let mut v = serde_json::to_value(&r).map_err(|e| CliError::repo(e.to_string()))?;
+        v["cache_entries_removed"] = serde_json::json!(c.removed.len());
+        v["cache_bytes_freed"] = serde_json::json!(c.freed_bytes);
+        return output::json(&v);
     }
     let verb = if a.dry_run { "would remove" } else { "removed" };
     println!(
@@ -137,6 +142,13 @@ pub fn gc(ctx: &Ctx, a: GcArgs) -> Result<(), CliError> {
         r.packs_repacked,
         output::bytes(r.bytes_freed)
     );
+    if !c.removed.is_empty() {
+        println!(
+            "{verb} {} cached copies of deleted versions; {} freed",
+            c.removed.len(),
+            output::bytes(c.freed_bytes)
+        );
+    }
     Ok(())
 }
 

@@ -49,6 +49,19 @@ pub enum Error {
     /// Someone else changed what this operation read; nothing was written.
     #[error("{0}; nothing was written, run the command again")]
     Conflict(String),
+    /// A file or folder outside the store could not be read or written.
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        action: String,
+        /// The file or folder at fault.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The cache's byte budget cannot hold what was asked for.
+    #[error("{0}")]
+    CacheBudget(String),
     /// A porcelain record that does not decode.
     #[error("corrupted {what}: {reason}")]
     Corrupted {

@@ -22,15 +22,21 @@
 //!
 //! This crate never prints and never reads the environment.
 
+pub mod cache;
 pub mod error;
 pub mod events;
 pub mod keys;
+pub mod mount;
 pub mod preview;
 pub mod reader;
 pub mod records;
 pub mod repo;
 pub mod rev;
 
+pub use cache::{
+    Cache, CacheConfig, CacheEntry, CacheSize, CopyReport, FolderMismatch, FolderReport,
+    GetLocalOptions, LocalCopy, Pin, PruneOptions, PruneReport,
+};
 pub use error::{Error, Result};
 pub use events::{Event, EventKind};
 pub use preview::{ColumnStats, FilePreview};

@@ -82,6 +82,18 @@ pub struct DatasetVersion {
     pub metadata: BTreeMap<String, serde_json::Value>,
 }
 
+impl DatasetVersion {
+    /// `project/name@version (short id)`, for messages.
+    pub fn label(&self) -> String {
+        format!(
+            "{}@{} ({})",
+            self.dataset.full_name(),
+            self.version,
+            &self.id.to_hex()[..12]
+        )
+    }
+}
+
 /// A writable draft of a dataset.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DraftHandle {

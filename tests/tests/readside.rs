@@ -1,0 +1,651 @@
+//! End-to-end tests of the read side: read-only cached copies (`get`),
+//! mutable copies (`copy`), `verify --folder`, the byte-bounded cache, gc of
+//! deleted versions' copies, and a real read-only FUSE mount.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use dsv_tests::{
+    dsv_bin, is_root, occupancy_dir, open_to_everyone, run_unprivileged, stderr, Sandbox,
+};
+use serde_json::Value;
+
+const OCC: [&str; 3] = ["datatraining.txt", "datatest.txt", "datatest2.txt"];
+
+/// A sandbox whose `data/` folder holds the occupancy files, synced as
+/// `uci/occupancy`; returns the version id.
+fn occupancy_repo() -> (Sandbox, String) {
+    let s = Sandbox::new();
+    std::fs::create_dir_all(s.path("data")).unwrap();
+    for f in OCC {
+        std::fs::copy(occupancy_dir().join(f), s.path("data").join(f)).unwrap();
+    }
+    let v = s.json(&["dataset", "sync", "uci/occupancy", "data"]);
+    (s, v["id"].as_str().unwrap().to_string())
+}
+
+fn files_equal(a: &Path, b: &Path) {
+    for f in OCC {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+/// Deterministic pseudo-random bytes (distinct per seed, incompressible).
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn names(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn get_returns_a_read_only_copy_that_verify_checks() {
+    let (s, id) = occupancy_repo();
+    if is_root() {
+        // Permission bits do not bind root: run the reads as nobody.
+        open_to_everyone(s.dir.path());
+    }
+    let dsv = dsv_bin();
+    let dsv = dsv.to_str().unwrap();
+    let repo = s.repo();
+    let repo = repo.to_str().unwrap();
+    let get = |args: &[&str]| -> Value {
+        let mut all = vec!["--repo", repo, "--json", "dataset", "get"];
+        all.extend_from_slice(args);
+        let out = run_unprivileged(dsv, &all);
+        assert!(out.status.success(), "get failed: {}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let first = get(&["uci/occupancy"]);
+    assert_eq!(first["id"], id.as_str());
+    assert_eq!(first["cached"], false);
+    assert_eq!(first["materialized_files"], 3);
+    let path = PathBuf::from(first["path"].as_str().unwrap());
+    files_equal(&occupancy_dir(), &path);
+
+    // A second get is a lookup.
+    let again = get(&[&id[..10]]);
+    assert_eq!(again["path"], first["path"]);
+    assert_eq!(again["cached"], true);
+    assert_eq!(again["materialized_files"], 0);
+
+    // Read-only: neither editing a file nor adding one works.
+    let target = path.join("datatest.txt");
+    let t = target.to_str().unwrap();
+    let out = run_unprivileged("sh", &["-c", &format!("echo x >> '{t}'")]);
+    assert!(!out.status.success(), "appending to a cached file worked");
+    let new = path.join("new.txt");
+    let out = run_unprivileged("sh", &["-c", &format!("echo x > '{}'", new.display())]);
+    assert!(
+        !out.status.success(),
+        "creating a file in a cached copy worked"
+    );
+    assert!(!new.exists());
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().permissions().mode() & 0o222,
+        0
+    );
+
+    // The copy and the original folder match the version.
+    let ok = s.json(&[
+        "dataset",
+        "verify",
+        "uci/occupancy",
+        "--folder",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(ok["ok"], true);
+    assert_eq!(ok["files"], 3);
+    let ok = s.json(&[
+        "dataset",
+        "verify",
+        "uci/occupancy",
+        "--folder",
+        "data",
+        "--full",
+    ]);
+    assert_eq!(ok["ok"], true);
+    assert_eq!(ok["hashed"], 3);
+
+    // Someone makes it writable again and edits a byte in place (same size).
+    let out = run_unprivileged(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "chmod u+w '{t}' && printf 9 | dd of='{t}' bs=1 seek=1000 conv=notrunc 2>/dev/null"
+            ),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "chmod + edit failed: {}",
+        stderr(&out)
+    );
+    let out = s.dsv(&[
+        "--json",
+        "dataset",
+        "verify",
+        "uci/occupancy",
+        "--folder",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["ok"], false);
+    let m = r["mismatches"].as_array().unwrap();
+    assert_eq!(m.len(), 1, "{r}");
+    assert_eq!(m[0]["path"], "datatest.txt");
+    assert_eq!(m[0]["kind"], "content");
+    assert!(stderr(&out).contains("datatest.txt") || stderr(&out).contains("differs"));
+
+    // A fresh get of another version sharing that file never links the
+    // tampered bytes: the content file lost its seal.
+    let after = s.json(&[
+        "dataset",
+        "get",
+        "uci/occupancy",
+        "--include",
+        "datatest.txt",
+    ]);
+    let fresh = PathBuf::from(after["path"].as_str().unwrap()).join("datatest.txt");
+    assert_eq!(
+        std::fs::read(&fresh).unwrap(),
+        std::fs::read(occupancy_dir().join("datatest.txt")).unwrap()
+    );
+}
+
+#[test]
+fn verify_folder_lists_every_kind_of_difference() {
+    let (s, _) = occupancy_repo();
+    let copy = s.path("copy");
+    s.json(&["dataset", "copy", "uci/occupancy", copy.to_str().unwrap()]);
+    std::fs::remove_file(copy.join("datatest.txt")).unwrap();
+    std::fs::write(copy.join("extra.csv"), "a,b\n").unwrap();
+    let f = copy.join("datatest2.txt");
+    let mut body = std::fs::read(&f).unwrap();
+    body.push(b'\n');
+    std::fs::write(&f, body).unwrap();
+    let out = s.dsv(&[
+        "--json",
+        "dataset",
+        "verify",
+        "uci/occupancy",
+        "--folder",
+        "copy",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got: BTreeSet<(String, String)> = r["mismatches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["path"].as_str().unwrap().to_string(),
+                m["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want: BTreeSet<(String, String)> = [
+        ("datatest.txt", "missing"),
+        ("datatest2.txt", "size"),
+        ("extra.csv", "extra"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_version_sharing_files_materializes_only_what_is_new() {
+    let (s, v1) = occupancy_repo();
+    let a = s.json(&["dataset", "get", &v1]);
+    let extra = "Occupancy\n1\n0\n";
+    std::fs::write(s.path("data/labels-extra.csv"), extra).unwrap();
+    let v2 = s.json(&["dataset", "sync", "uci/occupancy", "data"]);
+    let b = s.json(&["dataset", "get", v2["id"].as_str().unwrap()]);
+    assert_eq!(b["cached"], false);
+    assert_eq!(b["materialized_files"], 1, "{b}");
+    assert_eq!(b["files"], 4);
+    // Shared files are the same inode in both copies.
+    let pa = PathBuf::from(a["path"].as_str().unwrap());
+    let pb = PathBuf::from(b["path"].as_str().unwrap());
+    for f in OCC {
+        assert_eq!(
+            std::fs::metadata(pa.join(f)).unwrap().ino(),
+            std::fs::metadata(pb.join(f)).unwrap().ino(),
+            "{f} is stored twice in the cache"
+        );
+    }
+    let size = s.json(&["cache", "size"]);
+    let orig: u64 = OCC
+        .iter()
+        .map(|f| std::fs::metadata(occupancy_dir().join(f)).unwrap().len())
+        .sum();
+    assert_eq!(size["bytes"].as_u64().unwrap(), orig + extra.len() as u64);
+    assert_eq!(size["entries"], 2);
+}
+
+#[test]
+fn concurrent_gets_of_one_version_agree() {
+    let (s, id) = occupancy_repo();
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            s.cmd(&["--json", "dataset", "get", &id])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut paths = BTreeSet::new();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        paths.insert(v["path"].as_str().unwrap().to_string());
+    }
+    assert_eq!(paths.len(), 1);
+    let p = PathBuf::from(paths.into_iter().next().unwrap());
+    files_equal(&occupancy_dir(), &p);
+    // No half-built folders or stray temporary files are left behind.
+    let list = s.json(&["cache", "list"]);
+    assert_eq!(names(&list).len(), 1);
+    let leftovers: Vec<_> = std::fs::read_dir(s.repo().join(".dsv/cache/versions"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn copy_is_mutable_and_guards_its_target() {
+    let (s, _) = occupancy_repo();
+    s.json(&["dataset", "get", "uci/occupancy"]);
+    let t = s.path("work");
+    let r = s.json(&["dataset", "copy", "uci/occupancy", "work"]);
+    assert_eq!(r["files"], 3);
+    files_equal(&occupancy_dir(), &t);
+    for f in OCC {
+        let m = std::fs::metadata(t.join(f)).unwrap();
+        assert_eq!(m.nlink(), 1, "{f} is hard-linked into the cache");
+        assert_ne!(m.permissions().mode() & 0o200, 0, "{f} is not writable");
+    }
+    std::fs::write(t.join("datatest.txt"), "edited").unwrap();
+    // The cache is untouched by the edit.
+    let cached = s.json(&["dataset", "get", "uci/occupancy"]);
+    let cp = PathBuf::from(cached["path"].as_str().unwrap());
+    files_equal(&occupancy_dir(), &cp);
+
+    // A non-empty target is refused and left as it was.
+    let out = s.dsv(&["dataset", "copy", "uci/occupancy", "work"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("work"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--overwrite"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(t.join("datatest.txt")).unwrap(), b"edited");
+    s.json(&["dataset", "copy", "uci/occupancy", "work", "--overwrite"]);
+    files_equal(&occupancy_dir(), &t);
+
+    // Partial copies and partial gets.
+    let r = s.json(&[
+        "dataset",
+        "copy",
+        "uci/occupancy",
+        "part",
+        "--include",
+        "datatest*",
+    ]);
+    assert_eq!(r["files"], 2);
+    assert!(!s.path("part/datatraining.txt").exists());
+    let g = s.json(&[
+        "dataset",
+        "get",
+        "uci/occupancy",
+        "--include",
+        "datatraining.txt",
+    ]);
+    assert_eq!(g["files"], 1);
+    let gp = PathBuf::from(g["path"].as_str().unwrap());
+    let listed: Vec<_> = std::fs::read_dir(&gp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(listed, vec![std::ffi::OsString::from("datatraining.txt")]);
+    let out = s.dsv(&["dataset", "get", "uci/occupancy", "--include", "nothing*"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+/// Four datasets of 3 MB each, distinct content.
+fn four_versions(s: &Sandbox) -> Vec<String> {
+    (0..4)
+        .map(|i| {
+            let dir = s.path(&format!("v{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("blob.bin"), noise(i + 1, 3_000_000)).unwrap();
+            let v = s.json(&["dataset", "sync", &format!("p/d{i}"), dir.to_str().unwrap()]);
+            v["id"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn the_cache_budget_evicts_least_recently_used_copies() {
+    let s = Sandbox::new();
+    let ids = four_versions(&s);
+    s.json(&["cache", "budget", "10MB"]);
+    for id in &ids[..3] {
+        let g = s.json(&["dataset", "get", id]);
+        assert_eq!(g["evicted"].as_array().unwrap().len(), 0);
+    }
+    // Use the first again; the second is now the least recently used.
+    s.json(&["dataset", "get", &ids[0]]);
+    let g = s.json(&["dataset", "get", &ids[3]]);
+    assert_eq!(g["evicted"], serde_json::json!([ids[1]]), "{g}");
+    let kept: BTreeSet<String> = names(&s.json(&["cache", "list"])).into_iter().collect();
+    let want: BTreeSet<String> = [&ids[0], &ids[2], &ids[3]]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(kept, want);
+    assert!(s.json(&["cache", "size"])["bytes"].as_u64().unwrap() <= 10_000_000);
+
+    // An explicit prune to 4 MB keeps only the most recent copy.
+    let r = s.json(&["cache", "prune", "--max-bytes", "4MB"]);
+    assert!(r["bytes_after"].as_u64().unwrap() <= 4_000_000, "{r}");
+    assert_eq!(names(&s.json(&["cache", "list"])), vec![ids[3].clone()]);
+
+    // A budget below one file: a clear error and nothing changed.
+    s.json(&["cache", "budget", "3.5MB"]);
+    let before = s.json(&["cache", "list"]);
+    s.json(&["cache", "budget", "1MB"]);
+    let after_budget = s.json(&["cache", "list"]);
+    assert!(
+        names(&after_budget).is_empty(),
+        "lowering the budget prunes"
+    );
+    s.json(&["cache", "budget", "1MB"]);
+    let out = s.dsv(&["dataset", "get", &ids[0]]);
+    assert_eq!(out.status.code(), Some(1));
+    let e = stderr(&out);
+    assert!(e.contains("blob.bin") && e.contains("budget"), "{e}");
+    assert!(names(&s.json(&["cache", "list"])).is_empty());
+    assert_eq!(names(&before).len(), 1);
+    let size = s.json(&["cache", "size"]);
+    assert_eq!(size["bytes"], 0);
+    assert_eq!(size["max_bytes"], 1_000_000);
+}
+
+#[test]
+fn a_copy_in_use_is_not_evicted_and_gc_frees_deleted_versions() {
+    let s = Sandbox::new();
+    let ids = four_versions(&s);
+    let g0 = s.json(&["dataset", "get", &ids[0]]);
+    s.json(&["dataset", "get", &ids[1]]);
+    // Hold a pin on the first copy as a running task would (shared flock).
+    let pin = s.repo().join(format!(".dsv/cache/meta/{}.pin", ids[0]));
+    // `cat` runs until its stdin closes; --close keeps the lock in flock itself.
+    let holder = Command::new("flock")
+        .args(["--shared", "--close", pin.to_str().unwrap(), "cat"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // flock creates the pin file at once; wait until it holds the lock.
+    let mut pinned = false;
+    for _ in 0..200 {
+        let l = s.json(&["cache", "list"]);
+        if l.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == ids[0].as_str() && e["pinned"] == true)
+        {
+            pinned = true;
+            break;
+        }
+        std::thread::yield_now();
+    }
+    let mut holder = holder;
+    assert!(pinned, "the pin was never seen");
+    let r = s.json(&["cache", "prune", "--max-bytes", "0"]);
+    assert_eq!(r["pinned"], serde_json::json!([ids[0]]));
+    assert_eq!(r["removed"], serde_json::json!([ids[1]]));
+    assert!(Path::new(g0["path"].as_str().unwrap())
+        .join("blob.bin")
+        .is_file());
+    drop(holder.stdin.take());
+    assert!(holder.wait().unwrap().success());
+
+    // Delete a version; gc frees its chunks and its cached copy.
+    s.json(&["dataset", "get", &ids[2]]);
+    let stats_before = s.json(&["stats"]);
+    s.json(&["dataset", "delete", &ids[2]]);
+    let gc = s.json(&["gc"]);
+    assert!(gc["bytes_freed"].as_u64().unwrap() >= 3_000_000, "{gc}");
+    assert_eq!(gc["cache_entries_removed"], 1, "{gc}");
+    assert!(
+        gc["cache_bytes_freed"].as_u64().unwrap() >= 3_000_000,
+        "{gc}"
+    );
+    let stats_after = s.json(&["stats"]);
+    assert!(
+        stats_after["stored_bytes"].as_u64().unwrap()
+            < stats_before["stored_bytes"].as_u64().unwrap()
+    );
+    let left = names(&s.json(&["cache", "list"]));
+    assert!(!left.contains(&ids[2]));
+    assert!(left.contains(&ids[0]));
+}
+
+fn mounted(path: &Path) -> bool {
+    let canon = path.canonicalize().unwrap_or(path.to_path_buf());
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(canon.to_str().unwrap()))
+}
+
+/// Starts `dsv dataset mount`; returns once the mount is serving.
+fn start_mount(s: &Sandbox, rev: &str, at: &Path) -> std::process::Child {
+    std::fs::create_dir_all(at).unwrap();
+    let mut child = s
+        .cmd(&["--json", "dataset", "mount", rev, at.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The JSON document is printed once the file system is mounted.
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut text = String::new();
+    loop {
+        let mut line = String::new();
+        let n = out.read_line(&mut line).unwrap();
+        if n == 0 {
+            let o = child.wait_with_output().unwrap();
+            panic!("mount exited early: {}", stderr(&o));
+        }
+        text.push_str(&line);
+        if line.starts_with('}') {
+            break;
+        }
+    }
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["pid"], child.id());
+    assert!(mounted(at), "{} is not mounted", at.display());
+    child
+}
+
+fn stop_mount(child: std::process::Child, at: &Path) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "mount exited with {:?}: {}",
+        out.status,
+        stderr(&out)
+    );
+    assert!(
+        !mounted(at),
+        "{} is still mounted after SIGTERM",
+        at.display()
+    );
+}
+
+#[test]
+fn mount_serves_versions_read_only() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "FUSE is missing: scripts/setup installs fuse3; the mount tests need /dev/fuse"
+    );
+    let (s, v1) = occupancy_repo();
+    std::fs::create_dir_all(s.path("data/notes")).unwrap();
+    std::fs::write(s.path("data/notes/readme.md"), "rooms 1-3\n").unwrap();
+    let v2 = s.json(&["dataset", "sync", "uci/occupancy", "data"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let copy = s.path("copy");
+    s.json(&["dataset", "copy", &v2, "copy"]);
+
+    let m1 = s.path("m1");
+    let m2 = s.path("m2");
+    let c1 = start_mount(&s, &v1, &m1);
+    let c2 = start_mount(&s, &v2, &m2);
+
+    // The whole tree equals a mutable copy.
+    let d = Command::new("diff")
+        .arg("-r")
+        .arg(&m2)
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        d.status.success(),
+        "diff -r: {}",
+        String::from_utf8_lossy(&d.stdout)
+    );
+    assert!(
+        !m1.join("notes").exists(),
+        "the first version has no notes/"
+    );
+
+    // Random-offset reads against the original file.
+    let orig = std::fs::read(occupancy_dir().join("datatest2.txt")).unwrap();
+    let f = std::fs::File::open(m1.join("datatest2.txt")).unwrap();
+    let mut x: u64 = 12345;
+    for _ in 0..3000 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let off = (x >> 33) as usize % orig.len();
+        let len = 1 + (x >> 20) as usize % 9000;
+        let mut buf = vec![0u8; len];
+        let n = f.read_at(&mut buf, off as u64).unwrap();
+        let end = (off + len).min(orig.len());
+        assert_eq!(&buf[..n], &orig[off..end], "read at {off}+{len}");
+    }
+    drop(f);
+
+    // Concurrent readers.
+    std::thread::scope(|sc| {
+        for t in 0..6 {
+            let m = if t % 2 == 0 { &m1 } else { &m2 };
+            sc.spawn(move || {
+                for f in OCC {
+                    let a = std::fs::read(m.join(f)).unwrap();
+                    let b = std::fs::read(occupancy_dir().join(f)).unwrap();
+                    assert_eq!(a, b, "{f} through {}", m.display());
+                }
+            });
+        }
+    });
+
+    // Writes fail with EROFS.
+    let e = std::fs::OpenOptions::new()
+        .append(true)
+        .open(m1.join("datatest.txt"))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(30), "{e}");
+    let e = std::fs::write(m1.join("new.txt"), "x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(30), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(m2.join("notes/readme.md")).unwrap(),
+        "rooms 1-3\n"
+    );
+
+    stop_mount(c1, &m1);
+    stop_mount(c2, &m2);
+}
+
+#[test]
+fn bad_read_side_input_is_refused_cleanly() {
+    let (s, _) = occupancy_repo();
+    // Mount onto a non-empty folder, then onto a missing one.
+    std::fs::create_dir_all(s.path("full")).unwrap();
+    std::fs::write(s.path("full/keep.txt"), "mine").unwrap();
+    let out = s.dsv(&["dataset", "mount", "uci/occupancy", "full"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not empty") && stderr(&out).contains("full"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(s.path("full/keep.txt")).unwrap(),
+        "mine"
+    );
+    let out = s.dsv(&["dataset", "mount", "uci/occupancy", "missing"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("missing"), "{}", stderr(&out));
+    assert!(!s.path("missing").exists());
+    // Unknown revisions.
+    for args in [
+        vec!["dataset", "get", "uci/nope"],
+        vec!["dataset", "get", "uci/occupancy@9.9.9"],
+        vec!["dataset", "copy", "uci/nope", "x"],
+        vec!["dataset", "mount", "uci/nope", "full"],
+        vec!["cache", "prune", "--version", "uci/nope"],
+    ] {
+        let out = s.dsv(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("nope") || stderr(&out).contains("9.9.9"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert!(!s.path("x").exists());
+    // Bad sizes.
+    let out = s.dsv(&["cache", "budget", "lots"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("lots"));
+    assert!(s.json(&["cache", "list"]).as_array().unwrap().is_empty());
+}
