@@ -11,6 +11,7 @@ mod plumbing;
 mod readside;
 mod repo;
 mod repo_cmds;
+mod tasks;
 mod watch;
 
 use std::path::PathBuf;
@@ -53,6 +54,14 @@ enum Command {
     /// Datasets: create, add, sync, watch, show, list, diff, tag …
     #[command(subcommand)]
     Dataset(dataset::DatasetCmd),
+    /// Tasks: create, clone, enqueue, run, abort, show, list, logs.
+    #[command(subcommand)]
+    Task(tasks::TaskCmd),
+    /// Run queued tasks until interrupted (--once: until the queues are empty).
+    Agent(tasks::AgentArgs),
+    /// Models: list, show, tag, predict.
+    #[command(subcommand)]
+    Model(tasks::ModelCmd),
     /// The cache of read-only copies: list, size, prune, budget.
     #[command(subcommand)]
     Cache(readside::CacheCmd),
@@ -83,6 +92,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Snapshot(_) => "snapshot",
         Command::Dataset(_) => "dataset",
         Command::Cache(_) => "cache",
+        Command::Task(_) => "task",
+        Command::Agent(_) => "agent",
+        Command::Model(_) => "model",
     };
     let ctx = Ctx {
         repo: cli.repo.clone(),
@@ -99,6 +111,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Snapshot(a) => plumbing::snapshot(&ctx, a),
         Command::Dataset(c) => dataset::run(&ctx, c),
         Command::Cache(c) => readside::cache(&ctx, c),
+        Command::Task(c) => tasks::task(&ctx, c),
+        Command::Agent(a) => tasks::agent(&ctx, a),
+        Command::Model(c) => tasks::model(&ctx, c),
     }
 }
 

@@ -28,6 +28,12 @@ pub enum EventKind {
     VersionMetadata,
     /// A version was deleted.
     VersionDeleted,
+    /// A task changed status (`extra.task`, `extra.status`; project/name are the task's).
+    TaskStatus,
+    /// A model was stored (`extra.model`, `extra.task`).
+    ModelCreated,
+    /// A model's tags changed (`extra.model`; `tags`, `tags_added`, `tags_removed`).
+    ModelTagged,
 }
 
 /// One event.

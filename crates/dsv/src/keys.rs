@@ -13,6 +13,11 @@
 //! | `dr/` · draft id [32] | [`DraftInfo`](crate::records::DraftInfo) |
 //! | `ev/` · sequence u64 BE | [`Event`](crate::events::Event) |
 //! | `sq/events` | last event sequence, u64 LE |
+//! | `tk/` · task id (32 hex) | [`Task`](crate::task::Task) |
+//! | `tq/` · queue · 0x00 · queued ms u64 BE · task id | empty: the queue, oldest first |
+//! | `tl/` · task id · chunk u32 BE | console log text (UTF-8), in order |
+//! | `md/` · model id (32 hex) | [`Model`](crate::task::Model) |
+//! | `mb/` · model id (32 hex) | the serialized model (the trainer's JSON) |
 
 use dsv_store::{DraftId, VersionId};
 
@@ -34,6 +39,17 @@ pub const DRAFT: &[u8] = b"dr/";
 pub const EVENT: &[u8] = b"ev/";
 /// The event sequence counter.
 pub const EVENT_SEQ: &[u8] = b"sq/events";
+
+/// Prefix of tasks.
+pub const TASK: &[u8] = b"tk/";
+/// Prefix of queues.
+pub const QUEUE: &[u8] = b"tq/";
+/// Prefix of task logs.
+pub const TASK_LOG: &[u8] = b"tl/";
+/// Prefix of model records.
+pub const MODEL: &[u8] = b"md/";
+/// Prefix of model bodies.
+pub const MODEL_BODY: &[u8] = b"mb/";
 
 fn cat(parts: &[&[u8]]) -> Vec<u8> {
     parts.concat()

@@ -32,6 +32,7 @@ pub mod reader;
 pub mod records;
 pub mod repo;
 pub mod rev;
+pub mod task;
 
 pub use cache::{
     Cache, CacheConfig, CacheEntry, CacheSize, CopyReport, FolderMismatch, FolderReport,
@@ -47,5 +48,6 @@ pub use repo::{
     GetQuery, Got, PathPattern, Repo, SyncOptions, SyncOutcome, VerifyMismatch,
 };
 pub use rev::RevSpec;
+pub use task::{AgentInfo, Finish, Model, Task, TaskStatus};
 
 pub use dsv_store;

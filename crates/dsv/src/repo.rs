@@ -564,7 +564,7 @@ impl Repo {
     }
 
     /// One atomic write whose closure may fail with porcelain errors.
-    fn write<T>(&self, f: impl FnOnce(&dyn KvRead) -> Result<(Batch, T)>) -> Result<T> {
+    pub(crate) fn write<T>(&self, f: impl FnOnce(&dyn KvRead) -> Result<(Batch, T)>) -> Result<T> {
         let mut parked = Parked::default();
         let r = self.store.write(|kv| f(kv).map_err(|e| parked.park(e)));
         r.map_err(|e| parked.unpark(e))
