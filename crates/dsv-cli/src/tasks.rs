@@ -494,8 +494,7 @@ fn execute(repo: &Repo, t: &Task, stop: &Arc<AtomicBool>) -> Result<Task, CliErr
     };
     finished.store(true, Ordering::Release);
     let _ = hb.join();
-    if abort.load(Ordering::Acquire) && finish.status != Some(TaskStatus::Failed) {
-        finish.status = Some(TaskStatus::Aborted);
+    if finish.status == Some(TaskStatus::Aborted) {
         finish.error.get_or_insert_with(|| {
             if stop.load(Ordering::Acquire) {
                 "the agent was stopped (SIGTERM/SIGINT)".into()
@@ -718,6 +717,7 @@ fn run_command(repo: &Repo, t: &Task, log: &LogBuf, abort: &Arc<AtomicBool>) -> 
         }
     }
     let (st, error) = match status {
+        _ if abort.load(Ordering::Acquire) => (TaskStatus::Aborted, None),
         Ok(s) if s.success() => (TaskStatus::Completed, None),
         Ok(s) => (
             TaskStatus::Failed,

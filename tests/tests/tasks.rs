@@ -1,0 +1,464 @@
+//! End-to-end tests of tasks, agents and models on the occupancy data:
+//! clones on other versions, two agents sharing a queue, a command task, a
+//! killed agent, SIGTERM, and bad input.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use dsv_tests::{occupancy_dir, stderr, Sandbox};
+use serde_json::Value;
+
+const FEATURES: &str = "General/features=Temperature,Humidity,Light,CO2,HumidityRatio";
+
+/// One dataset per occupancy file: occ/train, occ/test1, occ/test2.
+fn occupancy() -> Sandbox {
+    let s = Sandbox::new();
+    for (name, file) in [
+        ("train", "datatraining.txt"),
+        ("test1", "datatest.txt"),
+        ("test2", "datatest2.txt"),
+    ] {
+        let d = s.path(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(occupancy_dir().join(file), d.join(file)).unwrap();
+        s.json(&[
+            "dataset",
+            "sync",
+            &format!("occ/{name}"),
+            d.to_str().unwrap(),
+        ]);
+    }
+    s
+}
+
+fn create(s: &Sandbox, extra: &[&str]) -> String {
+    let mut args = vec![
+        "task",
+        "create",
+        "occ/train",
+        "--set",
+        "General/label=Occupancy",
+        "--set",
+        FEATURES,
+    ];
+    args.extend_from_slice(extra);
+    s.json(&args)["id"].as_str().unwrap().to_string()
+}
+
+fn show(s: &Sandbox, id: &str) -> Value {
+    s.json(&["task", "show", id])
+}
+
+#[test]
+fn clones_train_on_other_versions_and_produce_models() {
+    let s = occupancy();
+    let t = create(
+        &s,
+        &[
+            "--trainer",
+            "logistic",
+            "--set",
+            "General/dataset_id=occ/train",
+            "--set",
+            "General/test_dataset_id=occ/test1",
+        ],
+    );
+    let out = s.dsv(&["task", "run", &t]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let a = show(&s, &t);
+    assert_eq!(a["status"], "completed");
+    assert!(
+        a["metrics"]["test/accuracy"].as_f64().unwrap() >= 0.97,
+        "{a}"
+    );
+    assert_eq!(a["models"].as_array().unwrap().len(), 1);
+    assert!(a["started"].is_string() && a["finished"].is_string());
+
+    // Clone onto another evaluation version with a tree.
+    let c = s.json(&[
+        "task",
+        "clone",
+        &t,
+        "--set",
+        "General/test_dataset_id=occ/test2",
+        "--set",
+        "General/model=tree",
+        "--set",
+        "Model/max_depth=3",
+    ])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let d = show(&s, &c);
+    assert_eq!(d["status"], "draft");
+    assert_eq!(d["parent"], t.as_str());
+    s.json(&["task", "enqueue", &c, "--queue", "train"]);
+    assert_eq!(show(&s, &c)["status"], "queued");
+    s.json(&["agent", "--queue", "train", "--once"]);
+    let b = show(&s, &c);
+    assert_eq!(b["status"], "completed", "{b}");
+    assert!(
+        b["metrics"]["test/accuracy"].as_f64().unwrap() >= 0.99,
+        "{b}"
+    );
+    assert_eq!(a["inputs"][0], b["inputs"][0], "same training version");
+    assert_ne!(
+        a["inputs"][1], b["inputs"][1],
+        "different evaluation versions"
+    );
+    assert_ne!(a["metrics"], b["metrics"]);
+
+    // A finished task is immutable: it cannot be queued again.
+    let out = s.dsv(&["task", "enqueue", &t]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("clone"), "{}", stderr(&out));
+
+    // Models: lineage, tags, prediction.
+    let model = b["models"][0].as_str().unwrap();
+    let m = s.json(&["model", "show", model]);
+    assert_eq!(m["task"], c.as_str());
+    assert_eq!(m["datasets"], b["inputs"]);
+    assert_eq!(m["features"].as_array().unwrap().len(), 5);
+    s.json(&["model", "tag", model, "--add", "production"]);
+    let tagged = s.json(&["model", "list", "--tag", "production"]);
+    assert_eq!(tagged.as_array().unwrap().len(), 1);
+    let pred = s.dsv(&[
+        "model",
+        "predict",
+        "occ/train@production",
+        occupancy_dir().join("datatest2.txt").to_str().unwrap(),
+    ]);
+    assert!(pred.status.success(), "{}", stderr(&pred));
+    let text = String::from_utf8(pred.stdout).unwrap();
+    let truth: Vec<String> = std::fs::read_to_string(occupancy_dir().join("datatest2.txt"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.rsplit(',').next().unwrap().to_string())
+        .collect();
+    let rows: Vec<&str> = text.lines().skip(1).collect();
+    assert_eq!(rows.len(), truth.len());
+    let correct = rows
+        .iter()
+        .zip(&truth)
+        .filter(|(r, t)| {
+            r.split(',').nth(1).unwrap().parse::<f64>().unwrap() == t.parse::<f64>().unwrap()
+        })
+        .count();
+    let acc = correct as f64 / truth.len() as f64;
+    let reported = b["metrics"]["test/accuracy"].as_f64().unwrap();
+    assert!(
+        (acc - reported).abs() < 1e-9,
+        "predict {acc} vs evaluation {reported}"
+    );
+    // The log tells what happened.
+    let log = String::from_utf8(s.dsv(&["task", "logs", &c]).stdout).unwrap();
+    assert!(
+        log.contains("fitting tree") && log.contains("completed"),
+        "{log}"
+    );
+}
+
+#[test]
+fn two_agents_run_each_task_exactly_once() {
+    let s = occupancy();
+    let base = create(
+        &s,
+        &[
+            "--trainer",
+            "naive_bayes",
+            "--set",
+            "General/dataset_id=occ/test1",
+            "--set",
+            "General/test_fraction=0.3",
+        ],
+    );
+    let mut ids = BTreeSet::new();
+    for i in 0..6 {
+        let c = s.json(&[
+            "task",
+            "clone",
+            &base,
+            "--set",
+            &format!("General/seed={i}"),
+        ])["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        s.json(&["task", "enqueue", &c, "--queue", "shared"]);
+        ids.insert(c);
+    }
+    let agents: Vec<_> = (0..2)
+        .map(|i| {
+            s.cmd(&[
+                "--json",
+                "agent",
+                "--queue",
+                "shared",
+                "--once",
+                "--name",
+                &format!("a{i}"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let mut ran = Vec::new();
+    for a in agents {
+        let out = a.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        for r in v["ran"].as_array().unwrap() {
+            ran.push(r.as_str().unwrap().to_string());
+        }
+    }
+    ran.sort();
+    let mut want: Vec<String> = ids.iter().cloned().collect();
+    want.sort();
+    assert_eq!(ran, want, "every task exactly once");
+    for id in &ids {
+        let t = show(&s, id);
+        assert_eq!(t["status"], "completed", "{t}");
+    }
+}
+
+#[test]
+fn a_command_task_gets_data_and_parameters_and_reports_back() {
+    let s = occupancy();
+    let script = s.path("train.sh");
+    std::fs::write(
+        &script,
+        r#"set -e
+test -f "$DSV_DATASET_PATH/datatest.txt"
+if echo x > "$DSV_DATASET_PATH/new.txt" 2>/dev/null; then echo "dataset is writable"; fi
+rows=$(($(wc -l < "$DSV_DATASET_PATH/datatest.txt") - 1))
+grep -q '"Model/depth": "4"' "$DSV_PARAMS"
+echo "depth from env: $DSV_PARAM_MODEL_DEPTH"
+echo "{\"name\": \"rows\", \"value\": $rows}" >> "$DSV_METRICS"
+echo "{\"name\": \"loss\", \"value\": 0.5, \"step\": 1}" >> "$DSV_METRICS"
+echo "{\"name\": \"loss\", \"value\": 0.25, \"step\": 2}" >> "$DSV_METRICS"
+echo "model weights" > "$DSV_OUTPUT_DIR/weights.txt"
+echo done
+"#,
+    )
+    .unwrap();
+    let t = s.json(&[
+        "task",
+        "create",
+        "occ/custom",
+        "--command",
+        &format!("sh {}", script.display()),
+        "--set",
+        "General/dataset_id=occ/test1",
+        "--set",
+        "Model/depth=4",
+    ])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = s.dsv(&["task", "run", &t]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = show(&s, &t);
+    assert_eq!(v["status"], "completed", "{v}");
+    assert_eq!(v["metrics"]["rows"], 2665.0);
+    assert_eq!(v["metrics"]["loss"], 0.25);
+    assert_eq!(
+        v["scalars"]["loss"],
+        serde_json::json!([[1, 0.5], [2, 0.25]])
+    );
+    assert_eq!(v["artifact_files"], serde_json::json!(["weights.txt"]));
+    let art = v["artifacts"].as_str().unwrap();
+    let cat = s.dsv(&["dataset", "cat", art, "weights.txt"]);
+    assert_eq!(String::from_utf8(cat.stdout).unwrap(), "model weights\n");
+    let log = String::from_utf8(s.dsv(&["task", "logs", &t]).stdout).unwrap();
+    assert!(
+        log.contains("depth from env: 4") && log.contains("done"),
+        "{log}"
+    );
+    if !dsv_tests::is_root() {
+        assert!(!log.contains("dataset is writable"), "{log}");
+    }
+    // A failing command fails the task with its exit code.
+    let f = s.json(&[
+        "task",
+        "create",
+        "occ/bad",
+        "--command",
+        "echo oops >&2; exit 3",
+    ])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = s.dsv(&["task", "run", &f]);
+    assert_eq!(out.status.code(), Some(1));
+    let v = show(&s, &f);
+    assert_eq!(v["status"], "failed");
+    assert!(v["error"].as_str().unwrap().contains("code 3"), "{v}");
+    assert!(String::from_utf8(s.dsv(&["task", "logs", &f]).stdout)
+        .unwrap()
+        .contains("oops"));
+}
+
+fn wait_for(path: &Path) {
+    // Poll the file system for the marker the task writes; bounded.
+    for _ in 0..20_000 {
+        if path.exists() {
+            return;
+        }
+        std::thread::yield_now();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    panic!("{} never appeared", path.display());
+}
+
+#[test]
+fn a_killed_agent_never_leaves_its_task_running() {
+    let s = occupancy();
+    let started = s.path("started");
+    let release = s.path("release");
+    let cmd = format!(
+        "touch {}; while [ ! -f {} ]; do sleep 0.05; done",
+        started.display(),
+        release.display()
+    );
+    let t = s.json(&["task", "create", "occ/slow", "--command", &cmd])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.json(&["task", "enqueue", &t]);
+    let mut agent = s
+        .cmd(&["agent"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&started);
+    assert_eq!(show(&s, &t)["status"], "running");
+    agent.kill().unwrap(); // SIGKILL
+    agent.wait().unwrap();
+    std::fs::write(&release, "").unwrap(); // let the orphaned command end
+    s.json(&["agent", "--once"]);
+    let v = show(&s, &t);
+    assert_eq!(v["status"], "failed", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("died"), "{v}");
+
+    // SIGTERM: the current command is stopped and the task marked aborted.
+    let started2 = s.path("started2");
+    let cmd = format!(
+        "touch {}; while true; do sleep 0.05; done",
+        started2.display()
+    );
+    let t2 = s.json(&["task", "create", "occ/forever", "--command", &cmd])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.json(&["task", "enqueue", &t2]);
+    let agent = s
+        .cmd(&["agent"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&started2);
+    assert!(Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let out = agent.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = show(&s, &t2);
+    assert_eq!(v["status"], "aborted", "{v}");
+
+    // Abort of a queued task removes it from its queue.
+    let q = s.json(&["task", "create", "occ/never", "--command", "true"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.json(&["task", "enqueue", &q]);
+    s.json(&["task", "abort", &q]);
+    let r = s.json(&["agent", "--once"]);
+    assert!(r["ran"].as_array().unwrap().is_empty());
+    assert_eq!(show(&s, &q)["status"], "aborted");
+}
+
+#[test]
+fn bad_training_input_fails_the_task_with_the_cause() {
+    let s = occupancy();
+    // An empty dataset (only a non-tabular file).
+    std::fs::create_dir_all(s.path("empty")).unwrap();
+    std::fs::write(s.path("empty/notes.md"), "nothing").unwrap();
+    s.json(&["dataset", "sync", "occ/empty", "empty"]);
+    // A non-numeric cell.
+    std::fs::create_dir_all(s.path("dirty")).unwrap();
+    std::fs::write(
+        s.path("dirty/d.csv"),
+        "Temperature,Humidity,Light,CO2,HumidityRatio,Occupancy\n1,2,3,4,5,0\n1,2,n/a,4,5,1\n",
+    )
+    .unwrap();
+    s.json(&["dataset", "sync", "occ/dirty", "dirty"]);
+    let events_before = s.json(&["dataset", "list"]).as_array().unwrap().len();
+    for (sets, cause) in [
+        (
+            vec![
+                "General/dataset_id=occ/train",
+                "General/features=Light,Noise",
+            ],
+            "no column 'Noise'",
+        ),
+        (
+            vec!["General/dataset_id=occ/dirty"],
+            "'n/a' is not a number",
+        ),
+        (vec!["General/dataset_id=occ/empty"], "no CSV/TSV file"),
+        (
+            vec!["General/dataset_id=occ/train", "General/label=Temperature"],
+            "classes",
+        ),
+        (
+            vec!["General/dataset_id=occ/train", "General/model=svm"],
+            "unknown model 'svm'",
+        ),
+        (vec!["General/dataset_id=occ/nope"], "occ/nope"),
+    ] {
+        let mut args = vec![
+            "task",
+            "create",
+            "occ/bad",
+            "--trainer",
+            "logistic",
+            "--set",
+            "General/label=Occupancy",
+        ];
+        for x in &sets {
+            args.push("--set");
+            args.push(x);
+        }
+        let mut id = s.json(&args)["id"].as_str().unwrap().to_string();
+        if let Some(m) = sets.iter().find_map(|x| x.strip_prefix("General/model=")) {
+            // --trainer sets the model; a clone overrides it.
+            let o = format!("General/model={m}");
+            id = s.json(&["task", "clone", &id, "--set", &o])["id"].as_str().unwrap().to_string();
+        }
+        let out = s.dsv(&["task", "run", &id]);
+        assert_eq!(out.status.code(), Some(1), "{sets:?}");
+        let v = show(&s, &id);
+        assert_eq!(v["status"], "failed");
+        let e = v["error"].as_str().unwrap();
+        assert!(e.contains(cause), "{sets:?}: {e}");
+        assert!(v["models"].as_array().unwrap().is_empty());
+    }
+    // Nothing else changed: no new versions, no models.
+    assert_eq!(
+        s.json(&["dataset", "list"]).as_array().unwrap().len(),
+        events_before
+    );
+    assert!(s.json(&["model", "list"]).as_array().unwrap().is_empty());
+    // Unknown trainer at create time.
+    let out = s.dsv(&["task", "create", "occ/x", "--trainer", "svm"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("svm"));
+}
