@@ -441,7 +441,10 @@ fn bad_training_input_fails_the_task_with_the_cause() {
         if let Some(m) = sets.iter().find_map(|x| x.strip_prefix("General/model=")) {
             // --trainer sets the model; a clone overrides it.
             let o = format!("General/model={m}");
-            id = s.json(&["task", "clone", &id, "--set", &o])["id"].as_str().unwrap().to_string();
+            id = s.json(&["task", "clone", &id, "--set", &o])["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
         }
         let out = s.dsv(&["task", "run", &id]);
         assert_eq!(out.status.code(), Some(1), "{sets:?}");

@@ -12,6 +12,7 @@ mod readside;
 mod repo;
 mod repo_cmds;
 mod tasks;
+mod triggers;
 mod watch;
 
 use std::path::PathBuf;
@@ -62,6 +63,9 @@ enum Command {
     /// Models: list, show, tag, predict.
     #[command(subcommand)]
     Model(tasks::ModelCmd),
+    /// Triggers: add, list, remove, history, run.
+    #[command(subcommand)]
+    Trigger(triggers::TriggerCmd),
     /// The cache of read-only copies: list, size, prune, budget.
     #[command(subcommand)]
     Cache(readside::CacheCmd),
@@ -95,6 +99,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Task(_) => "task",
         Command::Agent(_) => "agent",
         Command::Model(_) => "model",
+        Command::Trigger(_) => "trigger",
     };
     let ctx = Ctx {
         repo: cli.repo.clone(),
@@ -114,6 +119,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Task(c) => tasks::task(&ctx, c),
         Command::Agent(a) => tasks::agent(&ctx, a),
         Command::Model(c) => tasks::model(&ctx, c),
+        Command::Trigger(c) => triggers::trigger(&ctx, c),
     }
 }
 

@@ -123,6 +123,46 @@ pub struct AgentArgs {
     /// Seconds without a heartbeat after which an agent counts as dead.
     #[arg(long, default_value_t = 30)]
     dead_after: u64,
+    /// Also fire triggers (the whole retraining loop in one process).
+    #[arg(long)]
+    triggers: bool,
+}
+
+/// Wakes a loop when the repository's database changes (another process
+/// wrote), or after a timeout.
+pub struct Wake {
+    rx: std::sync::mpsc::Receiver<()>,
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl Wake {
+    /// Watches `.dsv/db`.
+    pub fn new(repo: &Repo) -> Result<Wake, CliError> {
+        use notify::Watcher;
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let mut watcher =
+            notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+                let _ = tx.send(());
+            })
+            .map_err(|e| CliError::repo(format!("cannot watch the repository: {e}")))?;
+        let db = repo.store().dir().join("db");
+        watcher
+            .watch(&db, notify::RecursiveMode::NonRecursive)
+            .map_err(|e| CliError::repo(format!("cannot watch {}: {e}", db.display())))?;
+        Ok(Wake {
+            rx,
+            _watcher: watcher,
+        })
+    }
+    /// Blocks until a change or `timeout`; drains queued notifications.
+    pub fn wait(&self, timeout: Duration) {
+        let _ = self.rx.recv_timeout(timeout);
+        self.drain();
+    }
+    /// Forgets notifications so far.
+    pub fn drain(&self) {
+        while self.rx.try_recv().is_ok() {}
+    }
 }
 
 /// `dsv model`.
@@ -754,18 +794,7 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> Result<(), CliError> {
             .map_err(|e| CliError::repo(format!("cannot install signal handlers: {e}")))?;
     }
     // Wake on any change of the database (an enqueue by another process).
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-        let _ = tx.send(());
-    })
-    .map_err(|e| CliError::repo(format!("cannot watch the repository: {e}")))?;
-    {
-        use notify::Watcher;
-        let db = repo.store().dir().join("db");
-        watcher
-            .watch(&db, notify::RecursiveMode::NonRecursive)
-            .map_err(|e| CliError::repo(format!("cannot watch {}: {e}", db.display())))?;
-    }
+    let wake = Wake::new(&repo)?;
     if !ctx.json {
         eprintln!("{} serving {:?}", me.name, a.queues);
     }
@@ -780,6 +809,9 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> Result<(), CliError> {
         if stop.load(Ordering::Acquire) {
             break;
         }
+        if a.triggers {
+            crate::triggers::process(ctx, &repo)?;
+        }
         match repo.dequeue(&a.queues, &me)? {
             Some(t) => {
                 let done = execute(&repo, &t, &stop)?;
@@ -787,15 +819,14 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> Result<(), CliError> {
                     report_done(ctx, &done)?;
                 }
                 ran.push(done.id);
-                while rx.try_recv().is_ok() {}
+                wake.drain();
                 continue;
             }
             None if a.once => break,
             None => {
                 // Block until the database changes (or a second passes, for
                 // heartbeats of dead agents and signals).
-                let _ = rx.recv_timeout(Duration::from_secs(1));
-                while rx.try_recv().is_ok() {}
+                wake.wait(Duration::from_secs(1));
             }
         }
     }

@@ -33,6 +33,7 @@ pub mod records;
 pub mod repo;
 pub mod rev;
 pub mod task;
+pub mod trigger;
 
 pub use cache::{
     Cache, CacheConfig, CacheEntry, CacheSize, CopyReport, FolderMismatch, FolderReport,
@@ -49,5 +50,6 @@ pub use repo::{
 };
 pub use rev::RevSpec;
 pub use task::{AgentInfo, Finish, Model, Task, TaskStatus};
+pub use trigger::{Action, Firing, Trigger};
 
 pub use dsv_store;

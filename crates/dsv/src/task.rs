@@ -847,3 +847,58 @@ impl Repo {
         })
     }
 }
+
+/// Stores a queued task and its queue entry in `b`.
+pub(crate) fn put_queued(b: &mut Batch, t: &Task, queue: &str) {
+    b.put(
+        Cf::App,
+        queue_key(queue, t.queued_ms.unwrap_or(0), &t.id),
+        Vec::new(),
+    );
+    b.put(Cf::App, task_key(&t.id), to_json(t));
+}
+
+/// The status event of `t`, for other modules' batches.
+pub(crate) fn status_event_pub(ev: &mut EventWriter, b: &mut Batch, t: &Task) {
+    status_event(ev, b, t)
+}
+
+/// Tags `new` `production` and moves the previous production model (if
+/// any) to `previous`, with one model event.
+pub(crate) fn promote_batch(
+    kv: &dyn KvRead,
+    b: &mut Batch,
+    ev: &mut EventWriter,
+    new: &str,
+    old: Option<&str>,
+) -> Result<()> {
+    let load = |id: &str| -> Result<Model> {
+        match kv.get(Cf::App, &model_key(id))? {
+            Some(v) => from_json(&v, "model"),
+            None => Err(Error::Invalid(format!("no model {id}"))),
+        }
+    };
+    let mut m = load(new)?;
+    if !m.tags.iter().any(|t| t == "production") {
+        m.tags.push("production".into());
+    }
+    m.tags.retain(|t| t != "previous");
+    b.put(Cf::App, model_key(&m.id), to_json(&m));
+    let mut e = Event::new(EventKind::ModelTagged);
+    e.project = m.project.clone();
+    e.name = m.name.clone();
+    e.tags = m.tags.clone();
+    e.tags_added = vec!["production".into()];
+    e.extra.insert("model".into(), serde_json::json!(m.id));
+    if let Some(old) = old {
+        let mut o = load(old)?;
+        o.tags.retain(|t| t != "production");
+        if !o.tags.iter().any(|t| t == "previous") {
+            o.tags.push("previous".into());
+        }
+        b.put(Cf::App, model_key(&o.id), to_json(&o));
+        e.extra.insert("previous".into(), serde_json::json!(o.id));
+    }
+    ev.push(b, e);
+    Ok(())
+}

@@ -1,0 +1,357 @@
+//! `dsv trigger …`: rules over the event log that launch tasks or promote models.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use dsv::{Action, Model, Repo, Trigger};
+
+use crate::error::CliError;
+use crate::output;
+use crate::Ctx;
+
+/// `dsv trigger`.
+#[derive(Debug, Subcommand)]
+pub enum TriggerCmd {
+    /// Add a trigger.
+    #[command(subcommand)]
+    Add(Box<AddCmd>),
+    /// Every trigger.
+    List,
+    /// Remove a trigger (its history stays).
+    Remove(NameArg),
+    /// A trigger's firings.
+    History(NameArg),
+    /// Process events until interrupted (--once: what is pending, then exit).
+    Run(RunArgs),
+}
+
+/// `trigger add`.
+#[derive(Debug, Subcommand)]
+pub enum AddCmd {
+    /// On dataset versions (finalized, or tagged with --on tagged).
+    Dataset(DatasetTrig),
+    /// On task status changes, optionally with a metric threshold.
+    Task(TaskTrig),
+    /// On model tags being added.
+    Model(ModelTrig),
+}
+
+/// Clone action flags.
+#[derive(Debug, Args)]
+pub struct CloneFlags {
+    /// Task to clone and enqueue when the trigger fires.
+    #[arg(long, value_name = "TASK")]
+    clone: Option<String>,
+    /// Overrides of the clone; values may use ${dataset.id}, ${dataset.version},
+    /// ${dataset.project}, ${dataset.name}, ${task.id}, ${model.id}.
+    #[arg(long = "set", value_name = "SECTION/KEY=VALUE")]
+    set: Vec<String>,
+    /// Queue of the clone.
+    #[arg(long, default_value = "default")]
+    queue: String,
+    /// Defer while the previous launch is queued or running.
+    #[arg(long)]
+    single_instance: bool,
+}
+
+/// `trigger add dataset`.
+#[derive(Debug, Args)]
+pub struct DatasetTrig {
+    /// Trigger name.
+    name: String,
+    /// Project (datasets created later included).
+    #[arg(long)]
+    project: String,
+    /// Dataset name (glob).
+    #[arg(long)]
+    dataset: Option<String>,
+    /// Required tags.
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Events: finalized (default), tagged.
+    #[arg(long = "on")]
+    events: Vec<String>,
+    #[command(flatten)]
+    action: CloneFlags,
+}
+
+/// `trigger add task`.
+#[derive(Debug, Args)]
+pub struct TaskTrig {
+    /// Trigger name.
+    name: String,
+    /// Project.
+    #[arg(long)]
+    project: String,
+    /// Statuses (default completed).
+    #[arg(long = "status")]
+    statuses: Vec<String>,
+    /// Metric for the threshold.
+    #[arg(long, requires = "bound")]
+    metric: Option<String>,
+    /// Fire when the metric is above this.
+    #[arg(long, group = "bound", requires = "metric")]
+    above: Option<f64>,
+    /// Fire when the metric is below this.
+    #[arg(long, group = "bound", requires = "metric")]
+    below: Option<f64>,
+    /// Promote the task's model when it beats production on this metric (instead of --clone).
+    #[arg(long, value_name = "METRIC", conflicts_with = "clone")]
+    promote: Option<String>,
+    /// Improvement required to promote.
+    #[arg(long, default_value_t = 0.0)]
+    margin: f64,
+    #[command(flatten)]
+    action: CloneFlags,
+}
+
+/// `trigger add model`.
+#[derive(Debug, Args)]
+pub struct ModelTrig {
+    /// Trigger name.
+    name: String,
+    /// Tags added.
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Project.
+    #[arg(long)]
+    project: Option<String>,
+    #[command(flatten)]
+    action: CloneFlags,
+}
+
+/// A trigger name.
+#[derive(Debug, Args)]
+pub struct NameArg {
+    /// Trigger name.
+    name: String,
+}
+
+/// `trigger run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Process pending events, then exit.
+    #[arg(long)]
+    once: bool,
+}
+
+fn open(ctx: &Ctx) -> Result<Repo, CliError> {
+    Ok(Repo::from_store(crate::repo::open(ctx)?))
+}
+
+fn clone_action(f: &CloneFlags) -> Result<Action, CliError> {
+    let task = f.clone.clone().ok_or_else(|| {
+        CliError::user("a trigger needs an action")
+            .hint("pass --clone TASK (or --promote METRIC for task triggers)")
+    })?;
+    let mut overrides = BTreeMap::new();
+    for s in &f.set {
+        let (k, v) = s
+            .split_once('=')
+            .ok_or_else(|| CliError::user(format!("--set '{s}' is not SECTION/KEY=VALUE")))?;
+        overrides.insert(k.trim().to_string(), v.to_string());
+    }
+    Ok(Action::Clone {
+        task,
+        overrides,
+        queue: f.queue.clone(),
+    })
+}
+
+fn base(name: &str, on: &str, action: Action, single: bool) -> Trigger {
+    Trigger {
+        name: name.to_string(),
+        on: on.to_string(),
+        project: None,
+        dataset: None,
+        tags: Vec::new(),
+        events: Vec::new(),
+        statuses: Vec::new(),
+        threshold: None,
+        action,
+        single_instance: single,
+        cursor: 0,
+        created_ms: 0,
+    }
+}
+
+fn trigger_json(t: &Trigger) -> Value {
+    serde_json::to_value(t).unwrap_or(Value::Null)
+}
+
+fn metric_of(m: &dsv_train::Metrics, name: &str) -> Option<f64> {
+    let k = name.rsplit('/').next().unwrap_or(name);
+    Some(match k {
+        "accuracy" => m.accuracy,
+        "precision" => m.precision,
+        "recall" => m.recall,
+        "f1" => m.f1,
+        "roc_auc" => m.roc_auc,
+        _ => return None,
+    })
+}
+
+/// Processes pending events once; prints firings.
+pub fn process(ctx: &Ctx, repo: &Repo) -> Result<Vec<dsv::Firing>, CliError> {
+    let eval = |prod: &Model, ev: &str, metric: &str| -> Option<f64> {
+        let body: dsv_train::FittedModel =
+            serde_json::from_slice(&repo.model_body(prod).ok()?).ok()?;
+        let v = repo.resolve(ev).ok()?;
+        let t = dsv_train::load_version(
+            repo,
+            &v,
+            None,
+            &dsv_train::Columns {
+                features: &body.features,
+                label: Some(&body.label),
+            },
+        )
+        .ok()?;
+        metric_of(&body.evaluate(&t).ok()?, metric)
+    };
+    let fired = repo.run_triggers(&eval)?;
+    if !ctx.json {
+        for f in &fired {
+            eprintln!(
+                "trigger {}: event #{} ({:?}): {}",
+                f.trigger, f.event, f.kind, f.note
+            );
+        }
+    }
+    Ok(fired)
+}
+
+/// Runs a trigger command.
+pub fn trigger(ctx: &Ctx, cmd: TriggerCmd) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    match cmd {
+        TriggerCmd::Add(a) => {
+            let t = match *a {
+                AddCmd::Dataset(d) => {
+                    let mut t = base(
+                        &d.name,
+                        "dataset",
+                        clone_action(&d.action)?,
+                        d.action.single_instance,
+                    );
+                    t.project = Some(d.project);
+                    t.dataset = d.dataset;
+                    t.tags = d.tags;
+                    t.events = d.events;
+                    t
+                }
+                AddCmd::Task(d) => {
+                    let action = match &d.promote {
+                        Some(m) => Action::Promote {
+                            metric: m.clone(),
+                            margin: d.margin,
+                        },
+                        None => clone_action(&d.action)?,
+                    };
+                    let mut t = base(&d.name, "task", action, d.action.single_instance);
+                    t.project = Some(d.project);
+                    t.statuses = d.statuses;
+                    if let Some(m) = d.metric {
+                        t.threshold = match (d.above, d.below) {
+                            (Some(x), _) => Some((m, true, x)),
+                            (_, Some(x)) => Some((m, false, x)),
+                            _ => None,
+                        };
+                    }
+                    t
+                }
+                AddCmd::Model(d) => {
+                    let mut t = base(
+                        &d.name,
+                        "model",
+                        clone_action(&d.action)?,
+                        d.action.single_instance,
+                    );
+                    t.project = d.project;
+                    t.tags = d.tags;
+                    t
+                }
+            };
+            let t = repo.add_trigger(t)?;
+            if ctx.json {
+                return output::json(&trigger_json(&t));
+            }
+            println!(
+                "trigger '{}' added (fires on events after #{})",
+                t.name, t.cursor
+            );
+            Ok(())
+        }
+        TriggerCmd::List => {
+            let ts = repo.triggers()?;
+            if ctx.json {
+                return output::json(&Value::Array(ts.iter().map(trigger_json).collect()));
+            }
+            for t in &ts {
+                println!(
+                    "{:<20} on {:<8} project {:<16} cursor {:<6} {}",
+                    t.name,
+                    t.on,
+                    t.project.clone().unwrap_or_else(|| "*".into()),
+                    t.cursor,
+                    match &t.action {
+                        Action::Clone { task, queue, .. } =>
+                            format!("clone {} → {queue}", &task[..12]),
+                        Action::Promote { metric, margin } =>
+                            format!("promote on {metric} (+{margin})"),
+                    }
+                );
+            }
+            Ok(())
+        }
+        TriggerCmd::Remove(a) => {
+            repo.remove_trigger(&a.name)?;
+            if ctx.json {
+                return output::json(&json!({"removed": a.name}));
+            }
+            println!("trigger '{}' removed", a.name);
+            Ok(())
+        }
+        TriggerCmd::History(a) => {
+            let h = repo.trigger_history(&a.name)?;
+            if ctx.json {
+                return output::json(&serde_json::to_value(&h).unwrap_or(Value::Null));
+            }
+            for f in &h {
+                println!(
+                    "#{:<6} {}  {:?} {}  {}",
+                    f.event,
+                    crate::dataset::iso(f.time_ms),
+                    f.kind,
+                    &f.subject[..f.subject.len().min(12)],
+                    f.note
+                );
+            }
+            Ok(())
+        }
+        TriggerCmd::Run(a) => {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for s in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(s, stop.clone())
+                    .map_err(|e| CliError::repo(format!("cannot install signal handlers: {e}")))?;
+            }
+            let wake = crate::tasks::Wake::new(&repo)?;
+            let mut all = Vec::new();
+            loop {
+                repo.store().refresh()?;
+                all.extend(process(ctx, &repo)?);
+                if a.once || stop.load(std::sync::atomic::Ordering::Acquire) {
+                    break;
+                }
+                wake.wait(Duration::from_secs(1));
+            }
+            if ctx.json {
+                return output::json(&serde_json::to_value(&all).unwrap_or(Value::Null));
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,563 @@
+//! Triggers: rules that consume the event log from a stored cursor and
+//! launch tasks (clone + enqueue) or promote models.
+//!
+//! Exactly-once: a firing — the cloned task, its queue entry, the history
+//! record and the cursor advance — is one atomic write, made after
+//! re-reading the cursor under the write lock. A crash before the write
+//! leaves the event unprocessed (it fires on restart); after it, the event
+//! is behind the cursor (it never fires again). `single_instance` stops a
+//! trigger at an event while its previous launch is queued or running: the
+//! cursor stays, so the event is deferred, never dropped.
+
+use std::collections::BTreeMap;
+
+use dsv_store::{Batch, Cf, KvRead};
+use globset::Glob;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::events::{read_after, Event, EventKind, EventWriter};
+use crate::records::{from_json, to_json};
+use crate::repo::Repo;
+use crate::task::{Model, Task, TaskStatus};
+
+const TRIGGER: &[u8] = b"tg/";
+const HISTORY: &[u8] = b"th/";
+
+/// What a trigger does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum Action {
+    /// Clone a task with (templated) overrides and enqueue the clone.
+    Clone {
+        /// Task to clone (full id).
+        task: String,
+        /// `SECTION/KEY` → value, `${dataset.id}` etc. substituted.
+        overrides: BTreeMap<String, String>,
+        /// Queue.
+        queue: String,
+    },
+    /// Promote the event's model when it beats production.
+    Promote {
+        /// Metric compared (higher is better).
+        metric: String,
+        /// Required improvement.
+        margin: f64,
+    },
+}
+
+/// A trigger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trigger {
+    /// Unique name.
+    pub name: String,
+    /// `dataset`, `task` or `model`.
+    pub on: String,
+    /// Project filter (datasets created later included); `None` = any.
+    #[serde(default)]
+    pub project: Option<String>,
+    /// Dataset name glob.
+    #[serde(default)]
+    pub dataset: Option<String>,
+    /// Tags the version (or model) must carry.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Dataset event kinds: `finalized` and/or `tagged` (default finalized).
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Task statuses (default completed).
+    #[serde(default)]
+    pub statuses: Vec<String>,
+    /// Task metric threshold: (metric, above?, value).
+    #[serde(default)]
+    pub threshold: Option<(String, bool, f64)>,
+    /// What to do.
+    pub action: Action,
+    /// Defer while the previous launch is queued or running.
+    #[serde(default)]
+    pub single_instance: bool,
+    /// Last event sequence processed.
+    pub cursor: u64,
+    /// When added, ms.
+    pub created_ms: i64,
+}
+
+/// One firing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Firing {
+    /// Trigger.
+    pub trigger: String,
+    /// Event sequence.
+    pub event: u64,
+    /// Event kind.
+    pub kind: EventKind,
+    /// When, ms.
+    pub time_ms: i64,
+    /// The subject (version, task or model id).
+    pub subject: String,
+    /// Task launched.
+    #[serde(default)]
+    pub task: Option<String>,
+    /// Model promoted (or not: see `note`).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// What was decided.
+    #[serde(default)]
+    pub note: String,
+}
+
+fn trigger_key(name: &str) -> Vec<u8> {
+    [TRIGGER, name.as_bytes()].concat()
+}
+fn history_key(name: &str, seq: u64) -> Vec<u8> {
+    [HISTORY, name.as_bytes(), &[0], &seq.to_be_bytes()].concat()
+}
+
+const TEMPLATE_KEYS: [&str; 6] = [
+    "dataset.id",
+    "dataset.version",
+    "dataset.project",
+    "dataset.name",
+    "task.id",
+    "model.id",
+];
+
+/// Checks `${…}` placeholders in a value.
+pub fn check_template(v: &str) -> Result<()> {
+    let mut rest = v;
+    while let Some(i) = rest.find("${") {
+        let after = &rest[i + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| Error::Invalid(format!("unterminated '${{' in '{v}'")))?;
+        let key = &after[..end];
+        if !TEMPLATE_KEYS.contains(&key) {
+            return Err(Error::Invalid(format!(
+                "unknown placeholder '${{{key}}}' in '{v}' (known: {})",
+                TEMPLATE_KEYS.map(|k| format!("${{{k}}}")).join(", ")
+            )));
+        }
+        rest = &after[end + 1..];
+    }
+    Ok(())
+}
+
+fn render(v: &str, vars: &BTreeMap<&str, String>) -> String {
+    let mut out = v.to_string();
+    for (k, val) in vars {
+        out = out.replace(&format!("${{{k}}}"), val);
+    }
+    out
+}
+
+fn task_in(kv: &dyn KvRead, id: &str) -> Result<Option<Task>> {
+    match kv.get(Cf::App, &[crate::keys::TASK, id.as_bytes()].concat())? {
+        Some(v) => Ok(Some(from_json(&v, "task")?)),
+        None => Ok(None),
+    }
+}
+
+impl Trigger {
+    fn matches(&self, e: &Event) -> bool {
+        if let Some(p) = &self.project {
+            if &e.project != p {
+                return false;
+            }
+        }
+        let has_tags = |tags: &[String]| self.tags.iter().all(|t| tags.contains(t));
+        match self.on.as_str() {
+            "dataset" => {
+                let kind = match e.kind {
+                    EventKind::VersionFinalized => "finalized",
+                    EventKind::VersionTagged => "tagged",
+                    _ => return false,
+                };
+                let kinds = if self.events.is_empty() {
+                    vec!["finalized".to_string()]
+                } else {
+                    self.events.clone()
+                };
+                if !kinds.iter().any(|k| k == kind) {
+                    return false;
+                }
+                if e.kind == EventKind::VersionTagged
+                    && !self.tags.is_empty()
+                    && !self.tags.iter().any(|t| e.tags_added.contains(t))
+                {
+                    return false;
+                }
+                if let Some(g) = &self.dataset {
+                    match Glob::new(g) {
+                        Ok(g) if g.compile_matcher().is_match(&e.name) => {}
+                        _ => return false,
+                    }
+                }
+                has_tags(&e.tags)
+            }
+            "task" => {
+                if e.kind != EventKind::TaskStatus {
+                    return false;
+                }
+                let status = e.extra.get("status").and_then(|s| s.as_str()).unwrap_or("");
+                let statuses = if self.statuses.is_empty() {
+                    vec!["completed".to_string()]
+                } else {
+                    self.statuses.clone()
+                };
+                if !statuses.iter().any(|s| s == status) {
+                    return false;
+                }
+                if let Some((m, above, x)) = &self.threshold {
+                    let Some(v) = e
+                        .extra
+                        .get("metrics")
+                        .and_then(|ms| ms.get(m))
+                        .and_then(|v| v.as_f64())
+                    else {
+                        return false;
+                    };
+                    if *above && v <= *x || !*above && v >= *x {
+                        return false;
+                    }
+                }
+                if let Action::Promote { .. } = self.action {
+                    return e.extra.contains_key("model");
+                }
+                true
+            }
+            "model" => {
+                e.kind == EventKind::ModelTagged
+                    && self.tags.iter().all(|t| e.tags.contains(t))
+                    && (self.tags.is_empty() || self.tags.iter().any(|t| e.tags_added.contains(t)))
+            }
+            _ => false,
+        }
+    }
+}
+
+fn vars_of(e: &Event) -> BTreeMap<&'static str, String> {
+    let mut v = BTreeMap::new();
+    if let Some(id) = &e.version_id {
+        v.insert("dataset.id", id.clone());
+        v.insert("dataset.version", e.version.clone().unwrap_or_default());
+        v.insert("dataset.project", e.project.clone());
+        v.insert("dataset.name", e.name.clone());
+    }
+    if let Some(t) = e.extra.get("task").and_then(|x| x.as_str()) {
+        v.insert("task.id", t.to_string());
+    }
+    if let Some(m) = e.extra.get("model").and_then(|x| x.as_str()) {
+        v.insert("model.id", m.to_string());
+    }
+    v
+}
+
+fn subject_of(e: &Event) -> String {
+    e.version_id
+        .clone()
+        .or_else(|| {
+            e.extra
+                .get("model")
+                .and_then(|x| x.as_str())
+                .map(String::from)
+        })
+        .or_else(|| {
+            e.extra
+                .get("task")
+                .and_then(|x| x.as_str())
+                .map(String::from)
+        })
+        .unwrap_or_default()
+}
+
+/// Evaluates a model on an evaluation version (hex id), giving the named
+/// metric (e.g. `test/accuracy`): how the production model is compared with
+/// a new one on the same data when their evaluation data differ.
+pub type Evaluate<'a> = &'a dyn Fn(&Model, &str, &str) -> Option<f64>;
+
+impl Repo {
+    /// Adds a trigger; it sees events from now on.
+    pub fn add_trigger(&self, mut t: Trigger) -> Result<Trigger> {
+        dsv_store::store::validate_label(&t.name, "trigger name")?;
+        if let Action::Clone {
+            task,
+            overrides,
+            queue,
+        } = &mut t.action
+        {
+            let src = self.task(task)?;
+            *task = src.id.clone();
+            for (k, v) in overrides.iter() {
+                if !src.params.contains_key(k) {
+                    return Err(Error::Invalid(format!(
+                        "task {} has no parameter '{k}' (it has: {})",
+                        &src.id[..12],
+                        src.params.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )));
+                }
+                check_template(v)?;
+            }
+            if queue.is_empty() {
+                *queue = "default".into();
+            }
+        }
+        if let Some(g) = &t.dataset {
+            Glob::new(g).map_err(|e| Error::Invalid(format!("bad dataset pattern '{g}': {e}")))?;
+        }
+        for s in &t.statuses {
+            TaskStatus::parse(s)?;
+        }
+        for k in &t.events {
+            if k != "finalized" && k != "tagged" {
+                return Err(Error::Invalid(format!(
+                    "unknown dataset event '{k}' (finalized, tagged)"
+                )));
+            }
+        }
+        self.write(|kv| {
+            if kv.get(Cf::App, &trigger_key(&t.name))?.is_some() {
+                return Err(Error::Invalid(format!(
+                    "a trigger named '{}' exists",
+                    t.name
+                )));
+            }
+            t.cursor = crate::events::last_seq(kv)?;
+            t.created_ms = dsv_store::store::now_ms();
+            let mut b = Batch::default();
+            b.put(Cf::App, trigger_key(&t.name), to_json(&t));
+            Ok((b, t.clone()))
+        })
+    }
+
+    /// Every trigger, by name.
+    pub fn triggers(&self) -> Result<Vec<Trigger>> {
+        let kv = self.store().reader();
+        let mut out = Vec::new();
+        let mut err = None;
+        kv.scan(Cf::App, TRIGGER, &mut |_, v| {
+            match from_json::<Trigger>(v, "trigger") {
+                Ok(t) => out.push(t),
+                Err(e) => {
+                    err = Some(e);
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })?;
+        err.map_or(Ok(out), Err)
+    }
+
+    /// Removes a trigger (its history stays).
+    pub fn remove_trigger(&self, name: &str) -> Result<()> {
+        self.write(|kv| {
+            if kv.get(Cf::App, &trigger_key(name))?.is_none() {
+                return Err(Error::Invalid(format!("no trigger named '{name}'")));
+            }
+            let mut b = Batch::default();
+            b.delete(Cf::App, trigger_key(name));
+            Ok((b, ()))
+        })
+    }
+
+    /// A trigger's firings, oldest first.
+    pub fn trigger_history(&self, name: &str) -> Result<Vec<Firing>> {
+        let kv = self.store().reader();
+        if kv.get(Cf::App, &trigger_key(name))?.is_none() {
+            return Err(Error::Invalid(format!("no trigger named '{name}'")));
+        }
+        let mut out = Vec::new();
+        kv.scan(
+            Cf::App,
+            &[HISTORY, name.as_bytes(), &[0]].concat(),
+            &mut |_, v| {
+                if let Ok(f) = from_json::<Firing>(v, "firing") {
+                    out.push(f);
+                }
+                Ok(true)
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// Processes every trigger against the events after its cursor; returns the firings.
+    pub fn run_triggers(&self, evaluate: Evaluate<'_>) -> Result<Vec<Firing>> {
+        let mut fired = Vec::new();
+        for t in self.triggers()? {
+            let events = read_after(&*self.store().reader(), t.cursor, 10_000)?;
+            for e in events {
+                match self.process(&t.name, &e, evaluate)? {
+                    Step::Fired(f) => fired.push(f),
+                    Step::Skipped => {}
+                    Step::Deferred | Step::Gone => break,
+                }
+            }
+        }
+        Ok(fired)
+    }
+
+    fn process(&self, name: &str, e: &Event, evaluate: Evaluate<'_>) -> Result<Step> {
+        // Promotion needs models read outside the lock (re-evaluation).
+        let mut decision: Option<(String, Option<String>, String)> = None;
+        {
+            let kv = self.store().reader();
+            let Some(v) = kv.get(Cf::App, &trigger_key(name))? else {
+                return Ok(Step::Gone);
+            };
+            let t: Trigger = from_json(&v, "trigger")?;
+            if t.cursor >= e.seq {
+                return Ok(Step::Skipped);
+            }
+            if t.matches(e) {
+                if let Action::Promote { metric, margin } = &t.action {
+                    let new_id = e.extra.get("model").and_then(|x| x.as_str()).unwrap_or("");
+                    let new = self.model(new_id)?;
+                    let prod = self
+                        .models(Some("production"))?
+                        .into_iter()
+                        .find(|m| m.project == new.project && m.id != new.id);
+                    let new_score = new.metrics.get(metric).copied();
+                    decision = Some(match (prod, new_score) {
+                        (_, None) => (
+                            new.id.clone(),
+                            None,
+                            format!("not promoted: the model has no metric '{metric}'"),
+                        ),
+                        (None, Some(s)) => (
+                            new.id.clone(),
+                            Some(String::new()),
+                            format!("promoted: first production model ({metric} {s:.4})"),
+                        ),
+                        (Some(p), Some(s)) => {
+                            let same_eval = p.datasets.get(1).is_some()
+                                && p.datasets.get(1) == new.datasets.get(1);
+                            let old = if same_eval {
+                                p.metrics.get(metric).copied()
+                            } else {
+                                new.datasets.get(1).and_then(|ev| evaluate(&p, ev, metric))
+                            };
+                            match old {
+                                Some(o) if s > o + margin => (new.id.clone(), Some(p.id.clone()), format!("promoted: {metric} {s:.4} > production {o:.4} + {margin}")),
+                                Some(o) => (new.id.clone(), None, format!("not promoted: {metric} {s:.4} vs production {o:.4} (margin {margin})")),
+                                None => (new.id.clone(), None, "not promoted: production could not be evaluated on the same data".into()),
+                            }
+                        }
+                    });
+                }
+            }
+        }
+        self.write(|kv| {
+            let Some(v) = kv.get(Cf::App, &trigger_key(name))? else {
+                return Ok((Batch::default(), Step::Gone));
+            };
+            let mut t: Trigger = from_json(&v, "trigger")?;
+            if t.cursor >= e.seq {
+                return Ok((Batch::default(), Step::Skipped));
+            }
+            let mut b = Batch::default();
+            if !t.matches(e) {
+                t.cursor = e.seq;
+                b.put(Cf::App, trigger_key(name), to_json(&t));
+                return Ok((b, Step::Skipped));
+            }
+            let mut f = Firing {
+                trigger: name.to_string(),
+                event: e.seq,
+                kind: e.kind,
+                time_ms: dsv_store::store::now_ms(),
+                subject: subject_of(e),
+                task: None,
+                model: None,
+                note: String::new(),
+            };
+            let mut ev = EventWriter::new(kv)?;
+            match &t.action {
+                Action::Clone {
+                    task,
+                    overrides,
+                    queue,
+                } => {
+                    if t.single_instance {
+                        let mut last = None;
+                        kv.scan(
+                            Cf::App,
+                            &[HISTORY, name.as_bytes(), &[0]].concat(),
+                            &mut |_, v| {
+                                last = from_json::<Firing>(v, "firing").ok();
+                                Ok(true)
+                            },
+                        )?;
+                        if let Some(prev) = last.and_then(|l| l.task) {
+                            if let Some(p) = task_in(kv, &prev)? {
+                                if matches!(
+                                    p.status,
+                                    TaskStatus::Queued | TaskStatus::Running | TaskStatus::Draft
+                                ) {
+                                    return Ok((Batch::default(), Step::Deferred));
+                                }
+                            }
+                        }
+                    }
+                    let src = task_in(kv, task)?.ok_or_else(|| {
+                        Error::Invalid(format!("trigger '{name}': its task {task} is gone"))
+                    })?;
+                    let vars = vars_of(e);
+                    let mut params = src.params.clone();
+                    for (k, v) in overrides {
+                        params.insert(k.clone(), render(v, &vars));
+                    }
+                    let now = dsv_store::store::now_ms();
+                    let mut c = src.clone();
+                    c.id = crate::records::DatasetId::random().to_string();
+                    c.params = params;
+                    c.parent = Some(src.id.clone());
+                    c.created_ms = now;
+                    c.status = TaskStatus::Queued;
+                    c.queue = Some(queue.clone());
+                    c.queued_ms = Some(now);
+                    c.inputs.clear();
+                    c.metrics.clear();
+                    c.scalars.clear();
+                    c.models.clear();
+                    c.artifacts = None;
+                    c.artifact_files.clear();
+                    c.started_ms = None;
+                    c.finished_ms = None;
+                    c.heartbeat_ms = None;
+                    c.agent = None;
+                    c.error = None;
+                    c.abort_requested = false;
+                    c.log_chunks = 0;
+                    crate::task::put_queued(&mut b, &c, queue);
+                    crate::task::status_event_pub(&mut ev, &mut b, &c);
+                    f.task = Some(c.id.clone());
+                    f.note = format!("launched {} on '{queue}'", &c.id[..12]);
+                }
+                Action::Promote { .. } => {
+                    let (new_id, old, note) = decision.clone().unwrap_or_default();
+                    f.model = Some(new_id.clone());
+                    f.note = note;
+                    if let Some(old) = old {
+                        crate::task::promote_batch(
+                            kv,
+                            &mut b,
+                            &mut ev,
+                            &new_id,
+                            (!old.is_empty()).then_some(old.as_str()),
+                        )?;
+                    }
+                }
+            }
+            t.cursor = e.seq;
+            b.put(Cf::App, trigger_key(name), to_json(&t));
+            b.put(Cf::App, history_key(name, e.seq), to_json(&f));
+            Ok((b, Step::Fired(f)))
+        })
+    }
+}
+
+enum Step {
+    Fired(Firing),
+    Skipped,
+    Deferred,
+    Gone,
+}

@@ -1,0 +1,315 @@
+//! End-to-end tests of triggers: firing per matching version with templated
+//! overrides, datasets created later, exactly-once across kill -9 of the
+//! loop, metric thresholds, promotion, bad input.
+
+use std::process::Stdio;
+
+use dsv_tests::{occupancy_dir, stderr, Sandbox};
+use serde_json::Value;
+
+fn sync_file(s: &Sandbox, dataset: &str, folder: &str, file: &str, tag: &str) -> String {
+    let d = s.path(folder);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(occupancy_dir().join(file), d.join(file)).unwrap();
+    let v = s.json(&[
+        "dataset",
+        "sync",
+        dataset,
+        d.to_str().unwrap(),
+        "--tag",
+        tag,
+    ]);
+    v["id"].as_str().unwrap().to_string()
+}
+
+fn base_task(s: &Sandbox, extra: &[&str]) -> String {
+    let mut args = vec![
+        "task",
+        "create",
+        "occ/model",
+        "--trainer",
+        "logistic",
+        "--set",
+        "General/dataset_id=occ/train",
+        "--set",
+        "General/test_dataset_id=occ/eval",
+        "--set",
+        "General/label=Occupancy",
+        "--set",
+        "General/note=none",
+        "--set",
+        "General/features=Temperature,Humidity,Light,CO2,HumidityRatio",
+    ];
+    args.extend_from_slice(extra);
+    s.json(&args)["id"].as_str().unwrap().to_string()
+}
+
+fn launched(s: &Sandbox, trigger: &str) -> Vec<Value> {
+    s.json(&["trigger", "history", trigger])
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn a_trigger_fires_once_per_matching_version_with_templated_overrides() {
+    let s = Sandbox::new();
+    sync_file(&s, "occ/eval", "eval", "datatest.txt", "reviewed");
+    let base = base_task(&s, &[]);
+    s.json(&[
+        "trigger", "add", "dataset", "retrain", "--project", "occ", "--dataset", "train*", "--tag", "reviewed",
+        "--clone", &base, "--set", "General/dataset_id=${dataset.id}",
+        "--set", "General/note=trained on ${dataset.project}/${dataset.name}@${dataset.version} (${dataset.id})",
+        "--queue", "q",
+    ]);
+    let v1 = sync_file(&s, "occ/train", "train", "datatraining.txt", "reviewed");
+    // Ignored: wrong tag, wrong dataset name, other project.
+    sync_file(&s, "occ/train", "train", "datatest2.txt", "unreviewed");
+    sync_file(&s, "occ/other", "other", "datatest2.txt", "reviewed");
+    sync_file(&s, "elsewhere/train", "else", "datatest2.txt", "reviewed");
+    // A dataset created after the trigger, matching its filters.
+    let v3 = sync_file(&s, "occ/train-extra", "extra", "datatest.txt", "reviewed");
+    let fired = s.json(&["trigger", "run", "--once"]);
+    assert_eq!(fired.as_array().unwrap().len(), 2, "{fired}");
+    // Running again fires nothing more.
+    assert!(s
+        .json(&["trigger", "run", "--once"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let h = launched(&s, "retrain");
+    let subjects: Vec<&str> = h.iter().map(|f| f["subject"].as_str().unwrap()).collect();
+    assert_eq!(subjects, vec![v1.as_str(), v3.as_str()]);
+    for (f, v) in h.iter().zip([&v1, &v3]) {
+        let t = s.json(&["task", "show", f["task"].as_str().unwrap()]);
+        assert_eq!(t["status"], "queued");
+        assert_eq!(t["queue"], "q");
+        assert_eq!(t["parent"], base.as_str());
+        assert_eq!(t["params"]["General/dataset_id"], v.as_str());
+        let note = t["params"]["General/note"].as_str().unwrap();
+        assert!(
+            note.starts_with("trained on occ/train") && note.ends_with(&format!("({v})")),
+            "{note}"
+        );
+    }
+    // The queued clones train on their versions.
+    s.json(&["agent", "--queue", "q", "--once"]);
+    let t = s.json(&["task", "show", h[0]["task"].as_str().unwrap()]);
+    assert_eq!(t["status"], "completed", "{t}");
+    assert_eq!(t["inputs"][0], v1.as_str());
+}
+
+#[test]
+fn killing_the_loop_never_loses_or_repeats_a_firing() {
+    let s = Sandbox::new();
+    sync_file(&s, "occ/eval", "eval", "datatest.txt", "x");
+    let base = base_task(&s, &[]);
+    s.json(&[
+        "trigger",
+        "add",
+        "dataset",
+        "t",
+        "--project",
+        "occ",
+        "--dataset",
+        "train",
+        "--clone",
+        &base,
+        "--set",
+        "General/dataset_id=${dataset.id}",
+    ]);
+    let dir = s.path("train");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut versions = Vec::new();
+    let mut x: u64 = 0x2545F4914F6CDD1D;
+    for i in 0..20 {
+        std::fs::write(dir.join("rows.csv"), format!("a,Occupancy\n{i},1\n")).unwrap();
+        let v = s.json(&["dataset", "sync", "occ/train", dir.to_str().unwrap()]);
+        versions.push(v["id"].as_str().unwrap().to_string());
+        // Start the loop and kill it at a random point of its work.
+        let mut child = s
+            .cmd(&["trigger", "run"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        std::thread::sleep(std::time::Duration::from_micros(x % 60_000));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    s.json(&["trigger", "run", "--once"]);
+    let h = launched(&s, "t");
+    let subjects: Vec<String> = h
+        .iter()
+        .map(|f| f["subject"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        subjects, versions,
+        "exactly one firing per version, in order"
+    );
+    let queued = s.json(&["task", "list", "--status", "queued"]);
+    assert_eq!(queued.as_array().unwrap().len(), 20);
+}
+
+#[test]
+fn task_thresholds_and_promotion() {
+    let s = Sandbox::new();
+    sync_file(&s, "occ/eval", "eval", "datatest.txt", "x");
+    sync_file(&s, "occ/train", "train", "datatraining.txt", "x");
+    let good = base_task(&s, &[]);
+    let bad = base_task(&s, &["--set", "General/features=Temperature"]);
+    s.json(&[
+        "trigger",
+        "add",
+        "task",
+        "above0",
+        "--project",
+        "occ",
+        "--metric",
+        "test/accuracy",
+        "--above",
+        "0",
+        "--clone",
+        &good,
+    ]);
+    s.json(&[
+        "trigger",
+        "add",
+        "task",
+        "below",
+        "--project",
+        "occ",
+        "--metric",
+        "test/accuracy",
+        "--below",
+        "0.5",
+        "--clone",
+        &good,
+    ]);
+    s.json(&[
+        "trigger",
+        "add",
+        "task",
+        "promote",
+        "--project",
+        "occ",
+        "--promote",
+        "test/accuracy",
+    ]);
+    // The worse model first: it becomes production (there is none yet).
+    assert!(s.dsv(&["task", "run", &bad]).status.success());
+    s.json(&["trigger", "run", "--once"]);
+    let worse = s.json(&["task", "show", &bad])["models"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        s.json(&["model", "show", &worse])["tags"],
+        serde_json::json!(["production"])
+    );
+    // The better one replaces it; the old one is 'previous'.
+    assert!(s.dsv(&["task", "run", &good]).status.success());
+    s.json(&["trigger", "run", "--once"]);
+    let better = s.json(&["task", "show", &good])["models"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        s.json(&["model", "show", &better])["tags"],
+        serde_json::json!(["production"])
+    );
+    assert_eq!(
+        s.json(&["model", "show", &worse])["tags"],
+        serde_json::json!(["previous"])
+    );
+    // A worse model again is not promoted.
+    let again = s.json(&["task", "clone", &bad])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(s.dsv(&["task", "run", &again]).status.success());
+    s.json(&["trigger", "run", "--once"]);
+    let m = s.json(&["task", "show", &again])["models"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        s.json(&["model", "show", &m])["tags"],
+        serde_json::json!([])
+    );
+    assert_eq!(
+        s.json(&["model", "show", &better])["tags"],
+        serde_json::json!(["production"])
+    );
+    let h = launched(&s, "promote");
+    assert_eq!(h.len(), 3);
+    assert!(
+        h[2]["note"].as_str().unwrap().starts_with("not promoted"),
+        "{}",
+        h[2]
+    );
+    // Thresholds: above 0 fired for each of the 3 completed tasks; below 0.5 never.
+    assert_eq!(launched(&s, "above0").len(), 3);
+    assert!(launched(&s, "below").is_empty());
+}
+
+#[test]
+fn bad_trigger_input_stores_nothing() {
+    let s = Sandbox::new();
+    let base = base_task(&s, &[]);
+    s.json(&[
+        "trigger",
+        "add",
+        "dataset",
+        "ok",
+        "--project",
+        "occ",
+        "--clone",
+        &base,
+    ]);
+    for (args, needle) in [
+        (vec!["--clone", "abcdef12"], "abcdef12"),
+        (
+            vec!["--clone", &base, "--set", "General/nope=1"],
+            "General/nope",
+        ),
+        (
+            vec![
+                "--clone",
+                &base,
+                "--set",
+                "General/dataset_id=${dataset.idd}",
+            ],
+            "dataset.idd",
+        ),
+        (
+            vec!["--clone", &base, "--set", "General/dataset_id=${dataset.id"],
+            "unterminated",
+        ),
+    ] {
+        let mut a = vec!["trigger", "add", "dataset", "bad", "--project", "occ"];
+        a.extend(args.iter().copied());
+        let out = s.dsv(&a);
+        assert_eq!(out.status.code(), Some(1), "{a:?}");
+        assert!(stderr(&out).contains(needle), "{a:?}: {}", stderr(&out));
+    }
+    let out = s.dsv(&[
+        "trigger",
+        "add",
+        "dataset",
+        "ok",
+        "--project",
+        "occ",
+        "--clone",
+        &base,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("'ok' exists"), "{}", stderr(&out));
+    let list = s.json(&["trigger", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let out = s.dsv(&["trigger", "history", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+}
