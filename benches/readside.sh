@@ -44,9 +44,7 @@ for sc in $SCENARIOS; do
     row "$sc" "dsv dataset get (again, mean of 30)" "$ms"
   fi
   rm -rf "$WORK/$sc/copy"
-  row "$sc" "dsv dataset copy (from the cache)" "$(secs "$DSV" --repo "$repo" -q dataset copy bench/$sc "$WORK/$sc/copy")"
-  rm -rf "$WORK/$sc/copy" "$repo/.dsv/cache"
-  row "$sc" "dsv dataset copy (from the store)" "$(secs "$DSV" --repo "$repo" -q dataset copy bench/$sc "$WORK/$sc/copy")"
+  row "$sc" "dsv dataset copy" "$(secs "$DSV" --repo "$repo" -q dataset copy bench/$sc "$WORK/$sc/copy")"
   rm -rf "$WORK/$sc/copy"
   # Through a FUSE mount.
   mnt="$WORK/$sc/mnt"; mkdir -p "$mnt"; fusermount3 -u "$mnt" 2>/dev/null || true

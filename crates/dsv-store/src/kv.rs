@@ -499,7 +499,13 @@ mod rocks {
             // A concurrent writer may delete a file between reading the
             // manifest and opening it; a fresh attempt sees the new manifest.
             for _ in 0..5 {
-                let opts = self.db_options();
+                let mut opts = self.db_options();
+                // A short-lived reader: open the few table files on this
+                // thread (the default spawns 16 threads per column family,
+                // most of a quick command's run time) and skip the stats
+                // pass over them.
+                opts.set_max_file_opening_threads(1);
+                opts.set_skip_stats_update_on_db_open(true);
                 match DB::open_cf_descriptors_read_only(
                     &opts,
                     &self.path,
