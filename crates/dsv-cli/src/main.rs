@@ -123,7 +123,19 @@ fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
+/// Restores the default SIGPIPE action, as Unix tools have: `dsv … | head`
+/// ends quietly instead of panicking in `println!` on a closed pipe.
+#[allow(unsafe_code)]
+fn default_sigpipe() {
+    // SAFETY: setting a signal's disposition to SIG_DFL before any thread
+    // is started has no memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() {
+    default_sigpipe();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("RUST_LOG"))
         .with_writer(std::io::stderr)
