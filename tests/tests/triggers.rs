@@ -313,3 +313,108 @@ fn bad_trigger_input_stores_nothing() {
     let out = s.dsv(&["trigger", "history", "nope"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn single_instance_defers_and_never_drops() {
+    let s = Sandbox::new();
+    let base = base_task(&s, &[]);
+    s.json(&[
+        "trigger",
+        "add",
+        "dataset",
+        "one",
+        "--project",
+        "occ",
+        "--dataset",
+        "train",
+        "--clone",
+        &base,
+        "--set",
+        "General/dataset_id=${dataset.id}",
+        "--single-instance",
+    ]);
+    let dir = s.path("train");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut versions = Vec::new();
+    for i in 0..3 {
+        std::fs::write(dir.join("rows.csv"), format!("a,Occupancy\n{i},1\n")).unwrap();
+        versions.push(
+            s.json(&["dataset", "sync", "occ/train", dir.to_str().unwrap()])["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    // The first launch is still queued: the other two versions wait.
+    s.json(&["trigger", "run", "--once"]);
+    let h = launched(&s, "one");
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0]["subject"], versions[0].as_str());
+    // Once it ran (it fails: no evaluation data), the next version fires, and so on.
+    for n in 2..=3 {
+        s.json(&["agent", "--once"]);
+        s.json(&["trigger", "run", "--once"]);
+        let h = launched(&s, "one");
+        assert_eq!(h.len(), n);
+        assert_eq!(h[n - 1]["subject"], versions[n - 1].as_str());
+    }
+}
+
+#[test]
+fn promote_if_better_gates_a_task_on_the_same_evaluation_data() {
+    let s = Sandbox::new();
+    sync_file(&s, "occ/eval", "eval", "datatest.txt", "x");
+    sync_file(&s, "occ/eval2", "eval2", "datatest2.txt", "x");
+    sync_file(&s, "occ/train", "train", "datatraining.txt", "x");
+    let gate = ["--promote-if-better", "test/accuracy"];
+    let mut args = vec!["--set", "General/features=Temperature"];
+    args.extend_from_slice(&gate);
+    let weak = base_task(&s, &args);
+    assert!(s.dsv(&["task", "run", &weak]).status.success());
+    let weak_model = s.json(&["task", "show", &weak])["models"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        s.json(&["model", "show", &weak_model])["tags"],
+        serde_json::json!(["production"])
+    );
+    // A strong model evaluated on other data: production is re-evaluated
+    // on that data before comparing, and loses.
+    let mut args = vec!["--set", "General/test_dataset_id=occ/eval2"];
+    args.extend_from_slice(&gate);
+    let strong = base_task(&s, &args);
+    let out = s.dsv(&["task", "run", &strong]);
+    assert!(
+        stderr(&out).contains("promoted: test/accuracy"),
+        "{}",
+        stderr(&out)
+    );
+    let strong_model = s.json(&["task", "show", &strong])["models"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        s.json(&["model", "show", &strong_model])["tags"],
+        serde_json::json!(["production"])
+    );
+    assert_eq!(
+        s.json(&["model", "show", &weak_model])["tags"],
+        serde_json::json!(["previous"])
+    );
+    // The weak one again: not promoted.
+    let again = s.json(&["task", "clone", &weak])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = s.dsv(&["task", "run", &again]);
+    assert!(stderr(&out).contains("not promoted"), "{}", stderr(&out));
+    let m = s.json(&["task", "show", &again])["models"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        s.json(&["model", "show", &m])["tags"],
+        serde_json::json!([])
+    );
+}

@@ -52,6 +52,13 @@ pub struct CreateArgs {
     /// Parameters: SECTION/KEY=VALUE (e.g. General/dataset_id=…, Model/max_depth=3).
     #[arg(long = "set", value_name = "SECTION/KEY=VALUE")]
     set: Vec<String>,
+    /// Evaluation gate: when the task completes, promote its model to
+    /// `production` if it beats the current one on METRIC (same evaluation data).
+    #[arg(long, value_name = "METRIC")]
+    promote_if_better: Option<String>,
+    /// Improvement required by --promote-if-better.
+    #[arg(long, default_value_t = 0.0, requires = "promote_if_better")]
+    promote_margin: f64,
 }
 
 /// `task clone`.
@@ -274,6 +281,10 @@ pub fn task(ctx: &Ctx, cmd: TaskCmd) -> Result<(), CliError> {
         TaskCmd::Create(a) => {
             let (project, name) = dsv::rev::parse_dataset_name(&a.name)?;
             let mut params = parse_sets(&a.set)?;
+            if let Some(m) = &a.promote_if_better {
+                params.insert("Promote/metric".into(), m.clone());
+                params.insert("Promote/margin".into(), a.promote_margin.to_string());
+            }
             let kind = if let Some(m) = &a.trainer {
                 if !dsv_train::MODELS.contains(&m.as_str()) {
                     return Err(CliError::user(format!(
@@ -555,7 +566,24 @@ fn execute(repo: &Repo, t: &Task, stop: &Arc<AtomicBool>) -> Result<Task, CliErr
         finish.status.map(|s| s.as_str()).unwrap_or("completed")
     ));
     finish.log = log.take();
-    Ok(repo.finish_task(&t.id, finish)?)
+    let done = repo.finish_task(&t.id, finish)?;
+    // The evaluation gate of --promote-if-better.
+    if let (Some(metric), Some(model), TaskStatus::Completed) = (
+        done.params.get("Promote/metric"),
+        done.models.first(),
+        done.status,
+    ) {
+        let margin = done
+            .params
+            .get("Promote/margin")
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0.0);
+        let eval = crate::triggers::evaluator(repo);
+        let d = repo.promotion_decision(model, metric, margin, &eval)?;
+        repo.apply_promotion(&d)?;
+        eprintln!("{}: {}", short(&done.id), d.2);
+    }
+    Ok(done)
 }
 
 fn run_trainer(repo: &Repo, t: &Task, log: &LogBuf) -> Finish {

@@ -194,9 +194,9 @@ fn metric_of(m: &dsv_train::Metrics, name: &str) -> Option<f64> {
     })
 }
 
-/// Processes pending events once; prints firings.
-pub fn process(ctx: &Ctx, repo: &Repo) -> Result<Vec<dsv::Firing>, CliError> {
-    let eval = |prod: &Model, ev: &str, metric: &str| -> Option<f64> {
+/// Evaluates a stored model on an evaluation version (hex id): `metric`'s value.
+pub fn evaluator(repo: &Repo) -> impl Fn(&Model, &str, &str) -> Option<f64> + '_ {
+    move |prod: &Model, ev: &str, metric: &str| -> Option<f64> {
         let body: dsv_train::FittedModel =
             serde_json::from_slice(&repo.model_body(prod).ok()?).ok()?;
         let v = repo.resolve(ev).ok()?;
@@ -211,7 +211,12 @@ pub fn process(ctx: &Ctx, repo: &Repo) -> Result<Vec<dsv::Firing>, CliError> {
         )
         .ok()?;
         metric_of(&body.evaluate(&t).ok()?, metric)
-    };
+    }
+}
+
+/// Processes pending events once; prints firings.
+pub fn process(ctx: &Ctx, repo: &Repo) -> Result<Vec<dsv::Firing>, CliError> {
+    let eval = evaluator(repo);
     let fired = repo.run_triggers(&eval)?;
     if !ctx.json {
         for f in &fired {

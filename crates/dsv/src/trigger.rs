@@ -275,7 +275,85 @@ fn subject_of(e: &Event) -> String {
 /// a new one on the same data when their evaluation data differ.
 pub type Evaluate<'a> = &'a dyn Fn(&Model, &str, &str) -> Option<f64>;
 
+/// A promotion decision: (new model, `Some(previous production id or "")`
+/// when it is to be promoted, explanation).
+pub type Decision = (String, Option<String>, String);
+
 impl Repo {
+    /// Compares model `new_id` with the production model of its project on
+    /// the same evaluation data (re-evaluating production through
+    /// `evaluate` when their evaluation versions differ).
+    pub fn promotion_decision(
+        &self,
+        new_id: &str,
+        metric: &str,
+        margin: f64,
+        evaluate: Evaluate<'_>,
+    ) -> Result<Decision> {
+        let new = self.model(new_id)?;
+        let prod = self
+            .models(Some("production"))?
+            .into_iter()
+            .find(|m| m.project == new.project && m.id != new.id);
+        let Some(s) = new.metrics.get(metric).copied() else {
+            return Ok((
+                new.id,
+                None,
+                format!("not promoted: the model has no metric '{metric}'"),
+            ));
+        };
+        let Some(p) = prod else {
+            return Ok((
+                new.id,
+                Some(String::new()),
+                format!("promoted: first production model ({metric} {s:.4})"),
+            ));
+        };
+        let same_eval = p.datasets.get(1).is_some() && p.datasets.get(1) == new.datasets.get(1);
+        let old = if same_eval {
+            p.metrics.get(metric).copied()
+        } else {
+            new.datasets.get(1).and_then(|ev| evaluate(&p, ev, metric))
+        };
+        Ok(match old {
+            Some(o) if s > o + margin => (
+                new.id,
+                Some(p.id.clone()),
+                format!("promoted: {metric} {s:.4} > production {o:.4} + {margin}"),
+            ),
+            Some(o) => (
+                new.id,
+                None,
+                format!("not promoted: {metric} {s:.4} vs production {o:.4} (margin {margin})"),
+            ),
+            None => (
+                new.id,
+                None,
+                "not promoted: production could not be evaluated on the same data".into(),
+            ),
+        })
+    }
+
+    /// Applies a decision: tags the new model `production` and the previous
+    /// one `previous` in one write with one model event. Returns whether it
+    /// promoted.
+    pub fn apply_promotion(&self, d: &Decision) -> Result<bool> {
+        let (new, old, _) = d;
+        let Some(old) = old else { return Ok(false) };
+        self.write(|kv| {
+            let mut b = Batch::default();
+            let mut ev = EventWriter::new(kv)?;
+            crate::task::promote_batch(
+                kv,
+                &mut b,
+                &mut ev,
+                new,
+                (!old.is_empty()).then_some(old.as_str()),
+            )?;
+            Ok((b, true))
+        })
+    }
+
     /// Adds a trigger; it sees events from now on.
     pub fn add_trigger(&self, mut t: Trigger) -> Result<Trigger> {
         dsv_store::store::validate_label(&t.name, "trigger name")?;
@@ -410,38 +488,7 @@ impl Repo {
             if t.matches(e) {
                 if let Action::Promote { metric, margin } = &t.action {
                     let new_id = e.extra.get("model").and_then(|x| x.as_str()).unwrap_or("");
-                    let new = self.model(new_id)?;
-                    let prod = self
-                        .models(Some("production"))?
-                        .into_iter()
-                        .find(|m| m.project == new.project && m.id != new.id);
-                    let new_score = new.metrics.get(metric).copied();
-                    decision = Some(match (prod, new_score) {
-                        (_, None) => (
-                            new.id.clone(),
-                            None,
-                            format!("not promoted: the model has no metric '{metric}'"),
-                        ),
-                        (None, Some(s)) => (
-                            new.id.clone(),
-                            Some(String::new()),
-                            format!("promoted: first production model ({metric} {s:.4})"),
-                        ),
-                        (Some(p), Some(s)) => {
-                            let same_eval = p.datasets.get(1).is_some()
-                                && p.datasets.get(1) == new.datasets.get(1);
-                            let old = if same_eval {
-                                p.metrics.get(metric).copied()
-                            } else {
-                                new.datasets.get(1).and_then(|ev| evaluate(&p, ev, metric))
-                            };
-                            match old {
-                                Some(o) if s > o + margin => (new.id.clone(), Some(p.id.clone()), format!("promoted: {metric} {s:.4} > production {o:.4} + {margin}")),
-                                Some(o) => (new.id.clone(), None, format!("not promoted: {metric} {s:.4} vs production {o:.4} (margin {margin})")),
-                                None => (new.id.clone(), None, "not promoted: production could not be evaluated on the same data".into()),
-                            }
-                        }
-                    });
+                    decision = Some(self.promotion_decision(new_id, metric, *margin, evaluate)?);
                 }
             }
         }
