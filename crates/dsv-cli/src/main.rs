@@ -6,6 +6,7 @@
 
 mod dataset;
 mod error;
+mod events_cmd;
 mod output;
 mod plumbing;
 mod readside;
@@ -66,6 +67,8 @@ enum Command {
     /// Triggers: add, list, remove, history, run.
     #[command(subcommand)]
     Trigger(triggers::TriggerCmd),
+    /// The event log, oldest first (what triggers consume).
+    Events(events_cmd::EventsArgs),
     /// The cache of read-only copies: list, size, prune, budget.
     #[command(subcommand)]
     Cache(readside::CacheCmd),
@@ -100,6 +103,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Agent(_) => "agent",
         Command::Model(_) => "model",
         Command::Trigger(_) => "trigger",
+        Command::Events(_) => "events",
     };
     let ctx = Ctx {
         repo: cli.repo.clone(),
@@ -120,6 +124,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Agent(a) => tasks::agent(&ctx, a),
         Command::Model(c) => tasks::model(&ctx, c),
         Command::Trigger(c) => triggers::trigger(&ctx, c),
+        Command::Events(a) => events_cmd::events(&ctx, a),
     }
 }
 
