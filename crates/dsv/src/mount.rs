@@ -95,7 +95,6 @@ impl ChunkCache {
 /// The file system of one version.
 pub struct VersionFs {
     repo: Arc<Repo>,
-    root_tree: ObjectId,
     root_size: u64,
     file_count: u64,
     created: SystemTime,
@@ -108,10 +107,9 @@ pub struct VersionFs {
     on_destroy: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
-fn err_of(e: &dyn std::fmt::Display) -> Errno {
-    // Every store failure is an I/O error to the reader; the details go to
-    // the mount's log through the caller's tracing setup.
-    let _ = e.to_string();
+/// Every store failure reaches the reader as an I/O error (a damaged chunk
+/// never returns wrong bytes: reads verify each chunk's hash).
+fn err_of(_e: &dyn std::fmt::Display) -> Errno {
     Errno::EIO
 }
 
@@ -120,7 +118,7 @@ impl VersionFs {
     pub fn new(repo: Arc<Repo>, v: &DatasetVersion, opts: &MountOptions) -> Result<VersionFs> {
         let root_tree = repo.store().version(&v.id)?.object.root;
         let created = UNIX_EPOCH + Duration::from_millis(v.created_ms.max(0) as u64);
-        // SAFETY-free: getuid/getgid cannot fail.
+        // The mounting process's ids, read from /proc (no unsafe libc calls).
         let (uid, gid) = current_ids();
         let root = Node {
             parent: 1,
@@ -136,7 +134,6 @@ impl VersionFs {
         };
         Ok(VersionFs {
             repo,
-            root_tree,
             root_size: v.total_bytes,
             file_count: v.file_count,
             created,
@@ -527,7 +524,6 @@ pub fn mount(
     check_mountpoint(mountpoint)?;
     let fs = VersionFs::new(repo, v, opts)?;
     fs.on_destroy(on_end);
-    let _ = fs.root_tree;
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::RO,
