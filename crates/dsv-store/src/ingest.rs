@@ -156,15 +156,16 @@ fn scan_dir(dir: &Path, rel: &[u8], opts: &IngestOptions<'_>) -> Result<RawScan>
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::input("stat", ent.path(), e)),
         };
-        names.push((ent.file_name().as_bytes().to_vec(), ent.path(), ft));
+        names.push((ent.file_name().as_bytes().to_vec(), ent, ft));
     }
     names.sort_by(|a, b| a.0.cmp(&b.0));
     let results: Vec<Result<Option<RawItem>>> = names
         .into_par_iter()
-        .map(|(name, path, ft)| -> Result<Option<RawItem>> {
+        .map(|(name, ent, ft)| -> Result<Option<RawItem>> {
+            let path = ent.path();
             validate_name(&name)
                 .map_err(|why| Error::Invalid(format!("cannot store {}: {why}", path.display())))?;
-            let rel_path = tree::join(rel, &name);
+            let rel_path = || tree::join(rel, &name);
             if ft.is_dir() {
                 if !opts.recursive {
                     return Ok(None);
@@ -174,7 +175,7 @@ fn scan_dir(dir: &Path, rel: &[u8], opts: &IngestOptions<'_>) -> Result<RawScan>
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                     Err(e) => return Err(Error::input("stat", &path, e)),
                 };
-                let scan = scan_dir(&path, &rel_path, opts)?;
+                let scan = scan_dir(&path, &rel_path(), opts)?;
                 return Ok(Some(RawItem::Dir {
                     name,
                     mode: meta.mode() & 0o7777,
@@ -182,7 +183,7 @@ fn scan_dir(dir: &Path, rel: &[u8], opts: &IngestOptions<'_>) -> Result<RawScan>
                 }));
             }
             if let Some(f) = opts.filter {
-                if !f(&rel_path) {
+                if !f(&rel_path()) {
                     return Ok(None);
                 }
             }
@@ -205,7 +206,8 @@ fn scan_dir(dir: &Path, rel: &[u8], opts: &IngestOptions<'_>) -> Result<RawScan>
                 }));
             }
             if ft.is_file() {
-                let meta = match std::fs::symlink_metadata(&path) {
+                // Relative to the open directory (fstatat), not a path walk.
+                let meta = match ent.metadata() {
                     Ok(m) => m,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                     Err(e) => return Err(Error::input("stat", &path, e)),
@@ -514,24 +516,29 @@ impl Store {
         let kv = self.reader();
         let generation = Self::gc_generation(&*kv)?;
         let started = now_ns();
-        let raw = scan_dir(&abs, b"", opts)?;
-        let mut scan = ScanOut::default();
-        let dir = flatten(raw, &mut scan, opts.filter.is_none());
-
-        // Stat cache: one ordered scan over the folder's key range.
+        // The folder scan and the stat cache's ordered scan over the
+        // folder's key range run at the same time.
         let mut prefix = abs.as_os_str().as_bytes().to_vec();
         if !prefix.ends_with(b"/") {
             prefix.push(b'/');
         }
-        let mut cache: HashMap<Vec<u8>, StatEntry> = HashMap::new();
-        if !scan.jobs.is_empty() {
-            kv.scan(Cf::StatCache, &prefix, &mut |k, v| {
-                if let Ok(s) = StatEntry::decode(v) {
-                    cache.insert(k.to_vec(), s);
-                }
-                Ok(true)
-            })?;
-        }
+        let (raw, cache) = rayon::join(
+            || scan_dir(&abs, b"", opts),
+            || -> Result<HashMap<Vec<u8>, StatEntry>> {
+                let mut cache = HashMap::new();
+                kv.scan(Cf::StatCache, &prefix, &mut |k, v| {
+                    if let Ok(s) = StatEntry::decode(v) {
+                        cache.insert(k.to_vec(), s);
+                    }
+                    Ok(true)
+                })?;
+                Ok(cache)
+            },
+        );
+        let raw = raw?;
+        let cache = cache?;
+        let mut scan = ScanOut::default();
+        let dir = flatten(raw, &mut scan, opts.filter.is_none());
 
         let session = Session {
             store: self,
