@@ -69,6 +69,9 @@ for sc in $SCENARIOS; do
     # Each tool gets a fresh copy of the data when the scenario edits it.
     src="$data"
     if [ "$sc" != small ]; then src="$WORK/$sc/$tool-data"; rm -rf "$src"; cp -a "$data" "$src"; fi
+    # Flush the copy (and the previous tool's repository) first: otherwise the
+    # kernel writes that gigabyte back during the next tool's ingest.
+    sync
     repo="$WORK/$sc/$tool-repo"
     init "$tool" "$repo" "$src"
     read -r secs rss < <(ingest "$tool" "$repo" "$src")
