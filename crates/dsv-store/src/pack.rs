@@ -149,41 +149,48 @@ impl PackWriter {
         Ok(())
     }
 
-    /// Appends one stored chunk; returns where it went.
+    /// Appends one stored chunk; returns where it went. A pack that
+    /// reached its target size is fsynced after the lock is released, so
+    /// the other threads keep appending meanwhile.
     pub fn append(&self, id: &ChunkId, codec: u8, raw_len: u32, data: &[u8]) -> Result<ChunkLoc> {
-        let mut cur = self
-            .current
-            .lock()
-            .map_err(|_| Error::Kv("pack writer poisoned".into()))?;
-        if cur.as_ref().is_some_and(|p| p.len >= self.target_size) {
-            if let Some(full) = cur.take() {
-                self.seal(full)?;
+        let mut full = None;
+        let loc = {
+            let mut cur = self
+                .current
+                .lock()
+                .map_err(|_| Error::Kv("pack writer poisoned".into()))?;
+            if cur.as_ref().is_some_and(|p| p.len >= self.target_size) {
+                full = cur.take();
             }
+            if cur.is_none() {
+                *cur = Some(self.open_new()?);
+            }
+            let p = cur.as_mut().expect("set above because it was None");
+            let offset = p.len;
+            let mut head = [0u8; RECORD_HEADER_LEN as usize];
+            head[0] = codec;
+            head[1..5].copy_from_slice(&raw_len.to_le_bytes());
+            head[5..9].copy_from_slice(&(data.len() as u32).to_le_bytes());
+            head[9..41].copy_from_slice(id.as_bytes());
+            p.out
+                .write_all(&head)
+                .map_err(|e| Error::io("write pack", &p.path, e))?;
+            p.out
+                .write_all(data)
+                .map_err(|e| Error::io("write pack", &p.path, e))?;
+            p.len += RECORD_HEADER_LEN + data.len() as u64;
+            ChunkLoc {
+                pack: p.id,
+                offset,
+                stored_len: data.len() as u32,
+                raw_len,
+                codec,
+            }
+        };
+        if let Some(f) = full {
+            self.seal(f)?;
         }
-        if cur.is_none() {
-            *cur = Some(self.open_new()?);
-        }
-        let p = cur.as_mut().expect("set above because it was None");
-        let offset = p.len;
-        let mut head = [0u8; RECORD_HEADER_LEN as usize];
-        head[0] = codec;
-        head[1..5].copy_from_slice(&raw_len.to_le_bytes());
-        head[5..9].copy_from_slice(&(data.len() as u32).to_le_bytes());
-        head[9..41].copy_from_slice(id.as_bytes());
-        p.out
-            .write_all(&head)
-            .map_err(|e| Error::io("write pack", &p.path, e))?;
-        p.out
-            .write_all(data)
-            .map_err(|e| Error::io("write pack", &p.path, e))?;
-        p.len += RECORD_HEADER_LEN + data.len() as u64;
-        Ok(ChunkLoc {
-            pack: p.id,
-            offset,
-            stored_len: data.len() as u32,
-            raw_len,
-            codec,
-        })
+        Ok(loc)
     }
 
     /// Flushes and fsyncs every pack (and the folder); the packs stay locked
