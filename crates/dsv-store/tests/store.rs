@@ -718,3 +718,34 @@ fn gc_removes_orphan_packs_but_not_ones_a_writer_holds() {
         "young orphans are left for their writer"
     );
 }
+
+#[test]
+fn an_ambiguous_id_prefix_is_an_error_naming_the_candidates() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = mem_store(dir.path(), MemKv::new(), RepoConfig::default());
+    // Two live versions whose ids share their first 4 bytes (8 hex digits).
+    let mut a = [0x11u8; 32];
+    let mut b = [0x11u8; 32];
+    a[4] = 0xaa;
+    b[4] = 0xbb;
+    let (a, b) = (dsv_store::VersionId(a), dsv_store::VersionId(b));
+    store
+        .write(|_| {
+            let mut batch = dsv_store::Batch::default();
+            for id in [&a, &b] {
+                batch.put(
+                    dsv_store::Cf::Roots,
+                    dsv_store::schema::root_version_key(id),
+                    0i64.to_le_bytes().to_vec(),
+                );
+            }
+            Ok((batch, ()))
+        })
+        .unwrap();
+    let e = store.resolve_version_prefix("11111111").unwrap_err();
+    assert!(matches!(e, dsv_store::Error::Ambiguous { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("11111111"), "{msg}");
+    assert_eq!(store.resolve_version_prefix("11111111aa").unwrap(), a);
+    assert_eq!(store.resolve_version_prefix("11111111bb").unwrap(), b);
+}
