@@ -543,10 +543,23 @@ fn execute(repo: &Repo, t: &Task, stop: &Arc<AtomicBool>) -> Result<Task, CliErr
             }
         })
     };
-    let mut finish = match t.kind.as_str() {
+    // A panic in a model library must fail the task, not kill the agent
+    // with the task left running.
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match t.kind.as_str() {
         "trainer" => run_trainer(repo, t, &log),
         _ => run_command(repo, t, &log, &abort),
-    };
+    }));
+    let mut finish = run.unwrap_or_else(|p| Finish {
+        status: Some(TaskStatus::Failed),
+        error: Some(format!(
+            "the trainer crashed: {}",
+            p.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into())
+        )),
+        ..Default::default()
+    });
     finished.store(true, Ordering::Release);
     let _ = hb.join();
     if finish.status == Some(TaskStatus::Aborted) {
