@@ -196,8 +196,8 @@ fn task_thresholds_and_promotion() {
         "promote",
         "--project",
         "occ",
+        // cli.md's form: `--promote` alone compares test/accuracy.
         "--promote",
-        "test/accuracy",
     ]);
     // The worse model first: it becomes production (there is none yet).
     assert!(s.dsv(&["task", "run", &bad]).status.success());

@@ -98,8 +98,10 @@ pub struct TaskTrig {
     /// Fire when the metric is below this.
     #[arg(long, group = "bound", requires = "metric")]
     below: Option<f64>,
-    /// Promote the task's model when it beats production on this metric (instead of --clone).
-    #[arg(long, value_name = "METRIC", conflicts_with = "clone")]
+    /// Promote the task's model when it beats production on METRIC
+    /// (default test/accuracy), instead of --clone.
+    #[arg(long, value_name = "METRIC", conflicts_with = "clone", num_args = 0..=1,
+          default_missing_value = "test/accuracy")]
     promote: Option<String>,
     /// Improvement required to promote.
     #[arg(long, default_value_t = 0.0)]
