@@ -418,3 +418,45 @@ fn promote_if_better_gates_a_task_on_the_same_evaluation_data() {
         serde_json::json!([])
     );
 }
+
+#[test]
+fn the_event_log_lists_what_happened_in_order() {
+    let s = Sandbox::new();
+    assert_eq!(s.json(&["events", "--last"])["last"], 0);
+    let v = sync_file(&s, "occ/eval", "eval", "datatest.txt", "x");
+    let t = base_task(&s, &[]);
+    s.json(&["task", "enqueue", &t]);
+    let ev = s.json(&["events"]);
+    let kinds: Vec<&str> = ev
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            "dataset_created",
+            "version_finalized",
+            "task_status",
+            "task_status"
+        ]
+    );
+    let seqs: Vec<u64> = ev
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    assert_eq!(ev[1]["version_id"], v.as_str());
+    assert_eq!(ev[3]["extra"]["status"], "queued");
+    assert_eq!(s.json(&["events", "--last"])["last"], 4);
+    assert_eq!(
+        s.json(&["events", "--after", "3"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
