@@ -252,35 +252,56 @@ fn a_version_sharing_files_materializes_only_what_is_new() {
 
 #[test]
 fn concurrent_gets_of_one_version_agree() {
-    let (s, id) = occupancy_repo();
-    let children: Vec<_> = (0..4)
-        .map(|_| {
-            s.cmd(&["--json", "dataset", "get", &id])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let mut paths = BTreeSet::new();
-    for c in children {
-        let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        paths.insert(v["path"].as_str().unwrap().to_string());
+    let (s, _) = occupancy_repo();
+    // Many files, so that processes race on the same content files.
+    for i in 0..40 {
+        std::fs::write(
+            s.path(&format!("data/blob-{i}.bin")),
+            noise(100 + i, 50_000),
+        )
+        .unwrap();
     }
-    assert_eq!(paths.len(), 1);
-    let p = PathBuf::from(paths.into_iter().next().unwrap());
-    files_equal(&occupancy_dir(), &p);
-    // No half-built folders or stray temporary files are left behind.
-    let list = s.json(&["cache", "list"]);
-    assert_eq!(names(&list).len(), 1);
-    let leftovers: Vec<_> = std::fs::read_dir(s.repo().join(".dsv/cache/versions"))
+    let id = s.json(&["dataset", "sync", "uci/occupancy", "data"])["id"]
+        .as_str()
         .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .filter(|n| n.to_string_lossy().starts_with('.'))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+        .to_string();
+    for _round in 0..4 {
+        s.json(&["cache", "prune", "--max-bytes", "0"]);
+        let children: Vec<_> = (0..8)
+            .map(|_| {
+                s.cmd(&["--json", "dataset", "get", &id])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let mut paths = BTreeSet::new();
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", stderr(&out));
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            paths.insert(v["path"].as_str().unwrap().to_string());
+        }
+        assert_eq!(paths.len(), 1);
+        let p = PathBuf::from(paths.into_iter().next().unwrap());
+        files_equal(&occupancy_dir(), &p);
+        for i in 0..40 {
+            assert_eq!(
+                std::fs::read(p.join(format!("blob-{i}.bin"))).unwrap(),
+                noise(100 + i, 50_000)
+            );
+        }
+        // No half-built folders or stray temporary files are left behind.
+        let list = s.json(&["cache", "list"]);
+        assert_eq!(names(&list).len(), 1);
+        let leftovers: Vec<_> = std::fs::read_dir(s.repo().join(".dsv/cache/versions"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
 }
 
 #[test]

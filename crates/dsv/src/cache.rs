@@ -912,7 +912,25 @@ impl Repo {
                     .and_then(|_| f.set_modified(seal_time()))
                     .map_err(|e| io_err("seal", &tmp, e))?;
                 drop(f);
-                fs::rename(&tmp, &dest).map_err(|e| io_err("rename", &dest, e))?;
+                // Publish without replacing a sealed copy another process
+                // published meanwhile: replacing it would orphan the inode
+                // that process may be linking (linkat then fails ENOENT).
+                match fs::hard_link(&tmp, &dest) {
+                    Ok(()) => {
+                        let _ = fs::remove_file(&tmp);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        if Cache::content_ok(&dest, n) {
+                            let _ = fs::remove_file(&tmp);
+                        } else {
+                            // A copy that lost its seal: replace it.
+                            fs::rename(&tmp, &dest).map_err(|e| io_err("rename", &dest, e))?;
+                        }
+                    }
+                    Err(_) => {
+                        fs::rename(&tmp, &dest).map_err(|e| io_err("rename", &dest, e))?;
+                    }
+                }
                 opts.progress.advance(n);
                 Ok(())
             })?;
@@ -934,7 +952,20 @@ impl Repo {
                     Node::File { path, id, mode, .. } => {
                         let src = cache.content_path(id, *mode);
                         let dst = rel(&build, path);
-                        if let Err(e) = fs::hard_link(&src, &dst) {
+                        let mut linked = fs::hard_link(&src, &dst);
+                        // ENOENT: the content file was being replaced (a
+                        // copy that had lost its seal); its new inode is
+                        // published by a rename, so look it up again.
+                        for _ in 0..3 {
+                            match &linked {
+                                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                                    std::thread::yield_now();
+                                    linked = fs::hard_link(&src, &dst);
+                                }
+                                _ => break,
+                            }
+                        }
+                        if let Err(e) = linked {
                             // Too many links, or a filesystem without them.
                             copy_instead_of_link(&src, &dst, *mode & 0o555, e)?;
                         }
