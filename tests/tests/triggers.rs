@@ -77,6 +77,15 @@ fn a_trigger_fires_once_per_matching_version_with_templated_overrides() {
         .as_array()
         .unwrap()
         .is_empty());
+    // Events the trigger ignores still move its cursor (in one write).
+    sync_file(&s, "occ/other", "other", "datatraining.txt", "reviewed");
+    assert!(s
+        .json(&["trigger", "run", "--once"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let last = s.json(&["events", "--last"])["last"].clone();
+    assert_eq!(s.json(&["trigger", "list"])[0]["cursor"], last);
     let h = launched(&s, "retrain");
     let subjects: Vec<&str> = h.iter().map(|f| f["subject"].as_str().unwrap()).collect();
     assert_eq!(subjects, vec![v1.as_str(), v3.as_str()]);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use dsv::{CacheConfig, GetLocalOptions, PruneOptions, Repo};
+use dsv::{GetLocalOptions, PruneOptions, Repo};
 
 use crate::error::CliError;
 use crate::output::{self, Bar};
@@ -430,7 +430,7 @@ pub fn cache(ctx: &Ctx, cmd: CacheCmd) -> Result<(), CliError> {
                 } else {
                     Some(parse_bytes(&v).map_err(CliError::user)?)
                 };
-                cache.set_config(&CacheConfig { ..c.clone() })?;
+                cache.set_config(&c)?;
                 if let Some(max) = c.max_bytes {
                     cache.prune(&PruneOptions {
                         max_bytes: Some(max),
@@ -450,22 +450,6 @@ pub fn cache(ctx: &Ctx, cmd: CacheCmd) -> Result<(), CliError> {
             Ok(())
         }
     }
-}
-
-/// Frees cached copies of versions that no longer exist (part of `dsv gc`).
-pub fn gc_cache(repo: &Repo, dry_run: bool) -> Result<dsv::PruneReport, CliError> {
-    let cache = repo.cache();
-    let mut gone = Vec::new();
-    for e in cache.entries()? {
-        if !repo.store().version_exists(&e.version)? && !gone.contains(&e.version) {
-            gone.push(e.version);
-        }
-    }
-    Ok(cache.prune(&PruneOptions {
-        versions: gone,
-        dry_run,
-        ..Default::default()
-    })?)
 }
 
 #[cfg(test)]

@@ -126,7 +126,7 @@ pub fn gc(ctx: &Ctx, a: GcArgs) -> Result<(), CliError> {
     let store = repo::open(ctx)?;
     let r = store.gc(GcOptions::default(), a.dry_run)?;
     let repo = dsv::Repo::from_store(store);
-    let c = crate::readside::gc_cache(&repo, a.dry_run)?;
+    let c = repo.prune_cache_of_deleted(a.dry_run)?;
     if ctx.json {
         let mut v = serde_json::to_value(&r).map_err(|e| CliError::repo(e.to_string()))?;
         v["cache_entries_removed"] = serde_json::json!(c.removed.len());

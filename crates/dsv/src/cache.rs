@@ -529,6 +529,29 @@ impl Cache {
         }
     }
 
+    fn read_meta(&self, name: &str) -> Option<EntryMeta> {
+        fs::read(self.meta_dir().join(format!("{name}.json")))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    }
+
+    /// The existing entry `name` as a copy handed to a caller: marks its
+    /// use, pins it when asked.
+    fn hand_out(&self, name: &str, files: u64, bytes: u64, pin: bool) -> Result<LocalCopy> {
+        self.touch_used(name);
+        Ok(LocalCopy {
+            pin: if pin { Some(self.pin(name)?) } else { None },
+            path: self.versions_dir().join(name),
+            name: name.to_string(),
+            files,
+            bytes,
+            cached: true,
+            materialized_files: 0,
+            materialized_bytes: 0,
+            evicted: Vec::new(),
+        })
+    }
+
     /// Every cached copy, least recently used first.
     pub fn entries(&self) -> Result<Vec<CacheEntry>> {
         let vdir = self.versions_dir();
@@ -548,9 +571,7 @@ impl Cache {
             let Ok(version) = hex.parse::<VersionId>() else {
                 continue;
             };
-            let meta: Option<EntryMeta> = fs::read(self.meta_dir().join(format!("{name}.json")))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
+            let meta = self.read_meta(&name);
             let used = fs::metadata(self.meta_dir().join(format!("{name}.used")))
                 .and_then(|m| m.modified())
                 .ok()
@@ -757,6 +778,23 @@ impl Repo {
         Cache::new(self.store().dir())
     }
 
+    /// Removes the cached copies of versions that no longer exist (the
+    /// cache part of `gc`).
+    pub fn prune_cache_of_deleted(&self, dry_run: bool) -> Result<PruneReport> {
+        let cache = self.cache();
+        let mut gone = Vec::new();
+        for e in cache.entries()? {
+            if !self.store().version_exists(&e.version)? && !gone.contains(&e.version) {
+                gone.push(e.version);
+            }
+        }
+        cache.prune(&PruneOptions {
+            versions: gone,
+            dry_run,
+            ..Default::default()
+        })
+    }
+
     /// A read-only materialized copy of a version (or of the files matching
     /// `include`) in the cache: content files are shared by every version
     /// that has them, the version's folder is made of hard links. A second
@@ -769,26 +807,13 @@ impl Repo {
         {
             let _shared = cache.lock(false)?;
             if path.is_dir() {
-                cache.touch_used(&name);
-                let meta: Option<EntryMeta> =
-                    fs::read(cache.meta_dir().join(format!("{name}.json")))
-                        .ok()
-                        .and_then(|b| serde_json::from_slice(&b).ok());
-                return Ok(LocalCopy {
-                    pin: if opts.pin {
-                        Some(cache.pin(&name)?)
-                    } else {
-                        None
-                    },
-                    path,
-                    name,
-                    files: meta.as_ref().map(|m| m.files).unwrap_or(v.file_count),
-                    bytes: meta.as_ref().map(|m| m.bytes).unwrap_or(v.total_bytes),
-                    cached: true,
-                    materialized_files: 0,
-                    materialized_bytes: 0,
-                    evicted: Vec::new(),
-                });
+                let meta = cache.read_meta(&name);
+                return cache.hand_out(
+                    &name,
+                    meta.as_ref().map(|m| m.files).unwrap_or(v.file_count),
+                    meta.as_ref().map(|m| m.bytes).unwrap_or(v.total_bytes),
+                    opts.pin,
+                );
             }
         }
         let filter = PathPattern::new(&opts.include)?;
@@ -865,22 +890,7 @@ impl Repo {
         let final_path = cache.versions_dir().join(name);
         if final_path.is_dir() {
             // Built by another process while we listed.
-            cache.touch_used(name);
-            return Ok(LocalCopy {
-                pin: if opts.pin {
-                    Some(cache.pin(name)?)
-                } else {
-                    None
-                },
-                path: final_path,
-                name: name.to_string(),
-                files: listing.files,
-                bytes: listing.bytes,
-                cached: true,
-                materialized_files: 0,
-                materialized_bytes: 0,
-                evicted: Vec::new(),
-            });
+            return cache.hand_out(name, listing.files, listing.bytes, opts.pin);
         }
         // 1. Content files that are missing or lost their seal.
         let missing: Vec<(ObjectId, bool, u64)> = unique
@@ -1016,22 +1026,11 @@ impl Repo {
                 return Err(io_err("rename", &final_path, e));
             }
         };
-        cache.touch_used(name);
-        Ok(LocalCopy {
-            pin: if opts.pin {
-                Some(cache.pin(name)?)
-            } else {
-                None
-            },
-            path: final_path,
-            name: name.to_string(),
-            files: listing.files,
-            bytes: listing.bytes,
-            cached: !won,
-            materialized_files: missing.len() as u64,
-            materialized_bytes: missing.iter().map(|m| m.2).sum(),
-            evicted: Vec::new(),
-        })
+        let mut copy = cache.hand_out(name, listing.files, listing.bytes, opts.pin)?;
+        copy.cached = !won;
+        copy.materialized_files = missing.len() as u64;
+        copy.materialized_bytes = missing.iter().map(|m| m.2).sum();
+        Ok(copy)
     }
 
     /// A mutable copy of a version (or of the files matching `include`) in

@@ -142,6 +142,34 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(v: &[u8], what: &str) ->
     serde_json::from_slice(v).map_err(|e| Error::corrupted(what, e))
 }
 
+/// Decodes every JSON record under `prefix` in the `app` column family,
+/// keeping those `keep` accepts; a record that does not decode is an error
+/// naming `what`.
+pub(crate) fn scan_json<T: serde::de::DeserializeOwned>(
+    kv: &dyn dsv_store::KvRead,
+    prefix: &[u8],
+    what: &str,
+    mut keep: impl FnMut(&T) -> bool,
+) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    let mut err = None;
+    kv.scan(dsv_store::Cf::App, prefix, &mut |_, v| {
+        match from_json::<T>(v, what) {
+            Ok(t) => {
+                if keep(&t) {
+                    out.push(t);
+                }
+            }
+            Err(e) => {
+                err = Some(e);
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    err.map_or(Ok(out), Err)
+}
+
 /// Orders version strings: semantic versions by precedence above any
 /// non-semantic label; ties by creation time.
 pub fn version_order_key(version: &str, created_ms: i64) -> (bool, Option<semver::Version>, i64) {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventKind, EventWriter};
 use crate::keys;
-use crate::records::{from_json, to_json};
+use crate::records::{from_json, scan_json, to_json};
 use crate::repo::Repo;
 
 /// Where a task is in its life.
@@ -156,6 +156,57 @@ pub struct Task {
     pub log_chunks: u32,
 }
 
+impl Task {
+    /// A new draft: fresh id, no run state.
+    pub(crate) fn draft(
+        project: &str,
+        name: &str,
+        kind: &str,
+        command: Option<String>,
+        params: BTreeMap<String, String>,
+        parent: Option<String>,
+    ) -> Task {
+        Task {
+            id: new_id(),
+            project: project.to_string(),
+            name: name.to_string(),
+            kind: kind.to_string(),
+            command,
+            params,
+            status: TaskStatus::Draft,
+            parent,
+            inputs: Vec::new(),
+            metrics: BTreeMap::new(),
+            scalars: BTreeMap::new(),
+            models: Vec::new(),
+            artifacts: None,
+            artifact_files: Vec::new(),
+            queue: None,
+            created_ms: dsv_store::store::now_ms(),
+            queued_ms: None,
+            started_ms: None,
+            finished_ms: None,
+            heartbeat_ms: None,
+            agent: None,
+            error: None,
+            abort_requested: false,
+            log_chunks: 0,
+        }
+    }
+
+    /// A draft copy of this task (parent = this one) with `params`.
+    pub(crate) fn child(&self, name: &str, params: BTreeMap<String, String>) -> Task {
+        Task::draft(
+            &self.project,
+            name,
+            &self.kind,
+            self.command.clone(),
+            params,
+            Some(self.id.clone()),
+        )
+    }
+}
+
 /// A stored model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Model {
@@ -234,7 +285,7 @@ fn task_in(kv: &dyn KvRead, id: &str) -> Result<Task> {
     }
 }
 
-fn status_event(ev: &mut EventWriter, b: &mut Batch, t: &Task) {
+pub(crate) fn status_event(ev: &mut EventWriter, b: &mut Batch, t: &Task) {
     let mut e = Event::new(EventKind::TaskStatus);
     e.project = t.project.clone();
     e.name = t.name.clone();
@@ -314,32 +365,7 @@ impl Repo {
         for k in params.keys() {
             check_param_key(k)?;
         }
-        let t = Task {
-            id: new_id(),
-            project: project.to_string(),
-            name: name.to_string(),
-            kind: kind.to_string(),
-            command,
-            params,
-            status: TaskStatus::Draft,
-            parent: None,
-            inputs: Vec::new(),
-            metrics: BTreeMap::new(),
-            scalars: BTreeMap::new(),
-            models: Vec::new(),
-            artifacts: None,
-            artifact_files: Vec::new(),
-            queue: None,
-            created_ms: dsv_store::store::now_ms(),
-            queued_ms: None,
-            started_ms: None,
-            finished_ms: None,
-            heartbeat_ms: None,
-            agent: None,
-            error: None,
-            abort_requested: false,
-            log_chunks: 0,
-        };
+        let t = Task::draft(project, name, kind, command, params, None);
         self.write(|kv| {
             let mut b = Batch::default();
             b.put(Cf::App, task_key(&t.id), to_json(&t));
@@ -363,33 +389,7 @@ impl Repo {
             check_param_key(k)?;
             params.insert(k.clone(), v.clone());
         }
-        let t = Task {
-            id: new_id(),
-            name: name.unwrap_or(&src.name).to_string(),
-            params,
-            status: TaskStatus::Draft,
-            parent: Some(src.id.clone()),
-            created_ms: dsv_store::store::now_ms(),
-            ..src.clone()
-        };
-        let t = Task {
-            inputs: Vec::new(),
-            metrics: BTreeMap::new(),
-            scalars: BTreeMap::new(),
-            models: Vec::new(),
-            artifacts: None,
-            artifact_files: Vec::new(),
-            queue: None,
-            queued_ms: None,
-            started_ms: None,
-            finished_ms: None,
-            heartbeat_ms: None,
-            agent: None,
-            error: None,
-            abort_requested: false,
-            log_chunks: 0,
-            ..t
-        };
+        let t = src.child(name.unwrap_or(&src.name), params);
         crate::rev::parse_dataset_name(&format!("{}/{}", t.project, t.name))?;
         self.write(|kv| {
             let mut b = Batch::default();
@@ -410,27 +410,9 @@ impl Repo {
     /// Tasks, newest first, optionally of one project and/or status.
     pub fn tasks(&self, project: Option<&str>, status: Option<TaskStatus>) -> Result<Vec<Task>> {
         let kv = self.store().reader();
-        let mut out: Vec<Task> = Vec::new();
-        let mut err = None;
-        kv.scan(Cf::App, keys::TASK, &mut |_, v| {
-            match from_json::<Task>(v, "task") {
-                Ok(t) => {
-                    if project.is_none_or(|p| t.project == p)
-                        && status.is_none_or(|s| t.status == s)
-                    {
-                        out.push(t);
-                    }
-                }
-                Err(e) => {
-                    err = Some(e);
-                    return Ok(false);
-                }
-            }
-            Ok(true)
+        let mut out = scan_json(&*kv, keys::TASK, "task", |t: &Task| {
+            project.is_none_or(|p| t.project == p) && status.is_none_or(|s| t.status == s)
         })?;
-        if let Some(e) = err {
-            return Err(e);
-        }
         out.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
         Ok(out)
     }
@@ -450,13 +432,8 @@ impl Repo {
                     t.status.as_str()
                 )));
             }
-            let now = dsv_store::store::now_ms();
-            t.status = TaskStatus::Queued;
-            t.queue = Some(queue.to_string());
-            t.queued_ms = Some(now);
             let mut b = Batch::default();
-            b.put(Cf::App, queue_key(queue, now, &t.id), Vec::new());
-            b.put(Cf::App, task_key(&t.id), to_json(&t));
+            queue_batch(&mut b, &mut t, queue);
             let mut ev = EventWriter::new(kv)?;
             status_event(&mut ev, &mut b, &t);
             Ok((b, t))
@@ -717,19 +694,15 @@ impl Repo {
                 let mut ev = EventWriter::new(kv)?;
                 if requeue {
                     let q = t.queue.clone().unwrap_or_else(|| "default".into());
-                    let now = dsv_store::store::now_ms();
-                    t.status = TaskStatus::Queued;
-                    t.queued_ms = Some(now);
                     t.error = Some(format!("{why}; requeued"));
                     t.agent = None;
-                    b.put(Cf::App, queue_key(&q, now, &t.id), Vec::new());
-                    t.queue = Some(q);
+                    queue_batch(&mut b, &mut t, &q);
                 } else {
                     t.status = TaskStatus::Failed;
                     t.error = Some(why.clone());
                     t.finished_ms = Some(dsv_store::store::now_ms());
+                    b.put(Cf::App, task_key(&t.id), to_json(&t));
                 }
-                b.put(Cf::App, task_key(&t.id), to_json(&t));
                 status_event(&mut ev, &mut b, &t);
                 Ok((b, Some(t)))
             })?;
@@ -759,25 +732,9 @@ impl Repo {
     /// Models, newest first, optionally carrying a tag.
     pub fn models(&self, tag: Option<&str>) -> Result<Vec<Model>> {
         let kv = self.store().reader();
-        let mut out: Vec<Model> = Vec::new();
-        let mut err = None;
-        kv.scan(Cf::App, keys::MODEL, &mut |_, v| {
-            match from_json::<Model>(v, "model") {
-                Ok(m) => {
-                    if tag.is_none_or(|t| m.tags.iter().any(|x| x == t)) {
-                        out.push(m);
-                    }
-                }
-                Err(e) => {
-                    err = Some(e);
-                    return Ok(false);
-                }
-            }
-            Ok(true)
+        let mut out = scan_json(&*kv, keys::MODEL, "model", |m: &Model| {
+            tag.is_none_or(|t| m.tags.iter().any(|x| x == t))
         })?;
-        if let Some(e) = err {
-            return Err(e);
-        }
         out.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
         Ok(out)
     }
@@ -848,19 +805,14 @@ impl Repo {
     }
 }
 
-/// Stores a queued task and its queue entry in `b`.
-pub(crate) fn put_queued(b: &mut Batch, t: &Task, queue: &str) {
-    b.put(
-        Cf::App,
-        queue_key(queue, t.queued_ms.unwrap_or(0), &t.id),
-        Vec::new(),
-    );
+/// Puts `t` on `queue` now: its status, its queue entry and its record in `b`.
+pub(crate) fn queue_batch(b: &mut Batch, t: &mut Task, queue: &str) {
+    let now = dsv_store::store::now_ms();
+    t.status = TaskStatus::Queued;
+    t.queue = Some(queue.to_string());
+    t.queued_ms = Some(now);
+    b.put(Cf::App, queue_key(queue, now, &t.id), Vec::new());
     b.put(Cf::App, task_key(&t.id), to_json(t));
-}
-
-/// The status event of `t`, for other modules' batches.
-pub(crate) fn status_event_pub(ev: &mut EventWriter, b: &mut Batch, t: &Task) {
-    status_event(ev, b, t)
 }
 
 /// Tags `new` `production` and moves the previous production model (if

@@ -7,7 +7,9 @@
 //! leaves the event unprocessed (it fires on restart); after it, the event
 //! is behind the cursor (it never fires again). `single_instance` stops a
 //! trigger at an event while its previous launch is queued or running: the
-//! cursor stays, so the event is deferred, never dropped.
+//! cursor stays, so the event is deferred, never dropped. Events a trigger
+//! ignores are passed by the cursor of its next firing, or by one write at
+//! the end of a run.
 
 use std::collections::BTreeMap;
 
@@ -17,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::events::{read_after, Event, EventKind, EventWriter};
-use crate::records::{from_json, to_json};
+use crate::records::{from_json, scan_json, to_json};
 use crate::repo::Repo;
 use crate::task::{Model, Task, TaskStatus};
 
@@ -409,20 +411,12 @@ impl Repo {
 
     /// Every trigger, by name.
     pub fn triggers(&self) -> Result<Vec<Trigger>> {
-        let kv = self.store().reader();
-        let mut out = Vec::new();
-        let mut err = None;
-        kv.scan(Cf::App, TRIGGER, &mut |_, v| {
-            match from_json::<Trigger>(v, "trigger") {
-                Ok(t) => out.push(t),
-                Err(e) => {
-                    err = Some(e);
-                    return Ok(false);
-                }
-            }
-            Ok(true)
-        })?;
-        err.map_or(Ok(out), Err)
+        scan_json(
+            &*self.store().reader(),
+            TRIGGER,
+            "trigger",
+            |_: &Trigger| true,
+        )
     }
 
     /// Removes a trigger (its history stays).
@@ -443,18 +437,12 @@ impl Repo {
         if kv.get(Cf::App, &trigger_key(name))?.is_none() {
             return Err(Error::Invalid(format!("no trigger named '{name}'")));
         }
-        let mut out = Vec::new();
-        kv.scan(
-            Cf::App,
+        scan_json(
+            &*kv,
             &[HISTORY, name.as_bytes(), &[0]].concat(),
-            &mut |_, v| {
-                if let Ok(f) = from_json::<Firing>(v, "firing") {
-                    out.push(f);
-                }
-                Ok(true)
-            },
-        )?;
-        Ok(out)
+            "firing",
+            |_: &Firing| true,
+        )
     }
 
     /// Processes every trigger against the events after its cursor; returns the firings.
@@ -462,15 +450,42 @@ impl Repo {
         let mut fired = Vec::new();
         for t in self.triggers()? {
             let events = read_after(&*self.store().reader(), t.cursor, 10_000)?;
+            // Events the trigger ignores cost no write of their own: the
+            // cursor passes them with the next firing, or in one write at
+            // the end of the run.
+            let mut skipped_to = None;
             for e in events {
+                if !t.matches(&e) {
+                    skipped_to = Some(e.seq);
+                    continue;
+                }
                 match self.process(&t.name, &e, evaluate)? {
                     Step::Fired(f) => fired.push(f),
                     Step::Skipped => {}
                     Step::Deferred | Step::Gone => break,
                 }
+                skipped_to = None;
+            }
+            if let Some(to) = skipped_to {
+                self.advance_cursor(&t.name, to)?;
             }
         }
         Ok(fired)
+    }
+
+    /// Moves a trigger's cursor forward to `to` (never back).
+    fn advance_cursor(&self, name: &str, to: u64) -> Result<()> {
+        self.write(|kv| {
+            let mut b = Batch::default();
+            if let Some(v) = kv.get(Cf::App, &trigger_key(name))? {
+                let mut t: Trigger = from_json(&v, "trigger")?;
+                if t.cursor < to {
+                    t.cursor = to;
+                    b.put(Cf::App, trigger_key(name), to_json(&t));
+                }
+            }
+            Ok((b, ()))
+        })
     }
 
     fn process(&self, name: &str, e: &Event, evaluate: Evaluate<'_>) -> Result<Step> {
@@ -552,30 +567,9 @@ impl Repo {
                     for (k, v) in overrides {
                         params.insert(k.clone(), render(v, &vars));
                     }
-                    let now = dsv_store::store::now_ms();
-                    let mut c = src.clone();
-                    c.id = crate::records::DatasetId::random().to_string();
-                    c.params = params;
-                    c.parent = Some(src.id.clone());
-                    c.created_ms = now;
-                    c.status = TaskStatus::Queued;
-                    c.queue = Some(queue.clone());
-                    c.queued_ms = Some(now);
-                    c.inputs.clear();
-                    c.metrics.clear();
-                    c.scalars.clear();
-                    c.models.clear();
-                    c.artifacts = None;
-                    c.artifact_files.clear();
-                    c.started_ms = None;
-                    c.finished_ms = None;
-                    c.heartbeat_ms = None;
-                    c.agent = None;
-                    c.error = None;
-                    c.abort_requested = false;
-                    c.log_chunks = 0;
-                    crate::task::put_queued(&mut b, &c, queue);
-                    crate::task::status_event_pub(&mut ev, &mut b, &c);
+                    let mut c = src.child(&src.name, params);
+                    crate::task::queue_batch(&mut b, &mut c, queue);
+                    crate::task::status_event(&mut ev, &mut b, &c);
                     f.task = Some(c.id.clone());
                     f.note = format!("launched {} on '{queue}'", &c.id[..12]);
                 }
