@@ -339,9 +339,10 @@ impl Store {
     }
 }
 
-/// Memory-maps a pack for sequential verification. Packs are immutable once
-/// written and only ever deleted (never truncated) by gc, so the mapping
-/// cannot shrink under us.
+/// Memory-maps an indexed pack for sequential verification. A pack is cut
+/// to its exact length before it is indexed, is immutable from then on, and
+/// is only ever deleted (never truncated) by gc, so the mapping cannot
+/// shrink under us.
 #[allow(unsafe_code)]
 fn map_file(f: &std::fs::File) -> std::io::Result<memmap2::Mmap> {
     // SAFETY: pack files are append-only while locked by their writer and
