@@ -465,3 +465,78 @@ fn bad_training_input_fails_the_task_with_the_cause() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("svm"));
 }
+
+/// Three separable groups labeled 2, 5 and 7, deterministic: row i of
+/// group c sits at (3c, −3c) plus an offset in [−1, 1).
+fn blobs(rows: usize, phase: usize) -> String {
+    let mut s = String::from("a,b,kind\n");
+    for i in 0..rows {
+        let c = i % 3;
+        let d = |k: usize| ((i * k + phase) % 200) as f64 / 100.0 - 1.0;
+        s += &format!(
+            "{:.3},{:.3},{}\n",
+            3.0 * c as f64 + d(37),
+            -3.0 * c as f64 + d(53),
+            [2, 5, 7][c]
+        );
+    }
+    s
+}
+
+#[test]
+fn more_than_two_classes_train_evaluate_and_predict() {
+    let s = Sandbox::new();
+    for (name, rows, phase) in [("train", 600, 0), ("test", 300, 11)] {
+        std::fs::create_dir_all(s.path(name)).unwrap();
+        std::fs::write(s.path(&format!("{name}/blobs.csv")), blobs(rows, phase)).unwrap();
+        s.json(&["dataset", "sync", &format!("mc/{name}"), name]);
+    }
+    for trainer in ["logistic", "tree", "forest", "naive_bayes"] {
+        let t = s.json(&[
+            "task",
+            "create",
+            "mc/model",
+            "--trainer",
+            trainer,
+            "--set",
+            "General/dataset_id=mc/train",
+            "--set",
+            "General/test_dataset_id=mc/test",
+            "--set",
+            "General/label=kind",
+        ])["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let out = s.dsv(&["task", "run", &t]);
+        assert!(out.status.success(), "{trainer}: {}", stderr(&out));
+        let shown = show(&s, &t);
+        assert_eq!(shown["status"], "completed", "{trainer}: {shown}");
+        let m = &shown["metrics"];
+        for k in ["test/accuracy", "test/f1", "test/roc_auc"] {
+            assert!(m[k].as_f64().unwrap() > 0.97, "{trainer}: {k} in {m}");
+        }
+        assert!(m.get("test/tp").is_none(), "no binary counts: {m}");
+        let model = shown["models"][0].as_str().unwrap();
+        assert_eq!(
+            s.json(&["model", "show", model])["classes"],
+            serde_json::json!([2.0, 5.0, 7.0])
+        );
+        // Predictions are label values, with the predicted class's probability.
+        std::fs::write(s.path("q.csv"), "a,b\n0.1,-0.2\n6.2,-5.9\n3.0,-3.1\n").unwrap();
+        let pred = s.dsv(&["model", "predict", model, "q.csv"]);
+        assert!(pred.status.success(), "{}", stderr(&pred));
+        let text = String::from_utf8(pred.stdout).unwrap();
+        let rows: Vec<(String, f64)> = text
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (f[1].to_string(), f[2].parse().unwrap())
+            })
+            .collect();
+        let labels: Vec<f64> = rows.iter().map(|r| r.0.parse().unwrap()).collect();
+        assert_eq!(labels, [2.0, 7.0, 5.0], "{trainer}: {text}");
+        assert!(rows.iter().all(|r| r.1 > 1.0 / 3.0 && r.1 <= 1.0), "{text}");
+    }
+}

@@ -609,11 +609,12 @@ fn run_trainer(repo: &Repo, t: &Task, log: &LogBuf) -> Finish {
             }
             let body = serde_json::to_vec(&out.model).unwrap_or_default();
             let mut metrics = out.metrics.clone();
-            let c = out.confusion;
-            metrics.insert("test/tn".into(), c[0][0] as f64);
-            metrics.insert("test/fp".into(), c[0][1] as f64);
-            metrics.insert("test/fn".into(), c[1][0] as f64);
-            metrics.insert("test/tp".into(), c[1][1] as f64);
+            if let [n, p] = out.confusion.as_slice() {
+                metrics.insert("test/tn".into(), n[0] as f64);
+                metrics.insert("test/fp".into(), n[1] as f64);
+                metrics.insert("test/fn".into(), p[0] as f64);
+                metrics.insert("test/tp".into(), p[1] as f64);
+            }
             Finish {
                 status: Some(TaskStatus::Completed),
                 metrics,

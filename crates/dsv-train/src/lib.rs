@@ -1,9 +1,11 @@
 //! # dsv-train — the in-process trainer
 //!
 //! Reads the CSV files of dataset versions straight from the store (nothing
-//! is materialized), fits a binary classifier (logistic regression,
-//! CART decision tree, random forest, Gaussian naive Bayes; logistic
-//! regression and naive Bayes from linfa, the trees in `cart`) on standardized features, evaluates it on another version
+//! is materialized), fits a classifier — two classes or more (up to
+//! [`model::MAX_CLASSES`]): logistic regression (binary, or multinomial
+//! softmax), CART decision tree, random forest, Gaussian naive Bayes;
+//! logistic regression and naive Bayes from linfa, the trees in `cart` — on
+//! standardized features, evaluates it on another version
 //! or a seeded hold-out split, and returns metrics, per-step scalars and the
 //! fitted model (with its feature names and scaling) for the caller to
 //! store. Parameters are the task's `SECTION/KEY` map:
@@ -42,8 +44,8 @@ pub struct Outcome {
     pub model: FittedModel,
     /// Final metrics, keys like `test/accuracy`, `train/accuracy`.
     pub metrics: BTreeMap<String, f64>,
-    /// Confusion matrix on the evaluation data.
-    pub confusion: [[u64; 2]; 2],
+    /// Confusion matrix on the evaluation data (`[truth][predicted]`).
+    pub confusion: Vec<Vec<u64>>,
     /// Series of (name, step, value).
     pub scalars: Vec<(String, u64, f64)>,
     /// Dataset versions read (training first).
@@ -229,7 +231,9 @@ pub fn train(
     })
 }
 
-/// Applies a model to CSV rows: (predicted label value, positive-class score) per row.
+/// Applies a model to CSV rows: (predicted label value, score) per row. The
+/// score is P(positive class) for a two-class model, P(predicted class) for
+/// more classes.
 pub fn predict(
     model: &FittedModel,
     name: &str,
@@ -244,10 +248,14 @@ pub fn predict(
             label: None,
         },
     )?;
-    let (scores, classes) = model.scores(&t)?;
-    Ok(classes
+    let (probs, pred) = model.scores(&t)?;
+    let two = model.classes.len() == 2;
+    Ok(pred
         .iter()
-        .zip(scores)
-        .map(|(c, s)| (model.classes[*c], s))
+        .enumerate()
+        .map(|(i, c)| {
+            let score = if two { probs[[i, 1]] } else { probs[[i, *c]] };
+            (model.classes[*c], score)
+        })
         .collect())
 }

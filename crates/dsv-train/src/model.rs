@@ -1,10 +1,14 @@
-//! Models (linfa), their serialized form, and binary-classification metrics.
+//! Models (linfa and our CART), their serialized form, and classification
+//! metrics (two classes: of the positive class; more: macro averages).
 
 use std::collections::BTreeMap;
 
 use linfa::prelude::*;
-use linfa_bayes::GaussianNb;
-use linfa_logistic::{FittedLogisticRegression, LogisticRegression};
+use linfa_bayes::{GaussianNb, NaiveBayes};
+use linfa_logistic::{
+    FittedLogisticRegression, LogisticRegression, MultiFittedLogisticRegression,
+    MultiLogisticRegression,
+};
 use ndarray::{Array1, Array2, Axis};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -21,8 +25,10 @@ pub const MODELS: [&str; 4] = ["logistic", "tree", "forest", "naive_bayes"];
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[allow(clippy::large_enum_variant)]
 pub enum Body {
-    /// Logistic regression.
+    /// Logistic regression (two classes).
     Logistic(FittedLogisticRegression<f64, usize>),
+    /// Multinomial (softmax) logistic regression (more than two classes).
+    MultiLogistic(MultiFittedLogisticRegression<f64, usize>),
     /// One CART decision tree.
     Tree(Node),
     /// A random forest: bootstrap samples, random feature subsets per split.
@@ -40,8 +46,9 @@ pub struct FittedModel {
     pub features: Vec<String>,
     /// Label column.
     pub label: String,
-    /// The two label values: class 0 and class 1 (the positive class).
-    pub classes: [f64; 2],
+    /// The label values in increasing order; class `i` is `classes[i]`.
+    /// With two classes, `classes[1]` is the positive class.
+    pub classes: Vec<f64>,
     /// Standardization: per-feature mean.
     pub mean: Vec<f64>,
     /// Standardization: per-feature standard deviation (1 where constant).
@@ -52,7 +59,10 @@ pub struct FittedModel {
     pub body: Body,
 }
 
-/// Binary-classification metrics.
+/// Classification metrics. With two classes precision, recall, F1 and ROC
+/// AUC are the positive class's; with more they are macro averages over
+/// the classes (AUC: one class against the rest, over classes present in
+/// the truth), as scikit-learn's `average="macro"` / `multi_class="ovr"`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
     /// Fraction correct.
@@ -61,12 +71,12 @@ pub struct Metrics {
     pub precision: f64,
     /// tp / (tp + fn).
     pub recall: f64,
-    /// Harmonic mean of precision and recall.
+    /// Harmonic mean of precision and recall (macro: mean of per-class F1).
     pub f1: f64,
-    /// Area under the ROC curve of the positive-class scores.
+    /// Area under the ROC curve of the class scores (NaN when undefined).
     pub roc_auc: f64,
-    /// [[tn, fp], [fn, tp]].
-    pub confusion: [[u64; 2]; 2],
+    /// `confusion[truth][predicted]`; two classes: [[tn, fp], [fn, tp]].
+    pub confusion: Vec<Vec<u64>>,
     /// Rows evaluated.
     pub rows: u64,
 }
@@ -89,8 +99,12 @@ fn standardize(x: &mut Array2<f64>, mean: &[f64], std: &[f64]) {
     }
 }
 
-/// Maps labels to classes 0/1; exactly two distinct values are required.
-fn classes_of(t: &Table, label: &str) -> Result<([f64; 2], Array1<usize>)> {
+/// Most classes a label may have: more distinct values than this is a
+/// continuous target, which these classifiers cannot fit.
+pub const MAX_CLASSES: usize = 256;
+
+/// Maps labels to class indices `0..k` in increasing label order.
+fn classes_of(t: &Table, label: &str) -> Result<(Vec<f64>, Array1<usize>)> {
     let mut vals: Vec<f64> = t.y.clone();
     vals.sort_by(|a, b| a.total_cmp(b));
     vals.dedup();
@@ -100,15 +114,22 @@ fn classes_of(t: &Table, label: &str) -> Result<([f64; 2], Array1<usize>)> {
             "label '{label}' has one class only ({}) in the training data; a classifier needs two",
             vals[0]
         ))),
-        2 => {
-            let c = [vals[0], vals[1]];
-            let y = t.y.iter().map(|v| usize::from(*v == c[1])).collect();
-            Ok((c, y))
-        }
-        n => Err(Error::Data(format!(
-            "label '{label}' has {n} classes; the built-in trainer does binary classification (two classes)"
+        n if n > MAX_CLASSES => Err(Error::Data(format!(
+            "label '{label}' has {n} distinct values (at most {MAX_CLASSES} classes): \
+             it looks continuous, and the built-in trainer does classification"
         ))),
+        _ => {
+            let y =
+                t.y.iter()
+                    .map(|v| class_index(&vals, *v).expect("a value of the column"))
+                    .collect();
+            Ok((vals, y))
+        }
     }
+}
+
+fn class_index(classes: &[f64], v: f64) -> Option<usize> {
+    classes.binary_search_by(|c| c.total_cmp(&v)).ok()
 }
 
 impl FittedModel {
@@ -129,6 +150,7 @@ impl FittedModel {
             return Err(Error::Data("no feature columns".into()));
         }
         let (classes, y) = classes_of(train, label)?;
+        let k = classes.len();
         let mut x = train.matrix();
         let mean: Vec<f64> = x.mean_axis(Axis(0)).expect("rows").to_vec();
         let std: Vec<f64> = x
@@ -156,8 +178,16 @@ impl FittedModel {
         };
         let mut rng = StdRng::seed_from_u64(seed);
         let body = match kind {
-            "logistic" => Body::Logistic(
+            "logistic" if k == 2 => Body::Logistic(
                 LogisticRegression::default()
+                    .max_iterations(hyper(h, "max_iter", 1000u64)?)
+                    .alpha(hyper(h, "alpha", 1.0f64)?)
+                    .gradient_tolerance(hyper(h, "tol", 1e-6f64)?)
+                    .fit(&ds)
+                    .map_err(|e| Error::Fit(e.to_string()))?,
+            ),
+            "logistic" => Body::MultiLogistic(
+                MultiLogisticRegression::default()
                     .max_iterations(hyper(h, "max_iter", 1000u64)?)
                     .alpha(hyper(h, "alpha", 1.0f64)?)
                     .gradient_tolerance(hyper(h, "tol", 1e-6f64)?)
@@ -170,6 +200,7 @@ impl FittedModel {
                 Body::Tree(Node::fit(
                     &x,
                     y.as_slice().expect("contiguous"),
+                    k,
                     &mut idx,
                     &tp,
                     &mut rng,
@@ -192,16 +223,16 @@ impl FittedModel {
                 let tp = tree_params(((nf as f64).sqrt().round() as usize).max(1))?;
                 let ys = y.as_slice().expect("contiguous");
                 let mut trees = Vec::with_capacity(n_trees);
-                let mut votes = vec![0f64; train.rows];
+                let mut votes = Array2::<f64>::zeros((train.rows, k));
                 for t in 0..n_trees {
                     let mut rows: Vec<usize> = (0..train.rows)
                         .map(|_| rng.gen_range(0..train.rows))
                         .collect();
-                    let tree = Node::fit(&x, ys, &mut rows, &tp, &mut rng);
+                    let tree = Node::fit(&x, ys, k, &mut rows, &tp, &mut rng);
                     let mut correct = 0u64;
-                    for (i, v) in votes.iter_mut().enumerate() {
-                        *v += tree.proba(x.row(i));
-                        let ens = usize::from(*v / (t + 1) as f64 > 0.5);
+                    for (i, mut v) in votes.rows_mut().into_iter().enumerate() {
+                        tree.add_probs(x.row(i), v.as_slice_mut().expect("row-major"));
+                        let ens = decide(v.view(), (t + 1) as f64);
                         correct += u64::from(ens == ys[i]);
                     }
                     scalars.push((
@@ -232,49 +263,65 @@ impl FittedModel {
         })
     }
 
-    /// Positive-class scores (probabilities where the model has them) and
-    /// predicted classes (0/1) of `t`'s rows.
-    pub fn scores(&self, t: &Table) -> Result<(Vec<f64>, Vec<usize>)> {
+    /// Class probabilities (rows × classes) and predicted class indices of
+    /// `t`'s rows.
+    pub fn scores(&self, t: &Table) -> Result<(Array2<f64>, Vec<usize>)> {
         if t.features != self.features {
             return Err(Error::Data(format!(
                 "the model needs features {:?}, the data has {:?}",
                 self.features, t.features
             )));
         }
+        let k = self.classes.len();
         let mut x = t.matrix();
         standardize(&mut x, &self.mean, &self.std);
-        Ok(match &self.body {
+        let mut probs = Array2::<f64>::zeros((t.rows, k));
+        let pred: Vec<usize> = match &self.body {
             Body::Logistic(m) => {
                 // linfa gives P(its "positive" class); make it P(class 1).
                 let flip = m.labels().pos.class != 1;
-                let p = m
-                    .predict_probabilities(&x)
-                    .iter()
-                    .map(|v| if flip { 1.0 - v } else { *v })
-                    .collect();
+                for (i, v) in m.predict_probabilities(&x).iter().enumerate() {
+                    let p1 = if flip { 1.0 - v } else { *v };
+                    probs[[i, 0]] = 1.0 - p1;
+                    probs[[i, 1]] = p1;
+                }
                 let c: Array1<usize> = m.predict(&x);
-                (p, c.to_vec())
+                c.to_vec()
+            }
+            Body::MultiLogistic(m) => {
+                let p = m.predict_probabilities(&x);
+                for (j, c) in m.classes().iter().enumerate() {
+                    probs.column_mut(*c).assign(&p.column(j));
+                }
+                probs.rows().into_iter().map(|r| decide(r, 1.0)).collect()
             }
             Body::Tree(m) => {
-                let p: Vec<f64> = x.rows().into_iter().map(|r| m.proba(r)).collect();
-                let c = p.iter().map(|v| usize::from(*v > 0.5)).collect();
-                (p, c)
+                for (i, mut row) in probs.rows_mut().into_iter().enumerate() {
+                    m.add_probs(x.row(i), row.as_slice_mut().expect("row-major"));
+                }
+                probs.rows().into_iter().map(|r| decide(r, 1.0)).collect()
             }
             Body::NaiveBayes(m) => {
+                let (p, classes) = m.predict_proba(x.view());
+                for (j, c) in classes.iter().enumerate() {
+                    probs.column_mut(**c).assign(&p.column(j));
+                }
                 let c: Array1<usize> = m.predict(&x);
-                (c.iter().map(|v| *v as f64).collect(), c.to_vec())
+                c.to_vec()
             }
             Body::Forest(trees) => {
+                for (i, mut row) in probs.rows_mut().into_iter().enumerate() {
+                    let out = row.as_slice_mut().expect("row-major");
+                    for t in trees {
+                        t.add_probs(x.row(i), out);
+                    }
+                }
                 let n = trees.len() as f64;
-                let p: Vec<f64> = x
-                    .rows()
-                    .into_iter()
-                    .map(|r| trees.iter().map(|t| t.proba(r)).sum::<f64>() / n)
-                    .collect();
-                let c = p.iter().map(|v| usize::from(*v > 0.5)).collect();
-                (p, c)
+                probs.mapv_inplace(|v| v / n);
+                probs.rows().into_iter().map(|r| decide(r, 1.0)).collect()
             }
-        })
+        };
+        Ok((probs, pred))
     }
 
     /// Metrics on a labeled table.
@@ -282,52 +329,100 @@ impl FittedModel {
         if t.rows == 0 {
             return Err(Error::Data("the evaluation data has no rows".into()));
         }
-        let (scores, pred) = self.scores(t)?;
+        let (probs, pred) = self.scores(t)?;
         let truth: Vec<usize> =
             t.y.iter()
                 .map(|v| {
-                    if *v == self.classes[1] {
-                        Ok(1)
-                    } else if *v == self.classes[0] {
-                        Ok(0)
-                    } else {
-                        Err(Error::Data(format!(
-                        "label value {v} in the evaluation data was not seen in training ({} / {})",
-                        self.classes[0], self.classes[1]
-                    )))
-                    }
+                    class_index(&self.classes, *v).ok_or_else(|| {
+                        Error::Data(format!(
+                            "label value {v} in the evaluation data was not seen in training (classes {:?})",
+                            self.classes
+                        ))
+                    })
                 })
                 .collect::<Result<_>>()?;
-        Ok(metrics(&truth, &pred, &scores))
+        Ok(metrics(&truth, &pred, probs.view()))
     }
 }
 
-/// Metrics from truth, predictions and positive-class scores.
-pub fn metrics(truth: &[usize], pred: &[usize], scores: &[f64]) -> Metrics {
-    let mut c = [[0u64; 2]; 2];
+/// The predicted class of summed class scores over `n` votes: two classes
+/// → class 1 when its mean exceeds 0.5; more → the highest (lowest index on
+/// a tie).
+fn decide(votes: ndarray::ArrayView1<'_, f64>, n: f64) -> usize {
+    if votes.len() == 2 {
+        return usize::from(votes[1] / n > 0.5);
+    }
+    let mut best = 0;
+    for (c, v) in votes.iter().enumerate() {
+        if *v > votes[best] {
+            best = c;
+        }
+    }
+    best
+}
+
+/// Metrics from truth, predictions and class probabilities (rows × k).
+pub fn metrics(truth: &[usize], pred: &[usize], probs: ndarray::ArrayView2<'_, f64>) -> Metrics {
+    let k = probs.ncols().max(2);
+    let mut c = vec![vec![0u64; k]; k];
     for (t, p) in truth.iter().zip(pred) {
         c[*t][*p] += 1;
     }
-    let (tn, fp, fne, tp) = (
-        c[0][0] as f64,
-        c[0][1] as f64,
-        c[1][0] as f64,
-        c[1][1] as f64,
-    );
     let n = truth.len() as f64;
-    let precision = if tp + fp > 0.0 { tp / (tp + fp) } else { 0.0 };
-    let recall = if tp + fne > 0.0 { tp / (tp + fne) } else { 0.0 };
-    let f1 = if precision + recall > 0.0 {
-        2.0 * precision * recall / (precision + recall)
+    let correct: u64 = (0..k).map(|i| c[i][i]).sum();
+    // Per class: (precision, recall, f1, present in truth or predictions).
+    let per_class = |i: usize| {
+        let tp = c[i][i] as f64;
+        let predicted: u64 = (0..k).map(|t| c[t][i]).sum();
+        let actual: u64 = c[i].iter().sum();
+        let precision = if predicted > 0 {
+            tp / predicted as f64
+        } else {
+            0.0
+        };
+        let recall = if actual > 0 { tp / actual as f64 } else { 0.0 };
+        let f1 = if precision + recall > 0.0 {
+            2.0 * precision * recall / (precision + recall)
+        } else {
+            0.0
+        };
+        (precision, recall, f1, predicted + actual > 0)
+    };
+    let (precision, recall, f1, roc_auc) = if k == 2 {
+        let (p, r, f, _) = per_class(1);
+        let scores: Vec<f64> = probs.column(1).to_vec();
+        (p, r, f, roc_auc(truth, &scores))
     } else {
-        0.0
+        let present: Vec<(f64, f64, f64)> = (0..k)
+            .map(per_class)
+            .filter(|m| m.3)
+            .map(|m| (m.0, m.1, m.2))
+            .collect();
+        let m = present.len().max(1) as f64;
+        let aucs: Vec<f64> = (0..k)
+            .map(|i| {
+                let t: Vec<usize> = truth.iter().map(|t| usize::from(*t == i)).collect();
+                roc_auc(&t, &probs.column(i).to_vec())
+            })
+            .filter(|a| a.is_finite())
+            .collect();
+        (
+            present.iter().map(|x| x.0).sum::<f64>() / m,
+            present.iter().map(|x| x.1).sum::<f64>() / m,
+            present.iter().map(|x| x.2).sum::<f64>() / m,
+            if aucs.is_empty() {
+                f64::NAN
+            } else {
+                aucs.iter().sum::<f64>() / aucs.len() as f64
+            },
+        )
     };
     Metrics {
-        accuracy: (tp + tn) / n,
+        accuracy: correct as f64 / n,
         precision,
         recall,
         f1,
-        roc_auc: roc_auc(truth, scores),
+        roc_auc,
         confusion: c,
         rows: truth.len() as u64,
     }
@@ -370,13 +465,103 @@ mod tests {
     fn metrics_of_a_known_confusion() {
         let truth = [1, 1, 1, 0, 0, 0, 0, 1];
         let pred = [1, 1, 0, 0, 0, 1, 0, 1];
-        let m = metrics(&truth, &pred, &[0.9, 0.8, 0.4, 0.1, 0.2, 0.6, 0.3, 0.7]);
-        assert_eq!(m.confusion, [[3, 1], [1, 3]]);
+        let p1 = [0.9, 0.8, 0.4, 0.1, 0.2, 0.6, 0.3, 0.7];
+        let probs =
+            Array2::from_shape_fn((8, 2), |(i, c)| if c == 1 { p1[i] } else { 1.0 - p1[i] });
+        let m = metrics(&truth, &pred, probs.view());
+        assert_eq!(m.confusion, vec![vec![3, 1], vec![1, 3]]);
         assert!((m.accuracy - 0.75).abs() < 1e-12);
         assert!((m.precision - 0.75).abs() < 1e-12);
         assert!((m.recall - 0.75).abs() < 1e-12);
         // Scores rank positives above negatives except (0.4 < 0.6).
         assert!((m.roc_auc - 15.0 / 16.0).abs() < 1e-12, "{}", m.roc_auc);
+    }
+
+    #[test]
+    fn macro_metrics_of_a_known_three_class_confusion() {
+        // truth 0: predicted 0,0,1; truth 1: 1,1; truth 2: 2,0,2,2.
+        let truth = [0, 0, 0, 1, 1, 2, 2, 2, 2];
+        let pred = [0, 0, 1, 1, 1, 2, 0, 2, 2];
+        // Probabilities that rank every class's rows first: AUC 1 for each.
+        let probs = Array2::from_shape_fn((9, 3), |(i, c)| if truth[i] == c { 0.8 } else { 0.1 });
+        let m = metrics(&truth, &pred, probs.view());
+        assert_eq!(
+            m.confusion,
+            vec![vec![2, 1, 0], vec![0, 2, 0], vec![1, 0, 3]]
+        );
+        assert!((m.accuracy - 7.0 / 9.0).abs() < 1e-12);
+        // Per class precision 2/3, 2/3, 1; recall 2/3, 1, 3/4.
+        let p = (2.0 / 3.0 + 2.0 / 3.0 + 1.0) / 3.0;
+        let r = (2.0 / 3.0 + 1.0 + 0.75) / 3.0;
+        let f = |p: f64, r: f64| 2.0 * p * r / (p + r);
+        let f1 = (f(2.0 / 3.0, 2.0 / 3.0) + f(2.0 / 3.0, 1.0) + f(1.0, 0.75)) / 3.0;
+        assert!((m.precision - p).abs() < 1e-12, "{}", m.precision);
+        assert!((m.recall - r).abs() < 1e-12, "{}", m.recall);
+        assert!((m.f1 - f1).abs() < 1e-12, "{}", m.f1);
+        assert!((m.roc_auc - 1.0).abs() < 1e-12, "{}", m.roc_auc);
+    }
+
+    /// Three separable clusters with labels 2, 5 and 7 (not 0..k).
+    fn clusters(n: usize, seed: u64) -> Table {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut t = Table {
+            features: vec!["a".into(), "b".into()],
+            ..Default::default()
+        };
+        for i in 0..n {
+            let c = i % 3;
+            t.x.push(3.0 * c as f64 + rng.gen_range(-1.0..1.0));
+            t.x.push(-3.0 * c as f64 + rng.gen_range(-1.0..1.0));
+            t.y.push([2.0, 5.0, 7.0][c]);
+            t.rows += 1;
+        }
+        t
+    }
+
+    #[test]
+    fn every_model_fits_more_than_two_classes() {
+        let (train, test) = (clusters(300, 1), clusters(150, 2));
+        for kind in MODELS {
+            let mut scalars = Vec::new();
+            let m = FittedModel::fit(kind, "y", &train, &BTreeMap::new(), 7, &mut scalars).unwrap();
+            assert_eq!(m.classes, vec![2.0, 5.0, 7.0]);
+            let e = m.evaluate(&test).unwrap();
+            assert!(e.accuracy > 0.97, "{kind}: {e:?}");
+            assert!(e.roc_auc > 0.97, "{kind}: {e:?}");
+            assert_eq!(e.confusion.len(), 3);
+            assert_eq!(e.confusion.iter().flatten().sum::<u64>(), 150);
+            let (probs, pred) = m.scores(&test).unwrap();
+            for (row, p) in probs.rows().into_iter().zip(&pred) {
+                assert!(
+                    (row.sum() - 1.0).abs() < 1e-6,
+                    "{kind}: probabilities sum to 1"
+                );
+                assert!(*p < 3);
+            }
+            // A model survives its stored form (JSON) unchanged.
+            let back: FittedModel =
+                serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
+            assert_eq!(back.scores(&test).unwrap().1, pred, "{kind}");
+        }
+        let mut unseen = clusters(3, 3);
+        unseen.y[0] = 9.0;
+        let m =
+            FittedModel::fit("tree", "y", &train, &BTreeMap::new(), 7, &mut Vec::new()).unwrap();
+        let e = m.evaluate(&unseen).unwrap_err().to_string();
+        assert!(
+            e.contains("label value 9") && e.contains("not seen in training"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_continuous_label_is_refused() {
+        let mut t = clusters(600, 4);
+        t.y = (0..600).map(|i| i as f64 / 10.0).collect();
+        let e = FittedModel::fit("tree", "temp", &t, &BTreeMap::new(), 7, &mut Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'temp' has 600 distinct values"), "{e}");
     }
 
     #[test]
