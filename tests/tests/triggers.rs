@@ -429,6 +429,77 @@ fn promote_if_better_gates_a_task_on_the_same_evaluation_data() {
 }
 
 #[test]
+fn a_lower_is_better_metric_promotes_the_model_with_the_smaller_loss() {
+    let s = Sandbox::new();
+    sync_file(&s, "occ/eval", "eval", "datatest.txt", "x");
+    sync_file(&s, "occ/train", "train", "datatraining.txt", "x");
+    let model_of = |task: &str| {
+        s.json(&["task", "show", task])["models"][0]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let loss = |task: &str| {
+        s.json(&["task", "show", task])["metrics"]["test/log_loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let lower = ["--promote-if-better", "test/log_loss", "--lower-is-better"];
+    let mut args = vec!["--set", "General/features=Temperature"];
+    args.extend_from_slice(&lower);
+    let weak = base_task(&s, &args);
+    assert!(s.dsv(&["task", "run", &weak]).status.success());
+    let strong = base_task(&s, &lower);
+    let out = s.dsv(&["task", "run", &strong]);
+    assert!(
+        loss(&strong) < loss(&weak),
+        "all five sensors beat temperature alone"
+    );
+    assert!(
+        stderr(&out).contains("promoted: test/log_loss")
+            && stderr(&out).contains("lower is better"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        s.json(&["model", "show", &model_of(&strong)])["tags"],
+        serde_json::json!(["production"])
+    );
+    // The weak model again, lower is better: not promoted.
+    let again = s.json(&["task", "clone", &weak])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = s.dsv(&["task", "run", &again]);
+    assert!(stderr(&out).contains("not promoted"), "{}", stderr(&out));
+    // The same comparison read as higher-is-better would promote it: the
+    // direction is what decided.
+    let mut args = vec!["--set", "General/features=Temperature"];
+    args.extend_from_slice(&lower[..2]);
+    let wrong_way = base_task(&s, &args);
+    let out = s.dsv(&["task", "run", &wrong_way]);
+    assert!(
+        stderr(&out).contains("promoted: test/log_loss"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        s.json(&["model", "show", &model_of(&wrong_way)])["tags"],
+        serde_json::json!(["production"])
+    );
+    // --lower-is-better means nothing without a gate.
+    let out = s.dsv(&[
+        "task",
+        "create",
+        "occ/x",
+        "--trainer",
+        "logistic",
+        "--lower-is-better",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
+#[test]
 fn the_event_log_lists_what_happened_in_order() {
     let s = Sandbox::new();
     assert_eq!(s.json(&["events", "--last"])["last"], 0);

@@ -59,6 +59,9 @@ pub struct CreateArgs {
     /// Improvement required by --promote-if-better.
     #[arg(long, default_value_t = 0.0, requires = "promote_if_better")]
     promote_margin: f64,
+    /// METRIC of --promote-if-better is a loss or an error: lower is better.
+    #[arg(long, requires = "promote_if_better")]
+    lower_is_better: bool,
 }
 
 /// `task clone`.
@@ -284,6 +287,9 @@ pub fn task(ctx: &Ctx, cmd: TaskCmd) -> Result<(), CliError> {
             if let Some(m) = &a.promote_if_better {
                 params.insert("Promote/metric".into(), m.clone());
                 params.insert("Promote/margin".into(), a.promote_margin.to_string());
+                if a.lower_is_better {
+                    params.insert("Promote/lower_is_better".into(), "true".into());
+                }
             }
             let kind = if let Some(m) = &a.trainer {
                 if !dsv_train::MODELS.contains(&m.as_str()) {
@@ -592,7 +598,11 @@ fn execute(repo: &Repo, t: &Task, stop: &Arc<AtomicBool>) -> Result<Task, CliErr
             .and_then(|m| m.parse().ok())
             .unwrap_or(0.0);
         let eval = crate::triggers::evaluator(repo);
-        let d = repo.promotion_decision(model, metric, margin, &eval)?;
+        let lower = done
+            .params
+            .get("Promote/lower_is_better")
+            .is_some_and(|v| v == "true");
+        let d = repo.promotion_decision(model, metric, margin, lower, &eval)?;
         repo.apply_promotion(&d)?;
         eprintln!("{}: {}", short(&done.id), d.2);
     }

@@ -106,6 +106,9 @@ pub struct TaskTrig {
     /// Improvement required to promote.
     #[arg(long, default_value_t = 0.0)]
     margin: f64,
+    /// METRIC of --promote is a loss or an error: lower is better.
+    #[arg(long, requires = "promote")]
+    lower_is_better: bool,
     #[command(flatten)]
     action: CloneFlags,
 }
@@ -192,6 +195,7 @@ fn metric_of(m: &dsv_train::Metrics, name: &str) -> Option<f64> {
         "recall" => m.recall,
         "f1" => m.f1,
         "roc_auc" => m.roc_auc,
+        "log_loss" => m.log_loss,
         _ => return None,
     })
 }
@@ -255,6 +259,7 @@ pub fn trigger(ctx: &Ctx, cmd: TriggerCmd) -> Result<(), CliError> {
                         Some(m) => Action::Promote {
                             metric: m.clone(),
                             margin: d.margin,
+                            lower_is_better: d.lower_is_better,
                         },
                         None => clone_action(&d.action)?,
                     };
@@ -307,8 +312,16 @@ pub fn trigger(ctx: &Ctx, cmd: TriggerCmd) -> Result<(), CliError> {
                     match &t.action {
                         Action::Clone { task, queue, .. } =>
                             format!("clone {} → {queue}", &task[..12]),
-                        Action::Promote { metric, margin } =>
-                            format!("promote on {metric} (+{margin})"),
+                        Action::Promote {
+                            metric,
+                            margin,
+                            lower_is_better: false,
+                        } => format!("promote on {metric} (+{margin})"),
+                        Action::Promote {
+                            metric,
+                            margin,
+                            lower_is_better: true,
+                        } => format!("promote on {metric} (-{margin}, lower is better)"),
                     }
                 );
             }

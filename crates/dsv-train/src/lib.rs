@@ -20,6 +20,10 @@
 //! | `General/files` | glob of the files to read (default every `.csv`, `.tsv`, `.txt`) |
 //! | `Model/…` | hyperparameters: `max_iter`, `alpha`, `tol` (logistic); `max_depth`, `min_samples_split`, `min_samples_leaf`, `max_features` (trees); `n_estimators` (forest, default 100); `var_smoothing` (naive Bayes) |
 //!
+//! Metrics, for `train/` and `test/`: `accuracy`, `precision`, `recall`,
+//! `f1`, `roc_auc` (of the positive class; macro averages with more than
+//! two classes) and `log_loss` (lower is better).
+//!
 //! This crate never prints and never reads the environment.
 
 pub mod cart;
@@ -216,6 +220,7 @@ pub fn train(
         if m.roc_auc.is_finite() {
             metrics.insert(format!("{prefix}/roc_auc"), m.roc_auc);
         }
+        metrics.insert(format!("{prefix}/log_loss"), m.log_loss);
     }
     metrics.insert("test/rows".into(), on_test.rows as f64);
     log(&format!(

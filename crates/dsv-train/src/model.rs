@@ -75,6 +75,10 @@ pub struct Metrics {
     pub f1: f64,
     /// Area under the ROC curve of the class scores (NaN when undefined).
     pub roc_auc: f64,
+    /// Cross-entropy: mean of −ln P(true class), probabilities clipped to
+    /// [1e-15, 1] (lower is better; hard-voting models pay for certainty).
+    #[serde(default)]
+    pub log_loss: f64,
     /// `confusion[truth][predicted]`; two classes: [[tn, fp], [fn, tp]].
     pub confusion: Vec<Vec<u64>>,
     /// Rows evaluated.
@@ -417,12 +421,19 @@ pub fn metrics(truth: &[usize], pred: &[usize], probs: ndarray::ArrayView2<'_, f
             },
         )
     };
+    let log_loss = truth
+        .iter()
+        .enumerate()
+        .map(|(i, t)| -probs[[i, *t]].clamp(1e-15, 1.0).ln())
+        .sum::<f64>()
+        / n;
     Metrics {
         accuracy: correct as f64 / n,
         precision,
         recall,
         f1,
         roc_auc,
+        log_loss,
         confusion: c,
         rows: truth.len() as u64,
     }
@@ -499,6 +510,8 @@ mod tests {
         assert!((m.recall - r).abs() < 1e-12, "{}", m.recall);
         assert!((m.f1 - f1).abs() < 1e-12, "{}", m.f1);
         assert!((m.roc_auc - 1.0).abs() < 1e-12, "{}", m.roc_auc);
+        // Every row gives its true class 0.8.
+        assert!((m.log_loss + 0.8f64.ln()).abs() < 1e-12, "{}", m.log_loss);
     }
 
     /// Three separable clusters with labels 2, 5 and 7 (not 0..k).

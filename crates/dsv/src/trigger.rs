@@ -41,10 +41,13 @@ pub enum Action {
     },
     /// Promote the event's model when it beats production.
     Promote {
-        /// Metric compared (higher is better).
+        /// Metric compared.
         metric: String,
         /// Required improvement.
         margin: f64,
+        /// The metric is a loss or an error: lower is better.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        lower_is_better: bool,
     },
 }
 
@@ -284,12 +287,15 @@ pub type Decision = (String, Option<String>, String);
 impl Repo {
     /// Compares model `new_id` with the production model of its project on
     /// the same evaluation data (re-evaluating production through
-    /// `evaluate` when their evaluation versions differ).
+    /// `evaluate` when their evaluation versions differ). The new model must
+    /// beat production by more than `margin`: above it, or below it when
+    /// `lower_is_better` (a loss or an error).
     pub fn promotion_decision(
         &self,
         new_id: &str,
         metric: &str,
         margin: f64,
+        lower_is_better: bool,
         evaluate: Evaluate<'_>,
     ) -> Result<Decision> {
         let new = self.model(new_id)?;
@@ -318,10 +324,17 @@ impl Repo {
             new.datasets.get(1).and_then(|ev| evaluate(&p, ev, metric))
         };
         Ok(match old {
-            Some(o) if s > o + margin => (
+            Some(o) if !lower_is_better && s > o + margin => (
                 new.id,
                 Some(p.id.clone()),
                 format!("promoted: {metric} {s:.4} > production {o:.4} + {margin}"),
+            ),
+            Some(o) if lower_is_better && s < o - margin => (
+                new.id,
+                Some(p.id.clone()),
+                format!(
+                    "promoted: {metric} {s:.4} < production {o:.4} - {margin} (lower is better)"
+                ),
             ),
             Some(o) => (
                 new.id,
@@ -501,9 +514,20 @@ impl Repo {
                 return Ok(Step::Skipped);
             }
             if t.matches(e) {
-                if let Action::Promote { metric, margin } = &t.action {
+                if let Action::Promote {
+                    metric,
+                    margin,
+                    lower_is_better,
+                } = &t.action
+                {
                     let new_id = e.extra.get("model").and_then(|x| x.as_str()).unwrap_or("");
-                    decision = Some(self.promotion_decision(new_id, metric, *margin, evaluate)?);
+                    decision = Some(self.promotion_decision(
+                        new_id,
+                        metric,
+                        *margin,
+                        *lower_is_better,
+                        evaluate,
+                    )?);
                 }
             }
         }
