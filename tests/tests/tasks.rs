@@ -540,3 +540,50 @@ fn more_than_two_classes_train_evaluate_and_predict() {
         assert!(rows.iter().all(|r| r.1 > 1.0 / 3.0 && r.1 <= 1.0), "{text}");
     }
 }
+
+#[test]
+fn an_aborted_in_process_forest_stops_between_trees() {
+    let s = occupancy();
+    // 5,000 trees: about a minute of fitting if nothing stopped it.
+    let t = create(
+        &s,
+        &[
+            "--trainer",
+            "forest",
+            "--set",
+            "General/dataset_id=occ/train",
+            "--set",
+            "Model/n_estimators=5000",
+        ],
+    );
+    s.json(&["task", "enqueue", &t]);
+    let agent = s
+        .cmd(&["agent", "--once"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The agent ships the log with each heartbeat: wait until it says the
+    // fit began (bounded), then ask for the abort.
+    let logs = || String::from_utf8(s.dsv(&["task", "logs", &t]).stdout).unwrap();
+    let mut seen = false;
+    for _ in 0..3_000 {
+        if logs().contains("fitting forest") {
+            seen = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(seen, "the fit never started: {}", logs());
+    s.json(&["task", "abort", &t]);
+    let out = agent.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = show(&s, &t);
+    assert_eq!(v["status"], "aborted", "{v}");
+    assert!(v["models"].as_array().is_none_or(|m| m.is_empty()), "{v}");
+    let log = logs();
+    assert!(
+        log.contains("training cancelled after") && log.contains("of 5000 trees"),
+        "{log}"
+    );
+}

@@ -552,7 +552,7 @@ fn execute(repo: &Repo, t: &Task, stop: &Arc<AtomicBool>) -> Result<Task, CliErr
     // A panic in a model library must fail the task, not kill the agent
     // with the task left running.
     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match t.kind.as_str() {
-        "trainer" => run_trainer(repo, t, &log),
+        "trainer" => run_trainer(repo, t, &log, &abort),
         _ => run_command(repo, t, &log, &abort),
     }));
     let mut finish = run.unwrap_or_else(|p| Finish {
@@ -609,9 +609,10 @@ fn execute(repo: &Repo, t: &Task, stop: &Arc<AtomicBool>) -> Result<Task, CliErr
     Ok(done)
 }
 
-fn run_trainer(repo: &Repo, t: &Task, log: &LogBuf) -> Finish {
+fn run_trainer(repo: &Repo, t: &Task, log: &LogBuf, abort: &AtomicBool) -> Finish {
     let mut lines = |s: &str| log.line(s);
-    match dsv_train::train(repo, &t.params, &mut lines) {
+    let cancelled = || abort.load(Ordering::Acquire);
+    match dsv_train::train_until(repo, &t.params, &mut lines, &cancelled) {
         Ok(out) => {
             let mut scalars: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
             for (n, step, v) in &out.scalars {
@@ -631,6 +632,13 @@ fn run_trainer(repo: &Repo, t: &Task, log: &LogBuf) -> Finish {
                 scalars,
                 inputs: out.inputs.iter().map(|v| v.id.to_hex()).collect(),
                 model: Some((out.model.kind.clone(), body)),
+                ..Default::default()
+            }
+        }
+        Err(e @ dsv_train::Error::Cancelled(_)) => {
+            log.line(&format!("dsv: {e}"));
+            Finish {
+                status: Some(TaskStatus::Aborted),
                 ..Default::default()
             }
         }

@@ -15,6 +15,9 @@ pub enum Error {
     /// The estimator failed.
     #[error("fitting failed: {0}")]
     Fit(String),
+    /// The caller asked to stop (`train_until`'s `cancelled` returned true).
+    #[error("training cancelled {0}")]
+    Cancelled(String),
     /// The repository failed.
     #[error(transparent)]
     Repo(#[from] dsv::Error),

@@ -146,6 +146,7 @@ impl FittedModel {
         hyper_in: &BTreeMap<String, String>,
         seed: u64,
         scalars: &mut Vec<(String, u64, f64)>,
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<FittedModel> {
         if train.rows == 0 {
             return Err(Error::Data("the training data has no rows".into()));
@@ -229,6 +230,9 @@ impl FittedModel {
                 let mut trees = Vec::with_capacity(n_trees);
                 let mut votes = Array2::<f64>::zeros((train.rows, k));
                 for t in 0..n_trees {
+                    if cancelled() {
+                        return Err(Error::Cancelled(format!("after {t} of {n_trees} trees")));
+                    }
                     let mut rows: Vec<usize> = (0..train.rows)
                         .map(|_| rng.gen_range(0..train.rows))
                         .collect();
@@ -536,7 +540,16 @@ mod tests {
         let (train, test) = (clusters(300, 1), clusters(150, 2));
         for kind in MODELS {
             let mut scalars = Vec::new();
-            let m = FittedModel::fit(kind, "y", &train, &BTreeMap::new(), 7, &mut scalars).unwrap();
+            let m = FittedModel::fit(
+                kind,
+                "y",
+                &train,
+                &BTreeMap::new(),
+                7,
+                &mut scalars,
+                &|| false,
+            )
+            .unwrap();
             assert_eq!(m.classes, vec![2.0, 5.0, 7.0]);
             let e = m.evaluate(&test).unwrap();
             assert!(e.accuracy > 0.97, "{kind}: {e:?}");
@@ -558,8 +571,16 @@ mod tests {
         }
         let mut unseen = clusters(3, 3);
         unseen.y[0] = 9.0;
-        let m =
-            FittedModel::fit("tree", "y", &train, &BTreeMap::new(), 7, &mut Vec::new()).unwrap();
+        let m = FittedModel::fit(
+            "tree",
+            "y",
+            &train,
+            &BTreeMap::new(),
+            7,
+            &mut Vec::new(),
+            &|| false,
+        )
+        .unwrap();
         let e = m.evaluate(&unseen).unwrap_err().to_string();
         assert!(
             e.contains("label value 9") && e.contains("not seen in training"),
@@ -571,9 +592,17 @@ mod tests {
     fn a_continuous_label_is_refused() {
         let mut t = clusters(600, 4);
         t.y = (0..600).map(|i| i as f64 / 10.0).collect();
-        let e = FittedModel::fit("tree", "temp", &t, &BTreeMap::new(), 7, &mut Vec::new())
-            .unwrap_err()
-            .to_string();
+        let e = FittedModel::fit(
+            "tree",
+            "temp",
+            &t,
+            &BTreeMap::new(),
+            7,
+            &mut Vec::new(),
+            &|| false,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("'temp' has 600 distinct values"), "{e}");
     }
 
