@@ -148,8 +148,13 @@ impl Failure {
 struct Shared {
     failure: Mutex<Option<Failure>>,
     done: Mutex<Vec<(u64, PathBuf, File)>>,
+    /// Every pack file this writer created (removed again if it fails).
+    created: Mutex<Vec<PathBuf>>,
     /// Cleared when the file system refuses direct I/O.
     buffered: AtomicBool,
+    /// Tests: the I/O thread fails every write from then on (a full disk).
+    #[cfg(test)]
+    fail_writes: AtomicBool,
 }
 
 impl Shared {
@@ -277,6 +282,11 @@ impl PackWriter {
                 Err(e) => return Err(Error::io("create pack", &path, e)),
             }
         };
+        self.shared
+            .created
+            .lock()
+            .map_err(|_| poisoned())?
+            .push(path.clone());
         let lock = file
             .try_clone()
             .map_err(|e| Error::io("dup pack", &path, e))?;
@@ -428,18 +438,34 @@ impl PackWriter {
 
     /// Writes and fsyncs every pack (and the folder); the packs stay locked
     /// until the returned value is dropped, which must be after the commit.
+    /// On failure every pack this writer created is deleted again.
     pub fn finish(self) -> Result<WrittenPacks> {
-        let io = {
-            let mut st = self.state.lock().map_err(|_| poisoned())?;
-            self.seal(&mut st)?;
-            st.io.take()
-        };
+        let res = self.drain();
+        if res.is_err() {
+            if let Ok(created) = self.shared.created.lock() {
+                for p in created.iter() {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+        }
+        res
+    }
+
+    fn drain(&self) -> Result<WrittenPacks> {
+        let mut st = self.state.lock().map_err(|_| poisoned())?;
+        let sealed = self.seal(&mut st);
+        let io = st.io.take();
+        drop(st);
+        // Even when sealing failed, stop the I/O thread before the caller
+        // removes the files it may still be writing.
         if let Some(io) = io {
             drop(io.jobs);
+            drop(io.recycled);
             io.thread
                 .join()
                 .map_err(|_| Error::Kv("pack writer's I/O thread panicked".into()))?;
         }
+        sealed?;
         if let Some(f) = self.shared.failure() {
             return Err(f.error());
         }
@@ -502,6 +528,10 @@ fn io_loop(jobs: Receiver<Job>, recycle: SyncSender<Stage>, shared: &Shared) {
                             t.direct = false;
                             t.file.write_all_at(stage.bytes(len), pos)
                         });
+                    }
+                    #[cfg(test)]
+                    if shared.fail_writes.load(Ordering::Relaxed) {
+                        res = Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
                     }
                     if let Err(e) = res {
                         shared.fail("write pack", &t.path, e);
@@ -739,6 +769,40 @@ mod tests {
     fn direct_and_buffered_writers_produce_exact_packs() {
         round_trip(true);
         round_trip(false);
+    }
+
+    #[test]
+    fn a_failed_write_removes_every_pack_of_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = PackWriter::new(dir.path(), 1 << 20);
+        let record = |i: u32| {
+            let data: Vec<u8> = (0..300_000u32).map(|j| (j ^ i) as u8).collect();
+            (ChunkId(crate::id::hash(&data)), data)
+        };
+        // Two sealed packs first, then the disk "fills up".
+        for i in 0..8 {
+            let (id, data) = record(i);
+            w.append(&id, 0, data.len() as u32, &data).unwrap();
+        }
+        w.shared.fail_writes.store(true, Ordering::Relaxed);
+        let mut err = None;
+        for i in 8..200 {
+            let (id, data) = record(i);
+            if let Err(e) = w.append(&id, 0, data.len() as u32, &data) {
+                err = Some(e);
+                break;
+            }
+        }
+        let e = err.expect("appends stop once a write failed").to_string();
+        assert!(e.contains("write pack") && e.contains(".pack"), "{e}");
+        let e = w
+            .finish()
+            .err()
+            .expect("finish reports the failure")
+            .to_string();
+        assert!(e.contains("No space left"), "{e}");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "no pack left behind: {left:?}");
     }
 
     #[test]
