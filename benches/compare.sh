@@ -72,6 +72,9 @@ for sc in $SCENARIOS; do
     # Flush the copy (and the previous tool's repository) first: otherwise the
     # kernel writes that gigabyte back during the next tool's ingest.
     sync
+    # Every tool reads a warm page cache: the data the scenario does not copy
+    # may have been evicted by the previous scenarios' gigabytes.
+    find "$src" -type f -print0 | xargs -0 cat > /dev/null
     repo="$WORK/$sc/$tool-repo"
     init "$tool" "$repo" "$src"
     read -r secs rss < <(ingest "$tool" "$repo" "$src")

@@ -150,7 +150,7 @@ struct Shared {
     done: Mutex<Vec<(u64, PathBuf, File)>>,
     /// Every pack file this writer created (removed again if it fails).
     created: Mutex<Vec<PathBuf>>,
-    /// Cleared when the file system refuses direct I/O.
+    /// Set once the file system refused direct I/O: later packs are buffered.
     buffered: AtomicBool,
     /// Tests: the I/O thread fails every write from then on (a full disk).
     #[cfg(test)]
