@@ -16,8 +16,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dsv_store::{ChunkId, Entry, EntryTarget, FileObject};
 use fuser::{
     AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request, SessionACL,
+    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+    SessionACL,
 };
 
 use crate::error::{Error, Result};
@@ -105,6 +106,12 @@ pub struct VersionFs {
     open: RwLock<HashMap<u64, Arc<OpenFile>>>,
     chunks: ChunkCache,
     on_destroy: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// The kernel agreed to skip `open`/`release` (and the directory
+    /// equivalents) once we answer ENOSYS: files then keep their page
+    /// cache (`FOPEN_KEEP_CACHE`) and directories their listing
+    /// (`FOPEN_CACHE_DIR`), the kernel's defaults without an open.
+    no_open: bool,
+    no_opendir: bool,
 }
 
 /// Every store failure reaches the reader as an I/O error (a damaged chunk
@@ -154,6 +161,8 @@ impl VersionFs {
                 inner: Mutex::new((HashMap::new(), VecDeque::new(), 0)),
             },
             on_destroy: Mutex::new(None),
+            no_open: false,
+            no_opendir: false,
         })
     }
 
@@ -311,6 +320,16 @@ fn kind_of(e: &Entry) -> FileType {
 impl Filesystem for VersionFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1 << 20);
+        // Versions never change: a read-only open needs no round trip.
+        self.no_open = config
+            .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
+            .is_ok();
+        self.no_opendir = config
+            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+            .is_ok();
+        // Listings carry attributes: `ls -l`, `find` then `cat` need no
+        // lookup per name.
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         Ok(())
     }
 
@@ -358,6 +377,7 @@ impl Filesystem for VersionFs {
             return reply.error(Errno::EROFS);
         }
         match self.open_file(ino.0) {
+            Ok(_) if self.no_open => reply.error(Errno::ENOSYS),
             Ok(_) => reply.opened(FileHandle(ino.0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e),
         }
@@ -386,6 +406,7 @@ impl Filesystem for VersionFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.children(ino.0) {
+            Ok(_) if self.no_opendir => reply.error(Errno::ENOSYS),
             Ok(_) => reply.opened(FileHandle(ino.0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e),
         }
@@ -426,6 +447,53 @@ impl Filesystem for VersionFs {
                 }
             };
             if full {
+                break;
+            }
+            i += 1;
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let kids = match self.children(ino.0) {
+            Ok(k) => k,
+            Err(e) => return reply.error(e),
+        };
+        let parent = self
+            .nodes
+            .read()
+            .ok()
+            .and_then(|n| n.get(ino.0 as usize).map(|n| n.parent))
+            .unwrap_or(1);
+        let mut i = offset as usize;
+        loop {
+            let (child, name): (u64, &OsStr) = match i {
+                0 => (ino.0, OsStr::new(".")),
+                1 => (parent, OsStr::new("..")),
+                _ => match kids.get(i - 2) {
+                    Some((name, child)) => (*child, OsStr::from_bytes(name)),
+                    None => break,
+                },
+            };
+            let Some(e) = self.node_entry(child) else {
+                return reply.error(Errno::EIO);
+            };
+            let attr = self.attr(child, &e);
+            if reply.add(
+                INodeNo(child),
+                i as u64 + 1,
+                name,
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
                 break;
             }
             i += 1;
