@@ -20,6 +20,11 @@
 //! | `General/files` | glob of the files to read (default every `.csv`, `.tsv`, `.txt`) |
 //! | `Model/…` | hyperparameters: `max_iter`, `alpha`, `tol` (logistic); `max_depth`, `min_samples_split`, `min_samples_leaf`, `max_features` (trees); `n_estimators` (forest, default 100); `var_smoothing` (naive Bayes) |
 //!
+//! Scalars (per step): logistic regression logs `train/log_loss` and
+//! `train/accuracy` at iterations 1, 2, 4, … of its solver (exact iterates,
+//! refitted; the model is the one fitted once); forests log
+//! `train/accuracy` of the ensemble after each tree.
+//!
 //! Metrics, for `train/` and `test/`: `accuracy`, `precision`, `recall`,
 //! `f1`, `roc_auc` (of the positive class; macro averages with more than
 //! two classes) and `log_loss` (lower is better).
@@ -117,8 +122,9 @@ pub fn train(
 
 /// [`train`] that stops with [`Error::Cancelled`] once `cancelled` returns
 /// true: it is asked after reading each version, before fitting, between a
-/// forest's trees and before evaluating (a linfa fit, logistic regression
-/// or naive Bayes, runs to its end: on the occupancy data ≈ 0.1 s).
+/// forest's trees, between the refits of a logistic training curve and
+/// before evaluating (one linfa fit runs to its end: on the occupancy data
+/// ≈ 0.05 s).
 pub fn train_until(
     repo: &Repo,
     params: &BTreeMap<String, String>,

@@ -107,6 +107,56 @@ fn standardize(x: &mut Array2<f64>, mean: &[f64], std: &[f64]) {
 /// continuous target, which these classifiers cannot fit.
 pub const MAX_CLASSES: usize = 256;
 
+/// Fits logistic regression (binary for two classes, multinomial for more)
+/// with the `Model/…` hyperparameters; `iterations` overrides `max_iter`.
+fn logistic(
+    ds: &DatasetBase<Array2<f64>, Array1<usize>>,
+    h: &BTreeMap<String, String>,
+    k: usize,
+    iterations: Option<u64>,
+) -> Result<Body> {
+    let max_iter = match iterations {
+        Some(n) => n,
+        None => hyper(h, "max_iter", 1000u64)?,
+    };
+    let (alpha, tol) = (hyper(h, "alpha", 1.0f64)?, hyper(h, "tol", 1e-6f64)?);
+    let fit_err = |e: linfa_logistic::error::Error| Error::Fit(e.to_string());
+    Ok(if k == 2 {
+        Body::Logistic(
+            LogisticRegression::default()
+                .max_iterations(max_iter)
+                .alpha(alpha)
+                .gradient_tolerance(tol)
+                .fit(ds)
+                .map_err(fit_err)?,
+        )
+    } else {
+        Body::MultiLogistic(
+            MultiLogisticRegression::default()
+                .max_iterations(max_iter)
+                .alpha(alpha)
+                .gradient_tolerance(tol)
+                .fit(ds)
+                .map_err(fit_err)?,
+        )
+    })
+}
+
+impl Body {
+    /// Whether two logistic models have exactly the same weights.
+    fn same_weights(&self, other: &Body) -> bool {
+        match (self, other) {
+            (Body::Logistic(a), Body::Logistic(b)) => {
+                a.params() == b.params() && a.intercept() == b.intercept()
+            }
+            (Body::MultiLogistic(a), Body::MultiLogistic(b)) => {
+                a.params() == b.params() && a.intercept() == b.intercept()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Maps labels to class indices `0..k` in increasing label order.
 fn classes_of(t: &Table, label: &str) -> Result<(Vec<f64>, Array1<usize>)> {
     let mut vals: Vec<f64> = t.y.clone();
@@ -183,22 +233,7 @@ impl FittedModel {
         };
         let mut rng = StdRng::seed_from_u64(seed);
         let body = match kind {
-            "logistic" if k == 2 => Body::Logistic(
-                LogisticRegression::default()
-                    .max_iterations(hyper(h, "max_iter", 1000u64)?)
-                    .alpha(hyper(h, "alpha", 1.0f64)?)
-                    .gradient_tolerance(hyper(h, "tol", 1e-6f64)?)
-                    .fit(&ds)
-                    .map_err(|e| Error::Fit(e.to_string()))?,
-            ),
-            "logistic" => Body::MultiLogistic(
-                MultiLogisticRegression::default()
-                    .max_iterations(hyper(h, "max_iter", 1000u64)?)
-                    .alpha(hyper(h, "alpha", 1.0f64)?)
-                    .gradient_tolerance(hyper(h, "tol", 1e-6f64)?)
-                    .fit(&ds)
-                    .map_err(|e| Error::Fit(e.to_string()))?,
-            ),
+            "logistic" => logistic(&ds, h, k, None)?,
             "tree" => {
                 let tp = tree_params(train.features.len())?;
                 let mut idx: Vec<usize> = (0..train.rows).collect();
@@ -259,7 +294,7 @@ impl FittedModel {
                 )))
             }
         };
-        Ok(FittedModel {
+        let model = FittedModel {
             kind: kind.to_string(),
             features: train.features.clone(),
             label: label.to_string(),
@@ -268,7 +303,50 @@ impl FittedModel {
             std,
             hyper: hyper_in.clone(),
             body,
-        })
+        };
+        if kind == "logistic" {
+            model.logistic_curve(&ds, train, scalars, cancelled)?;
+        }
+        Ok(model)
+    }
+
+    /// The training curve of a logistic fit. The solver (L-BFGS from zero
+    /// weights) is deterministic, so a refit capped at `n` iterations is the
+    /// `n`-th iterate of the run that produced this model: refits at n = 1,
+    /// 2, 4, … until the iterate is the final model (or `max_iter`) give
+    /// `train/log_loss` and `train/accuracy` per step, and the model itself
+    /// stays the one fitted once. Costs about as much as the fit again.
+    fn logistic_curve(
+        &self,
+        ds: &DatasetBase<Array2<f64>, Array1<usize>>,
+        train: &Table,
+        scalars: &mut Vec<(String, u64, f64)>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<()> {
+        let max_iter: u64 = hyper(&self.hyper, "max_iter", 1000)?;
+        let mut record = |m: &FittedModel, step: u64| -> Result<()> {
+            let e = m.evaluate(train)?;
+            scalars.push(("train/log_loss".into(), step, e.log_loss));
+            scalars.push(("train/accuracy".into(), step, e.accuracy));
+            Ok(())
+        };
+        let mut n = 1u64;
+        while n < max_iter {
+            if cancelled() {
+                return Err(Error::Cancelled(format!("after {n} logistic iterations")));
+            }
+            let body = logistic(ds, &self.hyper, self.classes.len(), Some(n))?;
+            if body.same_weights(&self.body) {
+                break;
+            }
+            let at_n = FittedModel {
+                body,
+                ..self.clone()
+            };
+            record(&at_n, n)?;
+            n *= 2;
+        }
+        record(self, n.min(max_iter))
     }
 
     /// Class probabilities (rows × classes) and predicted class indices of
@@ -586,6 +664,55 @@ mod tests {
             e.contains("label value 9") && e.contains("not seen in training"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn logistic_fits_log_their_training_curve() {
+        for t in [clusters(300, 5), {
+            let mut t = clusters(300, 5);
+            t.y.iter_mut().for_each(|y| *y = f64::from(*y > 4.0));
+            t
+        }] {
+            let mut scalars = Vec::new();
+            let m = FittedModel::fit(
+                "logistic",
+                "y",
+                &t,
+                &BTreeMap::new(),
+                7,
+                &mut scalars,
+                &|| false,
+            )
+            .unwrap();
+            let curve: Vec<(u64, f64)> = scalars
+                .iter()
+                .filter(|s| s.0 == "train/log_loss")
+                .map(|s| (s.1, s.2))
+                .collect();
+            assert!(curve.len() >= 2, "{curve:?}");
+            let steps: Vec<u64> = curve.iter().map(|c| c.0).collect();
+            let doubling: Vec<u64> = (0..steps.len()).map(|i| 1 << i).collect();
+            assert_eq!(steps, doubling, "iterates 1, 2, 4, …");
+            let last = curve.last().unwrap().1;
+            assert!(curve[0].1 > last, "training lowers the loss: {curve:?}");
+            let e = m.evaluate(&t).unwrap();
+            assert!(
+                (e.log_loss - last).abs() < 1e-12,
+                "the curve ends at the model itself"
+            );
+            // Cancelled during the curve: an error, not a model.
+            let e = FittedModel::fit(
+                "logistic",
+                "y",
+                &t,
+                &BTreeMap::new(),
+                7,
+                &mut Vec::new(),
+                &|| true,
+            )
+            .unwrap_err();
+            assert!(matches!(e, Error::Cancelled(_)), "{e}");
+        }
     }
 
     #[test]
