@@ -210,6 +210,8 @@ pub struct PackWriter {
     direct: bool,
     state: Mutex<State>,
     shared: Arc<Shared>,
+    /// `finish` ran: what it wrote belongs to the caller now.
+    finished: bool,
 }
 
 /// Packs a writer finished: fsynced and still locked until dropped.
@@ -249,6 +251,7 @@ impl PackWriter {
             direct,
             state: Mutex::new(State::default()),
             shared: Arc::new(Shared::default()),
+            finished: false,
         }
     }
 
@@ -265,43 +268,51 @@ impl PackWriter {
         let (id, path, file, direct) = loop {
             let id = random_pack_id();
             let path = pack_path(&self.dir, id);
-            let mut direct = self.direct && !self.shared.buffered.load(Ordering::Relaxed);
-            let mut res = self.create(&path, direct);
-            if direct
-                && res
-                    .as_ref()
-                    .is_err_and(|e| e.raw_os_error() == Some(libc::EINVAL))
-            {
-                self.shared.buffered.store(true, Ordering::Relaxed);
-                direct = false;
-                res = self.create(&path, false);
-            }
-            match res {
+            let direct = self.direct && !self.shared.buffered.load(Ordering::Relaxed);
+            match self.create(&path, direct) {
                 Ok(f) => break (id, path, f, direct),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                    // The kernel creates the file before it refuses
+                    // O_DIRECT: open that same file again, buffered.
+                    self.shared.buffered.store(true, Ordering::Relaxed);
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(&path)
+                        .map_err(|e| Error::io("create pack", &path, e))?;
+                    break (id, path, f, false);
+                }
                 Err(e) => return Err(Error::io("create pack", &path, e)),
             }
         };
+        // From here on the file is ours: on any failure it is recorded as
+        // the writer's failure, so that `finish` (or drop) deletes it.
         self.shared
             .created
             .lock()
             .map_err(|_| poisoned())?
             .push(path.clone());
-        let lock = file
-            .try_clone()
-            .map_err(|e| Error::io("dup pack", &path, e))?;
-        fs4::fs_std::FileExt::try_lock_exclusive(&lock)
-            .map_err(|e| Error::io("lock pack", &path, e))?;
-        self.send(
-            st,
-            Job::Open {
-                id,
-                path,
-                file,
-                direct,
-                lock,
-            },
-        )?;
+        let fail = |op: &'static str, e: std::io::Error| {
+            let err = Error::io(op, &path, std::io::Error::new(e.kind(), e.to_string()));
+            self.shared.fail(op, &path, e);
+            err
+        };
+        let lock = file.try_clone().map_err(|e| fail("dup pack", e))?;
+        fs4::fs_std::FileExt::try_lock_exclusive(&lock).map_err(|e| fail("lock pack", e))?;
+        let open = Job::Open {
+            id,
+            path: path.clone(),
+            file,
+            direct,
+            lock,
+        };
+        if let Err(e) = self.send(st, open) {
+            self.shared
+                .fail("start pack", &path, std::io::Error::other(e.to_string()));
+            return Err(e);
+        }
         st.pack = Some(OpenPack {
             id,
             len: 0,
@@ -439,16 +450,21 @@ impl PackWriter {
     /// Writes and fsyncs every pack (and the folder); the packs stay locked
     /// until the returned value is dropped, which must be after the commit.
     /// On failure every pack this writer created is deleted again.
-    pub fn finish(self) -> Result<WrittenPacks> {
+    pub fn finish(mut self) -> Result<WrittenPacks> {
         let res = self.drain();
         if res.is_err() {
-            if let Ok(created) = self.shared.created.lock() {
-                for p in created.iter() {
-                    let _ = std::fs::remove_file(p);
-                }
+            self.remove_created();
+        }
+        self.finished = true;
+        res
+    }
+
+    fn remove_created(&self) {
+        if let Ok(created) = self.shared.created.lock() {
+            for p in created.iter() {
+                let _ = std::fs::remove_file(p);
             }
         }
-        res
     }
 
     fn drain(&self) -> Result<WrittenPacks> {
@@ -474,6 +490,26 @@ impl PackWriter {
             sync_dir(&self.dir)?;
         }
         Ok(WrittenPacks { held })
+    }
+}
+
+/// A writer dropped without `finish` (its operation failed early): stop the
+/// I/O thread, then delete every pack it created — none was indexed.
+impl Drop for PackWriter {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let io = match self.state.get_mut() {
+            Ok(st) => st.io.take(),
+            Err(poisoned) => poisoned.into_inner().io.take(),
+        };
+        if let Some(io) = io {
+            drop(io.jobs);
+            drop(io.recycled);
+            let _ = io.thread.join();
+        }
+        self.remove_created();
     }
 }
 
@@ -803,6 +839,21 @@ mod tests {
         assert!(e.contains("No space left"), "{e}");
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert!(left.is_empty(), "no pack left behind: {left:?}");
+    }
+
+    #[test]
+    fn a_writer_dropped_without_finish_removes_its_packs() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = PackWriter::new(dir.path(), 1 << 20);
+        for i in 0..10u32 {
+            let data: Vec<u8> = (0..300_000u32).map(|j| (j ^ i) as u8).collect();
+            let id = ChunkId(crate::id::hash(&data));
+            w.append(&id, 0, data.len() as u32, &data).unwrap();
+        }
+        assert!(std::fs::read_dir(dir.path()).unwrap().count() >= 2);
+        drop(w);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

@@ -159,7 +159,8 @@ impl Body {
 
 /// Maps labels to class indices `0..k` in increasing label order.
 fn classes_of(t: &Table, label: &str) -> Result<(Vec<f64>, Array1<usize>)> {
-    let mut vals: Vec<f64> = t.y.clone();
+    // `+ 0.0` folds -0 into 0: one class, as `==` (dedup) sees it.
+    let mut vals: Vec<f64> = t.y.iter().map(|v| v + 0.0).collect();
     vals.sort_by(|a, b| a.total_cmp(b));
     vals.dedup();
     match vals.len() {
@@ -183,6 +184,7 @@ fn classes_of(t: &Table, label: &str) -> Result<(Vec<f64>, Array1<usize>)> {
 }
 
 fn class_index(classes: &[f64], v: f64) -> Option<usize> {
+    let v = v + 0.0;
     classes.binary_search_by(|c| c.total_cmp(&v)).ok()
 }
 
@@ -713,6 +715,32 @@ mod tests {
             .unwrap_err();
             assert!(matches!(e, Error::Cancelled(_)), "{e}");
         }
+    }
+
+    #[test]
+    fn minus_zero_is_the_class_zero() {
+        let mut t = clusters(300, 6);
+        t.y.iter_mut().enumerate().for_each(|(i, y)| {
+            *y = if *y > 4.0 {
+                1.0
+            } else if i % 2 == 0 {
+                0.0
+            } else {
+                -0.0
+            }
+        });
+        let m = FittedModel::fit(
+            "tree",
+            "y",
+            &t,
+            &BTreeMap::new(),
+            7,
+            &mut Vec::new(),
+            &|| false,
+        )
+        .unwrap();
+        assert_eq!(m.classes.len(), 2);
+        assert!(m.evaluate(&t).unwrap().accuracy > 0.99);
     }
 
     #[test]

@@ -318,11 +318,15 @@ impl Repo {
             ));
         };
         let same_eval = p.datasets.get(1).is_some() && p.datasets.get(1) == new.datasets.get(1);
-        let old = if same_eval {
+        // Production's own figure when it was evaluated on the same data and
+        // has this metric; otherwise it is evaluated now (a model trained
+        // before a metric existed, or on other evaluation data).
+        let stored = if same_eval {
             p.metrics.get(metric).copied()
         } else {
-            new.datasets.get(1).and_then(|ev| evaluate(&p, ev, metric))
+            None
         };
+        let old = stored.or_else(|| new.datasets.get(1).and_then(|ev| evaluate(&p, ev, metric)));
         Ok(match old {
             Some(o) if !lower_is_better && s > o + margin => (
                 new.id,
