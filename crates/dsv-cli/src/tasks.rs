@@ -376,7 +376,19 @@ pub fn task(ctx: &Ctx, cmd: TaskCmd) -> Result<(), CliError> {
                 println!("input     {i}");
             }
             for (k, v) in &t.metrics {
-                println!("metric    {k} = {v:.4}");
+                println!("metric    {k} = {}", fmt_value(*v));
+            }
+            for (k, pts) in &t.scalars {
+                if let (Some(first), Some(last)) = (pts.first(), pts.last()) {
+                    println!(
+                        "scalar    {k}: {} points, {} (step {}) -> {} (step {})",
+                        pts.len(),
+                        fmt_value(first.1),
+                        first.0,
+                        fmt_value(last.1),
+                        last.0
+                    );
+                }
             }
             for m in &t.models {
                 println!("model     {m}");
@@ -607,6 +619,15 @@ fn execute(repo: &Repo, t: &Task, stop: &Arc<AtomicBool>) -> Result<Task, CliErr
         eprintln!("{}: {}", short(&done.id), d.2);
     }
     Ok(done)
+}
+
+/// A metric for people: counts as integers, the rest with four decimals.
+fn fmt_value(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.4}")
+    }
 }
 
 fn run_trainer(repo: &Repo, t: &Task, log: &LogBuf, abort: &AtomicBool) -> Finish {
