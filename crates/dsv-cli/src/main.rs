@@ -139,7 +139,28 @@ fn default_sigpipe() {
     }
 }
 
+/// Keeps freed chunk buffers in the process instead of handing them back to
+/// the kernel. By default glibc serves each buffer above 128 KiB (chunks go
+/// up to 256 KiB) with a fresh `mmap`, and trims its thread heaps on every
+/// free, so the next buffer faults its pages in again: a 1 GB `dataset get`
+/// took 96,000–147,000 page faults and 0.6–0.8 s of system time. With
+/// allocations below 64 MiB served from the heap and trimming above 16 MiB:
+/// 2,100 faults, 0.53 s instead of 0.64–0.81 s; the 1 GB ingest 25,600
+/// faults instead of 51,000 (peak RSS 114 MB vs. 149 MB); one 8 GB file
+/// peaks at 174 MB instead of 101 MB (target 300 MB).
+#[allow(unsafe_code)]
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it is called
+    // before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
+    }
+}
+
 fn main() {
+    tune_allocator();
     default_sigpipe();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("RUST_LOG"))
