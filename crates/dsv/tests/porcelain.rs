@@ -203,3 +203,94 @@ fn get_follows_clearml_semantics() {
     };
     assert_eq!(found.id, open.id);
 }
+
+/// Finishes a trainer task with a model, `metrics` and the given inputs.
+fn trained(repo: &Repo, inputs: &[&str], metrics: &[(&str, f64)]) -> String {
+    let t = repo
+        .create_task("p", "m", "trainer", None, Default::default())
+        .unwrap();
+    let agent = dsv::AgentInfo {
+        name: "a".into(),
+        host: "h".into(),
+        pid: std::process::id(),
+    };
+    repo.enqueue(&t.id, "default").unwrap();
+    repo.start_task(&t.id, &agent).unwrap();
+    let done = repo
+        .finish_task(
+            &t.id,
+            dsv::Finish {
+                status: Some(dsv::TaskStatus::Completed),
+                metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                inputs: inputs.iter().map(|s| s.to_string()).collect(),
+                model: Some(("logistic".into(), b"{}".to_vec())),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    done.models[0].clone()
+}
+
+#[test]
+fn promotion_compares_in_the_metric_direction_and_evaluates_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo_on(dir.path(), Box::new(MemKv::default()));
+    let (train, eval) = ("aa".repeat(32), "bb".repeat(32));
+    let inputs = [train.as_str(), eval.as_str()];
+    // Production predates log_loss: only accuracy was stored.
+    let old = trained(&repo, &inputs, &[("test/accuracy", 0.90)]);
+    let none = |_: &dsv::Model, _: &str, _: &str| None;
+    let d = repo
+        .promotion_decision(&old, "test/accuracy", 0.0, false, &none)
+        .unwrap();
+    assert!(repo.apply_promotion(&d).unwrap());
+    let new = trained(
+        &repo,
+        &inputs,
+        &[("test/accuracy", 0.95), ("test/log_loss", 0.10)],
+    );
+    // Without an evaluator the missing figure cannot be compared.
+    let d = repo
+        .promotion_decision(&new, "test/log_loss", 0.0, true, &none)
+        .unwrap();
+    assert!(
+        d.1.is_none() && d.2.contains("could not be evaluated"),
+        "{d:?}"
+    );
+    // Production is evaluated on the same data for the metric it lacks.
+    let asked = std::cell::RefCell::new(Vec::new());
+    let eval_fn = |m: &dsv::Model, ev: &str, metric: &str| {
+        asked
+            .borrow_mut()
+            .push((m.id.clone(), ev.to_string(), metric.to_string()));
+        Some(0.30)
+    };
+    let d = repo
+        .promotion_decision(&new, "test/log_loss", 0.0, true, &eval_fn)
+        .unwrap();
+    assert_eq!(d.1.as_deref(), Some(old.as_str()), "{d:?}");
+    assert!(
+        d.2.contains("< production 0.3000") && d.2.contains("lower is better"),
+        "{}",
+        d.2
+    );
+    assert_eq!(
+        asked.borrow().as_slice(),
+        [(old.clone(), eval.clone(), "test/log_loss".to_string())]
+    );
+    // Read higher-is-better, the smaller loss loses; a stored metric is used
+    // as is, without evaluating.
+    let d = repo
+        .promotion_decision(&new, "test/log_loss", 0.0, false, &eval_fn)
+        .unwrap();
+    assert!(d.1.is_none() && d.2.starts_with("not promoted"), "{d:?}");
+    asked.borrow_mut().clear();
+    let d = repo
+        .promotion_decision(&new, "test/accuracy", 0.06, false, &eval_fn)
+        .unwrap();
+    assert!(
+        d.1.is_none(),
+        "0.95 does not beat 0.90 by more than 0.06: {d:?}"
+    );
+    assert!(asked.borrow().is_empty());
+}
