@@ -37,6 +37,19 @@ pub const WINDOW: usize = 32 << 20;
 /// within the same tick would otherwise go unnoticed).
 pub const RACY_NS: i64 = 100_000_000;
 
+/// How long after its mtime a file's stat entry may be trusted: [`RACY_NS`],
+/// or 2 s when the mtime is a whole second — a file system with coarse
+/// timestamps (FAT/exFAT, HFS+, some NFS/SMB) cannot tell two writes within
+/// the same second apart by mtime. (On a fine-grained one a whole-second
+/// mtime only costs one extra hash.)
+fn racy_margin(mtime_ns: i64) -> i64 {
+    if mtime_ns % 1_000_000_000 == 0 {
+        2_000_000_000
+    } else {
+        RACY_NS
+    }
+}
+
 /// A predicate on a file's path relative to the ingested folder.
 pub type PathFilter = dyn Fn(&[u8]) -> bool + Sync;
 
@@ -349,20 +362,24 @@ impl Session<'_> {
     /// Reads and stores one file. `None` when it vanished.
     fn hash_file(&self, job: &Job) -> Result<Option<(FileObject, StatEntry)>> {
         for _attempt in 0..3 {
+            // O_NONBLOCK: a name swapped for a FIFO since the scan must not
+            // block the open (regular files ignore the flag).
             let file = match OpenOptions::new()
                 .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
                 .open(&job.path)
             {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(Error::input("open", &job.path, e)),
             };
-            let before = stat_of(
-                &file
-                    .metadata()
-                    .map_err(|e| Error::input("stat", &job.path, e))?,
-            );
+            let meta = file
+                .metadata()
+                .map_err(|e| Error::input("stat", &job.path, e))?;
+            if !meta.is_file() {
+                return Ok(None); // replaced by something else: vanished
+            }
+            let before = stat_of(&meta);
             let obj = self.read_and_store(&file, &job.path, before.size)?;
             let after = stat_of(
                 &file
@@ -386,7 +403,10 @@ impl Session<'_> {
         let mut reader = file;
         if size as usize <= WINDOW {
             let mut buf = Vec::with_capacity(size as usize + 1);
+            // One byte more than fstat said tells that it grew; no more, so
+            // a file still being written cannot fill memory.
             reader
+                .take(size + 1)
                 .read_to_end(&mut buf)
                 .map_err(|e| Error::input("read", path, e))?;
             if buf.len() as u64 != size {
@@ -411,6 +431,9 @@ impl Session<'_> {
                     }
                     filled += n;
                     total += n as u64;
+                }
+                if total > size {
+                    return Ok(None); // it grew while we read: retried
                 }
                 lens.clear();
                 let used = if eof {
@@ -557,7 +580,9 @@ impl Store {
             .map(|j| {
                 cache
                     .get(j.path.as_os_str().as_bytes())
-                    .filter(|c| c.same_stat(&j.stat) && c.mtime_ns + RACY_NS < started)
+                    .filter(|c| {
+                        c.same_stat(&j.stat) && c.mtime_ns + racy_margin(c.mtime_ns) < started
+                    })
                     .copied()
             })
             .collect();
@@ -606,7 +631,7 @@ impl Store {
                         report.files_hashed += 1;
                         report.bytes_hashed += st.size;
                         pending.put(Object::File(o));
-                        if st.mtime_ns + RACY_NS < started {
+                        if st.mtime_ns + racy_margin(st.mtime_ns) < started {
                             stat_updates
                                 .push((scan.jobs[i].path.as_os_str().as_bytes().to_vec(), st));
                         }
@@ -880,7 +905,13 @@ impl Store {
         });
         match result {
             Ok((diff, version)) => {
-                drop(packs);
+                if version.is_none() {
+                    // Only stat-cache entries were written: the tree is the
+                    // parent's, so nothing indexed points into these packs.
+                    packs.discard();
+                } else {
+                    drop(packs);
+                }
                 report.diff = diff;
                 report.committed = true;
                 if let Some(v) = &version {

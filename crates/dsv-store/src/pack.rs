@@ -653,6 +653,12 @@ impl PackReader {
 
     /// Reads the stored bytes of a chunk, checking its record header.
     pub fn read_stored(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>> {
+        if loc.stored_len as usize > crate::compress::MAX_CHUNK + 1024 {
+            return Err(Error::corrupted(
+                format!("chunk {id}"),
+                format!("index entry declares {} stored bytes", loc.stored_len),
+            ));
+        }
         let f = self.file(loc.pack)?;
         let total = RECORD_HEADER_LEN as usize + loc.stored_len as usize;
         let mut buf = vec![0u8; total];

@@ -290,7 +290,12 @@ impl Store {
             crate::lock::WriteLock::acquire(&self.dir, self.opts.lock_timeout, &self.opts.holder)?;
         let out = {
             let w: Box<dyn KvWrite> = self.backend.open_write()?;
-            let (batch, out) = f(&*w as &dyn KvRead)?;
+            let (batch, out) = f(&*w as &dyn KvRead).inspect_err(|e| {
+                if matches!(e, Error::ConcurrentGc(_)) {
+                    // Our read view predates that gc: a retry must see it.
+                    self.stale.store(true, std::sync::atomic::Ordering::Release);
+                }
+            })?;
             if !batch.is_empty() {
                 w.write(batch)?;
             }
@@ -364,15 +369,33 @@ impl Store {
         crate::compress::decode_chunk(id, loc.codec, &stored, loc.raw_len)
     }
 
+    /// A chunk as a file object lists it: its length must be the listed one.
+    fn read_listed_chunk(&self, id: &ChunkId, len: u32) -> Result<Vec<u8>> {
+        let data = self.read_chunk(id)?;
+        if data.len() != len as usize {
+            return Err(Error::corrupted(
+                format!("chunk {id}"),
+                format!("{} bytes where the file lists {len}", data.len()),
+            ));
+        }
+        Ok(data)
+    }
+
     /// Streams a file's bytes into `out`; returns the bytes written.
     pub fn read_file_to(&self, file: &ObjectId, out: &mut dyn std::io::Write) -> Result<u64> {
         let f = self.file_object(file)?;
         let mut n = 0;
-        for (cid, _) in &f.chunks {
-            let data = self.read_chunk(cid)?;
+        for (cid, len) in &f.chunks {
+            let data = self.read_listed_chunk(cid, *len)?;
             out.write_all(&data)
                 .map_err(|e| Error::io("write", "output", e))?;
             n += data.len() as u64;
+        }
+        if n != f.size {
+            return Err(Error::corrupted(
+                format!("file {file}"),
+                format!("its chunks hold {n} bytes, its size says {}", f.size),
+            ));
         }
         Ok(n)
     }
@@ -385,7 +408,7 @@ impl Store {
         for (cid, clen) in &file.chunks {
             let cend = pos + *clen as u64;
             if cend > offset && pos < end {
-                let data = self.read_chunk(cid)?;
+                let data = self.read_listed_chunk(cid, *clen)?;
                 let from = offset.saturating_sub(pos) as usize;
                 let to = ((end - pos) as usize).min(data.len());
                 out.extend_from_slice(&data[from..to]);
@@ -716,6 +739,23 @@ impl Store {
         metadata: BTreeMap<String, String>,
         b: &mut Batch,
     ) -> Result<Version> {
+        // The encoding's length fields: refuse what it cannot hold rather
+        // than commit a version that does not decode.
+        if parents.len() > u16::MAX as usize {
+            return Err(Error::Invalid(format!(
+                "{} parents; a version has at most {}",
+                parents.len(),
+                u16::MAX
+            )));
+        }
+        if let Some(k) = metadata.keys().find(|k| k.len() > u16::MAX as usize) {
+            return Err(Error::Invalid(format!(
+                "metadata key of {} bytes (at most {}): {}…",
+                k.len(),
+                u16::MAX,
+                k.chars().take(40).collect::<String>()
+            )));
+        }
         let mut delta = diff.delta();
         delta.stored_bytes = stored_bytes;
         let pending_root = b.ops.iter().rev().find_map(|op| match op {

@@ -561,6 +561,42 @@ mod tests {
     }
 
     #[test]
+    fn names_sharing_a_shard_byte_build_trees_that_decode() {
+        // 300 names whose level-0 shard byte is the same: a shard with one
+        // child, which the decoder must accept.
+        let mut picked: Vec<Entry> = (0u64..)
+            .map(|i| format!("n{i}"))
+            .filter(|n| crate::object::shard_bucket(n.as_bytes(), 0) == 7)
+            .take(300)
+            .enumerate()
+            .map(|(i, n)| file(&n, i as u64))
+            .collect();
+        picked.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut pending = Pending::default();
+        let (root, s) = build_dir(&mut pending, picked.clone(), 0);
+        assert_eq!(s.entry_count, 300);
+        let kv = MemKv::new();
+        let w = Objs {
+            kv: &kv,
+            pending: &mut pending,
+        };
+        let TreeNode::Shard(top) = w.tree(&root).unwrap() else {
+            panic!("more than 256 names shard");
+        };
+        assert_eq!(top.children.len(), 1);
+        let bytes = TreeNode::Shard(top).encode();
+        assert!(Object::decode(&bytes, "tree").is_ok());
+        assert_eq!(names(&w, &root).len(), 300);
+        assert_eq!(
+            find_in_dir(&w, &root, &picked[123].name)
+                .unwrap()
+                .unwrap()
+                .size,
+            picked[123].size
+        );
+    }
+
+    #[test]
     fn path_changes_create_and_prune_directories() {
         let kv = MemKv::new();
         let mut pending = Pending::default();

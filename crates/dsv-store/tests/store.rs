@@ -276,6 +276,56 @@ fn unchanged_folder_is_not_rehashed_and_changes_are_seen() {
 }
 
 #[test]
+fn a_whole_second_mtime_is_trusted_only_two_seconds_later() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut tree = BTreeMap::new();
+    tree.insert("coarse.csv".to_string(), content(1, 3000));
+    tree.insert("fine.csv".to_string(), content(2, 3000));
+    write_tree(&data, &tree);
+    let set = |name: &str, t: SystemTime| {
+        std::fs::File::options()
+            .write(true)
+            .open(data.join(name))
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    };
+    let since_epoch = (SystemTime::now() - Duration::from_millis(500))
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap();
+    // The current whole second (what a coarse file system stores: under
+    // 1 s old, a second of slack before the 2 s margin), and 0.5 s old with
+    // sub-second digits (past the 100 ms margin).
+    let now_s = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    set(
+        "coarse.csv",
+        SystemTime::UNIX_EPOCH + Duration::from_secs(now_s),
+    );
+    let mut fine = since_epoch;
+    if fine.subsec_nanos() == 0 {
+        fine += Duration::from_millis(1);
+    }
+    set("fine.csv", SystemTime::UNIX_EPOCH + fine);
+    let store = mem_store(tmp.path(), MemKv::new(), small_config());
+    let draft = store.create_draft(&[]).unwrap();
+    let first = store
+        .stage_folder(&draft, &data, &IngestOptions::default())
+        .unwrap();
+    assert_eq!(first.files_hashed, 2);
+    let again = store
+        .stage_folder(&draft, &data, &IngestOptions::default())
+        .unwrap();
+    assert_eq!(
+        again.files_hashed, 1,
+        "the whole-second mtime is not trusted yet, the fine one is"
+    );
+}
+
+#[test]
 fn add_mode_keeps_and_sync_mode_removes() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
