@@ -490,11 +490,15 @@ fn agent_alive(a: &AgentInfo) -> Option<bool> {
         return None;
     }
     match std::fs::read_to_string(format!("/proc/{}/stat", a.pid)) {
-        // A zombie has exited.
+        // A zombie has exited; a pid now used by another program (not a
+        // `dsv`) was reused after the agent died.
         Ok(s) => Some(
             s.rsplit_once(')')
                 .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-                .unwrap_or(true),
+                .unwrap_or(true)
+                && std::fs::read_to_string(format!("/proc/{}/comm", a.pid))
+                    .map(|c| c.trim() == "dsv")
+                    .unwrap_or(true),
         ),
         Err(_) => Some(false),
     }

@@ -1397,6 +1397,10 @@ fn copy_instead_of_link(src: &Path, dst: &Path, mode: u32, link_err: std::io::Er
     match link_err.raw_os_error() {
         Some(libc::EMLINK) | Some(libc::EXDEV) | Some(libc::EPERM) | Some(libc::ENOTSUP) => {
             fs::copy(src, dst).map_err(|e| io_err("copy", dst, e))?;
+            // The copy took the sealed source's read-only mode: make it
+            // writable to set its time, then seal it.
+            fs::set_permissions(dst, fs::Permissions::from_mode(0o600))
+                .map_err(|e| io_err("chmod", dst, e))?;
             let f = File::options()
                 .write(true)
                 .open(dst)

@@ -1602,39 +1602,21 @@ impl Repo {
 
     /// Versions and drafts whose parents include `id`.
     pub fn dependents(&self, id: &VersionId) -> Result<Vec<String>> {
-        let kv = self.store.reader();
-        let mut out = Vec::new();
-        for ds in self.datasets()? {
-            for (vid, info) in versions_in(&*kv, &ds.id)? {
-                if info.parents.contains(id) {
-                    out.push(format!(
-                        "{} ({}@{})",
-                        vid.short(12),
-                        ds.full_name(),
-                        info.version
-                    ));
-                }
-            }
-        }
-        for d in self.store.list_drafts()? {
-            if d.record.finalized.is_none() && d.record.parents.contains(id) {
-                out.push(format!("draft {}", d.id.short(12)));
-            }
-        }
-        Ok(out)
+        dependents_in(&*self.store.reader(), id)
     }
 
     /// Deletes a version (its bytes become reclaimable by `gc`). Refuses
-    /// while other versions or drafts depend on it unless `force`.
+    /// while other versions or drafts depend on it unless `force`; the check
+    /// is made under the write lock, so a child committed meanwhile counts.
     pub fn delete(&self, v: &DatasetVersion, force: bool) -> Result<()> {
-        let deps = self.dependents(&v.id)?;
-        if !deps.is_empty() && !force {
-            return Err(Error::DependedOn {
-                id: v.id.short(12),
-                children: deps,
-            });
-        }
         self.write(|kv| {
+            let deps = dependents_in(kv, &v.id)?;
+            if !deps.is_empty() && !force {
+                return Err(Error::DependedOn {
+                    id: v.id.short(12),
+                    children: deps,
+                });
+            }
             let cur = self.version_in_kv(kv, &v.id)?;
             let mut b = Batch::default();
             self.store.delete_version_batch(kv, &v.id, &mut b)?;
@@ -1680,4 +1662,40 @@ fn in_repo(skip: &Option<Vec<u8>>, rel: &[u8]) -> bool {
         }
         _ => false,
     }
+}
+
+/// Versions and drafts (not finalized) whose parents include `id`.
+fn dependents_in(kv: &dyn KvRead, id: &VersionId) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    kv.scan(Cf::App, keys::DATASET_NAME, &mut |_, v| {
+        ids.extend(DatasetId::from_slice(v));
+        Ok(true)
+    })?;
+    let mut out = Vec::new();
+    for ds_id in &ids {
+        let ds = dataset_in(kv, ds_id)?;
+        for (vid, info) in versions_in(kv, &ds.id)? {
+            if info.parents.contains(id) {
+                out.push(format!(
+                    "{} ({}@{})",
+                    vid.short(12),
+                    ds.full_name(),
+                    info.version
+                ));
+            }
+        }
+    }
+    let mut drafts = Vec::new();
+    kv.scan(Cf::Drafts, b"", &mut |k, v| {
+        if let Some(did) = dsv_store::DraftId::from_slice(k) {
+            drafts.push((did, dsv_store::schema::DraftRecord::decode(v, &did)?));
+        }
+        Ok(true)
+    })?;
+    for (did, rec) in drafts {
+        if rec.finalized.is_none() && rec.parents.contains(id) {
+            out.push(format!("draft {}", did.short(12)));
+        }
+    }
+    Ok(out)
 }

@@ -670,7 +670,10 @@ impl Repo {
                     "agent '{}' (pid {} on {}) died while running it",
                     a.name, a.pid, a.host
                 )),
-                _ if now - t.heartbeat_ms.unwrap_or(0) > dead_after_ms => Some(format!(
+                // Its process is there: late heartbeats mean a busy lock
+                // (a long gc), not a dead agent.
+                Some(true) => None,
+                None if now - t.heartbeat_ms.unwrap_or(0) > dead_after_ms => Some(format!(
                     "agent '{}' (pid {} on {}) sent no heartbeat for {} s",
                     a.name,
                     a.pid,
@@ -680,15 +683,21 @@ impl Repo {
                 _ => None,
             };
             if let Some(why) = why {
-                dead.push((t.id.clone(), why));
+                dead.push((t, why));
             }
         }
         let mut out = Vec::new();
-        for (id, why) in dead {
+        for (seen, why) in dead {
             let r = self.write(|kv| {
-                let mut t = task_in(kv, &id)?;
+                let mut t = task_in(kv, &seen.id)?;
                 let mut b = Batch::default();
-                if t.status != TaskStatus::Running {
+                // Still the run we judged, with no heartbeat since: otherwise
+                // it finished, or was requeued and started again meanwhile.
+                if t.status != TaskStatus::Running
+                    || t.agent != seen.agent
+                    || t.started_ms != seen.started_ms
+                    || t.heartbeat_ms != seen.heartbeat_ms
+                {
                     return Ok((b, None));
                 }
                 let mut ev = EventWriter::new(kv)?;
@@ -842,14 +851,35 @@ pub(crate) fn promote_batch(
     e.tags = m.tags.clone();
     e.tags_added = vec!["production".into()];
     e.extra.insert("model".into(), serde_json::json!(m.id));
+    // Every other production model of the project steps down, not only the
+    // one the decision saw: two gates deciding at once must not leave two
+    // models tagged production.
+    let mut raw: Vec<Vec<u8>> = Vec::new();
+    kv.scan(Cf::App, keys::MODEL, &mut |_, v| {
+        raw.push(v.to_vec());
+        Ok(true)
+    })?;
+    let mut others: Vec<Model> = Vec::new();
+    for v in raw {
+        let o: Model = from_json(&v, "model")?;
+        if o.project == m.project && o.id != m.id && o.tags.iter().any(|t| t == "production") {
+            others.push(o);
+        }
+    }
     if let Some(old) = old {
-        let mut o = load(old)?;
+        if !others.iter().any(|o| o.id == old) {
+            others.push(load(old)?);
+        }
+    }
+    for mut o in others {
         o.tags.retain(|t| t != "production");
         if !o.tags.iter().any(|t| t == "previous") {
             o.tags.push("previous".into());
         }
         b.put(Cf::App, model_key(&o.id), to_json(&o));
-        e.extra.insert("previous".into(), serde_json::json!(o.id));
+        if Some(o.id.as_str()) == old || !e.extra.contains_key("previous") {
+            e.extra.insert("previous".into(), serde_json::json!(o.id));
+        }
     }
     ev.push(b, e);
     Ok(())

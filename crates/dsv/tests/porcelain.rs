@@ -293,4 +293,30 @@ fn promotion_compares_in_the_metric_direction_and_evaluates_what_is_missing() {
         "0.95 does not beat 0.90 by more than 0.06: {d:?}"
     );
     assert!(asked.borrow().is_empty());
+
+    // Two gates deciding at once: `new` was promoted over `old`, and a
+    // decision made before that (against `old`) is applied afterwards.
+    let d = repo
+        .promotion_decision(&new, "test/log_loss", 0.0, true, &eval_fn)
+        .unwrap();
+    let third = trained(&repo, &inputs, &[("test/accuracy", 0.97)]);
+    let stale = (third.clone(), Some(old.clone()), String::new());
+    assert!(repo.apply_promotion(&d).unwrap());
+    assert!(repo.apply_promotion(&stale).unwrap());
+    let production: Vec<String> = repo
+        .models(Some("production"))
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(
+        production,
+        std::slice::from_ref(&third),
+        "one production model per project"
+    );
+    assert!(repo
+        .model(&new)
+        .unwrap()
+        .tags
+        .contains(&"previous".to_string()));
 }
