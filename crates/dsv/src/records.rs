@@ -153,8 +153,16 @@ pub(crate) fn scan_json<T: serde::de::DeserializeOwned>(
 ) -> Result<Vec<T>> {
     let mut out = Vec::new();
     let mut err = None;
-    kv.scan(dsv_store::Cf::App, prefix, &mut |_, v| {
-        match from_json::<T>(v, what) {
+    kv.scan(dsv_store::Cf::App, prefix, &mut |k, v| {
+        // Name the record: its key without the prefix (an id or a name;
+        // hex where the key holds binary parts).
+        let rest = k.strip_prefix(prefix).unwrap_or(k);
+        let key = if rest.iter().all(|b| b.is_ascii_graphic()) {
+            String::from_utf8_lossy(rest).into_owned()
+        } else {
+            rest.iter().map(|b| format!("{b:02x}")).collect()
+        };
+        match from_json::<T>(v, &format!("{what} {key}")) {
             Ok(t) => {
                 if keep(&t) {
                     out.push(t);

@@ -320,3 +320,24 @@ fn promotion_compares_in_the_metric_direction_and_evaluates_what_is_missing() {
         .tags
         .contains(&"previous".to_string()));
 }
+
+#[test]
+fn a_record_that_does_not_decode_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo_on(dir.path(), Box::new(MemKv::default()));
+    repo.create_task("p", "ok", "trainer", None, Default::default())
+        .unwrap();
+    repo.store()
+        .write(|_| {
+            let mut b = dsv_store::kv::Batch::default();
+            b.put(
+                dsv_store::Cf::App,
+                b"tk/0123abcd".to_vec(),
+                b"{not json".to_vec(),
+            );
+            Ok((b, ()))
+        })
+        .unwrap();
+    let e = repo.tasks(None, None).unwrap_err().to_string();
+    assert!(e.contains("task 0123abcd"), "{e}");
+}
