@@ -601,7 +601,18 @@ fn execute(repo: &Repo, t: &Task, stop: &Arc<AtomicBool>) -> Result<Task, CliErr
         finish.status.map(|s| s.as_str()).unwrap_or("completed")
     ));
     finish.log = log.take();
-    let done = repo.finish_task(&t.id, finish)?;
+    // The outcome must not be lost to a busy repository (a long gc holding
+    // the write lock past the lock timeout): try again a few times.
+    let mut attempt = 0;
+    let done = loop {
+        match repo.finish_task(&t.id, finish.clone()) {
+            Err(e) if transient(&e) && attempt < 5 => {
+                attempt += 1;
+                eprintln!("{}: recording the result: {e}; retrying", short(&t.id));
+            }
+            r => break r?,
+        }
+    };
     // The evaluation gate of --promote-if-better.
     if let (Some(metric), Some(model), TaskStatus::Completed) = (
         done.params.get("Promote/metric"),
@@ -873,6 +884,15 @@ fn run_command(repo: &Repo, t: &Task, log: &LogBuf, abort: &Arc<AtomicBool>) -> 
 
 /// `dsv agent`: runs queued tasks until interrupted (or, with --once, until
 /// the queues are empty).
+/// A failure that waiting cures: the write lock stayed busy past its
+/// timeout, or a gc ran between reading and writing.
+fn transient(e: &dsv::Error) -> bool {
+    matches!(
+        e,
+        dsv::Error::Store(dsv_store::Error::LockTimeout { .. } | dsv_store::Error::ConcurrentGc(_))
+    )
+}
+
 pub fn agent(ctx: &Ctx, a: AgentArgs) -> Result<(), CliError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let repo = open(ctx)?;
@@ -889,11 +909,26 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> Result<(), CliError> {
     }
     let mut ran = Vec::new();
     loop {
-        repo.store().refresh()?;
-        for t in repo.reap_dead_tasks(&agent_alive, (a.dead_after * 1000) as i64, a.requeue_dead)? {
-            if !ctx.json {
-                eprintln!("{}: {}", short(&t.id), t.error.clone().unwrap_or_default());
+        // A long-running agent outlives a busy repository (a lock timeout
+        // while a gc runs) instead of exiting: it waits and tries again.
+        let housekeeping = (|| -> Result<(), dsv::Error> {
+            repo.store().refresh()?;
+            let reaped =
+                repo.reap_dead_tasks(&agent_alive, (a.dead_after * 1000) as i64, a.requeue_dead)?;
+            for t in reaped {
+                if !ctx.json {
+                    eprintln!("{}: {}", short(&t.id), t.error.clone().unwrap_or_default());
+                }
             }
+            Ok(())
+        })();
+        match housekeeping {
+            Err(e) if transient(&e) && !a.once => {
+                eprintln!("{}: {e}; trying again", me.name);
+                wake.wait(Duration::from_secs(1));
+                continue;
+            }
+            r => r?,
         }
         if stop.load(Ordering::Acquire) {
             break;
@@ -901,7 +936,15 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> Result<(), CliError> {
         if a.triggers {
             crate::triggers::process(ctx, &repo)?;
         }
-        match repo.dequeue(&a.queues, &me)? {
+        let next = match repo.dequeue(&a.queues, &me) {
+            Err(e) if transient(&e) && !a.once => {
+                eprintln!("{}: {e}; trying again", me.name);
+                wake.wait(Duration::from_secs(1));
+                continue;
+            }
+            r => r?,
+        };
+        match next {
             Some(t) => {
                 let done = execute(&repo, &t, &stop)?;
                 if !ctx.json {
