@@ -465,6 +465,7 @@ fn create(ctx: &Ctx, a: CreateArgs) -> Result<(), CliError> {
         tags: a.tags,
         message: a.message,
         auto_create: true,
+        watch: None,
     };
     let d = if a.from_latest {
         repo.writable_copy_or_create(&project, &name, &opts)?

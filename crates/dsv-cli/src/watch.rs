@@ -105,9 +105,14 @@ fn find_or_create_draft(
             }
         }
     }
-    let d = repo.writable_copy_or_create(project, name, &CreateOptions::default())?;
-    repo.set_draft_watch(&d.id, Some(folder.to_string()))?;
-    Ok((repo.draft(&d.id)?, false))
+    // Created and marked in one write: a crash cannot leave an unmarked
+    // draft that a restarted watch would not resume.
+    let opts = CreateOptions {
+        watch: Some(folder.to_string()),
+        ..Default::default()
+    };
+    let d = repo.writable_copy_or_create(project, name, &opts)?;
+    Ok((d, false))
 }
 
 /// Runs the watch until SIGINT or SIGTERM.

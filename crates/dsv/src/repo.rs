@@ -124,6 +124,9 @@ pub struct CreateOptions {
     pub message: String,
     /// Create the dataset when missing.
     pub auto_create: bool,
+    /// Mark the draft as fed by `watch` from this folder, in the same write
+    /// that creates it (a restarted watch resumes it).
+    pub watch: Option<String>,
 }
 
 /// ClearML-style lookup ([`Repo::get`]).
@@ -897,7 +900,7 @@ impl Repo {
                 tags: opts.tags.clone(),
                 message: opts.message.clone(),
                 created_ms: dsv_store::store::now_ms(),
-                watch: None,
+                watch: opts.watch.clone(),
             };
             b.put(Cf::App, keys::draft(&draft), to_json(&info));
             Ok((b, draft))
