@@ -541,6 +541,7 @@ fn execute(repo: &Repo, t: &Task, stop: &Arc<AtomicBool>) -> Result<Task, CliErr
     let hb = {
         let dir = repo.store().dir().to_path_buf();
         let id = t.id.clone();
+        let run = t.started_ms;
         let log = log.clone();
         let abort = abort.clone();
         let finished = finished.clone();
@@ -558,7 +559,7 @@ fn execute(repo: &Repo, t: &Task, stop: &Arc<AtomicBool>) -> Result<Task, CliErr
                     abort.store(true, Ordering::Release);
                 }
                 if ticks % 20 == 0 {
-                    if let Ok(true) = repo.heartbeat(&id, &log.take()) {
+                    if let Ok(true) = repo.heartbeat_run(&id, run, &log.take()) {
                         abort.store(true, Ordering::Release);
                     }
                 }
@@ -601,6 +602,7 @@ fn execute(repo: &Repo, t: &Task, stop: &Arc<AtomicBool>) -> Result<Task, CliErr
         finish.status.map(|s| s.as_str()).unwrap_or("completed")
     ));
     finish.log = log.take();
+    finish.run_started_ms = t.started_ms;
     // The outcome must not be lost to a busy repository (a long gc holding
     // the write lock past the lock timeout): try again a few times.
     let mut attempt = 0;
@@ -609,6 +611,12 @@ fn execute(repo: &Repo, t: &Task, stop: &Arc<AtomicBool>) -> Result<Task, CliErr
             Err(e) if transient(&e) && attempt < 5 => {
                 attempt += 1;
                 eprintln!("{}: recording the result: {e}; retrying", short(&t.id));
+            }
+            // Given up on and started again elsewhere: not this agent's to
+            // record; it goes on with other work.
+            Err(dsv::Error::Conflict(why)) => {
+                eprintln!("{}: {why}", short(&t.id));
+                return Ok(repo.task(&t.id)?);
             }
             r => break r?,
         }

@@ -249,6 +249,10 @@ pub struct Finish {
     pub model: Option<(String, Vec<u8>)>,
     /// Output version and file names.
     pub artifacts: Option<(String, Vec<String>)>,
+    /// The run this result belongs to (the task's `started_ms` when it was
+    /// started): a result from a run that was reaped and started again
+    /// elsewhere is refused. `None`: whichever run is current.
+    pub run_started_ms: Option<i64>,
 }
 
 fn new_id() -> String {
@@ -529,10 +533,19 @@ impl Repo {
     /// Records a sign of life and any new log text; returns whether an abort
     /// was requested.
     pub fn heartbeat(&self, id: &str, log: &str) -> Result<bool> {
+        self.heartbeat_run(id, None, log)
+    }
+
+    /// [`Repo::heartbeat`] of the run started at `run_started_ms`: a run
+    /// that is no longer the task's current one (reaped, then started again
+    /// by another agent) is told to stop, and its log is not recorded.
+    pub fn heartbeat_run(&self, id: &str, run_started_ms: Option<i64>, log: &str) -> Result<bool> {
         self.write(|kv| {
             let mut t = task_in(kv, id)?;
             let mut b = Batch::default();
-            if t.status != TaskStatus::Running {
+            if t.status != TaskStatus::Running
+                || run_started_ms.is_some_and(|s| t.started_ms != Some(s))
+            {
                 return Ok((b, true));
             }
             t.heartbeat_ms = Some(dsv_store::store::now_ms());
@@ -555,6 +568,16 @@ impl Repo {
                     &t.id[..12],
                     t.status.as_str()
                 )));
+            }
+            if let Some(s) = f.run_started_ms {
+                if t.started_ms != Some(s) {
+                    return Err(Error::Conflict(format!(
+                        "task {} was started again by agent '{}' after this run was given up; \
+                         this run's result is dropped",
+                        &t.id[..12],
+                        t.agent.as_ref().map(|a| a.name.as_str()).unwrap_or("?")
+                    )));
+                }
             }
             let mut b = Batch::default();
             let mut ev = EventWriter::new(kv)?;

@@ -341,3 +341,55 @@ fn a_record_that_does_not_decode_is_named() {
     let e = repo.tasks(None, None).unwrap_err().to_string();
     assert!(e.contains("task 0123abcd"), "{e}");
 }
+
+#[test]
+fn a_run_that_was_given_up_cannot_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo_on(dir.path(), Box::new(MemKv::default()));
+    let t = repo
+        .create_task("p", "m", "trainer", None, Default::default())
+        .unwrap();
+    let agent = dsv::AgentInfo {
+        name: "a".into(),
+        host: "h".into(),
+        pid: 1,
+    };
+    repo.enqueue(&t.id, "default").unwrap();
+    let running = repo.start_task(&t.id, &agent).unwrap();
+    let current = running.started_ms.unwrap();
+    let stale = Some(current - 1);
+    // A stale run is told to stop, and its log is not kept.
+    assert!(repo.heartbeat_run(&t.id, stale, "old run\n").unwrap());
+    assert!(!repo
+        .heartbeat_run(&t.id, Some(current), "current run\n")
+        .unwrap());
+    let e = repo
+        .finish_task(
+            &t.id,
+            dsv::Finish {
+                status: Some(dsv::TaskStatus::Completed),
+                run_started_ms: stale,
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("started again") && e.contains("dropped"), "{e}");
+    assert_eq!(repo.task(&t.id).unwrap().status, dsv::TaskStatus::Running);
+    let log = repo.task_log(&t.id).unwrap();
+    assert!(
+        log.contains("current run") && !log.contains("old run"),
+        "{log}"
+    );
+    let done = repo
+        .finish_task(
+            &t.id,
+            dsv::Finish {
+                status: Some(dsv::TaskStatus::Completed),
+                run_started_ms: Some(current),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(done.status, dsv::TaskStatus::Completed);
+}
