@@ -44,6 +44,27 @@ fn base_task(s: &Sandbox, extra: &[&str]) -> String {
     s.json(&args)["id"].as_str().unwrap().to_string()
 }
 
+/// The first model a task produced.
+fn model_of(s: &Sandbox, task: &str) -> String {
+    s.json(&["task", "show", task])["models"][0]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A model's tags.
+fn tags(s: &Sandbox, model: &str) -> Value {
+    s.json(&["model", "show", model])["tags"].clone()
+}
+
+/// A draft clone of a task.
+fn clone_task(s: &Sandbox, task: &str) -> String {
+    s.json(&["task", "clone", task])["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 fn launched(s: &Sandbox, trigger: &str) -> Vec<Value> {
     s.json(&["trigger", "history", trigger])
         .as_array()
@@ -211,48 +232,21 @@ fn task_thresholds_and_promotion() {
     // The worse model first: it becomes production (there is none yet).
     assert!(s.dsv(&["task", "run", &bad]).status.success());
     s.json(&["trigger", "run", "--once"]);
-    let worse = s.json(&["task", "show", &bad])["models"][0]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(
-        s.json(&["model", "show", &worse])["tags"],
-        serde_json::json!(["production"])
-    );
+    let worse = model_of(&s, &bad);
+    assert_eq!(tags(&s, &worse), serde_json::json!(["production"]));
     // The better one replaces it; the old one is 'previous'.
     assert!(s.dsv(&["task", "run", &good]).status.success());
     s.json(&["trigger", "run", "--once"]);
-    let better = s.json(&["task", "show", &good])["models"][0]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(
-        s.json(&["model", "show", &better])["tags"],
-        serde_json::json!(["production"])
-    );
-    assert_eq!(
-        s.json(&["model", "show", &worse])["tags"],
-        serde_json::json!(["previous"])
-    );
+    let better = model_of(&s, &good);
+    assert_eq!(tags(&s, &better), serde_json::json!(["production"]));
+    assert_eq!(tags(&s, &worse), serde_json::json!(["previous"]));
     // A worse model again is not promoted.
-    let again = s.json(&["task", "clone", &bad])["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let again = clone_task(&s, &bad);
     assert!(s.dsv(&["task", "run", &again]).status.success());
     s.json(&["trigger", "run", "--once"]);
-    let m = s.json(&["task", "show", &again])["models"][0]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(
-        s.json(&["model", "show", &m])["tags"],
-        serde_json::json!([])
-    );
-    assert_eq!(
-        s.json(&["model", "show", &better])["tags"],
-        serde_json::json!(["production"])
-    );
+    let m = model_of(&s, &again);
+    assert_eq!(tags(&s, &m), serde_json::json!([]));
+    assert_eq!(tags(&s, &better), serde_json::json!(["production"]));
     let h = launched(&s, "promote");
     assert_eq!(h.len(), 3);
     assert!(
@@ -380,14 +374,8 @@ fn promote_if_better_gates_a_task_on_the_same_evaluation_data() {
     args.extend_from_slice(&gate);
     let weak = base_task(&s, &args);
     assert!(s.dsv(&["task", "run", &weak]).status.success());
-    let weak_model = s.json(&["task", "show", &weak])["models"][0]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(
-        s.json(&["model", "show", &weak_model])["tags"],
-        serde_json::json!(["production"])
-    );
+    let weak_model = model_of(&s, &weak);
+    assert_eq!(tags(&s, &weak_model), serde_json::json!(["production"]));
     // A strong model evaluated on other data: production is re-evaluated
     // on that data before comparing, and loses.
     let mut args = vec!["--set", "General/test_dataset_id=occ/eval2"];
@@ -399,33 +387,15 @@ fn promote_if_better_gates_a_task_on_the_same_evaluation_data() {
         "{}",
         stderr(&out)
     );
-    let strong_model = s.json(&["task", "show", &strong])["models"][0]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(
-        s.json(&["model", "show", &strong_model])["tags"],
-        serde_json::json!(["production"])
-    );
-    assert_eq!(
-        s.json(&["model", "show", &weak_model])["tags"],
-        serde_json::json!(["previous"])
-    );
+    let strong_model = model_of(&s, &strong);
+    assert_eq!(tags(&s, &strong_model), serde_json::json!(["production"]));
+    assert_eq!(tags(&s, &weak_model), serde_json::json!(["previous"]));
     // The weak one again: not promoted.
-    let again = s.json(&["task", "clone", &weak])["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let again = clone_task(&s, &weak);
     let out = s.dsv(&["task", "run", &again]);
     assert!(stderr(&out).contains("not promoted"), "{}", stderr(&out));
-    let m = s.json(&["task", "show", &again])["models"][0]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(
-        s.json(&["model", "show", &m])["tags"],
-        serde_json::json!([])
-    );
+    let m = model_of(&s, &again);
+    assert_eq!(tags(&s, &m), serde_json::json!([]));
 }
 
 #[test]
@@ -433,12 +403,6 @@ fn a_lower_is_better_metric_promotes_the_model_with_the_smaller_loss() {
     let s = Sandbox::new();
     sync_file(&s, "occ/eval", "eval", "datatest.txt", "x");
     sync_file(&s, "occ/train", "train", "datatraining.txt", "x");
-    let model_of = |task: &str| {
-        s.json(&["task", "show", task])["models"][0]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
     let loss = |task: &str| {
         s.json(&["task", "show", task])["metrics"]["test/log_loss"]
             .as_f64()
@@ -462,14 +426,11 @@ fn a_lower_is_better_metric_promotes_the_model_with_the_smaller_loss() {
         stderr(&out)
     );
     assert_eq!(
-        s.json(&["model", "show", &model_of(&strong)])["tags"],
+        tags(&s, &model_of(&s, &strong)),
         serde_json::json!(["production"])
     );
     // The weak model again, lower is better: not promoted.
-    let again = s.json(&["task", "clone", &weak])["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let again = clone_task(&s, &weak);
     let out = s.dsv(&["task", "run", &again]);
     assert!(stderr(&out).contains("not promoted"), "{}", stderr(&out));
     // The same comparison read as higher-is-better would promote it: the
@@ -484,7 +445,7 @@ fn a_lower_is_better_metric_promotes_the_model_with_the_smaller_loss() {
         stderr(&out)
     );
     assert_eq!(
-        s.json(&["model", "show", &model_of(&wrong_way)])["tags"],
+        tags(&s, &model_of(&s, &wrong_way)),
         serde_json::json!(["production"])
     );
     // --lower-is-better means nothing without a gate.

@@ -556,6 +556,19 @@ pub fn roc_auc(truth: &[usize], scores: &[f64]) -> f64 {
 mod tests {
     use super::*;
 
+    /// Fits with default hyperparameters, never cancelled, scalars dropped.
+    fn fit(kind: &str, label: &str, t: &Table) -> Result<FittedModel> {
+        FittedModel::fit(
+            kind,
+            label,
+            t,
+            &BTreeMap::new(),
+            7,
+            &mut Vec::new(),
+            &|| false,
+        )
+    }
+
     #[test]
     fn metrics_of_a_known_confusion() {
         let truth = [1, 1, 1, 0, 0, 0, 0, 1];
@@ -651,16 +664,7 @@ mod tests {
         }
         let mut unseen = clusters(3, 3);
         unseen.y[0] = 9.0;
-        let m = FittedModel::fit(
-            "tree",
-            "y",
-            &train,
-            &BTreeMap::new(),
-            7,
-            &mut Vec::new(),
-            &|| false,
-        )
-        .unwrap();
+        let m = fit("tree", "y", &train).unwrap();
         let e = m.evaluate(&unseen).unwrap_err().to_string();
         assert!(
             e.contains("label value 9") && e.contains("not seen in training"),
@@ -729,16 +733,7 @@ mod tests {
                 -0.0
             }
         });
-        let m = FittedModel::fit(
-            "tree",
-            "y",
-            &t,
-            &BTreeMap::new(),
-            7,
-            &mut Vec::new(),
-            &|| false,
-        )
-        .unwrap();
+        let m = fit("tree", "y", &t).unwrap();
         assert_eq!(m.classes.len(), 2);
         assert!(m.evaluate(&t).unwrap().accuracy > 0.99);
     }
@@ -747,17 +742,7 @@ mod tests {
     fn a_continuous_label_is_refused() {
         let mut t = clusters(600, 4);
         t.y = (0..600).map(|i| i as f64 / 10.0).collect();
-        let e = FittedModel::fit(
-            "tree",
-            "temp",
-            &t,
-            &BTreeMap::new(),
-            7,
-            &mut Vec::new(),
-            &|| false,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = fit("tree", "temp", &t).unwrap_err().to_string();
         assert!(e.contains("'temp' has 600 distinct values"), "{e}");
     }
 

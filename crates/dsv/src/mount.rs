@@ -66,6 +66,26 @@ type ChunkMap = (HashMap<ChunkId, Arc<Vec<u8>>>, VecDeque<ChunkId>, usize);
 /// A directory's children: (name, inode) sorted by name.
 type Children = Arc<Vec<(Vec<u8>, u64)>>;
 
+/// What `readdir` and `readdirplus` list: ".", "..", then the children.
+struct Listing {
+    kids: Children,
+    parent: u64,
+}
+
+impl Listing {
+    /// Entry `i` of the listing of directory `ino`: (inode, name).
+    fn slot(&self, ino: u64, i: usize) -> Option<(u64, &OsStr)> {
+        match i {
+            0 => Some((ino, OsStr::new("."))),
+            1 => Some((self.parent, OsStr::new(".."))),
+            _ => self
+                .kids
+                .get(i - 2)
+                .map(|(name, child)| (*child, OsStr::from_bytes(name))),
+        }
+    }
+}
+
 struct ChunkCache {
     max: usize,
     inner: Mutex<ChunkMap>,
@@ -238,6 +258,18 @@ impl VersionFs {
         let out = Arc::new(out);
         children.insert(ino, out.clone());
         Ok(out)
+    }
+
+    /// A directory's children and its parent, for listing.
+    fn listing(&self, ino: u64) -> std::result::Result<Listing, Errno> {
+        let kids = self.children(ino)?;
+        let parent = self
+            .nodes
+            .read()
+            .ok()
+            .and_then(|n| n.get(ino as usize).map(|n| n.parent))
+            .unwrap_or(1);
+        Ok(Listing { kids, parent })
     }
 
     fn open_file(&self, ino: u64) -> std::result::Result<Arc<OpenFile>, Errno> {
@@ -420,33 +452,17 @@ impl Filesystem for VersionFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let kids = match self.children(ino.0) {
-            Ok(k) => k,
+        let listing = match self.listing(ino.0) {
+            Ok(l) => l,
             Err(e) => return reply.error(e),
         };
-        let parent = self
-            .nodes
-            .read()
-            .ok()
-            .and_then(|n| n.get(ino.0 as usize).map(|n| n.parent))
-            .unwrap_or(1);
         let mut i = offset as usize;
-        loop {
-            let full = match i {
-                0 => reply.add(ino, 1, FileType::Directory, "."),
-                1 => reply.add(INodeNo(parent), 2, FileType::Directory, ".."),
-                _ => {
-                    let Some((name, child)) = kids.get(i - 2) else {
-                        break;
-                    };
-                    let kind = self
-                        .node_entry(*child)
-                        .map(|e| kind_of(&e))
-                        .unwrap_or(FileType::RegularFile);
-                    reply.add(INodeNo(*child), i as u64 + 1, kind, OsStr::from_bytes(name))
-                }
-            };
-            if full {
+        while let Some((child, name)) = listing.slot(ino.0, i) {
+            let kind = self
+                .node_entry(child)
+                .map(|e| kind_of(&e))
+                .unwrap_or(FileType::RegularFile);
+            if reply.add(INodeNo(child), i as u64 + 1, kind, name) {
                 break;
             }
             i += 1;
@@ -462,26 +478,12 @@ impl Filesystem for VersionFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let kids = match self.children(ino.0) {
-            Ok(k) => k,
+        let listing = match self.listing(ino.0) {
+            Ok(l) => l,
             Err(e) => return reply.error(e),
         };
-        let parent = self
-            .nodes
-            .read()
-            .ok()
-            .and_then(|n| n.get(ino.0 as usize).map(|n| n.parent))
-            .unwrap_or(1);
         let mut i = offset as usize;
-        loop {
-            let (child, name): (u64, &OsStr) = match i {
-                0 => (ino.0, OsStr::new(".")),
-                1 => (parent, OsStr::new("..")),
-                _ => match kids.get(i - 2) {
-                    Some((name, child)) => (*child, OsStr::from_bytes(name)),
-                    None => break,
-                },
-            };
+        while let Some((child, name)) = listing.slot(ino.0, i) {
             let Some(e) = self.node_entry(child) else {
                 return reply.error(Errno::EIO);
             };

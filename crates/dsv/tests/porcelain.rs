@@ -204,8 +204,8 @@ fn get_follows_clearml_semantics() {
     assert_eq!(found.id, open.id);
 }
 
-/// Finishes a trainer task with a model, `metrics` and the given inputs.
-fn trained(repo: &Repo, inputs: &[&str], metrics: &[(&str, f64)]) -> String {
+/// A trainer task, queued and started by an agent of this process.
+fn running_task(repo: &Repo) -> dsv::Task {
     let t = repo
         .create_task("p", "m", "trainer", None, Default::default())
         .unwrap();
@@ -215,7 +215,12 @@ fn trained(repo: &Repo, inputs: &[&str], metrics: &[(&str, f64)]) -> String {
         pid: std::process::id(),
     };
     repo.enqueue(&t.id, "default").unwrap();
-    repo.start_task(&t.id, &agent).unwrap();
+    repo.start_task(&t.id, &agent).unwrap()
+}
+
+/// Finishes a trainer task with a model, `metrics` and the given inputs.
+fn trained(repo: &Repo, inputs: &[&str], metrics: &[(&str, f64)]) -> String {
+    let t = running_task(repo);
     let done = repo
         .finish_task(
             &t.id,
@@ -346,17 +351,8 @@ fn a_record_that_does_not_decode_is_named() {
 fn a_run_that_was_given_up_cannot_report() {
     let dir = tempfile::tempdir().unwrap();
     let repo = repo_on(dir.path(), Box::new(MemKv::default()));
-    let t = repo
-        .create_task("p", "m", "trainer", None, Default::default())
-        .unwrap();
-    let agent = dsv::AgentInfo {
-        name: "a".into(),
-        host: "h".into(),
-        pid: 1,
-    };
-    repo.enqueue(&t.id, "default").unwrap();
-    let running = repo.start_task(&t.id, &agent).unwrap();
-    let current = running.started_ms.unwrap();
+    let t = running_task(&repo);
+    let current = t.started_ms.unwrap();
     let stale = Some(current - 1);
     // A stale run is told to stop, and its log is not kept.
     assert!(repo.heartbeat_run(&t.id, stale, "old run\n").unwrap());
