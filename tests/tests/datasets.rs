@@ -601,3 +601,63 @@ fn syncing_the_folder_that_holds_the_repository_skips_the_repository() {
     let again = s.json(&["dataset", "sync", "p/here", s.repo().to_str().unwrap()]);
     assert_eq!(again["changed"], false);
 }
+
+#[test]
+fn latest_is_the_last_finalized_version_and_versions_are_semantic() {
+    let s = Sandbox::new();
+    let d = s.path("d");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("a.csv"), "x\n1\n").unwrap();
+    let dir = d.to_str().unwrap();
+    let v1 = s.json(&["dataset", "sync", "p/n", dir]);
+    assert_eq!(v1["version"], "1.0.0");
+    // Not a semantic version, or one the dataset has: refused, nothing written.
+    std::fs::write(d.join("b.csv"), "x\n2\n").unwrap();
+    for (bad, needle) in [("banana", "semantic version"), ("1.0.0", "already has")] {
+        let out = s.dsv(&["dataset", "sync", "p/n", dir, "--version", bad]);
+        assert_eq!(out.status.code(), Some(1), "{bad}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(bad) && stderr(&out).contains(needle),
+            "{}",
+            stderr(&out)
+        );
+        let out = s.dsv(&["dataset", "create", "p/n", "--version", bad]);
+        assert_eq!(out.status.code(), Some(1), "{bad}: {}", stderr(&out));
+    }
+    assert_eq!(s.json(&["dataset", "list", "p/n"]).as_array().unwrap().len(), 1);
+    // A lower version finalized later is the latest.
+    let low = s.json(&["dataset", "sync", "p/n", dir, "--version", "0.9.0"]);
+    assert_eq!(low["version"], "0.9.0");
+    assert_eq!(s.json(&["dataset", "show", "p/n"])["id"], low["id"]);
+    let draft = s.json(&["dataset", "create", "p/n", "--from-latest"]);
+    assert_eq!(draft["parents"][0], low["id"]);
+    let add = s.json(&["dataset", "finalize", draft["id"].as_str().unwrap()]);
+    assert_eq!(add["file_count"], 2, "no file dropped");
+    assert_eq!(add["version"], "1.0.1", "next patch above the highest");
+    let same = s.json(&["dataset", "sync", "p/n", dir]);
+    assert_eq!(same["changed"], false);
+}
+
+#[test]
+fn listing_a_project_includes_sub_projects() {
+    let s = Sandbox::new();
+    let d = s.path("d");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("a.csv"), "x\n1\n").unwrap();
+    for name in ["a/b", "a/b/c", "a/bc"] {
+        s.json(&["dataset", "sync", name, d.to_str().unwrap()]);
+    }
+    let names = |filter: &str| -> BTreeSet<String> {
+        s.json(&["dataset", "list", filter])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| format!("{}/{}", v["project"].as_str().unwrap(), v["name"].as_str().unwrap()))
+            .collect()
+    };
+    assert_eq!(names("a/b"), BTreeSet::from(["a/b".into(), "a/b/c".into()]));
+    assert_eq!(names("a/b/c"), BTreeSet::from(["a/b/c".into()]));
+    assert_eq!(names("a").len(), 3);
+    let out = s.dsv(&["dataset", "list", "a/nope"]);
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -36,7 +36,7 @@ fn base_task(s: &Sandbox, extra: &[&str]) -> String {
         "--set",
         "General/label=Occupancy",
         "--set",
-        "General/note=none",
+        "User/note=none",
         "--set",
         "General/features=Temperature,Humidity,Light,CO2,HumidityRatio",
     ];
@@ -80,7 +80,7 @@ fn a_trigger_fires_once_per_matching_version_with_templated_overrides() {
     s.json(&[
         "trigger", "add", "dataset", "retrain", "--project", "occ", "--dataset", "train*", "--tag", "reviewed",
         "--clone", &base, "--set", "General/dataset_id=${dataset.id}",
-        "--set", "General/note=trained on ${dataset.project}/${dataset.name}@${dataset.version} (${dataset.id})",
+        "--set", "User/note=trained on ${dataset.project}/${dataset.name}@${dataset.version} (${dataset.id})",
         "--queue", "q",
     ]);
     let v1 = sync_file(&s, "occ/train", "train", "datatraining.txt", "reviewed");
@@ -116,7 +116,7 @@ fn a_trigger_fires_once_per_matching_version_with_templated_overrides() {
         assert_eq!(t["queue"], "q");
         assert_eq!(t["parent"], base.as_str());
         assert_eq!(t["params"]["General/dataset_id"], v.as_str());
-        let note = t["params"]["General/note"].as_str().unwrap();
+        let note = t["params"]["User/note"].as_str().unwrap();
         assert!(
             note.starts_with("trained on occ/train") && note.ends_with(&format!("({v})")),
             "{note}"
@@ -291,6 +291,16 @@ fn bad_trigger_input_stores_nothing() {
         (
             vec!["--clone", &base, "--set", "General/dataset_id=${dataset.id"],
             "unterminated",
+        ),
+        // A placeholder dataset events cannot fill, refused at add.
+        (
+            vec!["--clone", &base, "--set", "General/dataset_id=${model.id}"],
+            "cannot be filled by dataset events",
+        ),
+        // The rule of `task clone --set`: a misspelled hyperparameter.
+        (
+            vec!["--clone", &base, "--set", "Model/max_iters=5"],
+            "did you mean 'Model/max_iter'",
         ),
     ] {
         let mut a = vec!["trigger", "add", "dataset", "bad", "--project", "occ"];

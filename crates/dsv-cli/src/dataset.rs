@@ -279,7 +279,9 @@ pub struct SquashArgs {
 pub struct DeleteArgs {
     /// Revision.
     rev: String,
-    /// Delete even when other versions depend on it.
+    /// Delete even when other versions depend on it, or tasks or models
+    /// reference it (a referenced version leaves its dataset but its data
+    /// is kept, readable by id, for their lineage).
     #[arg(long)]
     force: bool,
 }
@@ -340,6 +342,7 @@ pub fn version_json(v: &DatasetVersion) -> Value {
         "message": v.message,
         "description": v.description,
         "metadata": v.metadata,
+        "deleted": v.deleted,
     })
 }
 
@@ -630,6 +633,9 @@ fn show(ctx: &Ctx, a: RevArg) -> Result<(), CliError> {
         println!("parent:      {p}");
     }
     println!("tags:        {}", v.tags.join(", "));
+    if v.deleted {
+        println!("deleted:     removed from its dataset; kept because tasks or models reference it");
+    }
     println!(
         "files:       {} ({})",
         v.file_count,
@@ -660,28 +666,10 @@ fn list(ctx: &Ctx, a: ListArgs) -> Result<(), CliError> {
     let repo = open(ctx)?;
     let vs = match &a.filter {
         None => repo.list(None, None, &a.tags)?,
-        Some(f) => {
-            let exact = dsv::rev::parse_dataset_name(f)
-                .ok()
-                .filter(|(p, n)| repo.dataset(p, n).ok().flatten().is_some());
-            match exact {
-                Some((p, n)) => repo.list(Some(&p), Some(&n), &a.tags)?,
-                None => {
-                    let p = f.trim_end_matches('/');
-                    let vs = repo.list(Some(p), None, &a.tags)?;
-                    if vs.is_empty()
-                        && !repo
-                            .datasets()?
-                            .iter()
-                            .any(|d| d.project == p || d.project.starts_with(&format!("{p}/")))
-                    {
-                        return Err(CliError::user(format!("no dataset or project named {f}"))
-                            .hint("'dsv dataset list' shows every dataset"));
-                    }
-                    vs
-                }
-            }
-        }
+        Some(f) => repo.list_path(f, &a.tags)?.ok_or_else(|| {
+            CliError::user(format!("no dataset or project named {f}"))
+                .hint("'dsv dataset list' shows every dataset")
+        })?,
     };
     let mut vs = vs;
     if let Some(n) = a.limit {
@@ -930,9 +918,18 @@ fn squash(ctx: &Ctx, a: SquashArgs) -> Result<(), CliError> {
 fn delete(ctx: &Ctx, a: DeleteArgs) -> Result<(), CliError> {
     let repo = open(ctx)?;
     let v = repo.resolve(&a.rev)?;
+    let refs = repo.references(&v)?;
     repo.delete(&v, a.force)?;
     if ctx.json {
-        return output::json(&json!({"deleted": v.id}));
+        return output::json(&json!({"deleted": v.id, "kept_for": refs}));
+    }
+    if !refs.is_empty() {
+        println!(
+            "removed {} from its dataset; its data is kept (readable by id) for {}",
+            v.label(),
+            refs.join(", ")
+        );
+        return Ok(());
     }
     println!(
         "deleted {}/{} {} ({}); run 'dsv gc' to reclaim its bytes",

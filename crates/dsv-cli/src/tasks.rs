@@ -1014,6 +1014,20 @@ pub fn model(ctx: &Ctx, cmd: ModelCmd) -> Result<(), CliError> {
             v["label"] = json!(body.label);
             v["classes"] = json!(body.classes);
             v["hyperparameters"] = json!(body.hyper);
+            // Lineage: each dataset version, live, deleted but kept, or
+            // missing (deleted by a build that kept nothing) — never silent.
+            v["lineage"] = Value::Array(
+                m.datasets
+                    .iter()
+                    .map(|d| match repo.resolve(d) {
+                        Ok(x) if x.deleted => json!({"id": d, "version": x.label(),
+                            "state": "deleted from its dataset (data kept for this model)"}),
+                        Ok(x) => json!({"id": d, "version": x.label(), "state": "live"}),
+                        Err(e) => json!({"id": d, "version": null,
+                            "state": format!("missing: {e}")}),
+                    })
+                    .collect(),
+            );
             if ctx.json {
                 return output::json(&v);
             }

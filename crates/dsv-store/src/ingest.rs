@@ -159,6 +159,20 @@ enum RawItem {
     Special(PathBuf),
 }
 
+/// A file or folder listed by the scan that is gone when read: the ingest
+/// fails (nothing is stored) rather than drop it; running again is safe.
+fn vanished(path: &Path) -> Error {
+    Error::input(
+        "read",
+        path,
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "it vanished while the folder was being read; nothing was stored, \
+             run the command again once the folder is stable",
+        ),
+    )
+}
+
 fn scan_dir(dir: &Path, rel: &[u8], opts: &IngestOptions<'_>) -> Result<RawScan> {
     let rd = std::fs::read_dir(dir).map_err(|e| Error::input("list", dir, e))?;
     let mut names = Vec::new();
@@ -166,7 +180,7 @@ fn scan_dir(dir: &Path, rel: &[u8], opts: &IngestOptions<'_>) -> Result<RawScan>
         let ent = ent.map_err(|e| Error::input("list", dir, e))?;
         let ft = match ent.file_type() {
             Ok(ft) => ft,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(vanished(&ent.path())),
             Err(e) => return Err(Error::input("stat", ent.path(), e)),
         };
         names.push((ent.file_name().as_bytes().to_vec(), ent, ft));
@@ -185,7 +199,9 @@ fn scan_dir(dir: &Path, rel: &[u8], opts: &IngestOptions<'_>) -> Result<RawScan>
                 }
                 let meta = match std::fs::symlink_metadata(&path) {
                     Ok(m) => m,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(vanished(&path))
+                    }
                     Err(e) => return Err(Error::input("stat", &path, e)),
                 };
                 let scan = scan_dir(&path, &rel_path(), opts)?;
@@ -203,7 +219,9 @@ fn scan_dir(dir: &Path, rel: &[u8], opts: &IngestOptions<'_>) -> Result<RawScan>
             if ft.is_symlink() {
                 let target = match std::fs::read_link(&path) {
                     Ok(t) => t.as_os_str().as_bytes().to_vec(),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(vanished(&path))
+                    }
                     Err(e) => return Err(Error::input("read link", &path, e)),
                 };
                 if target.len() > crate::object::MAX_LINK_LEN {
@@ -222,7 +240,9 @@ fn scan_dir(dir: &Path, rel: &[u8], opts: &IngestOptions<'_>) -> Result<RawScan>
                 // Relative to the open directory (fstatat), not a path walk.
                 let meta = match ent.metadata() {
                     Ok(m) => m,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(vanished(&path))
+                    }
                     Err(e) => return Err(Error::input("stat", &path, e)),
                 };
                 return Ok(Some(RawItem::File {
@@ -359,7 +379,9 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Reads and stores one file. `None` when it vanished.
+    /// Reads and stores one file. A file that vanished (or was replaced by
+    /// something that is not a file) since the scan is an error: storing
+    /// the folder without it would drop it silently.
     fn hash_file(&self, job: &Job) -> Result<Option<(FileObject, StatEntry)>> {
         for _attempt in 0..3 {
             // O_NONBLOCK: a name swapped for a FIFO since the scan must not
@@ -370,14 +392,16 @@ impl Session<'_> {
                 .open(&job.path)
             {
                 Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(vanished(&job.path))
+                }
                 Err(e) => return Err(Error::input("open", &job.path, e)),
             };
             let meta = file
                 .metadata()
                 .map_err(|e| Error::input("stat", &job.path, e))?;
             if !meta.is_file() {
-                return Ok(None); // replaced by something else: vanished
+                return Err(vanished(&job.path)); // replaced by something else
             }
             let before = stat_of(&meta);
             let obj = self.read_and_store(&file, &job.path, before.size)?;

@@ -19,6 +19,12 @@
 //! | `General/model` | `logistic`, `tree`, `forest`, `naive_bayes` |
 //! | `General/files` | glob of the files to read (default every `.csv`, `.tsv`, `.txt`) |
 //! | `Model/…` | hyperparameters: `max_iter`, `alpha`, `tol` (logistic); `max_depth`, `min_samples_split`, `min_samples_leaf`, `max_features` (trees); `n_estimators` (forest, default 100); `var_smoothing` (naive Bayes) |
+//! | `Promote/…` | the promotion gate: `metric`, `margin`, `lower_is_better` |
+//! | `User/…` | free-form notes, never read |
+//!
+//! Any other key is refused before training (`dsv::params`: the same rule
+//! as at `task create`), so a misspelled hyperparameter is never recorded
+//! as if it had been used; so are features that include the label.
 //!
 //! Scalars (per step): logistic regression logs `train/log_loss` and
 //! `train/accuracy` at iterations 1, 2, 4, … of its solver (exact iterates,
@@ -138,6 +144,9 @@ pub fn train_until(
             Ok(())
         }
     };
+    // The rule every definition applied (task create, clone, triggers):
+    // unknown keys and label leakage are refused, not trained around.
+    dsv::params::check_task_params("trainer", params).map_err(|e| Error::Params(e.to_string()))?;
     let kind = get(params, "General/model").unwrap_or("logistic");
     if !MODELS.contains(&kind) {
         return Err(Error::Params(format!(

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::table::Table;
 
 /// Model names the trainer knows.
-pub const MODELS: [&str; 4] = ["logistic", "tree", "forest", "naive_bayes"];
+pub const MODELS: [&str; 4] = dsv::params::MODELS;
 
 /// The fitted estimator.
 #[derive(Debug, Clone, Serialize, Deserialize)]

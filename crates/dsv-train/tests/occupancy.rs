@@ -164,8 +164,22 @@ fn bad_input_names_the_cause() {
     let e = err(&[
         ("General/dataset_id", &train),
         ("General/label", "Temperature"),
+        ("General/features", "Light,CO2"),
     ]);
     assert!(e.contains("classes") || e.contains("class"), "{e}");
+    // The label among the features (leakage), a misspelled hyperparameter:
+    // refused before training, not trained around.
+    let e = err(&[
+        ("General/dataset_id", &train),
+        ("General/features", "Light,CO2,Occupancy"),
+    ]);
+    assert!(e.contains("leakage") && e.contains("'Occupancy'"), "{e}");
+    let e = err(&[
+        ("General/dataset_id", &train),
+        ("General/model", "tree"),
+        ("Model/maxdepth", "2"),
+    ]);
+    assert!(e.contains("did you mean 'Model/max_depth'"), "{e}");
     let e = err(&[("General/dataset_id", &t1), ("General/features", "date")]);
     assert!(
         e.contains("'date'") && e.contains("not a number") && e.contains("row 2"),

@@ -43,6 +43,18 @@ pub enum Error {
         /// Short ids of its dependents.
         children: Vec<String>,
     },
+    /// A version that tasks or models reference.
+    #[error(
+        "{version} is referenced by {}; deleting it would break their lineage \
+         (with --force it leaves its dataset but its data is kept for them)",
+        by.join(", ")
+    )]
+    Referenced {
+        /// The version.
+        version: String,
+        /// What references it (tasks, models).
+        by: Vec<String>,
+    },
     /// A draft that belongs to no dataset (made by plumbing).
     #[error("draft {0} is not a dataset draft")]
     NotADatasetDraft(String),

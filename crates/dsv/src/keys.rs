@@ -33,6 +33,9 @@ pub const DATASET_VERSION: &[u8] = b"dv/";
 pub const VERSION_INDEX: &[u8] = b"vi/";
 /// Prefix of mutable version metadata.
 pub const VERSION_META: &[u8] = b"vm/";
+/// Versions deleted with `--force` and kept for the tasks and models that
+/// reference them: `vk/` · version id → [`crate::records::KeptVersion`].
+pub const KEPT_VERSION: &[u8] = b"vk/";
 /// Prefix of dataset drafts.
 pub const DRAFT: &[u8] = b"dr/";
 /// Prefix of events.
@@ -88,6 +91,12 @@ pub fn version_index(v: &VersionId) -> Vec<u8> {
 /// `vm/` key.
 pub fn version_meta(v: &VersionId) -> Vec<u8> {
     cat(&[VERSION_META, v.as_bytes()])
+}
+
+/// `vk/` key: a version removed from its dataset by `delete --force`
+/// and kept because tasks or models reference it.
+pub fn kept_version(v: &VersionId) -> Vec<u8> {
+    cat(&[KEPT_VERSION, v.as_bytes()])
 }
 
 /// `dr/` key.

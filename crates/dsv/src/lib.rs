@@ -27,6 +27,7 @@ pub mod error;
 pub mod events;
 pub mod keys;
 pub mod mount;
+pub mod params;
 pub mod preview;
 pub mod reader;
 pub mod records;

@@ -100,6 +100,37 @@ pub struct VersionInfo {
     /// Message given at finalize.
     #[serde(default)]
     pub message: String,
+    /// Finalize order: the sequence number of the version's
+    /// `version_finalized` event (gap-free, monotonic, assigned under the
+    /// write lock). `None` for versions indexed by older builds, which rank
+    /// below every version that has one, by creation time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+}
+
+impl VersionInfo {
+    /// Sort key of finalize order: the newest version has the largest key.
+    /// Never the version string: "latest" is the version finalized last.
+    pub fn finalize_order(&self) -> (bool, u64, i64) {
+        (self.seq.is_some(), self.seq.unwrap_or(0), self.created_ms)
+    }
+}
+
+/// A version removed from its dataset's line by `delete --force` while
+/// tasks or models referenced it: still readable by id (for their
+/// lineage), kept by `gc` through a porcelain root, never listed or
+/// resolved by name, version string or tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptVersion {
+    /// The dataset it belonged to.
+    pub dataset: DatasetId,
+    /// Its index record as it was.
+    pub info: VersionInfo,
+    /// When it was deleted, ms.
+    pub deleted_ms: i64,
+    /// What referenced it then (tasks, models).
+    #[serde(default)]
+    pub referenced_by: Vec<String>,
 }
 
 /// Mutable facts about a version: description and user metadata.
@@ -178,11 +209,30 @@ pub(crate) fn scan_json<T: serde::de::DeserializeOwned>(
     err.map_or(Ok(out), Err)
 }
 
-/// Orders version strings: semantic versions by precedence above any
-/// non-semantic label; ties by creation time.
-pub fn version_order_key(version: &str, created_ms: i64) -> (bool, Option<semver::Version>, i64) {
-    let sv = semver::Version::parse(version.trim_start_matches('v')).ok();
-    (sv.is_some(), sv, created_ms)
+/// Parses a stored version string as a semantic version (a leading `v` of
+/// versions written by older builds is ignored); `None` for other labels.
+pub fn semver_of(version: &str) -> Option<semver::Version> {
+    semver::Version::parse(version.trim_start_matches('v')).ok()
+}
+
+/// Checks a version string given by a user: a semantic version
+/// `MAJOR.MINOR.PATCH` (pre-release and build parts allowed).
+pub fn check_semver(version: &str) -> Result<semver::Version> {
+    semver::Version::parse(version).map_err(|e| {
+        Error::Invalid(format!(
+            "invalid version '{version}': not a semantic version MAJOR.MINOR.PATCH \
+             (e.g. 1.2.0): {e}"
+        ))
+    })
+}
+
+/// Whether `wanted` names the same version as the stored `existing`: the
+/// same string, or semantic versions of equal precedence (`1.0.0` and
+/// `1.0.0+build`; "highest" must be unambiguous).
+pub fn same_version(existing: &str, wanted: &str) -> bool {
+    existing == wanted
+        || matches!((semver_of(existing), semver_of(wanted)),
+            (Some(a), Some(b)) if a.cmp_precedence(&b) == std::cmp::Ordering::Equal)
 }
 
 /// The version after `v`: its patch number plus one.

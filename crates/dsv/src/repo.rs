@@ -19,8 +19,8 @@ use crate::error::{Error, Parked, Result};
 use crate::events::{Event, EventKind, EventWriter};
 use crate::keys;
 use crate::records::{
-    bump_patch, from_json, to_json, version_order_key, DatasetId, DatasetRecord, DraftInfo,
-    VersionInfo, VersionMeta,
+    bump_patch, check_semver, from_json, same_version, semver_of, to_json, DatasetId,
+    DatasetRecord, DraftInfo, KeptVersion, VersionInfo, VersionMeta,
 };
 use crate::rev::{parse_dataset_name, RevSpec};
 
@@ -80,6 +80,12 @@ pub struct DatasetVersion {
     pub description: String,
     /// User metadata.
     pub metadata: BTreeMap<String, serde_json::Value>,
+    /// Finalize order (see [`VersionInfo::seq`]); `None` for versions
+    /// indexed by older builds.
+    pub seq: Option<u64>,
+    /// Removed from its dataset by `delete --force` and kept (readable by
+    /// id only) because tasks or models reference it.
+    pub deleted: bool,
 }
 
 impl DatasetVersion {
@@ -116,7 +122,8 @@ pub struct DraftHandle {
 pub struct CreateOptions {
     /// Parents (their trees merged, later parents winning per path).
     pub parents: Vec<VersionId>,
-    /// Explicit version string; default: next patch of the dataset's highest.
+    /// Explicit version string (a semantic version the dataset does not
+    /// have yet); default: next patch of the dataset's highest.
     pub version: Option<String>,
     /// Tags the version gets at finalize.
     pub tags: Vec<String>,
@@ -347,6 +354,8 @@ fn dataset_version(
     DatasetVersion {
         id,
         dataset,
+        seq: info.seq,
+        deleted: false,
         version: info.version,
         parents: info.parents,
         tags,
@@ -409,21 +418,39 @@ fn versions_in(kv: &dyn KvRead, ds: &DatasetId) -> Result<Vec<(VersionId, Versio
     }
 }
 
+/// The version finalized last (never the highest version string: a
+/// version created with a lower `--version` is still the newest).
 fn newest<'a>(
     vs: impl Iterator<Item = &'a (VersionId, VersionInfo)>,
 ) -> Option<&'a (VersionId, VersionInfo)> {
     vs.max_by(|a, b| {
-        version_order_key(&a.1.version, a.1.created_ms)
-            .cmp(&version_order_key(&b.1.version, b.1.created_ms))
+        (a.1.finalize_order(), a.0.as_bytes()).cmp(&(b.1.finalize_order(), b.0.as_bytes()))
     })
 }
 
+/// The next patch above the dataset's highest semantic version (so an
+/// assigned number never collides with an explicit one); `1.0.0` first.
 fn next_version(vs: &[(VersionId, VersionInfo)]) -> String {
     vs.iter()
-        .filter_map(|(_, i)| semver::Version::parse(i.version.trim_start_matches('v')).ok())
+        .filter_map(|(_, i)| semver_of(&i.version))
         .max()
         .map(|v| bump_patch(&v))
         .unwrap_or_else(|| "1.0.0".to_string())
+}
+
+/// Refuses `wanted` when the dataset already has that version.
+fn check_version_free(ds: &Dataset, vs: &[(VersionId, VersionInfo)], wanted: &str) -> Result<()> {
+    match vs.iter().find(|(_, i)| same_version(&i.version, wanted)) {
+        Some((_, i)) => Err(Error::VersionExists {
+            dataset: ds.full_name(),
+            version: if i.version == wanted {
+                wanted.to_string()
+            } else {
+                format!("{wanted} (as {})", i.version)
+            },
+        }),
+        None => Ok(()),
+    }
 }
 
 fn version_meta_in(kv: &dyn KvRead, id: &VersionId) -> Result<VersionMeta> {
@@ -448,6 +475,13 @@ fn version_dataset_in(kv: &dyn KvRead, id: &VersionId) -> Result<Option<(Dataset
     }
 }
 
+fn kept_in(kv: &dyn KvRead, id: &VersionId) -> Result<Option<KeptVersion>> {
+    match kv.get(Cf::App, &keys::kept_version(id))? {
+        None => Ok(None),
+        Some(v) => Ok(Some(from_json(&v, &format!("kept version {id}"))?)),
+    }
+}
+
 fn draft_info_in(kv: &dyn KvRead, id: &DraftId) -> Result<Option<DraftInfo>> {
     match kv.get(Cf::App, &keys::draft(id))? {
         None => Ok(None),
@@ -455,19 +489,29 @@ fn draft_info_in(kv: &dyn KvRead, id: &DraftId) -> Result<Option<DraftInfo>> {
     }
 }
 
+/// A version string given by a user: a semantic version of at most 100
+/// characters.
 fn check_version_string(v: &str) -> Result<()> {
-    if v.is_empty() || v.len() > 100 || v.chars().any(|c| c.is_control() || c == '/' || c == '@') {
+    if v.len() > 100 {
         return Err(Error::Invalid(format!(
-            "invalid version '{v}': 1 to 100 characters, no '/', '@' or control characters"
+            "invalid version '{v}': longer than 100 characters"
         )));
     }
-    Ok(())
+    check_semver(v).map(|_| ())
 }
 
-/// Writes the index records of a new version of `ds`.
-fn index_version_batch(b: &mut Batch, ds: &DatasetId, v: &dsv_store::Version, version: &str) {
+/// Writes the index records of a new version of `ds`; `seq` is the
+/// sequence number of its `version_finalized` event (its finalize order).
+fn index_version_batch(
+    b: &mut Batch,
+    ds: &DatasetId,
+    v: &dsv_store::Version,
+    version: &str,
+    seq: u64,
+) {
     let o = &v.object;
     let info = VersionInfo {
+        seq: Some(seq),
         version: version.to_string(),
         parents: o.parents.clone(),
         created_ms: o.created_ms,
@@ -648,11 +692,17 @@ impl Repo {
     }
 
     fn version_in_kv(&self, kv: &dyn KvRead, id: &VersionId) -> Result<DatasetVersion> {
-        let (ds_id, created) = version_dataset_in(kv, id)?.ok_or_else(|| {
-            Error::RevisionNotFound(format!(
+        let Some((ds_id, created)) = version_dataset_in(kv, id)? else {
+            if let Some(k) = kept_in(kv, id)? {
+                let ds = dataset_in(kv, &k.dataset)?;
+                let mut v = dataset_version(ds, *id, k.info, Vec::new(), version_meta_in(kv, id)?);
+                v.deleted = true;
+                return Ok(v);
+            }
+            return Err(Error::RevisionNotFound(format!(
                 "version {id} is not a dataset version (or was deleted)"
-            ))
-        })?;
+            )));
+        };
         let ds = dataset_in(kv, &ds_id)?;
         let v = kv
             .get(Cf::App, &keys::dataset_version(&ds_id, created, id))?
@@ -666,13 +716,12 @@ impl Repo {
         self.version_in_kv(&*self.store.reader(), id)
     }
 
-    /// Versions of a dataset, newest first (by semantic version, then time).
+    /// Versions of a dataset, newest first (in finalize order).
     pub fn versions(&self, ds: &Dataset) -> Result<Vec<DatasetVersion>> {
         let kv = self.store.reader();
         let mut vs = versions_in(&*kv, &ds.id)?;
         vs.sort_by(|a, b| {
-            version_order_key(&b.1.version, b.1.created_ms)
-                .cmp(&version_order_key(&a.1.version, a.1.created_ms))
+            (b.1.finalize_order(), b.0.as_bytes()).cmp(&(a.1.finalize_order(), a.0.as_bytes()))
         });
         // Many versions: load every tag and metadata record in two scans
         // rather than two lookups per version.
@@ -737,8 +786,45 @@ impl Repo {
                 }
             }
         }
-        out.sort_by_key(|v| std::cmp::Reverse(v.created_ms));
+        // Newest first in finalize order (event sequence numbers are global).
+        out.sort_by_key(|v| {
+            std::cmp::Reverse((v.seq.is_some(), v.seq.unwrap_or(0), v.created_ms, v.id))
+        });
         Ok(out)
+    }
+
+    /// `dataset list PATH`: the dataset PATH names (as `PROJECT/NAME`) when
+    /// it exists, and every dataset of project PATH or one of its
+    /// sub-projects (`a/b` lists `a/b`, `a/b/c`, `a/b/x/y`), carrying every
+    /// tag, newest first; `None` when PATH names no dataset and no project.
+    pub fn list_path(&self, path: &str, tags: &[String]) -> Result<Option<Vec<DatasetVersion>>> {
+        let path = path.trim().trim_end_matches('/');
+        let exact = parse_dataset_name(path).ok();
+        let sub = format!("{path}/");
+        let mut any = false;
+        let mut out = Vec::new();
+        for ds in self.datasets()? {
+            let is_exact = exact
+                .as_ref()
+                .is_some_and(|(p, n)| p == &ds.project && n == &ds.name);
+            let below = ds.project == path || ds.project.starts_with(&sub);
+            if !is_exact && !below {
+                continue;
+            }
+            any = true;
+            for v in self.versions(&ds)? {
+                if tags.iter().all(|t| v.tags.contains(t)) {
+                    out.push(v);
+                }
+            }
+        }
+        if !any {
+            return Ok(None);
+        }
+        out.sort_by_key(|v| {
+            std::cmp::Reverse((v.seq.is_some(), v.seq.unwrap_or(0), v.created_ms, v.id))
+        });
+        Ok(Some(out))
     }
 
     /// The newest version of a dataset.
@@ -755,7 +841,28 @@ impl Repo {
     pub fn resolve(&self, spec: &str) -> Result<DatasetVersion> {
         match RevSpec::parse(spec)? {
             RevSpec::Id(prefix) => {
-                let id = self.store.resolve_version_prefix(&prefix)?;
+                let id = match self.store.resolve_version_prefix(&prefix) {
+                    Ok(id) => id,
+                    Err(e @ dsv_store::Error::NotFound { .. }) => {
+                        // A version deleted with --force and kept for the
+                        // tasks and models that reference it.
+                        let kv = self.store.reader();
+                        let mut found = Vec::new();
+                        kv.scan(Cf::App, keys::KEPT_VERSION, &mut |k, _| {
+                            if let Some(id) = VersionId::from_slice(&k[keys::KEPT_VERSION.len()..]) {
+                                if id.to_hex().starts_with(&prefix) {
+                                    found.push(id);
+                                }
+                            }
+                            Ok(true)
+                        })?;
+                        match found.as_slice() {
+                            [one] => *one,
+                            _ => return Err(e.into()),
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 self.version(&id)
             }
             RevSpec::Dataset {
@@ -792,7 +899,7 @@ impl Repo {
     }
 
     /// ClearML's `Dataset.get`: by id, or by project/name narrowed by
-    /// version and tags; newest semantic version wins.
+    /// version and tags; the newest (last finalized) match wins.
     pub fn get(&self, q: &GetQuery) -> Result<Got> {
         let found: Option<DatasetVersion> = if let Some(id) = &q.id {
             Some(self.resolve(id)?)
@@ -883,15 +990,7 @@ impl Repo {
                 None => return Err(Error::DatasetNotFound(format!("{project}/{name}"))),
             };
             if let Some(v) = &opts.version {
-                if versions_in(kv, &ds.id)?
-                    .iter()
-                    .any(|(_, i)| &i.version == v)
-                {
-                    return Err(Error::VersionExists {
-                        dataset: ds.full_name(),
-                        version: v.clone(),
-                    });
-                }
+                check_version_free(&ds, &versions_in(kv, &ds.id)?, v)?;
             }
             let draft = self.store.create_draft_batch(kv, &opts.parents, &mut b)?;
             let info = DraftInfo {
@@ -1156,12 +1255,7 @@ impl Repo {
             let vs = versions_in(kv, &ds.id)?;
             let version = match &info.version {
                 Some(v) => {
-                    if vs.iter().any(|(_, i)| &i.version == v) {
-                        return Err(Error::VersionExists {
-                            dataset: ds.full_name(),
-                            version: v.clone(),
-                        });
-                    }
+                    check_version_free(&ds, &vs, v)?;
                     v.clone()
                 }
                 None => next_version(&vs),
@@ -1172,13 +1266,12 @@ impl Repo {
             let v = self
                 .store
                 .finalize_batch(kv, &draft.id, &info.message, meta, &mut b)?;
-            index_version_batch(&mut b, &ds.id, &v, &version);
             for t in &info.tags {
                 add_tag_batch(&v.id, t, &mut b)?;
             }
             b.delete(Cf::App, keys::draft(&draft.id));
             let mut ev = EventWriter::new(kv)?;
-            ev.push(
+            let seq = ev.push(
                 &mut b,
                 version_event(
                     EventKind::VersionFinalized,
@@ -1188,6 +1281,7 @@ impl Repo {
                     &info.tags,
                 ),
             );
+            index_version_batch(&mut b, &ds.id, &v, &version, seq);
             Ok((b, v.id))
         })?;
         self.version(&id)
@@ -1260,20 +1354,16 @@ impl Repo {
                         )));
                     }
                     let version = match &opts.version {
-                        Some(x) if vs.iter().any(|(_, i)| &i.version == x) => {
-                            return Err(Error::VersionExists {
-                                dataset: ds.full_name(),
-                                version: x.clone(),
-                            })
+                        Some(x) => {
+                            check_version_free(&ds, &vs, x)?;
+                            x.clone()
                         }
-                        Some(x) => x.clone(),
                         None => next_version(&vs),
                     };
-                    index_version_batch(b, &ds.id, v, &version);
                     for t in &opts.tags {
                         add_tag_batch(&v.id, t, b)?;
                     }
-                    ev.push(
+                    let seq = ev.push(
                         b,
                         version_event(
                             EventKind::VersionFinalized,
@@ -1283,6 +1373,7 @@ impl Repo {
                             &opts.tags,
                         ),
                     );
+                    index_version_batch(b, &ds.id, v, &version, seq);
                     new_version = Some(v.id);
                     Ok(())
                 })();
@@ -1472,6 +1563,13 @@ impl Repo {
         }
         self.write(|kv| {
             let cur = self.version_in_kv(kv, &v.id)?;
+            if cur.deleted {
+                return Err(Error::Invalid(format!(
+                    "version {} was deleted from {}; a deleted version cannot be tagged",
+                    v.id.short(12),
+                    cur.dataset.full_name()
+                )));
+            }
             let before: BTreeSet<String> = cur.tags.iter().cloned().collect();
             let mut after = before.clone();
             let mut b = Batch::default();
@@ -1575,13 +1673,10 @@ impl Repo {
             };
             let vs = versions_in(kv, &ds.id)?;
             let ver = match version {
-                Some(x) if vs.iter().any(|(_, i)| i.version == x) => {
-                    return Err(Error::VersionExists {
-                        dataset: ds.full_name(),
-                        version: x.to_string(),
-                    })
+                Some(x) => {
+                    check_version_free(&ds, &vs, x)?;
+                    x.to_string()
                 }
-                Some(x) => x.to_string(),
                 None => next_version(&vs),
             };
             let mut meta = BTreeMap::new();
@@ -1591,13 +1686,13 @@ impl Repo {
                 ids.iter().map(|i| i.to_hex()).collect::<Vec<_>>().join(","),
             );
             let v = self.store.squash_batch(kv, &ids, message, meta, &mut b)?;
-            index_version_batch(&mut b, &ds.id, &v, &ver);
             let mut e = version_event(EventKind::VersionFinalized, &ds, &v.id, &ver, &[]);
             e.extra.insert(
                 "squashed_from".into(),
                 serde_json::json!(ids.iter().map(|i| i.to_hex()).collect::<Vec<_>>()),
             );
-            ev.push(&mut b, e);
+            let seq = ev.push(&mut b, e);
+            index_version_batch(&mut b, &ds.id, &v, &ver, seq);
             Ok((b, v.id))
         })?;
         self.version(&id)
@@ -1608,11 +1703,38 @@ impl Repo {
         dependents_in(&*self.store.reader(), id)
     }
 
-    /// Deletes a version (its bytes become reclaimable by `gc`). Refuses
-    /// while other versions or drafts depend on it unless `force`; the check
-    /// is made under the write lock, so a child committed meanwhile counts.
+    /// Tasks and models that reference a version (their parameters name
+    /// it by id or version string, they read it, it holds their outputs,
+    /// or a model was trained or evaluated on it).
+    pub fn references(&self, v: &DatasetVersion) -> Result<Vec<String>> {
+        crate::task::references_in(&*self.store.reader(), v)
+    }
+
+    /// Deletes a version from its dataset. Refuses, unless `force`, while
+    /// other versions or drafts depend on it, or tasks or models reference
+    /// it; the checks are made under the write lock, so a child or a task
+    /// committed meanwhile counts. Without references its bytes become
+    /// reclaimable by `gc`. With `force`, a referenced version leaves its
+    /// dataset's line (not listed, not the latest, not resolved by name,
+    /// version string or tag) but is kept — readable by id, a `gc` root —
+    /// so the lineage of those tasks and models never points at nothing.
     pub fn delete(&self, v: &DatasetVersion, force: bool) -> Result<()> {
         self.write(|kv| {
+            let cur = self.version_in_kv(kv, &v.id)?;
+            if cur.deleted {
+                return Err(Error::Invalid(format!(
+                    "version {} was already deleted from {} (it is kept because tasks or models reference it)",
+                    v.id.short(12),
+                    cur.dataset.full_name()
+                )));
+            }
+            let refs = crate::task::references_in(kv, &cur)?;
+            if !refs.is_empty() && !force {
+                return Err(Error::Referenced {
+                    version: cur.label(),
+                    by: refs,
+                });
+            }
             let deps = dependents_in(kv, &v.id)?;
             if !deps.is_empty() && !force {
                 return Err(Error::DependedOn {
@@ -1620,7 +1742,6 @@ impl Repo {
                     children: deps,
                 });
             }
-            let cur = self.version_in_kv(kv, &v.id)?;
             let mut b = Batch::default();
             self.store.delete_version_batch(kv, &v.id, &mut b)?;
             b.delete(
@@ -1628,7 +1749,32 @@ impl Repo {
                 keys::dataset_version(&cur.dataset.id, cur.created_ms, &v.id),
             );
             b.delete(Cf::App, keys::version_index(&v.id));
-            b.delete(Cf::App, keys::version_meta(&v.id));
+            if refs.is_empty() {
+                b.delete(Cf::App, keys::version_meta(&v.id));
+            } else {
+                let info = versions_in(kv, &cur.dataset.id)?
+                    .into_iter()
+                    .find(|(id, _)| id == &v.id)
+                    .map(|(_, i)| i)
+                    .ok_or_else(|| {
+                        Error::corrupted(format!("version index {}", v.id), "entry missing")
+                    })?;
+                let kept = KeptVersion {
+                    dataset: cur.dataset.id,
+                    info,
+                    deleted_ms: dsv_store::store::now_ms(),
+                    referenced_by: refs.clone(),
+                };
+                b.put(Cf::App, keys::kept_version(&v.id), to_json(&kept));
+                // A porcelain gc root: kind 2 (version), its id.
+                let mut root = vec![2u8];
+                root.extend_from_slice(v.id.as_bytes());
+                b.put(
+                    Cf::Roots,
+                    dsv_store::schema::root_app_key(&keys::kept_version(&v.id)),
+                    root,
+                );
+            }
             let mut ev = EventWriter::new(kv)?;
             ev.push(
                 &mut b,

@@ -1,9 +1,10 @@
 //! Revision specs — one parser used by every command:
 //!
-//! - `PROJECT/NAME` — the dataset's newest version (highest semantic
-//!   version; non-semantic labels rank below, ties by creation time);
+//! - `PROJECT/NAME` — the dataset's newest version: the one finalized last
+//!   (whatever its version string: `--version 0.9.0` after `1.0.0` is the
+//!   newest);
 //! - `PROJECT/NAME@1.0.3` — that version string;
-//! - `PROJECT/NAME@TAG` — the newest version carrying the tag;
+//! - `PROJECT/NAME@TAG` — the newest (last finalized) version carrying the tag;
 //! - a unique prefix (≥ 6 hex digits) of a version id.
 //!
 //! The project is everything before the last `/` (projects may nest:

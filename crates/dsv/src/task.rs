@@ -309,19 +309,6 @@ pub(crate) fn status_event(ev: &mut EventWriter, b: &mut Batch, t: &Task) {
     ev.push(b, e);
 }
 
-fn check_param_key(k: &str) -> Result<()> {
-    let ok = k
-        .split_once('/')
-        .is_some_and(|(s, n)| !s.is_empty() && !n.is_empty());
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Invalid(format!(
-            "parameter '{k}' must be SECTION/KEY (e.g. General/dataset_id, Model/max_depth)"
-        )))
-    }
-}
-
 fn prefix_match<T>(
     kv: &dyn KvRead,
     prefix: &[u8],
@@ -366,9 +353,7 @@ impl Repo {
         if kind == "command" && command.as_deref().is_none_or(|c| c.trim().is_empty()) {
             return Err(Error::Invalid("a command task needs --command CMD".into()));
         }
-        for k in params.keys() {
-            check_param_key(k)?;
-        }
+        crate::params::check_task_params(kind, &params)?;
         let t = Task::draft(project, name, kind, command, params, None);
         self.write(|kv| {
             let mut b = Batch::default();
@@ -390,8 +375,29 @@ impl Repo {
         let src = self.task(id)?;
         let mut params = src.params.clone();
         for (k, v) in overrides {
-            check_param_key(k)?;
+            crate::params::check_key_form(k)?;
             params.insert(k.clone(), v.clone());
+        }
+        crate::params::check_task_params(&src.kind, &params)?;
+        // A pinned dataset version that no longer exists (deleted by an
+        // older build, which kept nothing): say so now, not when it runs.
+        for k in DATASET_PARAMS {
+            let Some(val) = params.get(k) else { continue };
+            if let Ok(crate::rev::RevSpec::Id(_)) = crate::rev::RevSpec::parse(val) {
+                if let Err(e) = self.resolve(val) {
+                    if !e.is_repository_problem() {
+                        let whose = if overrides.contains_key(k) {
+                            "--set".to_string()
+                        } else {
+                            format!("task {}", &src.id[..12])
+                        };
+                        return Err(Error::Invalid(format!(
+                            "{k} = {val} (from {whose}) names no dataset version: {e}; \
+                             clone with --set {k}=REV to train on another version"
+                        )));
+                    }
+                }
+            }
         }
         let t = src.child(name.unwrap_or(&src.name), params);
         crate::rev::parse_dataset_name(&format!("{}/{}", t.project, t.name))?;
@@ -906,4 +912,71 @@ pub(crate) fn promote_batch(
     }
     ev.push(b, e);
     Ok(())
+}
+
+/// The task parameters that name dataset versions (the trainer's training
+/// and evaluation data).
+pub const DATASET_PARAMS: [&str; 2] = ["General/dataset_id", "General/test_dataset_id"];
+
+/// Whether a parameter value pins `v`: its id (or an id prefix of 6+ hex
+/// digits), or `PROJECT/NAME@VERSION` of its dataset. `PROJECT/NAME` and
+/// `@TAG` float (they mean whatever is newest when the task runs).
+fn pins(value: &str, v: &crate::DatasetVersion) -> bool {
+    match crate::rev::RevSpec::parse(value) {
+        Ok(crate::rev::RevSpec::Id(p)) => v.id.to_hex().starts_with(&p),
+        Ok(crate::rev::RevSpec::Dataset {
+            project,
+            name,
+            selector: Some(sel),
+        }) => {
+            project == v.dataset.project
+                && name == v.dataset.name
+                && crate::records::same_version(&v.version, &sel)
+        }
+        _ => false,
+    }
+}
+
+/// Tasks and models that reference `v`, described for messages: a task
+/// whose dataset parameters pin it, that read it (`inputs`) or whose
+/// outputs it holds (`artifacts`); a model trained or evaluated on it.
+pub(crate) fn references_in(kv: &dyn KvRead, v: &crate::DatasetVersion) -> Result<Vec<String>> {
+    let hex = v.id.to_hex();
+    let mut out = Vec::new();
+    let mut tasks = scan_json(kv, keys::TASK, "task", |_: &Task| true)?;
+    tasks.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+    for t in &tasks {
+        let mut how: Vec<&str> = DATASET_PARAMS
+            .iter()
+            .filter(|k| t.params.get(**k).is_some_and(|x| pins(x, v)))
+            .copied()
+            .collect();
+        if t.inputs.contains(&hex) {
+            how.push("its input");
+        }
+        if t.artifacts.as_deref() == Some(hex.as_str()) {
+            how.push("its artifacts");
+        }
+        if !how.is_empty() {
+            out.push(format!(
+                "task {} ({}/{}, {}: {})",
+                &t.id[..t.id.len().min(12)],
+                t.project,
+                t.name,
+                t.status.as_str(),
+                how.join(", ")
+            ));
+        }
+    }
+    let mut models = scan_json(kv, keys::MODEL, "model", |m: &Model| m.datasets.contains(&hex))?;
+    models.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+    for m in &models {
+        out.push(format!(
+            "model {} ({}/{})",
+            &m.id[..m.id.len().min(12)],
+            m.project,
+            m.name
+        ));
+    }
+    Ok(out)
 }

@@ -127,22 +127,66 @@ const TEMPLATE_KEYS: [&str; 6] = [
     "model.id",
 ];
 
-/// Checks `${…}` placeholders in a value.
-pub fn check_template(v: &str) -> Result<()> {
+/// The placeholders an event of a trigger's kind (`on`) fills: dataset
+/// events carry a version, task events their task (and `${model.id}` when
+/// the task produced a model), model events their model.
+pub fn placeholders_of(on: &str) -> &'static [&'static str] {
+    match on {
+        "dataset" => &TEMPLATE_KEYS[..4],
+        "task" => &TEMPLATE_KEYS[4..],
+        "model" => &TEMPLATE_KEYS[5..],
+        _ => &[],
+    }
+}
+
+fn placeholder_list(keys: &[&str]) -> String {
+    keys.iter()
+        .map(|k| format!("${{{k}}}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The placeholder names in a value, in order.
+fn placeholders_in(v: &str) -> Result<Vec<&str>> {
+    let mut out = Vec::new();
     let mut rest = v;
     while let Some(i) = rest.find("${") {
         let after = &rest[i + 2..];
         let end = after
             .find('}')
             .ok_or_else(|| Error::Invalid(format!("unterminated '${{' in '{v}'")))?;
-        let key = &after[..end];
+        out.push(&after[..end]);
+        rest = &after[end + 1..];
+    }
+    Ok(out)
+}
+
+/// Checks `${…}` placeholders in a value (any event kind).
+pub fn check_template(v: &str) -> Result<()> {
+    for key in placeholders_in(v)? {
         if !TEMPLATE_KEYS.contains(&key) {
             return Err(Error::Invalid(format!(
                 "unknown placeholder '${{{key}}}' in '{v}' (known: {})",
-                TEMPLATE_KEYS.map(|k| format!("${{{k}}}")).join(", ")
+                placeholder_list(&TEMPLATE_KEYS)
             )));
         }
-        rest = &after[end + 1..];
+    }
+    Ok(())
+}
+
+/// Checks `${…}` placeholders in a value of a trigger on `on` events:
+/// each must be one its events fill.
+pub fn check_template_for(on: &str, v: &str) -> Result<()> {
+    check_template(v)?;
+    let avail = placeholders_of(on);
+    for key in placeholders_in(v)? {
+        if !avail.contains(&key) {
+            return Err(Error::Invalid(format!(
+                "placeholder '${{{key}}}' in '{v}' cannot be filled by {on} events \
+                 (available for {on} triggers: {})",
+                placeholder_list(avail)
+            )));
+        }
     }
     Ok(())
 }
@@ -384,16 +428,15 @@ impl Repo {
         {
             let src = self.task(task)?;
             *task = src.id.clone();
+            // The rule of `task clone --set`, applied now rather than when
+            // the trigger fires; placeholders must be ones its events fill.
+            let mut params = src.params.clone();
             for (k, v) in overrides.iter() {
-                if !src.params.contains_key(k) {
-                    return Err(Error::Invalid(format!(
-                        "task {} has no parameter '{k}' (it has: {})",
-                        &src.id[..12],
-                        src.params.keys().cloned().collect::<Vec<_>>().join(", ")
-                    )));
-                }
-                check_template(v)?;
+                crate::params::check_key_form(k)?;
+                check_template_for(&t.on, v)?;
+                params.insert(k.clone(), v.clone());
             }
+            crate::params::check_task_params(&src.kind, &params)?;
             if queue.is_empty() {
                 *queue = "default".into();
             }
@@ -592,14 +635,29 @@ impl Repo {
                     })?;
                     let vars = vars_of(e);
                     let mut params = src.params.clone();
+                    let mut unfilled = Vec::new();
                     for (k, v) in overrides {
+                        for key in placeholders_in(v).unwrap_or_default() {
+                            if !vars.contains_key(key) {
+                                unfilled.push(format!("${{{key}}} in {k}"));
+                            }
+                        }
                         params.insert(k.clone(), render(v, &vars));
                     }
-                    let mut c = src.child(&src.name, params);
-                    crate::task::queue_batch(&mut b, &mut c, queue);
-                    crate::task::status_event(&mut ev, &mut b, &c);
-                    f.task = Some(c.id.clone());
-                    f.note = format!("launched {} on '{queue}'", &c.id[..12]);
+                    if !unfilled.is_empty() {
+                        // E.g. `${model.id}` of a task that produced no
+                        // model: no clone that would fail later.
+                        f.note = format!(
+                            "not launched: this event does not fill {}",
+                            unfilled.join(", ")
+                        );
+                    } else {
+                        let mut c = src.child(&src.name, params);
+                        crate::task::queue_batch(&mut b, &mut c, queue);
+                        crate::task::status_event(&mut ev, &mut b, &c);
+                        f.task = Some(c.id.clone());
+                        f.note = format!("launched {} on '{queue}'", &c.id[..12]);
+                    }
                 }
                 Action::Promote { .. } => {
                     let (new_id, old, note) = decision.clone().unwrap_or_default();

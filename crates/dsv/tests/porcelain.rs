@@ -389,3 +389,495 @@ fn a_run_that_was_given_up_cannot_report() {
         .unwrap();
     assert_eq!(done.status, dsv::TaskStatus::Completed);
 }
+
+#[test]
+fn latest_is_the_version_finalized_last_not_the_highest_string() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = repo_on(tmp.path(), Box::new(MemKv::new()));
+    let data = tmp.path().join("data");
+    write(&data, "a.csv", "x\n1\n");
+    let sync = |version: Option<&str>| {
+        repo.sync(
+            "p",
+            "d",
+            &data,
+            &SyncOptions {
+                version: version.map(String::from),
+                ..Default::default()
+            },
+        )
+    };
+    let v1 = sync(None).unwrap().version.unwrap();
+    assert_eq!(v1.version, "1.0.0");
+    // A lower explicit version, finalized after 1.0.0, is the newest.
+    write(&data, "b.csv", "x\n2\n");
+    let low = sync(Some("0.9.0")).unwrap().version.unwrap();
+    assert_eq!(low.parents, vec![v1.id]);
+    assert_eq!(repo.resolve("p/d").unwrap().id, low.id);
+    let ds = repo.dataset("p", "d").unwrap().unwrap();
+    assert_eq!(repo.latest(&ds).unwrap().unwrap().id, low.id);
+    assert_eq!(repo.versions(&ds).unwrap()[0].id, low.id);
+    assert_eq!(repo.list(Some("p"), None, &[]).unwrap()[0].id, low.id);
+    // `--from-latest` starts from it: no file is dropped.
+    let d = repo
+        .writable_copy_or_create("p", "d", &CreateOptions::default())
+        .unwrap();
+    assert_eq!(d.parents, vec![low.id]);
+    assert_eq!(d.file_count, 2);
+    repo.discard(&d).unwrap();
+    // `sync` of the same folder: nothing changed against the newest.
+    let same = sync(None).unwrap();
+    assert!(same.version.is_none());
+    assert_eq!(same.unchanged_from, Some(low.id));
+    // The auto version is the next patch above the highest, never a
+    // number that exists.
+    write(&data, "c.csv", "x\n3\n");
+    let v3 = sync(None).unwrap().version.unwrap();
+    assert_eq!(v3.version, "1.0.1");
+    assert_eq!(v3.parents, vec![low.id]);
+    assert_eq!(v3.file_count, 3);
+    assert_eq!(repo.resolve("p/d").unwrap().id, v3.id);
+}
+
+#[test]
+fn version_strings_are_new_semantic_versions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = repo_on(tmp.path(), Box::new(MemKv::new()));
+    let data = tmp.path().join("data");
+    write(&data, "a.csv", "x\n1\n");
+    let sync = |version: &str| {
+        repo.sync(
+            "p",
+            "d",
+            &data,
+            &SyncOptions {
+                version: Some(version.into()),
+                ..Default::default()
+            },
+        )
+    };
+    for bad in ["banana", "1.0", "v1.0.0", "1.0.0.0", ""] {
+        let e = sync(bad).unwrap_err();
+        assert!(matches!(e, dsv::Error::Invalid(_)), "{bad}: {e:?}");
+        assert!(
+            e.to_string().contains(&format!("'{bad}'"))
+                && e.to_string().contains("semantic version"),
+            "{e}"
+        );
+        let e = repo
+            .create(
+                "p",
+                "d",
+                &CreateOptions {
+                    version: Some(bad.into()),
+                    auto_create: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(e, dsv::Error::Invalid(_)), "{bad}: {e:?}");
+    }
+    assert!(repo.dataset("p", "d").unwrap().is_none(), "nothing written");
+    sync("2.0.0").unwrap().version.unwrap();
+    // An existing version, also spelled with build metadata, is refused.
+    write(&data, "b.csv", "x\n2\n");
+    for taken in ["2.0.0", "2.0.0+build.7"] {
+        let e = sync(taken).unwrap_err();
+        assert!(
+            matches!(e, dsv::Error::VersionExists { .. }),
+            "{taken}: {e:?}"
+        );
+        let e = repo
+            .create(
+                "p",
+                "d",
+                &CreateOptions {
+                    version: Some(taken.into()),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert!(
+            matches!(e, dsv::Error::VersionExists { .. }),
+            "{taken}: {e:?}"
+        );
+    }
+    assert_eq!(sync("2.1.0-rc.1").unwrap().version.unwrap().version, "2.1.0-rc.1");
+}
+
+/// Deletes a file when hashing starts: after the folder was listed, before
+/// its files are read (deterministically, without timing).
+struct DeleteOnHashing(std::path::PathBuf);
+
+impl dsv_store::Progress for DeleteOnHashing {
+    fn start(&self, phase: &str, _total: u64) {
+        if phase == "hashing" && self.0.exists() {
+            std::fs::remove_file(&self.0).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_file_vanishing_during_sync_or_add_is_an_error_and_nothing_is_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = repo_on(tmp.path(), Box::new(MemKv::new()));
+    let data = tmp.path().join("data");
+    write(&data, "a.csv", "x\n1\n");
+    let v1 = repo
+        .sync("p", "d", &data, &SyncOptions::default())
+        .unwrap()
+        .version
+        .unwrap();
+    write(&data, "b.csv", "x\n2\n");
+    write(&data, "gone.csv", "x\n3\n");
+    let gone = data.join("gone.csv");
+    let hook = DeleteOnHashing(gone.clone());
+    let e = repo
+        .sync(
+            "p",
+            "d",
+            &data,
+            &SyncOptions {
+                progress: Some(&hook),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("gone.csv") && msg.contains("vanished"),
+        "{msg}"
+    );
+    assert!(!gone.exists(), "the hook ran");
+    assert_eq!(repo.resolve("p/d").unwrap().id, v1.id, "nothing committed");
+    // Running again is safe: the folder as it is now.
+    let v2 = repo
+        .sync("p", "d", &data, &SyncOptions::default())
+        .unwrap()
+        .version
+        .unwrap();
+    assert_eq!(v2.file_count, 2);
+
+    // `add` to a draft: the same, and the draft is unchanged.
+    let d = repo.writable_copy(&v2).unwrap();
+    write(&data, "c.csv", "x\n4\n");
+    write(&data, "gone.csv", "x\n5\n");
+    let e = repo
+        .add(
+            &d,
+            std::slice::from_ref(&data),
+            &dsv::AddOptions {
+                progress: Some(&hook),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("gone.csv"), "{e}");
+    assert_eq!(repo.draft(&d.id).unwrap().file_count, 2);
+    let r = repo
+        .add(&d, std::slice::from_ref(&data), &Default::default())
+        .unwrap();
+    assert_eq!(r.added, vec!["c.csv".to_string()]);
+}
+
+#[test]
+fn a_version_tasks_or_models_reference_is_not_deleted_and_gc_keeps_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = repo_on(tmp.path(), Box::new(MemKv::new()));
+    let data = tmp.path().join("data");
+    write(&data, "a.csv", "x\n1\n");
+    let sync = || {
+        repo.sync("p", "d", &data, &SyncOptions::default())
+            .unwrap()
+            .version
+            .unwrap()
+    };
+    let v1 = sync();
+    write(&data, "a.csv", "x\n2\n");
+    let v2 = sync();
+    write(&data, "a.csv", "x\n3\n");
+    let v3 = sync();
+    write(&data, "a.csv", "x\n4\n");
+    let _v4 = sync();
+    // v1: pinned by a draft task's parameter (by version string).
+    let params = [("General/dataset_id".to_string(), "p/d@1.0.0".to_string())]
+        .into_iter()
+        .collect();
+    let task = repo
+        .create_task("p", "train", "trainer", None, params)
+        .unwrap();
+    // v2: a model's training data (and its task's input).
+    let model = trained(&repo, &[&v2.id.to_hex()], &[("test/accuracy", 0.9)]);
+    // v3: a floating reference (PROJECT/NAME) pins nothing.
+    repo.create_task(
+        "p",
+        "float",
+        "trainer",
+        None,
+        [("General/dataset_id".to_string(), "p/d".to_string())]
+            .into_iter()
+            .collect(),
+    )
+    .unwrap();
+
+    let e = repo.delete(&v1, false).unwrap_err();
+    assert!(matches!(e, dsv::Error::Referenced { .. }), "{e:?}");
+    assert!(
+        e.to_string().contains(&task.id[..12]) && e.to_string().contains("General/dataset_id"),
+        "{e}"
+    );
+    let e = repo.delete(&v2, false).unwrap_err().to_string();
+    assert!(e.contains(&format!("model {}", &model[..12])), "{e}");
+    assert!(e.contains("its input"), "{e}");
+    assert_eq!(repo.resolve("p/d@1.0.1").unwrap().id, v2.id, "nothing deleted");
+    // v3 is only a parent (of v4): --force deletes it for good.
+    repo.delete(&v3, true).unwrap();
+
+    // --force: v2 leaves its dataset, but stays readable by id and gc keeps it.
+    repo.delete(&v2, true).unwrap();
+    assert!(repo.resolve("p/d@1.0.1").is_err());
+    let ds = repo.dataset("p", "d").unwrap().unwrap();
+    assert!(repo.versions(&ds).unwrap().iter().all(|v| v.id != v2.id));
+    repo.store().gc(Default::default(), false).unwrap();
+    let kept = repo.resolve(&v2.id.to_hex()[..10]).unwrap();
+    assert!(kept.deleted);
+    assert_eq!(kept.version, "1.0.1");
+    let mut out = Vec::new();
+    repo.cat(&kept, "a.csv", &mut out).unwrap();
+    assert_eq!(out, b"x\n2\n");
+    assert!(repo.verify(&kept).unwrap().is_empty());
+    assert!(repo.delete(&kept, true).is_err(), "already deleted");
+    // The unreferenced v3 is gone for good.
+    assert!(repo.resolve(&v3.id.to_hex()).is_err());
+    // A clone of the model's task still names a readable version.
+    let m = repo.model(&model).unwrap();
+    assert_eq!(m.datasets, vec![v2.id.to_hex()]);
+}
+
+#[test]
+fn a_clone_whose_pinned_version_is_gone_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = repo_on(tmp.path(), Box::new(MemKv::new()));
+    let gone = "ab".repeat(32);
+    let t = repo
+        .create_task(
+            "p",
+            "m",
+            "trainer",
+            None,
+            [("General/dataset_id".to_string(), gone.clone())]
+                .into_iter()
+                .collect(),
+        )
+        .unwrap();
+    let e = repo
+        .clone_task(&t.id, None, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("General/dataset_id") && e.contains(&gone) && e.contains("--set"),
+        "{e}"
+    );
+    let data = tmp.path().join("data");
+    write(&data, "a.csv", "x\n1\n");
+    repo.sync("p", "d", &data, &SyncOptions::default()).unwrap();
+    let c = repo
+        .clone_task(
+            &t.id,
+            None,
+            &[("General/dataset_id".to_string(), "p/d".to_string())]
+                .into_iter()
+                .collect(),
+        )
+        .unwrap();
+    assert_eq!(c.params["General/dataset_id"], "p/d");
+}
+
+fn params(kv: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn trainer_parameters_are_checked_where_they_are_defined() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = repo_on(tmp.path(), Box::new(MemKv::new()));
+    let base = [
+        ("General/model", "tree"),
+        ("General/label", "Occupancy"),
+        ("General/features", "Light,CO2"),
+    ];
+    // (a) label leakage, (b) a misspelled hyperparameter: refused at create.
+    let leak = params(&[
+        ("General/label", "Occupancy"),
+        ("General/features", "Light,Occupancy"),
+    ]);
+    let e = repo
+        .create_task("p", "m", "trainer", None, leak)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("leakage"), "{e}");
+    let mut typo = params(&base);
+    typo.insert("Model/maxdepth".into(), "3".into());
+    let e = repo
+        .create_task("p", "m", "trainer", None, typo.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("did you mean 'Model/max_depth'"), "{e}");
+    assert!(repo.tasks(None, None).unwrap().is_empty(), "nothing stored");
+    // A command task's program reads whatever it is given.
+    repo.create_task("p", "c", "command", Some("true".into()), typo)
+        .unwrap();
+
+    let t = repo
+        .create_task("p", "m", "trainer", None, params(&base))
+        .unwrap();
+    // (d) clone --set and trigger add --set apply the same rule, at
+    // definition time: a valid new key is accepted by both ...
+    let ok = params(&[("Model/max_depth", "3")]);
+    repo.clone_task(&t.id, None, &ok).unwrap();
+    let trig = |name: &str, on: &str, overrides: &[(&str, &str)]| dsv::Trigger {
+        name: name.into(),
+        on: on.into(),
+        project: Some("p".into()),
+        dataset: None,
+        tags: vec![],
+        events: vec![],
+        statuses: vec![],
+        threshold: None,
+        action: dsv::Action::Clone {
+            task: t.id.clone(),
+            overrides: params(overrides),
+            queue: String::new(),
+        },
+        single_instance: false,
+        cursor: 0,
+        created_ms: 0,
+    };
+    repo.add_trigger(trig("depth", "dataset", &[("Model/max_depth", "3")]))
+        .unwrap();
+    // ... an unknown one and leakage are refused by both.
+    for bad in [
+        vec![("Model/maxdepth", "3")],
+        vec![("General/features", "Light,Occupancy")],
+    ] {
+        let e1 = repo
+            .clone_task(&t.id, None, &params(&bad))
+            .unwrap_err()
+            .to_string();
+        let e2 = repo
+            .add_trigger(trig("bad", "dataset", &bad))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e1, e2);
+    }
+    // (c) placeholders the trigger's events cannot fill.
+    let e = repo
+        .add_trigger(trig(
+            "bad",
+            "dataset",
+            &[("General/dataset_id", "${model.id}")],
+        ))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("${model.id}") && e.contains("dataset events") && e.contains("${dataset.id}"),
+        "{e}"
+    );
+    let e = repo
+        .add_trigger(trig("bad", "model", &[("User/from", "${dataset.id}")]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("${dataset.id}") && e.contains("${model.id}"), "{e}");
+    repo.add_trigger(trig("ok", "dataset", &[("General/dataset_id", "${dataset.id}")]))
+        .unwrap();
+    repo.add_trigger(trig("ok2", "task", &[("User/after", "${task.id} ${model.id}")]))
+        .unwrap();
+    assert_eq!(repo.triggers().unwrap().len(), 3);
+}
+
+#[test]
+fn listing_a_project_includes_its_sub_projects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = repo_on(tmp.path(), Box::new(MemKv::new()));
+    let data = tmp.path().join("data");
+    write(&data, "a.csv", "x\n1\n");
+    let mut ids = std::collections::BTreeMap::new();
+    for name in ["a/b", "a/b/c", "a/b/x/y", "a/bc", "z/b"] {
+        let (p, n) = name.rsplit_once('/').unwrap();
+        let v = repo
+            .sync(p, n, &data, &SyncOptions::default())
+            .unwrap()
+            .version
+            .unwrap();
+        ids.insert(name, v.id);
+    }
+    let names = |path: &str| -> Vec<String> {
+        let mut v: Vec<String> = repo
+            .list_path(path, &[])
+            .unwrap()
+            .unwrap()
+            .iter()
+            .map(|v| v.dataset.full_name())
+            .collect();
+        v.sort();
+        v
+    };
+    // `a/b` is a dataset and a project: both.
+    assert_eq!(names("a/b"), ["a/b", "a/b/c", "a/b/x/y"]);
+    assert_eq!(names("a"), ["a/b", "a/b/c", "a/b/x/y", "a/bc"]);
+    assert_eq!(names("a/b/c"), ["a/b/c"]);
+    assert_eq!(names("a/bc/"), ["a/bc"]);
+    assert!(repo.list_path("nope", &[]).unwrap().is_none());
+    assert!(repo.list_path("a/nope", &[]).unwrap().is_none());
+}
+
+#[test]
+fn a_placeholder_the_event_does_not_fill_launches_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = repo_on(tmp.path(), Box::new(MemKv::new()));
+    let eval = repo
+        .create_task("p", "eval", "command", Some("true".into()), Default::default())
+        .unwrap();
+    repo.add_trigger(dsv::Trigger {
+        name: "after".into(),
+        on: "task".into(),
+        project: Some("p".into()),
+        dataset: None,
+        tags: vec![],
+        events: vec![],
+        statuses: vec!["failed".into()],
+        threshold: None,
+        action: dsv::Action::Clone {
+            task: eval.id.clone(),
+            overrides: params(&[("Args/model", "${model.id}")]),
+            queue: String::new(),
+        },
+        single_instance: false,
+        cursor: 0,
+        created_ms: 0,
+    })
+    .unwrap();
+    // A failed task produced no model: `${model.id}` cannot be filled.
+    let t = running_task(&repo);
+    repo.finish_task(
+        &t.id,
+        dsv::Finish {
+            status: Some(dsv::TaskStatus::Failed),
+            error: Some("boom".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let none = |_: &dsv::Model, _: &str, _: &str| None;
+    let fired = repo.run_triggers(&none).unwrap();
+    assert_eq!(fired.len(), 1);
+    assert!(fired[0].task.is_none(), "{:?}", fired[0]);
+    assert!(
+        fired[0].note.contains("not launched") && fired[0].note.contains("${model.id}"),
+        "{}",
+        fired[0].note
+    );
+    assert_eq!(repo.tasks(None, None).unwrap().len(), 2, "no clone");
+}
