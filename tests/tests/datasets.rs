@@ -624,7 +624,13 @@ fn latest_is_the_last_finalized_version_and_versions_are_semantic() {
         let out = s.dsv(&["dataset", "create", "p/n", "--version", bad]);
         assert_eq!(out.status.code(), Some(1), "{bad}: {}", stderr(&out));
     }
-    assert_eq!(s.json(&["dataset", "list", "p/n"]).as_array().unwrap().len(), 1);
+    assert_eq!(
+        s.json(&["dataset", "list", "p/n"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     // A lower version finalized later is the latest.
     let low = s.json(&["dataset", "sync", "p/n", dir, "--version", "0.9.0"]);
     assert_eq!(low["version"], "0.9.0");
@@ -652,7 +658,13 @@ fn listing_a_project_includes_sub_projects() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|v| format!("{}/{}", v["project"].as_str().unwrap(), v["name"].as_str().unwrap()))
+            .map(|v| {
+                format!(
+                    "{}/{}",
+                    v["project"].as_str().unwrap(),
+                    v["name"].as_str().unwrap()
+                )
+            })
             .collect()
     };
     assert_eq!(names("a/b"), BTreeSet::from(["a/b".into(), "a/b/c".into()]));

@@ -618,7 +618,10 @@ fn versions_a_model_stands_on_are_kept_and_its_lineage_never_points_at_nothing()
     // With --force: gone from the dataset, kept for the model.
     let del = s.json(&["dataset", "delete", "occ/train", "--force"]);
     assert_eq!(del["kept_for"].as_array().unwrap().len(), 2, "{del}");
-    assert_eq!(s.dsv(&["dataset", "show", "occ/train"]).status.code(), Some(1));
+    assert_eq!(
+        s.dsv(&["dataset", "show", "occ/train"]).status.code(),
+        Some(1)
+    );
     s.json(&["gc"]);
     let kept = s.json(&["dataset", "show", &train]);
     assert_eq!(kept["deleted"], true);
@@ -630,7 +633,10 @@ fn versions_a_model_stands_on_are_kept_and_its_lineage_never_points_at_nothing()
     );
     assert_eq!(lineage[1]["state"], "live");
     // Its task still clones and trains on exactly that data.
-    let c = s.json(&["task", "clone", &t])["id"].as_str().unwrap().to_string();
+    let c = s.json(&["task", "clone", &t])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let out = s.dsv(&["task", "run", &c]);
     assert!(out.status.success(), "{}", stderr(&out));
     let (a, b) = (show(&s, &t), show(&s, &c));
@@ -644,27 +650,48 @@ fn leakage_and_unknown_parameters_are_refused_at_definition() {
     let s = occupancy();
     let bad = [
         (
-            vec!["--trainer", "logistic", "--set", "General/features=Light,Occupancy"],
+            vec![
+                "--trainer",
+                "logistic",
+                "--set",
+                "General/features=Light,Occupancy",
+            ],
             "leakage",
         ),
         (
             vec!["--trainer", "tree", "--set", "Model/maxdepth=2"],
             "did you mean 'Model/max_depth'",
         ),
-        (vec!["--trainer", "logistic", "--set", "Model/max_depth=2"], "Model/max_iter"),
+        (
+            vec!["--trainer", "logistic", "--set", "Model/max_depth=2"],
+            "Model/max_iter",
+        ),
     ];
     for (extra, needle) in bad {
-        let mut args = vec!["task", "create", "occ/m", "--set", "General/label=Occupancy"];
+        let mut args = vec![
+            "task",
+            "create",
+            "occ/m",
+            "--set",
+            "General/label=Occupancy",
+        ];
         args.extend(extra.iter().copied());
         let out = s.dsv(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
     }
     assert!(s.json(&["task", "list"]).as_array().unwrap().is_empty());
-    let t = create(&s, &["--trainer", "tree", "--set", "General/dataset_id=occ/train"]);
+    let t = create(
+        &s,
+        &["--trainer", "tree", "--set", "General/dataset_id=occ/train"],
+    );
     let out = s.dsv(&["task", "clone", &t, "--set", "Model/max_dept=2"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("did you mean 'Model/max_depth'"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("did you mean 'Model/max_depth'"),
+        "{}",
+        stderr(&out)
+    );
     let out = s.dsv(&["task", "clone", &t, "--set", "General/features=Occupancy"]);
     assert_eq!(out.status.code(), Some(1));
     s.json(&["task", "clone", &t, "--set", "Model/max_depth=2"]);

@@ -634,7 +634,9 @@ fn show(ctx: &Ctx, a: RevArg) -> Result<(), CliError> {
     }
     println!("tags:        {}", v.tags.join(", "));
     if v.deleted {
-        println!("deleted:     removed from its dataset; kept because tasks or models reference it");
+        println!(
+            "deleted:     removed from its dataset; kept because tasks or models reference it"
+        );
     }
     println!(
         "files:       {} ({})",

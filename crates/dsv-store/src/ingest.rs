@@ -180,7 +180,9 @@ fn scan_dir(dir: &Path, rel: &[u8], opts: &IngestOptions<'_>) -> Result<RawScan>
         let ent = ent.map_err(|e| Error::input("list", dir, e))?;
         let ft = match ent.file_type() {
             Ok(ft) => ft,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(vanished(&ent.path())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(vanished(&ent.path()))
+            }
             Err(e) => return Err(Error::input("stat", ent.path(), e)),
         };
         names.push((ent.file_name().as_bytes().to_vec(), ent, ft));

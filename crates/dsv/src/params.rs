@@ -128,7 +128,10 @@ pub fn check_task_params(kind: &str, params: &BTreeMap<String, String>) -> Resul
         .unwrap_or("logistic");
     let model_keys: Vec<&str> = if templated(model) {
         // Any model's hyperparameters until the model is known.
-        let mut all: Vec<&str> = MODELS.iter().flat_map(|m| model_keys(m).unwrap_or_default()).collect();
+        let mut all: Vec<&str> = MODELS
+            .iter()
+            .flat_map(|m| model_keys(m).unwrap_or_default())
+            .collect();
         all.sort();
         all.dedup();
         all
@@ -151,8 +154,12 @@ pub fn check_task_params(kind: &str, params: &BTreeMap<String, String>) -> Resul
             "Model" => (&hyper, format!("the {model} model")),
             USER => continue,
             _ => {
-                let mut all: Vec<String> =
-                    general.iter().chain(&promote).chain(&hyper).cloned().collect();
+                let mut all: Vec<String> = general
+                    .iter()
+                    .chain(&promote)
+                    .chain(&hyper)
+                    .cloned()
+                    .collect();
                 all.push(format!("{USER}/… (free-form notes)"));
                 return Err(unknown(k, "a trainer task", &all));
             }
@@ -167,7 +174,8 @@ pub fn check_task_params(kind: &str, params: &BTreeMap<String, String>) -> Resul
 /// Refuses features that include the label: the model would be handed the
 /// answer (and score a meaningless accuracy of 1.0).
 pub fn check_no_leakage(params: &BTreeMap<String, String>) -> Result<()> {
-    let (Some(label), Some(features)) = (params.get("General/label"), params.get("General/features"))
+    let (Some(label), Some(features)) =
+        (params.get("General/label"), params.get("General/features"))
     else {
         return Ok(());
     };
@@ -189,7 +197,9 @@ mod tests {
     use super::*;
 
     fn p(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -201,15 +211,31 @@ mod tests {
             ("Promote/metric", "test/accuracy"),
         ]);
         check_task_params("trainer", &ok).unwrap();
-        let e = check_task_params("trainer", &p(&[("General/model", "tree"), ("Model/maxdepth", "3")]))
+        let e = check_task_params(
+            "trainer",
+            &p(&[("General/model", "tree"), ("Model/maxdepth", "3")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("'Model/maxdepth'") && e.contains("did you mean 'Model/max_depth'"),
+            "{e}"
+        );
+        assert!(
+            e.contains("Model/min_samples_leaf"),
+            "lists the valid keys: {e}"
+        );
+        // A tree hyperparameter on the default (logistic) model.
+        let e = check_task_params("trainer", &p(&[("Model/max_depth", "3")]))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("'Model/maxdepth'") && e.contains("did you mean 'Model/max_depth'"), "{e}");
-        assert!(e.contains("Model/min_samples_leaf"), "lists the valid keys: {e}");
-        // A tree hyperparameter on the default (logistic) model.
-        let e = check_task_params("trainer", &p(&[("Model/max_depth", "3")])).unwrap_err().to_string();
-        assert!(e.contains("logistic") && e.contains("Model/max_iter"), "{e}");
-        let e = check_task_params("trainer", &p(&[("General/labl", "y")])).unwrap_err().to_string();
+        assert!(
+            e.contains("logistic") && e.contains("Model/max_iter"),
+            "{e}"
+        );
+        let e = check_task_params("trainer", &p(&[("General/labl", "y")]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("did you mean 'General/label'"), "{e}");
         assert!(check_task_params("trainer", &p(&[("Other/x", "1")])).is_err());
         check_task_params("trainer", &p(&[("User/note", "anything")])).unwrap();
@@ -223,14 +249,20 @@ mod tests {
     fn features_must_not_include_the_label() {
         let e = check_task_params(
             "trainer",
-            &p(&[("General/label", "Occupancy"), ("General/features", "Light, Occupancy")]),
+            &p(&[
+                ("General/label", "Occupancy"),
+                ("General/features", "Light, Occupancy"),
+            ]),
         )
         .unwrap_err()
         .to_string();
         assert!(e.contains("'Occupancy'") && e.contains("leakage"), "{e}");
         check_task_params(
             "trainer",
-            &p(&[("General/label", "Occupancy"), ("General/features", "Light,CO2")]),
+            &p(&[
+                ("General/label", "Occupancy"),
+                ("General/features", "Light,CO2"),
+            ]),
         )
         .unwrap();
     }

@@ -428,6 +428,12 @@ fn newest<'a>(
     })
 }
 
+/// Whether `v` is its dataset's latest version (in `kv`).
+pub(crate) fn is_latest_in(kv: &dyn KvRead, v: &DatasetVersion) -> Result<bool> {
+    let vs = versions_in(kv, &v.dataset.id)?;
+    Ok(newest(vs.iter()).is_some_and(|(id, _)| id == &v.id))
+}
+
 /// The next patch above the dataset's highest semantic version (so an
 /// assigned number never collides with an explicit one); `1.0.0` first.
 fn next_version(vs: &[(VersionId, VersionInfo)]) -> String {
@@ -849,7 +855,8 @@ impl Repo {
                         let kv = self.store.reader();
                         let mut found = Vec::new();
                         kv.scan(Cf::App, keys::KEPT_VERSION, &mut |k, _| {
-                            if let Some(id) = VersionId::from_slice(&k[keys::KEPT_VERSION.len()..]) {
+                            if let Some(id) = VersionId::from_slice(&k[keys::KEPT_VERSION.len()..])
+                            {
                                 if id.to_hex().starts_with(&prefix) {
                                     found.push(id);
                                 }

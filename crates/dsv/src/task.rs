@@ -920,9 +920,16 @@ pub const DATASET_PARAMS: [&str; 2] = ["General/dataset_id", "General/test_datas
 
 /// Whether a parameter value pins `v`: its id (or an id prefix of 6+ hex
 /// digits), or `PROJECT/NAME@VERSION` of its dataset. `PROJECT/NAME` and
-/// `@TAG` float (they mean whatever is newest when the task runs).
-fn pins(value: &str, v: &crate::DatasetVersion) -> bool {
+/// `@TAG` float (they mean whatever is newest when the task runs), except
+/// for a running task: `PROJECT/NAME` is what it is reading when `v` is
+/// the dataset's latest (`running_latest`).
+fn pins(value: &str, v: &crate::DatasetVersion, running_latest: bool) -> bool {
     match crate::rev::RevSpec::parse(value) {
+        Ok(crate::rev::RevSpec::Dataset {
+            project,
+            name,
+            selector: None,
+        }) => running_latest && project == v.dataset.project && name == v.dataset.name,
         Ok(crate::rev::RevSpec::Id(p)) => v.id.to_hex().starts_with(&p),
         Ok(crate::rev::RevSpec::Dataset {
             project,
@@ -942,13 +949,18 @@ fn pins(value: &str, v: &crate::DatasetVersion) -> bool {
 /// outputs it holds (`artifacts`); a model trained or evaluated on it.
 pub(crate) fn references_in(kv: &dyn KvRead, v: &crate::DatasetVersion) -> Result<Vec<String>> {
     let hex = v.id.to_hex();
+    let latest = crate::repo::is_latest_in(kv, v)?;
     let mut out = Vec::new();
     let mut tasks = scan_json(kv, keys::TASK, "task", |_: &Task| true)?;
     tasks.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
     for t in &tasks {
         let mut how: Vec<&str> = DATASET_PARAMS
             .iter()
-            .filter(|k| t.params.get(**k).is_some_and(|x| pins(x, v)))
+            .filter(|k| {
+                t.params
+                    .get(**k)
+                    .is_some_and(|x| pins(x, v, latest && t.status == TaskStatus::Running))
+            })
             .copied()
             .collect();
         if t.inputs.contains(&hex) {
@@ -968,7 +980,9 @@ pub(crate) fn references_in(kv: &dyn KvRead, v: &crate::DatasetVersion) -> Resul
             ));
         }
     }
-    let mut models = scan_json(kv, keys::MODEL, "model", |m: &Model| m.datasets.contains(&hex))?;
+    let mut models = scan_json(kv, keys::MODEL, "model", |m: &Model| {
+        m.datasets.contains(&hex)
+    })?;
     models.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
     for m in &models {
         out.push(format!(

@@ -502,7 +502,10 @@ fn version_strings_are_new_semantic_versions() {
             "{taken}: {e:?}"
         );
     }
-    assert_eq!(sync("2.1.0-rc.1").unwrap().version.unwrap().version, "2.1.0-rc.1");
+    assert_eq!(
+        sync("2.1.0-rc.1").unwrap().version.unwrap().version,
+        "2.1.0-rc.1"
+    );
 }
 
 /// Deletes a file when hashing starts: after the folder was listed, before
@@ -598,7 +601,7 @@ fn a_version_tasks_or_models_reference_is_not_deleted_and_gc_keeps_it() {
     write(&data, "a.csv", "x\n3\n");
     let v3 = sync();
     write(&data, "a.csv", "x\n4\n");
-    let _v4 = sync();
+    let v4 = sync();
     // v1: pinned by a draft task's parameter (by version string).
     let params = [("General/dataset_id".to_string(), "p/d@1.0.0".to_string())]
         .into_iter()
@@ -609,16 +612,17 @@ fn a_version_tasks_or_models_reference_is_not_deleted_and_gc_keeps_it() {
     // v2: a model's training data (and its task's input).
     let model = trained(&repo, &[&v2.id.to_hex()], &[("test/accuracy", 0.9)]);
     // v3: a floating reference (PROJECT/NAME) pins nothing.
-    repo.create_task(
-        "p",
-        "float",
-        "trainer",
-        None,
-        [("General/dataset_id".to_string(), "p/d".to_string())]
-            .into_iter()
-            .collect(),
-    )
-    .unwrap();
+    let float = repo
+        .create_task(
+            "p",
+            "float",
+            "trainer",
+            None,
+            [("General/dataset_id".to_string(), "p/d".to_string())]
+                .into_iter()
+                .collect(),
+        )
+        .unwrap();
 
     let e = repo.delete(&v1, false).unwrap_err();
     assert!(matches!(e, dsv::Error::Referenced { .. }), "{e:?}");
@@ -629,7 +633,11 @@ fn a_version_tasks_or_models_reference_is_not_deleted_and_gc_keeps_it() {
     let e = repo.delete(&v2, false).unwrap_err().to_string();
     assert!(e.contains(&format!("model {}", &model[..12])), "{e}");
     assert!(e.contains("its input"), "{e}");
-    assert_eq!(repo.resolve("p/d@1.0.1").unwrap().id, v2.id, "nothing deleted");
+    assert_eq!(
+        repo.resolve("p/d@1.0.1").unwrap().id,
+        v2.id,
+        "nothing deleted"
+    );
     // v3 is only a parent (of v4): --force deletes it for good.
     repo.delete(&v3, true).unwrap();
 
@@ -652,6 +660,15 @@ fn a_version_tasks_or_models_reference_is_not_deleted_and_gc_keeps_it() {
     // A clone of the model's task still names a readable version.
     let m = repo.model(&model).unwrap();
     assert_eq!(m.datasets, vec![v2.id.to_hex()]);
+    // ... but while it runs, the latest version is what it reads.
+    let agent = dsv::AgentInfo {
+        name: "a".into(),
+        host: "h".into(),
+        pid: std::process::id(),
+    };
+    repo.start_task(&float.id, &agent).unwrap();
+    let e = repo.delete(&v4, false).unwrap_err().to_string();
+    assert!(e.contains(&float.id[..12]) && e.contains("running"), "{e}");
 }
 
 #[test]
@@ -789,11 +806,22 @@ fn trainer_parameters_are_checked_where_they_are_defined() {
         .add_trigger(trig("bad", "model", &[("User/from", "${dataset.id}")]))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("${dataset.id}") && e.contains("${model.id}"), "{e}");
-    repo.add_trigger(trig("ok", "dataset", &[("General/dataset_id", "${dataset.id}")]))
-        .unwrap();
-    repo.add_trigger(trig("ok2", "task", &[("User/after", "${task.id} ${model.id}")]))
-        .unwrap();
+    assert!(
+        e.contains("${dataset.id}") && e.contains("${model.id}"),
+        "{e}"
+    );
+    repo.add_trigger(trig(
+        "ok",
+        "dataset",
+        &[("General/dataset_id", "${dataset.id}")],
+    ))
+    .unwrap();
+    repo.add_trigger(trig(
+        "ok2",
+        "task",
+        &[("User/after", "${task.id} ${model.id}")],
+    ))
+    .unwrap();
     assert_eq!(repo.triggers().unwrap().len(), 3);
 }
 
@@ -838,7 +866,13 @@ fn a_placeholder_the_event_does_not_fill_launches_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = repo_on(tmp.path(), Box::new(MemKv::new()));
     let eval = repo
-        .create_task("p", "eval", "command", Some("true".into()), Default::default())
+        .create_task(
+            "p",
+            "eval",
+            "command",
+            Some("true".into()),
+            Default::default(),
+        )
         .unwrap();
     repo.add_trigger(dsv::Trigger {
         name: "after".into(),
