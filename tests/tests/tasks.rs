@@ -418,10 +418,6 @@ fn bad_training_input_fails_the_task_with_the_cause() {
             vec!["General/dataset_id=occ/train", "General/label=Temperature"],
             "classes",
         ),
-        (
-            vec!["General/dataset_id=occ/train", "General/model=svm"],
-            "unknown model 'svm'",
-        ),
         (vec!["General/dataset_id=occ/nope"], "occ/nope"),
     ] {
         let mut args = vec![
@@ -464,6 +460,27 @@ fn bad_training_input_fails_the_task_with_the_cause() {
     let out = s.dsv(&["task", "create", "occ/x", "--trainer", "svm"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("svm"));
+    // An unknown model set by a clone is refused by the clone (the rule of
+    // every definition), not found out when the task runs.
+    let t = s.json(&[
+        "task",
+        "create",
+        "occ/x",
+        "--trainer",
+        "logistic",
+        "--set",
+        "General/label=Occupancy",
+    ])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = s.dsv(&["task", "clone", &t, "--set", "General/model=svm"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("unknown model 'svm'"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// Three separable groups labeled 2, 5 and 7, deterministic: row i of
