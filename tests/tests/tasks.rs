@@ -667,7 +667,7 @@ fn leakage_and_unknown_parameters_are_refused_at_definition() {
     let s = occupancy();
     let bad = [
         (
-            vec![
+            [
                 "--trainer",
                 "logistic",
                 "--set",
@@ -676,11 +676,11 @@ fn leakage_and_unknown_parameters_are_refused_at_definition() {
             "leakage",
         ),
         (
-            vec!["--trainer", "tree", "--set", "Model/maxdepth=2"],
+            ["--trainer", "tree", "--set", "Model/maxdepth=2"],
             "did you mean 'Model/max_depth'",
         ),
         (
-            vec!["--trainer", "logistic", "--set", "Model/max_depth=2"],
+            ["--trainer", "logistic", "--set", "Model/max_depth=2"],
             "Model/max_iter",
         ),
     ];

@@ -776,8 +776,8 @@ fn trainer_parameters_are_checked_where_they_are_defined() {
         .unwrap();
     // ... an unknown one and leakage are refused by both.
     for bad in [
-        vec![("Model/maxdepth", "3")],
-        vec![("General/features", "Light,Occupancy")],
+        [("Model/maxdepth", "3")],
+        [("General/features", "Light,Occupancy")],
     ] {
         let e1 = repo
             .clone_task(&t.id, None, &params(&bad))
