@@ -133,53 +133,135 @@ fn every_command_prints_one_json_document_with_json() {
         let d = s.path(name);
         std::fs::create_dir_all(&d).unwrap();
         std::fs::copy(occupancy_dir().join(file), d.join(file)).unwrap();
-        s.json(&["dataset", "sync", &format!("occ/{name}"), d.to_str().unwrap()]);
+        s.json(&[
+            "dataset",
+            "sync",
+            &format!("occ/{name}"),
+            d.to_str().unwrap(),
+        ]);
     }
 
     // Repository commands.
     let other = s.path("other");
     json_ok(&s, c, "init", &["init", other.to_str().unwrap()]);
     json_ok(&s, c, "snapshot", &["snapshot", rootp]);
-    let v1 = id(&json_ok(&s, c, "dataset sync", &["dataset", "sync", "p/small", rootp]));
+    let v1 = id(&json_ok(
+        &s,
+        c,
+        "dataset sync",
+        &["dataset", "sync", "p/small", rootp],
+    ));
     std::fs::rename(root.join("notes/b.txt"), root.join("notes/c.txt")).unwrap();
     let v2 = id(&s.json(&["dataset", "sync", "p/small", rootp]));
 
     // Drafts.
-    let d = id(&json_ok(&s, c, "dataset create", &["dataset", "create", "p/small", "--from-latest"]));
-    json_ok(&s, c, "dataset add", &["dataset", "add", &d, root.join("a.csv").to_str().unwrap(), "--dataset-path", "copy"]);
+    let d = id(&json_ok(
+        &s,
+        c,
+        "dataset create",
+        &["dataset", "create", "p/small", "--from-latest"],
+    ));
+    json_ok(
+        &s,
+        c,
+        "dataset add",
+        &[
+            "dataset",
+            "add",
+            &d,
+            root.join("a.csv").to_str().unwrap(),
+            "--dataset-path",
+            "copy",
+        ],
+    );
     json_ok(&s, c, "dataset remove", &["dataset", "remove", &d, "notes"]);
     json_ok(&s, c, "dataset drafts", &["dataset", "drafts"]);
     json_ok(&s, c, "dataset show", &["dataset", "show", &d]);
     json_ok(&s, c, "dataset files", &["dataset", "files", &d]);
-    let v3 = id(&json_ok(&s, c, "dataset finalize", &["dataset", "finalize", &d]));
+    let v3 = id(&json_ok(
+        &s,
+        c,
+        "dataset finalize",
+        &["dataset", "finalize", &d],
+    ));
     let d2 = id(&s.json(&["dataset", "create", "p/small", "--from-latest"]));
     json_ok(&s, c, "dataset discard", &["dataset", "discard", &d2]);
 
     // Reading versions.
     json_ok(&s, c, "dataset list", &["dataset", "list"]);
     json_ok(&s, c, "dataset diff", &["dataset", "diff", &v1, &v2]);
-    json_ok(&s, c, "dataset tag", &["dataset", "tag", &v3, "--add", "reviewed"]);
-    json_ok(&s, c, "dataset meta", &["dataset", "meta", &v3, "--set", "k=1"]);
+    json_ok(
+        &s,
+        c,
+        "dataset tag",
+        &["dataset", "tag", &v3, "--add", "reviewed"],
+    );
+    json_ok(
+        &s,
+        c,
+        "dataset meta",
+        &["dataset", "meta", &v3, "--set", "k=1"],
+    );
     json_ok(&s, c, "dataset preview", &["dataset", "preview", &v3]);
     json_ok(&s, c, "dataset verify", &["dataset", "verify", &v3]);
     let got = json_ok(&s, c, "dataset get", &["dataset", "get", &v3]);
     let copy = s.path("copy");
-    json_ok(&s, c, "dataset copy", &["dataset", "copy", &v3, copy.to_str().unwrap()]);
+    json_ok(
+        &s,
+        c,
+        "dataset copy",
+        &["dataset", "copy", &v3, copy.to_str().unwrap()],
+    );
     assert!(got["path"].is_string());
-    json_ok(&s, c, "dataset squash", &["dataset", "squash", "p/flat", &v1, &v3]);
-    json_ok(&s, c, "dataset rename", &["dataset", "rename", "p/flat", "p/flat2"]);
+    json_ok(
+        &s,
+        c,
+        "dataset squash",
+        &["dataset", "squash", "p/flat", &v1, &v3],
+    );
+    json_ok(
+        &s,
+        c,
+        "dataset rename",
+        &["dataset", "rename", "p/flat", "p/flat2"],
+    );
     json_ok(&s, c, "dataset delete", &["dataset", "delete", "p/flat2"]);
     json_refused(&s, c, "dataset cat", &["dataset", "cat", &v3, "a.csv"]);
     json_refused(&s, c, "completions", &["completions", "bash"]);
 
     // Tasks, agents, models.
-    let t = id(&json_ok(&s, c, "task create", &[
-        "task", "create", "occ/model", "--trainer", "tree",
-        "--set", "General/dataset_id=occ/train", "--set", "General/test_dataset_id=occ/test",
-        "--set", "General/label=Occupancy", "--set", "General/features=Temperature,Light,CO2",
-    ]));
-    let t2 = id(&json_ok(&s, c, "task clone", &["task", "clone", &t, "--set", "Model/max_depth=2"]));
-    json_ok(&s, c, "task enqueue", &["task", "enqueue", &t, "--queue", "q"]);
+    let t = id(&json_ok(
+        &s,
+        c,
+        "task create",
+        &[
+            "task",
+            "create",
+            "occ/model",
+            "--trainer",
+            "tree",
+            "--set",
+            "General/dataset_id=occ/train",
+            "--set",
+            "General/test_dataset_id=occ/test",
+            "--set",
+            "General/label=Occupancy",
+            "--set",
+            "General/features=Temperature,Light,CO2",
+        ],
+    ));
+    let t2 = id(&json_ok(
+        &s,
+        c,
+        "task clone",
+        &["task", "clone", &t, "--set", "Model/max_depth=2"],
+    ));
+    json_ok(
+        &s,
+        c,
+        "task enqueue",
+        &["task", "enqueue", &t, "--queue", "q"],
+    );
     json_ok(&s, c, "agent", &["agent", "--once", "--queue", "q"]);
     json_ok(&s, c, "task run", &["task", "run", &t2]);
     let t3 = id(&s.json(&["task", "clone", &t]));
@@ -189,24 +271,82 @@ fn every_command_prints_one_json_document_with_json() {
     assert_eq!(shown["status"], "completed", "{shown}");
     json_ok(&s, c, "task list", &["task", "list"]);
     let logs = json_ok(&s, c, "task logs", &["task", "logs", &t]);
-    assert!(logs["log"].as_str().unwrap().contains("completed"), "{logs}");
+    assert!(
+        logs["log"].as_str().unwrap().contains("completed"),
+        "{logs}"
+    );
     let followed = s.json(&["task", "logs", &t, "--follow"]);
     assert_eq!(followed["log"], logs["log"]);
     let model = shown["models"][0].as_str().unwrap().to_string();
     json_ok(&s, c, "model list", &["model", "list"]);
     let m = json_ok(&s, c, "model show", &["model", "show", &model]);
     assert_eq!(m["label"], "Occupancy");
-    json_ok(&s, c, "model tag", &["model", "tag", &model, "--add", "production"]);
+    json_ok(
+        &s,
+        c,
+        "model tag",
+        &["model", "tag", &model, "--add", "production"],
+    );
     let test_file = occupancy_dir().join("datatest.txt");
-    let p = json_ok(&s, c, "model predict", &["model", "predict", &model, test_file.to_str().unwrap()]);
+    let p = json_ok(
+        &s,
+        c,
+        "model predict",
+        &["model", "predict", &model, test_file.to_str().unwrap()],
+    );
     let preds = p["predictions"].as_array().unwrap();
     assert_eq!(p["rows"].as_u64().unwrap() as usize, preds.len());
-    assert!(preds.len() > 2000 && preds[0]["probability"].is_number(), "{}", preds[0]);
+    assert!(
+        preds.len() > 2000 && preds[0]["probability"].is_number(),
+        "{}",
+        preds[0]
+    );
 
     // Triggers and events.
-    json_ok(&s, c, "trigger add dataset", &["trigger", "add", "dataset", "td", "--project", "occ", "--clone", &t]);
-    json_ok(&s, c, "trigger add task", &["trigger", "add", "task", "tt", "--project", "occ", "--promote"]);
-    json_ok(&s, c, "trigger add model", &["trigger", "add", "model", "tm", "--tag", "production", "--clone", &t]);
+    json_ok(
+        &s,
+        c,
+        "trigger add dataset",
+        &[
+            "trigger",
+            "add",
+            "dataset",
+            "td",
+            "--project",
+            "occ",
+            "--clone",
+            &t,
+        ],
+    );
+    json_ok(
+        &s,
+        c,
+        "trigger add task",
+        &[
+            "trigger",
+            "add",
+            "task",
+            "tt",
+            "--project",
+            "occ",
+            "--promote",
+        ],
+    );
+    json_ok(
+        &s,
+        c,
+        "trigger add model",
+        &[
+            "trigger",
+            "add",
+            "model",
+            "tm",
+            "--tag",
+            "production",
+            "--clone",
+            &t,
+        ],
+    );
     json_ok(&s, c, "trigger list", &["trigger", "list"]);
     json_ok(&s, c, "trigger run", &["trigger", "run", "--once"]);
     json_ok(&s, c, "trigger history", &["trigger", "history", "td"]);
@@ -231,7 +371,10 @@ fn every_command_prints_one_json_document_with_json() {
     let mut all = BTreeSet::new();
     leaf_commands(&s, &[], &mut all);
     let missing: Vec<_> = all.difference(c).collect();
-    assert!(missing.is_empty(), "commands not run with --json: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "commands not run with --json: {missing:?}"
+    );
 }
 
 #[test]
@@ -239,19 +382,41 @@ fn model_show_is_human_without_json() {
     let s = Sandbox::new();
     let d = s.path("train");
     std::fs::create_dir_all(&d).unwrap();
-    std::fs::copy(occupancy_dir().join("datatraining.txt"), d.join("datatraining.txt")).unwrap();
+    std::fs::copy(
+        occupancy_dir().join("datatraining.txt"),
+        d.join("datatraining.txt"),
+    )
+    .unwrap();
     s.json(&["dataset", "sync", "occ/train", d.to_str().unwrap()]);
     let t = id(&s.json(&[
-        "task", "create", "occ/model", "--trainer", "tree", "--set", "General/dataset_id=occ/train",
-        "--set", "General/label=Occupancy", "--set", "General/features=Light,CO2",
+        "task",
+        "create",
+        "occ/model",
+        "--trainer",
+        "tree",
+        "--set",
+        "General/dataset_id=occ/train",
+        "--set",
+        "General/label=Occupancy",
+        "--set",
+        "General/features=Light,CO2",
     ]));
     assert!(s.dsv(&["task", "run", &t]).status.success());
-    let model = s.json(&["task", "show", &t])["models"][0].as_str().unwrap().to_string();
+    let model = s.json(&["task", "show", &t])["models"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
     let out = s.dsv(&["model", "show", &model]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(serde_json::from_str::<Value>(&text).is_err(), "JSON without --json: {text}");
-    assert!(text.contains(&model) && text.contains("Occupancy") && text.contains("Light, CO2"), "{text}");
+    assert!(
+        serde_json::from_str::<Value>(&text).is_err(),
+        "JSON without --json: {text}"
+    );
+    assert!(
+        text.contains(&model) && text.contains("Occupancy") && text.contains("Light, CO2"),
+        "{text}"
+    );
 }
 
 // ---- finding the repository -------------------------------------------------
@@ -260,7 +425,10 @@ fn model_show_is_human_without_json() {
 fn a_folder_with_another_tools_config_is_not_a_repository_and_stays_untouched() {
     let s = Sandbox::empty();
     let app = s.path("app");
-    write(&app.join("config.json"), "{\"name\": \"my-app\", \"debug\": true}\n");
+    write(
+        &app.join("config.json"),
+        "{\"name\": \"my-app\", \"debug\": true}\n",
+    );
     for args in [vec!["stats"], vec!["dataset", "list"], vec!["gc"]] {
         let mut all = vec!["--repo", app.to_str().unwrap()];
         all.extend(args.iter().copied());
@@ -271,22 +439,44 @@ fn a_folder_with_another_tools_config_is_not_a_repository_and_stays_untouched() 
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(entries, vec!["config.json"], "dsv created files in another tool's folder");
+    assert_eq!(
+        entries,
+        vec!["config.json"],
+        "dsv created files in another tool's folder"
+    );
 }
 
 #[test]
 fn init_inside_a_repository_folder_is_refused_and_creates_nothing() {
     let s = Sandbox::new();
     let dot = s.repo().join(".dsv");
-    let before: BTreeSet<_> = std::fs::read_dir(&dot).unwrap().map(|e| e.unwrap().file_name()).collect();
-    for target in [dot.clone(), dot.join("packs"), dot.join("new/deeper"), s.repo().join("x/../.dsv")] {
-        user_error(&s, &["init", target.to_str().unwrap()], &["inside the repository folder"]);
+    let before: BTreeSet<_> = std::fs::read_dir(&dot)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    for target in [
+        dot.clone(),
+        dot.join("packs"),
+        dot.join("new/deeper"),
+        s.repo().join("x/../.dsv"),
+    ] {
+        user_error(
+            &s,
+            &["init", target.to_str().unwrap()],
+            &["inside the repository folder"],
+        );
     }
-    let after: BTreeSet<_> = std::fs::read_dir(&dot).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let after: BTreeSet<_> = std::fs::read_dir(&dot)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(before, after);
     assert!(!dot.join(".dsv").exists() && !dot.join("packs/.dsv").exists());
     // A sibling folder is fine.
-    assert!(s.dsv(&["init", s.path("second").to_str().unwrap()]).status.success());
+    assert!(s
+        .dsv(&["init", s.path("second").to_str().unwrap()])
+        .status
+        .success());
 }
 
 // ---- names, tags and paths --------------------------------------------------
@@ -297,27 +487,67 @@ fn names_tags_and_dataset_paths_that_cannot_be_resolved_are_refused_at_creation(
     let folder = s.path("f");
     write(&folder.join("a.txt"), "a\n");
     let f = folder.to_str().unwrap();
-    for name in ["../x", "p/..", "./p/x", "a@b/c", "p/a@b", "p//x", " p/x", "p/x ", "p/ x"] {
+    for name in [
+        "../x", "p/..", "./p/x", "a@b/c", "p/a@b", "p//x", " p/x", "p/x ", "p/ x",
+    ] {
         user_error(&s, &["dataset", "sync", name, f], &["invalid"]);
         user_error(&s, &["dataset", "create", name], &["invalid"]);
     }
-    assert_eq!(s.json(&["dataset", "list"]), Value::Array(vec![]), "a refused name created a dataset");
+    assert_eq!(
+        s.json(&["dataset", "list"]),
+        Value::Array(vec![]),
+        "a refused name created a dataset"
+    );
     for tag in ["1.0.0", "v2.0.1", "abcdef12", " spaced", "a@b"] {
-        user_error(&s, &["dataset", "sync", "p/x", f, "--tag", tag], &["invalid tag"]);
+        user_error(
+            &s,
+            &["dataset", "sync", "p/x", f, "--tag", tag],
+            &["invalid tag"],
+        );
     }
     for dp in ["/abs/olute", ".dsv", "sub/.dsv", "../up", "a//b"] {
-        user_error(&s, &["dataset", "sync", "p/x", f, "--dataset-path", dp], &["invalid dataset path"]);
+        user_error(
+            &s,
+            &["dataset", "sync", "p/x", f, "--dataset-path", dp],
+            &["invalid dataset path"],
+        );
     }
-    user_error(&s, &["dataset", "sync", "p/x", f, "--version", " 1.0.0"], &["invalid version"]);
+    user_error(
+        &s,
+        &["dataset", "sync", "p/x", f, "--version", " 1.0.0"],
+        &["invalid version"],
+    );
     assert_eq!(s.json(&["dataset", "list"]), Value::Array(vec![]));
     // What is accepted resolves.
-    let v = s.json(&["dataset", "sync", "p/x", f, "--tag", "reviewed", "--version", "banana", "--dataset-path", "sub/dir"]);
+    let v = s.json(&[
+        "dataset",
+        "sync",
+        "p/x",
+        f,
+        "--tag",
+        "reviewed",
+        "--version",
+        "banana",
+        "--dataset-path",
+        "sub/dir",
+    ]);
     assert_eq!(s.json(&["dataset", "show", "p/x@reviewed"])["id"], v["id"]);
-    assert_eq!(s.json(&["dataset", "files", "p/x"])[0]["path"], "sub/dir/a.txt");
+    assert_eq!(
+        s.json(&["dataset", "files", "p/x"])[0]["path"],
+        "sub/dir/a.txt"
+    );
     // A tag equal to one of the dataset's (non-semantic) version strings is shadowed by it.
-    user_error(&s, &["dataset", "tag", "p/x", "--add", "banana"], &["invalid tag 'banana'"]);
+    user_error(
+        &s,
+        &["dataset", "tag", "p/x", "--add", "banana"],
+        &["invalid tag 'banana'"],
+    );
     let d = id(&s.json(&["dataset", "create", "p/x", "--from-latest"]));
-    user_error(&s, &["dataset", "add", &d, f, "--dataset-path", "/etc"], &["invalid dataset path", "absolute"]);
+    user_error(
+        &s,
+        &["dataset", "add", &d, f, "--dataset-path", "/etc"],
+        &["invalid dataset path", "absolute"],
+    );
 }
 
 // ---- errors that name their cause -------------------------------------------
@@ -329,26 +559,50 @@ fn add_to_a_version_or_a_dataset_name_says_what_it_is_and_how_to_get_a_draft() {
     write(&folder.join("a.txt"), "a\n");
     let f = folder.to_str().unwrap();
     let v = id(&s.json(&["dataset", "sync", "p/x", f]));
-    let err = user_error(&s, &["dataset", "add", &v[..12], f], &["finalized", "p/x@1.0.0", "dsv dataset create p/x --parent"]);
+    let err = user_error(
+        &s,
+        &["dataset", "add", &v[..12], f],
+        &["finalized", "p/x@1.0.0", "dsv dataset create p/x --parent"],
+    );
     assert!(!err.contains("not found"), "{err}");
-    let err = user_error(&s, &["dataset", "add", "p/x", f], &["not a draft id", "dsv dataset create p/x"]);
+    let err = user_error(
+        &s,
+        &["dataset", "add", "p/x", f],
+        &["not a draft id", "dsv dataset create p/x"],
+    );
     assert!(!err.contains("hexadecimal"), "{err}");
-    user_error(&s, &["dataset", "finalize", "p/x@1.0.0"], &["not a draft id"]);
-    user_error(&s, &["dataset", "add", "abcdef0123", f], &["no draft with id abcdef0123", "dsv dataset drafts"]);
+    user_error(
+        &s,
+        &["dataset", "finalize", "p/x@1.0.0"],
+        &["not a draft id"],
+    );
+    user_error(
+        &s,
+        &["dataset", "add", "abcdef0123", f],
+        &["no draft with id abcdef0123", "dsv dataset drafts"],
+    );
 }
 
 #[test]
 fn lock_timeout_shows_a_human_time_and_age() {
     let s = Sandbox::new();
     let lock = s.repo().join(".dsv/lock");
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(&lock).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&lock)
+        .unwrap();
     // Hold the lock the way a writer does: flock plus its holder line.
     let since = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
         - 125;
-    std::fs::write(&lock, format!("dsv gc (pid 4242, since unix time {since})\n")).unwrap();
+    std::fs::write(
+        &lock,
+        format!("dsv gc (pid 4242, since unix time {since})\n"),
+    )
+    .unwrap();
     // flock holds the lock itself (--close) until `cat` ends at EOF.
     let mut held = std::process::Command::new("flock")
         .args(["--exclusive", "--close"])
@@ -414,7 +668,10 @@ fn a_stale_fuse_mount_gets_a_fusermount_hint() {
         s.dsv(&["dataset", "sync", "p/x", at.to_str().unwrap()]),
         s.dsv(&["dataset", "mount", "p/x", at.to_str().unwrap()]),
     ];
-    let unmounted = std::process::Command::new("fusermount3").arg("-u").arg(&at).status();
+    let unmounted = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(&at)
+        .status();
     for out in outs {
         let err = stderr(&out);
         assert_ne!(out.status.code(), Some(0));
@@ -461,18 +718,36 @@ fn drafts_are_listed_shown_discarded_and_resolve_to_their_version() {
     assert_eq!(mine[0]["id"], d.as_str());
     assert_eq!(mine[0]["parents"][0], v1.as_str());
     assert_eq!(mine[0]["file_count"], 2);
-    assert!(mine[0]["stored_bytes"].as_u64().unwrap() >= 3 << 20, "{}", mine[0]);
+    assert!(
+        mine[0]["stored_bytes"].as_u64().unwrap() >= 3 << 20,
+        "{}",
+        mine[0]
+    );
     assert!(mine[0]["created"].is_string());
-    assert_eq!(s.json(&["dataset", "drafts", "q"]).as_array().unwrap().len(), 1);
+    assert_eq!(
+        s.json(&["dataset", "drafts", "q"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     let human = stdout(&s.dsv(&["dataset", "drafts"]));
-    assert!(human.contains(&d[..12]) && human.contains("p/x") && human.contains(&other[..12]), "{human}");
-    user_error(&s, &["dataset", "drafts", "nope"], &["no dataset or project named nope"]);
+    assert!(
+        human.contains(&d[..12]) && human.contains("p/x") && human.contains(&other[..12]),
+        "{human}"
+    );
+    user_error(
+        &s,
+        &["dataset", "drafts", "nope"],
+        &["no dataset or project named nope"],
+    );
 
     // show and files work on an open draft.
     let shown = s.json(&["dataset", "show", &d[..10]]);
     assert_eq!(shown["draft"], true);
     assert_eq!(shown["file_count"], 2);
-    let files: Vec<String> = s.json(&["dataset", "files", &d])
+    let files: Vec<String> = s
+        .json(&["dataset", "files", &d])
         .as_array()
         .unwrap()
         .iter()
@@ -498,12 +773,18 @@ fn drafts_are_listed_shown_discarded_and_resolve_to_their_version() {
     assert_eq!(shown["id"], f["id"]);
     assert_eq!(shown["finalized_from_draft"], other.as_str());
     let text = stdout(&s.dsv(&["dataset", "show", &other[..12]]));
-    assert!(text.contains("finalized into this version") && text.contains(f["id"].as_str().unwrap()), "{text}");
+    assert!(
+        text.contains("finalized into this version") && text.contains(f["id"].as_str().unwrap()),
+        "{text}"
+    );
     assert_eq!(s.json(&["dataset", "files", &other]), Value::Array(vec![]));
     user_error(
         &s,
         &["dataset", "add", &other, folder.to_str().unwrap()],
-        &["already finalized into version q/y@1.0.0", "dsv dataset create q/y --parent"],
+        &[
+            "already finalized into version q/y@1.0.0",
+            "dsv dataset create q/y --parent",
+        ],
     );
 }
 
@@ -516,7 +797,9 @@ fn completions_for_each_shell_name_the_subcommands() {
         let out = s.dsv(&["completions", shell]);
         assert!(out.status.success(), "{shell}: {}", stderr(&out));
         let text = stdout(&out);
-        for word in ["dataset", "finalize", "drafts", "discard", "trigger", "--json"] {
+        for word in [
+            "dataset", "finalize", "drafts", "discard", "trigger", "--json",
+        ] {
             assert!(text.contains(word), "{shell} completions lack {word}");
         }
     }
@@ -538,11 +821,17 @@ fn stats_report_dedup_and_compression_separately() {
     );
     let dedup = st["dedup_ratio"].as_f64().unwrap();
     let comp = st["compression_ratio"].as_f64().unwrap();
-    assert!((dedup - 2.0).abs() < 0.01, "two copies of one file dedup 2x: {st}");
+    assert!(
+        (dedup - 2.0).abs() < 0.01,
+        "two copies of one file dedup 2x: {st}"
+    );
     assert!((dedup - logical / unique).abs() < 1e-9, "{st}");
     assert!((comp - unique / stored).abs() < 1e-9 && comp > 2.0, "{st}");
     let human = stdout(&s.dsv(&["stats"]));
-    assert!(human.contains("dedup ratio    2.00") && human.contains("compression"), "{human}");
+    assert!(
+        human.contains("dedup ratio    2.00") && human.contains("compression"),
+        "{human}"
+    );
 }
 
 #[test]
@@ -550,19 +839,32 @@ fn preview_headers_line_up_and_wide_files_are_cut() {
     let s = Sandbox::new();
     let folder = s.path("f");
     // An unnamed leading row-index column, as R's write.csv writes.
-    write(&folder.join("a.csv"), "\"t\",\"v\"\n\"1\",\"x\",10\n\"2\",\"y\",20\n");
+    write(
+        &folder.join("a.csv"),
+        "\"t\",\"v\"\n\"1\",\"x\",10\n\"2\",\"y\",20\n",
+    );
     let wide: Vec<String> = (0..20_000).map(|i| format!("column_{i}")).collect();
     let row: Vec<String> = (0..20_000).map(|i| i.to_string()).collect();
-    write(&folder.join("wide.csv"), &format!("{}\n{}\n", wide.join(","), row.join(",")));
+    write(
+        &folder.join("wide.csv"),
+        &format!("{}\n{}\n", wide.join(","), row.join(",")),
+    );
     s.json(&["dataset", "sync", "p/x", folder.to_str().unwrap()]);
     let out = s.dsv(&["dataset", "preview", "p/x"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     let lines: Vec<&str> = text.lines().collect();
-    let at = lines.iter().position(|l| l.starts_with("== a.csv")).unwrap();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("== a.csv"))
+        .unwrap();
     assert_eq!(lines[at + 1], "(index) | t | v");
     assert_eq!(lines[at + 2], "1 | x | 10");
-    assert!(text.contains("19980 more columns not shown"), "{}", &text[..text.len().min(2000)]);
+    assert!(
+        text.contains("19980 more columns not shown"),
+        "{}",
+        &text[..text.len().min(2000)]
+    );
     assert!(text.contains("statistics of 19980 more columns not shown"));
     let longest = lines.iter().map(|l| l.len()).max().unwrap();
     assert!(longest < 400, "a {longest}-byte line");
@@ -592,5 +894,8 @@ fn diff_json_renamed_is_an_array_of_paths() {
         );
     }
     assert_eq!(d["renamed"], serde_json::json!(["new/name.txt"]));
-    assert_eq!(d["renames"], serde_json::json!([{"from": "old/name.txt", "to": "new/name.txt"}]));
+    assert_eq!(
+        d["renames"],
+        serde_json::json!([{"from": "old/name.txt", "to": "new/name.txt"}])
+    );
 }

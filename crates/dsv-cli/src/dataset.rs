@@ -929,10 +929,10 @@ fn diff(ctx: &Ctx, a: DiffArgs) -> Result<(), CliError> {
 
 fn cat(ctx: &Ctx, a: CatArgs) -> Result<(), CliError> {
     if ctx.json {
-        return Err(CliError::user(
-            "dataset cat streams a file's bytes; --json is not supported",
-        )
-        .hint("'dsv --json dataset files REV PATH' gives its size and hash"));
+        return Err(
+            CliError::user("dataset cat streams a file's bytes; --json is not supported")
+                .hint("'dsv --json dataset files REV PATH' gives its size and hash"),
+        );
     }
     let repo = open(ctx)?;
     let v = repo.resolve(&a.rev)?;
@@ -1018,7 +1018,10 @@ fn preview(ctx: &Ctx, a: PreviewArgs) -> Result<(), CliError> {
     for p in &previews {
         println!("\n== {} ({} rows)", p.path, p.row_count);
         let shown = preview_columns(&p.header, &p.rows, a.max_columns, width);
-        let total = p.header.len().max(p.rows.iter().map(Vec::len).max().unwrap_or(0));
+        let total = p
+            .header
+            .len()
+            .max(p.rows.iter().map(Vec::len).max().unwrap_or(0));
         println!("{}", preview_line(&p.header, shown));
         for r in &p.rows {
             println!("{}", preview_line(r, shown));
@@ -1077,7 +1080,9 @@ fn preview_columns(
     max: usize,
     width: Option<usize>,
 ) -> usize {
-    let total = header.len().max(rows.iter().map(Vec::len).max().unwrap_or(0));
+    let total = header
+        .len()
+        .max(rows.iter().map(Vec::len).max().unwrap_or(0));
     let mut n = total.min(max.max(1));
     if let Some(w) = width {
         let line = |k: usize| {

@@ -39,12 +39,9 @@ impl Default for RepoConfig {
 /// else than a dsv repository: it names no `format_version` and `chunking`,
 /// and the folder holds neither dsv's database nor its packs.
 fn is_foreign(dir: &Path, text: &str) -> bool {
-    let ours = serde_json::from_str::<serde_json::Value>(text).is_ok_and(|v| {
-        v.get("format_version").is_some() && v.get("chunking").is_some()
-    });
-    !ours
-        && !dir.join(crate::store::DB_DIR).exists()
-        && !dir.join(crate::store::PACKS_DIR).exists()
+    let ours = serde_json::from_str::<serde_json::Value>(text)
+        .is_ok_and(|v| v.get("format_version").is_some() && v.get("chunking").is_some());
+    !ours && !dir.join(crate::store::DB_DIR).exists() && !dir.join(crate::store::PACKS_DIR).exists()
 }
 
 impl RepoConfig {

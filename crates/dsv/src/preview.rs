@@ -180,7 +180,10 @@ mod tests {
         let data = "\"date\",\"Temperature\",\"Occupancy\"\n\"1\",\"2015-02-04 17:51:00\",23.18,1\n\"2\",\"2015-02-04 17:51:59\",23.15,0\n";
         let p = preview("d.txt", b',', data.as_bytes(), 1, u64::MAX).unwrap();
         // The header lines up with the rows' fields.
-        assert_eq!(p.header, vec!["(index)", "date", "Temperature", "Occupancy"]);
+        assert_eq!(
+            p.header,
+            vec!["(index)", "date", "Temperature", "Occupancy"]
+        );
         assert_eq!(p.rows[0].len(), p.header.len());
         assert_eq!(p.row_count, 2);
         assert_eq!(p.rows.len(), 1);

@@ -1619,7 +1619,10 @@ impl Repo {
             }
             if !add.is_empty() {
                 let vs = versions_in(kv, &cur.dataset.id)?;
-                if let Some(t) = add.iter().find(|t| vs.iter().any(|(_, i)| &i.version == *t)) {
+                if let Some(t) = add
+                    .iter()
+                    .find(|t| vs.iter().any(|(_, i)| &i.version == *t))
+                {
                     return Err(Error::Invalid(format!(
                         "invalid tag '{t}': {} has a version '{t}', which {}@{t} names first",
                         cur.dataset.full_name(),

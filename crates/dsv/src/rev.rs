@@ -144,11 +144,7 @@ pub fn validate_tag(t: &str) -> Result<()> {
 /// separated, without empty, `.`, `..` or `.dsv` segments (a trailing `/`
 /// is allowed). `""` is the dataset's root.
 pub fn validate_dataset_path(p: &str) -> Result<()> {
-    let bad = |why: &str| {
-        Err(Error::Invalid(format!(
-            "invalid dataset path '{p}': {why}"
-        )))
-    };
+    let bad = |why: &str| Err(Error::Invalid(format!("invalid dataset path '{p}': {why}")));
     if p.starts_with('/') {
         return bad("absolute; give a folder inside the dataset, like 'images/train'");
     }
@@ -237,7 +233,16 @@ mod tests {
     #[test]
     fn refuses_tags_that_a_revision_cannot_name() {
         for t in [
-            "", "1.0.0", "v2.3.4", "1.0.0-rc.1", "abcdef", "0123456789", " x", "x ", "a@b", "a/b",
+            "",
+            "1.0.0",
+            "v2.3.4",
+            "1.0.0-rc.1",
+            "abcdef",
+            "0123456789",
+            " x",
+            "x ",
+            "a@b",
+            "a/b",
         ] {
             assert!(validate_tag(t).is_err(), "{t:?} should be refused");
         }
