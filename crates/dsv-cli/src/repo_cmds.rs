@@ -92,12 +92,18 @@ fn repository_folder_above(path: &std::path::Path) -> Option<PathBuf> {
     let mut existing = abs.as_path();
     let mut tail = Vec::new();
     while !existing.exists() {
-        tail.push(existing.file_name()?.to_owned());
+        tail.push(existing.components().next_back()?);
         existing = existing.parent()?;
     }
     let mut full = std::fs::canonicalize(existing).ok()?;
     for part in tail.iter().rev() {
-        full.push(part);
+        match part {
+            std::path::Component::ParentDir => {
+                full.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => full.push(other),
+        }
     }
     full.ancestors()
         .find(|a| {
