@@ -579,7 +579,7 @@ fn add_to_a_version_or_a_dataset_name_says_what_it_is_and_how_to_get_a_draft() {
     user_error(
         &s,
         &["dataset", "add", "abcdef0123", f],
-        &["no draft with id abcdef0123", "dsv dataset drafts"],
+        &["draft not found: abcdef0123", "dsv dataset drafts"],
     );
 }
 
@@ -760,7 +760,7 @@ fn drafts_are_listed_shown_discarded_and_resolve_to_their_version() {
     let out = s.json(&["dataset", "discard", &d]);
     assert_eq!(out["discarded"], d.as_str());
     assert_eq!(s.json(&["dataset", "drafts", "p/x"]), Value::Array(vec![]));
-    user_error(&s, &["dataset", "discard", &d], &["no draft with id"]);
+    user_error(&s, &["dataset", "discard", &d], &["draft not found"]);
     let gc = s.json(&["gc"]);
     assert!(gc["bytes_freed"].as_u64().unwrap() >= 3 << 20, "{gc}");
     let after = s.json(&["stats"])["stored_bytes"].as_u64().unwrap();

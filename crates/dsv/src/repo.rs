@@ -1024,7 +1024,7 @@ impl Repo {
                     )));
                 }
                 return Err(Error::NotADraft(format!(
-                    "no draft with id {spec}; 'dsv dataset drafts' lists open drafts"
+                    "draft not found: {spec}; 'dsv dataset drafts' lists open drafts"
                 )));
             }
             Err(e) => return Err(e.into()),
