@@ -134,7 +134,8 @@ mod tests {
             self.write_str(s)
         }
         fn write_str(&self, s: &str) -> std::io::Result<()> {
-            if !s.is_empty() {
+            // Blank writes erase a previous frame; only frames count.
+            if !s.trim().is_empty() {
                 self.0.lock().unwrap().push(s.to_string());
             }
             Ok(())
