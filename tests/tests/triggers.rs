@@ -467,7 +467,8 @@ fn a_lower_is_better_metric_promotes_the_model_with_the_smaller_loss() {
         "logistic",
         "--lower-is-better",
     ]);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // An argument error: exit 1 (2 is for repository problems).
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
 }
 
 #[test]

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
-use dsv::{AddOptions, AddReport, CreateOptions, DatasetVersion, DraftHandle, Repo, SyncOptions};
+use dsv::{
+    AddOptions, AddReport, CreateOptions, DatasetVersion, DraftHandle, Repo, Resolved, SyncOptions,
+};
 use dsv_store::VersionId;
 
 use crate::error::CliError;
@@ -26,6 +28,10 @@ pub enum DatasetCmd {
     Remove(RemoveArgs),
     /// Freeze a draft into an immutable version.
     Finalize(FinalizeArgs),
+    /// Open drafts (of a project or dataset): id, dataset, parents, created, files staged.
+    Drafts(DraftsArgs),
+    /// Delete an open draft; the bytes only it staged are freed by the next gc.
+    Discard(DiscardArgs),
     /// The "upload" button: make a new version match FOLDER (nothing when unchanged).
     Sync(SyncArgs),
     /// Add each finished file as it appears in FOLDER; finalize on SIGINT/SIGTERM.
@@ -120,6 +126,20 @@ pub struct FinalizeArgs {
     id: String,
 }
 
+/// `drafts`.
+#[derive(Debug, Args)]
+pub struct DraftsArgs {
+    /// PROJECT or PROJECT/NAME.
+    filter: Option<String>,
+}
+
+/// `discard`.
+#[derive(Debug, Args)]
+pub struct DiscardArgs {
+    /// Draft id (or unique prefix).
+    id: String,
+}
+
 /// `sync`.
 #[derive(Debug, Args)]
 pub struct SyncArgs {
@@ -164,7 +184,7 @@ pub struct ListArgs {
 /// `files`.
 #[derive(Debug, Args)]
 pub struct FilesArgs {
-    /// Revision.
+    /// Revision, or the id of an open draft.
     rev: String,
     /// Only paths matching.
     glob: Option<String>,
@@ -243,6 +263,10 @@ pub struct PreviewArgs {
     /// Rows read per file for the statistics.
     #[arg(long, default_value_t = 1_000_000)]
     max_rows: u64,
+    /// Columns shown per file at most (also limited to the terminal's
+    /// width); the number left out is printed. `--json` has them all.
+    #[arg(long, default_value_t = 20)]
+    max_columns: usize,
 }
 
 /// `verify`.
@@ -356,9 +380,12 @@ fn draft_json(d: &DraftHandle) -> Value {
         "version": d.info.version,
         "parents": d.parents,
         "tags": d.info.tags,
+        "message": d.info.message,
         "created": iso(d.info.created_ms),
+        "created_ms": d.info.created_ms,
         "file_count": d.file_count,
         "total_bytes": d.total_bytes,
+        "watch": d.info.watch,
     })
 }
 
@@ -436,6 +463,8 @@ pub fn run(ctx: &Ctx, cmd: DatasetCmd) -> Result<(), CliError> {
         DatasetCmd::Add(a) => add(ctx, a),
         DatasetCmd::Remove(a) => remove(ctx, a),
         DatasetCmd::Finalize(a) => finalize(ctx, a),
+        DatasetCmd::Drafts(a) => drafts(ctx, a),
+        DatasetCmd::Discard(a) => discard(ctx, a),
         DatasetCmd::Sync(a) => sync(ctx, a),
         DatasetCmd::Watch(a) => crate::watch::watch(ctx, a),
         DatasetCmd::Show(a) => show(ctx, a),
@@ -553,6 +582,89 @@ fn finalize(ctx: &Ctx, a: FinalizeArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+fn drafts(ctx: &Ctx, a: DraftsArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let mut ds = repo.drafts(None)?;
+    if let Some(f) = &a.filter {
+        let f = f.trim_end_matches('/');
+        let known = repo.datasets()?.iter().any(|d| {
+            d.full_name() == f || d.project == f || d.project.starts_with(&format!("{f}/"))
+        });
+        if !known {
+            return Err(CliError::user(format!("no dataset or project named {f}"))
+                .hint("'dsv dataset list' shows every dataset"));
+        }
+        ds.retain(|d| {
+            let p = &d.dataset.project;
+            d.dataset.full_name() == f || p == f || p.starts_with(&format!("{f}/"))
+        });
+    }
+    ds.sort_by_key(|d| std::cmp::Reverse(d.info.created_ms));
+    let stored = ds
+        .iter()
+        .map(|d| repo.draft_stored_bytes(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    if ctx.json {
+        return output::json(&Value::Array(
+            ds.iter()
+                .zip(&stored)
+                .map(|(d, s)| {
+                    let mut v = draft_json(d);
+                    v["stored_bytes"] = json!(s);
+                    v
+                })
+                .collect(),
+        ));
+    }
+    if ds.is_empty() {
+        eprintln!("no open drafts");
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for (d, s) in ds.iter().zip(&stored) {
+        writeln!(
+            out,
+            "{}  {}  {}  {} files, {} ({} newly stored)  parents [{}]{}",
+            d.id.short(12),
+            d.dataset.full_name(),
+            iso(d.info.created_ms),
+            d.file_count,
+            output::bytes(d.total_bytes),
+            output::bytes(*s),
+            d.parents
+                .iter()
+                .map(|p| p.short(12))
+                .collect::<Vec<_>>()
+                .join(", "),
+            d.info
+                .watch
+                .as_ref()
+                .map(|w| format!("  (watch {w})"))
+                .unwrap_or_default()
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn discard(ctx: &Ctx, a: DiscardArgs) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let d = repo.resolve_draft(&a.id)?;
+    repo.discard(&d)?;
+    if ctx.json {
+        return output::json(&json!({
+            "discarded": d.id,
+            "project": d.dataset.project,
+            "name": d.dataset.name,
+        }));
+    }
+    println!(
+        "discarded draft {} of {}; run 'dsv gc' to reclaim the bytes only it held",
+        d.id.short(12),
+        d.dataset.full_name()
+    );
+    Ok(())
+}
+
 fn sync(ctx: &Ctx, a: SyncArgs) -> Result<(), CliError> {
     let repo = open(ctx)?;
     let (project, name) = dsv::rev::parse_dataset_name(&a.dataset)?;
@@ -600,31 +712,53 @@ fn sync(ctx: &Ctx, a: SyncArgs) -> Result<(), CliError> {
 
 fn show(ctx: &Ctx, a: RevArg) -> Result<(), CliError> {
     let repo = open(ctx)?;
-    let v = match repo.resolve(&a.rev) {
-        Ok(v) => v,
-        Err(e) => {
-            // A draft id prints the draft.
-            if let Ok(d) = repo.resolve_draft(&a.rev) {
-                if ctx.json {
-                    return output::json(&draft_json(&d));
-                }
-                println!(
-                    "draft {} of {} ({} files, {}; parents {:?})",
-                    d.id,
-                    d.dataset.full_name(),
-                    d.file_count,
-                    output::bytes(d.total_bytes),
-                    d.parents.iter().map(|p| p.short(12)).collect::<Vec<_>>()
-                );
-                return Ok(());
+    let (v, from_draft) = match repo.resolve_any(&a.rev)? {
+        Resolved::Version {
+            version,
+            from_draft,
+        } => (*version, from_draft),
+        Resolved::Draft(d) => {
+            let stored = repo.draft_stored_bytes(&d)?;
+            if ctx.json {
+                let mut v = draft_json(&d);
+                v["stored_bytes"] = json!(stored);
+                return output::json(&v);
             }
-            return Err(e.into());
+            println!("draft:       {}", d.id);
+            println!("dataset:     {}", d.dataset.full_name());
+            println!("created:     {}", iso(d.info.created_ms));
+            for p in &d.parents {
+                println!("parent:      {p}");
+            }
+            if let Some(v) = &d.info.version {
+                println!("version:     {v} (at finalize)");
+            }
+            if !d.info.tags.is_empty() {
+                println!("tags:        {} (at finalize)", d.info.tags.join(", "));
+            }
+            println!(
+                "files:       {} ({}; {} newly stored)",
+                d.file_count,
+                output::bytes(d.total_bytes),
+                output::bytes(stored)
+            );
+            if let Some(w) = &d.info.watch {
+                println!("watched:     {w}");
+            }
+            return Ok(());
         }
     };
     if ctx.json {
-        return output::json(&version_json(&v));
+        let mut doc = version_json(&v);
+        if let Some(d) = from_draft {
+            doc["finalized_from_draft"] = json!(d);
+        }
+        return output::json(&doc);
     }
     let d = &v.delta;
+    if let Some(draft) = from_draft {
+        println!("draft:       {} (finalized into this version)", draft);
+    }
     println!("id:          {}", v.id);
     println!("dataset:     {}/{}", v.dataset.project, v.dataset.name);
     println!("version:     {}", v.version);
@@ -694,7 +828,20 @@ fn file_json(f: &dsv::FileItem) -> Value {
 
 fn files(ctx: &Ctx, a: FilesArgs) -> Result<(), CliError> {
     let repo = open(ctx)?;
-    let v = repo.resolve(&a.rev)?;
+    let v = match repo.resolve_any(&a.rev)? {
+        Resolved::Version { version, .. } => *version,
+        Resolved::Draft(d) => {
+            if a.added || a.modified || a.removed {
+                return Err(CliError::user(format!(
+                    "{} is an open draft; --added/--modified/--removed compare versions",
+                    d.id.short(12)
+                ))
+                .hint("finalize it first, or list all its files without these flags"));
+            }
+            let list = repo.draft_files(&d, a.glob.as_deref())?;
+            return print_files(ctx, &list);
+        }
+    };
     let globs: Vec<String> = a.glob.iter().cloned().collect();
     let set = dsv::PathPattern::new(&globs)?;
     let list: Vec<dsv::FileItem> = if a.added || a.modified || a.removed {
@@ -716,11 +863,15 @@ fn files(ctx: &Ctx, a: FilesArgs) -> Result<(), CliError> {
     } else {
         repo.files(&v, a.glob.as_deref())?
     };
+    print_files(ctx, &list)
+}
+
+fn print_files(ctx: &Ctx, list: &[dsv::FileItem]) -> Result<(), CliError> {
     if ctx.json {
         return output::json(&Value::Array(list.iter().map(file_json).collect()));
     }
     let mut out = std::io::stdout().lock();
-    for f in &list {
+    for f in list {
         writeln!(
             out,
             "{:>12}  {}  {}",
@@ -744,7 +895,10 @@ fn diff(ctx: &Ctx, a: DiffArgs) -> Result<(), CliError> {
             "added": ch.added.iter().map(|f| &f.path).collect::<Vec<_>>(),
             "modified": ch.modified.iter().map(|f| &f.path).collect::<Vec<_>>(),
             "removed": ch.removed.iter().map(|f| &f.path).collect::<Vec<_>>(),
-            "renamed": ch.renamed.iter().map(|(a, b)| json!({"from": a, "to": b})).collect::<Vec<_>>(),
+            // cli.md: arrays of paths — a moved file's path in REV_B;
+            // where it came from is under `renames`.
+            "renamed": ch.renamed.iter().map(|(_, b)| b).collect::<Vec<_>>(),
+            "renames": ch.renamed.iter().map(|(a, b)| json!({"from": a, "to": b})).collect::<Vec<_>>(),
         }));
     }
     let mut out = std::io::stdout().lock();
@@ -764,6 +918,12 @@ fn diff(ctx: &Ctx, a: DiffArgs) -> Result<(), CliError> {
 }
 
 fn cat(ctx: &Ctx, a: CatArgs) -> Result<(), CliError> {
+    if ctx.json {
+        return Err(
+            CliError::user("dataset cat streams a file's bytes; --json is not supported")
+                .hint("'dsv --json dataset files REV PATH' gives its size and hash"),
+        );
+    }
     let repo = open(ctx)?;
     let v = repo.resolve(&a.rev)?;
     let mut out = std::io::stdout().lock();
@@ -844,17 +1004,30 @@ fn preview(ctx: &Ctx, a: PreviewArgs) -> Result<(), CliError> {
     if previews.is_empty() {
         println!("(no tabular files)");
     }
+    let width = output::terminal_width();
     for p in &previews {
         println!("\n== {} ({} rows)", p.path, p.row_count);
-        println!("{}", p.header.join(" | "));
+        let shown = preview_columns(&p.header, &p.rows, a.max_columns, width);
+        let total = p
+            .header
+            .len()
+            .max(p.rows.iter().map(Vec::len).max().unwrap_or(0));
+        println!("{}", preview_line(&p.header, shown));
         for r in &p.rows {
-            println!("{}", r.join(" | "));
+            println!("{}", preview_line(r, shown));
+        }
+        if shown < total {
+            println!(
+                "… {} more columns not shown (--max-columns, or --json for all)",
+                total - shown
+            );
         }
         println!(
             "{:<20} {:>8} {:>14} {:>14} {:>14}",
             "column", "count", "min", "max", "mean"
         );
-        for c in &p.columns {
+        let stats_shown = p.columns.len().min(a.max_columns.max(1));
+        for c in &p.columns[..stats_shown] {
             let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
             println!(
                 "{:<20} {:>8} {:>14} {:>14} {:>14}",
@@ -865,8 +1038,69 @@ fn preview(ctx: &Ctx, a: PreviewArgs) -> Result<(), CliError> {
                 f(c.mean)
             );
         }
+        if stats_shown < p.columns.len() {
+            println!(
+                "… statistics of {} more columns not shown",
+                p.columns.len() - stats_shown
+            );
+        }
     }
     Ok(())
+}
+
+/// The longest cell shown in a preview.
+const MAX_CELL: usize = 40;
+
+/// A cell cut to [`MAX_CELL`] characters.
+fn preview_cell(c: &str) -> String {
+    if c.chars().count() <= MAX_CELL {
+        c.to_string()
+    } else {
+        let mut t: String = c.chars().take(MAX_CELL - 1).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// How many leading columns to show: at most `max`, and as many as fit in
+/// `width` characters (at least one) when the output is a terminal.
+fn preview_columns(
+    header: &[String],
+    rows: &[Vec<String>],
+    max: usize,
+    width: Option<usize>,
+) -> usize {
+    let total = header
+        .len()
+        .max(rows.iter().map(Vec::len).max().unwrap_or(0));
+    let mut n = total.min(max.max(1));
+    if let Some(w) = width {
+        let line = |k: usize| {
+            std::iter::once(header)
+                .chain(rows.iter().map(Vec::as_slice))
+                .map(|r| {
+                    r.iter()
+                        .take(k)
+                        .map(|c| preview_cell(c).chars().count() + 3)
+                        .sum::<usize>()
+                })
+                .max()
+                .unwrap_or(0)
+        };
+        while n > 1 && line(n) > w {
+            n -= 1;
+        }
+    }
+    n
+}
+
+fn preview_line(cells: &[String], n: usize) -> String {
+    cells
+        .iter()
+        .take(n)
+        .map(|c| preview_cell(c))
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 fn verify(ctx: &Ctx, a: VerifyArgs) -> Result<(), CliError> {

@@ -49,9 +49,40 @@ impl CliError {
     }
 }
 
+/// When `e` is ENOTCONN ("Transport endpoint is not connected"), the FUSE
+/// mount it came from is stale (its process died): the hint names the
+/// mount point, the highest folder of `path` that fails that way.
+pub fn stale_mount_hint(path: &std::path::Path, e: &std::io::Error) -> Option<String> {
+    if e.raw_os_error() != Some(libc::ENOTCONN) {
+        return None;
+    }
+    let stale = |p: &std::path::Path| {
+        std::fs::symlink_metadata(p)
+            .err()
+            .is_some_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
+    };
+    let mountpoint = path
+        .ancestors()
+        .filter(|a| !a.as_os_str().is_empty() && stale(a))
+        .last()
+        .unwrap_or(path);
+    Some(format!(
+        "{} is a stale FUSE mount (the process serving it ended); unmount it with 'fusermount3 -u {}'",
+        mountpoint.display(),
+        mountpoint.display()
+    ))
+}
+
 impl From<StoreError> for CliError {
     fn from(e: StoreError) -> Self {
+        let stale = match &e {
+            StoreError::Io { path, source, .. } | StoreError::Input { path, source, .. } => {
+                stale_mount_hint(path, source)
+            }
+            _ => None,
+        };
         let hint = match &e {
+            _ if stale.is_some() => stale,
             StoreError::LockTimeout { .. } => {
                 Some("wait for it to finish, or raise --lock-timeout".to_string())
             }
@@ -83,6 +114,9 @@ impl From<dsv::Error> for CliError {
             dsv::Error::Store(s) => s.into(),
             other => {
                 let hint = match &other {
+                    dsv::Error::Io { path, source, .. } if stale_mount_hint(path, source).is_some() => {
+                        stale_mount_hint(path, source)
+                    }
                     dsv::Error::DatasetNotFound(_) => {
                         Some("'dsv dataset list' shows the datasets".to_string())
                     }

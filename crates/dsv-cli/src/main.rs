@@ -74,6 +74,31 @@ enum Command {
     Cache(readside::CacheCmd),
     /// Plumbing: store a folder as a new version on a ref (prints what changed).
     Snapshot(plumbing::SnapshotArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+}
+
+/// `dsv completions`.
+#[derive(Debug, clap::Args)]
+struct CompletionsArgs {
+    /// The shell.
+    shell: clap_complete::Shell,
+}
+
+/// `dsv completions SHELL`: the script on stdout. It is a stream for the
+/// shell, so `--json` is refused rather than ignored.
+fn completions(ctx: &Ctx, a: CompletionsArgs) -> Result<(), CliError> {
+    use clap::CommandFactory;
+    if ctx.json {
+        return Err(CliError::user(
+            "dsv completions prints a shell script; --json is not supported",
+        ));
+    }
+    let mut cmd = Cli::command();
+    let mut out = std::io::stdout().lock();
+    clap_complete::generate(a.shell, &mut cmd, "dsv", &mut out);
+    std::io::Write::flush(&mut out)?;
+    Ok(())
 }
 
 /// What every command gets.
@@ -104,6 +129,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Model(_) => "model",
         Command::Trigger(_) => "trigger",
         Command::Events(_) => "events",
+        Command::Completions(_) => "completions",
     };
     let ctx = Ctx {
         repo: cli.repo.clone(),
@@ -125,6 +151,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Model(c) => tasks::model(&ctx, c),
         Command::Trigger(c) => triggers::trigger(&ctx, c),
         Command::Events(a) => events_cmd::events(&ctx, a),
+        Command::Completions(a) => completions(&ctx, a),
     }
 }
 
@@ -159,6 +186,18 @@ fn tune_allocator() {
     }
 }
 
+/// Prints a command-line parsing outcome and returns its exit code: 0 for
+/// `--help` / `--version` (printed on stdout), 1 for an argument error —
+/// clap's own default, 2, is this tool's code for a repository problem.
+fn argument_error(e: &clap::Error) -> i32 {
+    let _ = e.print();
+    if e.use_stderr() {
+        1
+    } else {
+        0
+    }
+}
+
 fn main() {
     tune_allocator();
     default_sigpipe();
@@ -166,7 +205,10 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("RUST_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => std::process::exit(argument_error(&e)),
+    };
     let code = match run(cli) {
         Ok(()) => 0,
         Err(e) => e.report(),

@@ -52,6 +52,14 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> Result<(), CliError> {
         Some(p) => p,
         None => std::env::current_dir()?,
     };
+    if let Some(inside) = repository_folder_above(&base) {
+        return Err(CliError::user(format!(
+            "{} is inside the repository folder {}; a repository cannot hold another",
+            base.display(),
+            inside.display()
+        ))
+        .hint("run 'dsv init PATH' on the folder that should hold .dsv"));
+    }
     std::fs::create_dir_all(&base)
         .map_err(|e| CliError::user(format!("cannot create {}: {e}", base.display())))?;
     let dir = base.join(DOT_DSV);
@@ -72,6 +80,37 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> Result<(), CliError> {
         println!("Initialized empty dsv repository in {}", dir.display());
         Ok(())
     }
+}
+
+/// The repository folder (`.dsv`, or a folder holding a dsv `config.json`
+/// and database) that `path` is or lies inside, if any. Parts of `path` that
+/// do not exist yet are judged by name; the rest with symbolic links
+/// resolved.
+fn repository_folder_above(path: &std::path::Path) -> Option<PathBuf> {
+    let abs = std::path::absolute(path).ok()?;
+    // Resolve the deepest existing ancestor; keep the missing tail as given.
+    let mut existing = abs.as_path();
+    let mut tail = Vec::new();
+    while !existing.exists() {
+        tail.push(existing.components().next_back()?);
+        existing = existing.parent()?;
+    }
+    let mut full = std::fs::canonicalize(existing).ok()?;
+    for part in tail.iter().rev() {
+        match part {
+            std::path::Component::ParentDir => {
+                full.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => full.push(other),
+        }
+    }
+    full.ancestors()
+        .find(|a| {
+            a.file_name().is_some_and(|n| n == DOT_DSV)
+                || (a.join("config.json").is_file() && a.join("db").is_dir())
+        })
+        .map(std::path::Path::to_path_buf)
 }
 
 pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
@@ -181,6 +220,13 @@ pub fn stats(ctx: &Ctx) -> Result<(), CliError> {
         s.packs,
         output::bytes(s.pack_bytes)
     );
-    println!("dedup ratio    {:.2}", s.dedup_ratio);
+    println!(
+        "dedup ratio    {:.2} (logical / unique bytes)",
+        s.dedup_ratio
+    );
+    println!(
+        "compression    {:.2} (unique / stored bytes)",
+        s.compression_ratio
+    );
     Ok(())
 }

@@ -429,6 +429,21 @@ pub fn task(ctx: &Ctx, cmd: TaskCmd) -> Result<(), CliError> {
             }
             Ok(())
         }
+        TaskCmd::Logs(a) if ctx.json => {
+            // One document: the whole log once the task is final (with
+            // --follow) or as it is now.
+            loop {
+                let t = repo.task(&a.id)?;
+                if !a.follow || t.status.is_final() {
+                    let log = repo.task_log(&a.id)?;
+                    return output::json(
+                        &json!({"id": t.id, "status": t.status.as_str(), "log": log}),
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                repo.store().refresh()?;
+            }
+        }
         TaskCmd::Logs(a) => {
             let mut shown = 0;
             loop {
@@ -1031,7 +1046,30 @@ pub fn model(ctx: &Ctx, cmd: ModelCmd) -> Result<(), CliError> {
             if ctx.json {
                 return output::json(&v);
             }
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            println!("model       {}", m.id);
+            println!("name        {}/{}  ({})", m.project, m.name, m.kind);
+            println!("task        {}", m.task);
+            println!("created     {}", crate::dataset::iso(m.created_ms));
+            println!("tags        {}", m.tags.join(", "));
+            for d in &m.datasets {
+                println!("dataset     {d}");
+            }
+            println!("label       {}", body.label);
+            println!(
+                "classes     {}",
+                body.classes
+                    .iter()
+                    .map(|c| fmt_value(*c))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            println!("features    {}", body.features.join(", "));
+            for (k, val) in &body.hyper {
+                println!("hyper       {k} = {val}");
+            }
+            for (k, val) in &m.metrics {
+                println!("metric      {k} = {}", fmt_value(*val));
+            }
             Ok(())
         }
         ModelCmd::Tag(a) => {
@@ -1051,6 +1089,16 @@ pub fn model(ctx: &Ctx, cmd: ModelCmd) -> Result<(), CliError> {
             let name = a.file.display().to_string();
             let preds = dsv_train::predict(&body, &name, std::io::BufReader::new(f))
                 .map_err(|e| CliError::user(e.to_string()))?;
+            if ctx.json && a.output.is_none() {
+                let rows: Vec<Value> = preds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (label, p))| json!({"row": i + 1, "label": label, "probability": p}))
+                    .collect();
+                return output::json(&json!({
+                    "model": m.id, "label": body.label, "rows": preds.len(), "predictions": rows,
+                }));
+            }
             let mut out: Box<dyn Write> = match &a.output {
                 Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).map_err(
                     |e| CliError::user(format!("cannot create {}: {e}", p.display())),
@@ -1062,6 +1110,11 @@ pub fn model(ctx: &Ctx, cmd: ModelCmd) -> Result<(), CliError> {
                 writeln!(out, "{},{},{:.6}", i + 1, label, p)?;
             }
             out.flush()?;
+            if ctx.json {
+                return output::json(&json!({
+                    "model": m.id, "label": body.label, "rows": preds.len(), "output": a.output,
+                }));
+            }
             Ok(())
         }
     }

@@ -35,6 +35,15 @@ impl Default for RepoConfig {
     }
 }
 
+/// Whether `text` (a `config.json` that does not decode) belongs to something
+/// else than a dsv repository: it names no `format_version` and `chunking`,
+/// and the folder holds neither dsv's database nor its packs.
+fn is_foreign(dir: &Path, text: &str) -> bool {
+    let ours = serde_json::from_str::<serde_json::Value>(text)
+        .is_ok_and(|v| v.get("format_version").is_some() && v.get("chunking").is_some());
+    !ours && !dir.join(crate::store::DB_DIR).exists() && !dir.join(crate::store::PACKS_DIR).exists()
+}
+
 impl RepoConfig {
     /// Checks every field.
     pub fn validate(&self) -> Result<()> {
@@ -63,8 +72,15 @@ impl RepoConfig {
                 Error::io("read", &path, e)
             }
         })?;
-        let cfg: RepoConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::corrupted(path.display().to_string(), e.to_string()))?;
+        let cfg: RepoConfig = serde_json::from_str(&text).map_err(|e| {
+            // Some other tool's `config.json` in a folder without dsv's
+            // database and packs is not a damaged repository.
+            if is_foreign(dir, &text) {
+                Error::NotARepository(dir.to_path_buf())
+            } else {
+                Error::corrupted(path.display().to_string(), e.to_string())
+            }
+        })?;
         if cfg.format_version != REPO_FORMAT {
             return Err(Error::UnsupportedFormatVersion {
                 what: path.display().to_string(),
@@ -87,5 +103,25 @@ impl RepoConfig {
             .map_err(|e| Error::io("fsync", &tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &path, e))?;
         crate::pack::sync_dir(dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_tools_config_is_not_a_repository_but_a_damaged_one_is_corrupted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE), r#"{"name": "my-app"}"#).unwrap();
+        assert!(matches!(
+            RepoConfig::load(dir.path()),
+            Err(Error::NotARepository(_))
+        ));
+        std::fs::create_dir(dir.path().join(crate::store::PACKS_DIR)).unwrap();
+        assert!(matches!(
+            RepoConfig::load(dir.path()),
+            Err(Error::Corrupted { .. })
+        ));
     }
 }

@@ -27,6 +27,60 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// `YYYY-MM-DDTHH:MM:SSZ` of a unix time in seconds.
+pub fn utc_iso(secs: u64) -> String {
+    let secs = secs as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// A duration in seconds as `42 s`, `3 min 5 s`, `2 h 10 min`, `3 d 4 h`.
+fn age(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs} s"),
+        60..3600 => format!("{} min {} s", secs / 60, secs % 60),
+        3600..86_400 => format!("{} h {} min", secs / 3600, secs % 3600 / 60),
+        _ => format!("{} d {} h", secs / 86_400, secs % 86_400 / 3600),
+    }
+}
+
+/// Rewrites the lock file's `since unix time T` (kept machine-readable in
+/// the file) as a UTC time and an age for people.
+fn humanize_holder(line: &str, now: u64) -> String {
+    const MARK: &str = "since unix time ";
+    let Some(at) = line.find(MARK) else {
+        return line.to_string();
+    };
+    let rest = &line[at + MARK.len()..];
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let Ok(since) = rest[..digits].parse::<u64>() else {
+        return line.to_string();
+    };
+    format!(
+        "{}since {} ({} ago){}",
+        &line[..at],
+        utc_iso(since),
+        age(now.saturating_sub(since)),
+        &rest[digits..]
+    )
+}
+
 impl WriteLock {
     /// Takes the lock, waiting up to `timeout`. `holder` describes this
     /// process (command and pid) for other waiters.
@@ -56,7 +110,7 @@ impl WriteLock {
                 let holder = if text.is_empty() {
                     "another process".to_string()
                 } else {
-                    text.to_string()
+                    humanize_holder(text, now_secs())
                 };
                 return Err(Error::LockTimeout {
                     holder,
@@ -96,6 +150,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn holder_time_is_shown_as_utc_and_age() {
+        assert_eq!(
+            humanize_holder("dsv gc (pid 7, since unix time 1764495000)", 1_764_495_125),
+            "dsv gc (pid 7, since 2025-11-30T09:30:00Z (2 min 5 s ago))"
+        );
+        assert_eq!(humanize_holder("odd line", 5), "odd line");
+        assert_eq!(utc_iso(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_iso(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
     fn second_taker_times_out_naming_the_holder() {
         let dir = tempfile::tempdir().unwrap();
         let held =
@@ -103,7 +168,9 @@ mod tests {
         let err = WriteLock::acquire(dir.path(), Duration::from_millis(30), "other").unwrap_err();
         match err {
             Error::LockTimeout { holder, .. } => {
-                assert!(holder.contains("dsv test-holder"), "{holder}")
+                assert!(holder.contains("dsv test-holder"), "{holder}");
+                assert!(!holder.contains("unix time"), "{holder}");
+                assert!(holder.contains(" s ago)"), "{holder}");
             }
             other => panic!("unexpected {other:?}"),
         }

@@ -25,8 +25,13 @@ pub struct Stats {
     pub pack_bytes: u64,
     /// Pack files.
     pub packs: u64,
-    /// `logical_bytes / stored_bytes`.
+    /// Deduplication alone: `logical_bytes / unique_bytes` (what the live
+    /// versions would take whole, over their unique chunks before
+    /// compression); 0 when nothing is stored.
     pub dedup_ratio: f64,
+    /// Compression alone: `unique_bytes / stored_bytes`; 0 when nothing is
+    /// stored. Both together: `logical_bytes / stored_bytes`.
+    pub compression_ratio: f64,
 }
 
 impl Store {
@@ -63,11 +68,9 @@ impl Store {
                 }
             }
         }
-        s.dedup_ratio = if s.stored_bytes == 0 {
-            0.0
-        } else {
-            s.logical_bytes as f64 / s.stored_bytes as f64
-        };
+        let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        s.dedup_ratio = ratio(s.logical_bytes, s.unique_bytes);
+        s.compression_ratio = ratio(s.unique_bytes, s.stored_bytes);
         Ok(s)
     }
 }

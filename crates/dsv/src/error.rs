@@ -55,6 +55,11 @@ pub enum Error {
         /// What references it (tasks, models).
         by: Vec<String>,
     },
+    /// Something that is not an open draft where one is needed (a dataset
+    /// name, a version, a finalized draft); says what it is and how to get
+    /// a draft.
+    #[error("{0}")]
+    NotADraft(String),
     /// A draft that belongs to no dataset (made by plumbing).
     #[error("draft {0} is not a dataset draft")]
     NotADatasetDraft(String),

@@ -47,7 +47,7 @@ pub use reader::FileReader;
 pub use records::{DatasetId, DatasetRecord, DraftInfo, VersionInfo};
 pub use repo::{
     AddOptions, AddReport, Changes, CreateOptions, Dataset, DatasetVersion, DraftHandle, FileItem,
-    GetQuery, Got, PathPattern, Repo, SyncOptions, SyncOutcome, VerifyMismatch,
+    GetQuery, Got, PathPattern, Repo, Resolved, SyncOptions, SyncOutcome, VerifyMismatch,
 };
 pub use rev::RevSpec;
 pub use task::{AgentInfo, Finish, Model, Task, TaskStatus};

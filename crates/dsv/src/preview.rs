@@ -31,7 +31,9 @@ pub struct FilePreview {
     pub path: String,
     /// Delimiter used.
     pub delimiter: String,
-    /// Header row.
+    /// Column names, one per field of a row: the header row, preceded by
+    /// `(index)` when every row has one more field than it (an unnamed
+    /// leading row-index column).
     pub header: Vec<String>,
     /// The first rows.
     pub rows: Vec<Vec<String>>,
@@ -104,19 +106,22 @@ pub fn preview(
     columns.resize_with(ncols, Acc::default);
     // One more field per row than header names (as in R's write.csv output,
     // e.g. the occupancy files): the first column is an unnamed row index.
-    let mut names = header.clone();
-    if ncols == header.len() + 1 {
+    let mut names = header;
+    if ncols == names.len() + 1 {
         names.insert(0, "(index)".to_string());
+    }
+    while names.len() < ncols {
+        names.push(format!("column {}", names.len() + 1));
     }
     let columns = columns
         .into_iter()
-        .enumerate()
-        .map(|(i, a)| a.finish(names.get(i).cloned().unwrap_or(format!("column {}", i + 1))))
+        .zip(&names)
+        .map(|(a, name)| a.finish(name.clone()))
         .collect();
     Ok(FilePreview {
         path: path.to_string(),
         delimiter: (delimiter as char).to_string(),
-        header,
+        header: names,
         rows,
         row_count,
         columns,
@@ -174,7 +179,12 @@ mod tests {
     fn stats_of_a_quoted_csv_with_an_index_column() {
         let data = "\"date\",\"Temperature\",\"Occupancy\"\n\"1\",\"2015-02-04 17:51:00\",23.18,1\n\"2\",\"2015-02-04 17:51:59\",23.15,0\n";
         let p = preview("d.txt", b',', data.as_bytes(), 1, u64::MAX).unwrap();
-        assert_eq!(p.header, vec!["date", "Temperature", "Occupancy"]);
+        // The header lines up with the rows' fields.
+        assert_eq!(
+            p.header,
+            vec!["(index)", "date", "Temperature", "Occupancy"]
+        );
+        assert_eq!(p.rows[0].len(), p.header.len());
         assert_eq!(p.row_count, 2);
         assert_eq!(p.rows.len(), 1);
         // four fields per row, three header names: a leading row index.

@@ -158,6 +158,21 @@ pub struct GetQuery {
     pub writable_copy: bool,
 }
 
+/// What [`Repo::resolve_any`] found.
+#[derive(Debug, Clone)]
+pub enum Resolved {
+    /// A finalized version; `from_draft` when the spec was the id of the
+    /// draft it was finalized from.
+    Version {
+        /// The version.
+        version: Box<DatasetVersion>,
+        /// The draft id that was given.
+        from_draft: Option<DraftId>,
+    },
+    /// An open draft.
+    Draft(Box<DraftHandle>),
+}
+
 /// What [`Repo::get`] found.
 #[derive(Debug, Clone)]
 pub enum Got {
@@ -498,9 +513,13 @@ fn draft_info_in(kv: &dyn KvRead, id: &DraftId) -> Result<Option<DraftInfo>> {
 /// A version string given by a user: a semantic version of at most 100
 /// characters.
 fn check_version_string(v: &str) -> Result<()> {
-    if v.len() > 100 {
+    if v.is_empty()
+        || v.len() > 100
+        || v.trim() != v
+        || v.chars().any(|c| c.is_control() || c == '/' || c == '@')
+    {
         return Err(Error::Invalid(format!(
-            "invalid version '{v}': longer than 100 characters"
+            "invalid version '{v}': 1 to 100 characters, no '/', '@', control characters or surrounding white space"
         )));
     }
     check_semver(v).map(|_| ())
@@ -984,7 +1003,7 @@ impl Repo {
             check_version_string(v)?;
         }
         for t in &opts.tags {
-            dsv_store::store::validate_label(t, "tag")?;
+            crate::rev::validate_tag(t)?;
         }
         let id = self.write(|kv| {
             let mut b = Batch::default();
@@ -1063,14 +1082,121 @@ impl Repo {
         })
     }
 
-    /// Resolves a draft id prefix.
+    /// Resolves the id prefix of an open draft. What is not one is named:
+    /// a dataset name, a finalized version, or a draft that was finalized
+    /// (with the version it became), each with the way to get a draft.
     pub fn resolve_draft(&self, prefix: &str) -> Result<DraftHandle> {
-        let id = self.store.resolve_draft_prefix(prefix)?;
+        let spec = prefix.trim();
+        if spec.contains('/') || spec.contains('@') {
+            let open = parse_dataset_name(spec.split('@').next().unwrap_or(spec))
+                .ok()
+                .and_then(|(p, n)| self.dataset(&p, &n).ok().flatten())
+                .map(|ds| self.drafts(Some(&ds)))
+                .transpose()?
+                .unwrap_or_default();
+            let open = match open.as_slice() {
+                [] => String::new(),
+                ds => format!(
+                    " (open drafts of it: {})",
+                    ds.iter()
+                        .map(|d| d.id.short(12))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            return Err(Error::NotADraft(format!(
+                "'{spec}' is a dataset revision, not a draft id{open}; start a draft with \
+                 'dsv dataset create {} --from-latest' (its id is printed), or list drafts \
+                 with 'dsv dataset drafts'",
+                spec.split('@').next().unwrap_or(spec)
+            )));
+        }
+        let id = match self.store.resolve_draft_prefix(spec) {
+            Ok(id) => id,
+            Err(dsv_store::Error::NotFound { .. }) => {
+                // A version id where a draft id belongs?
+                if let Ok(v) = self
+                    .store
+                    .resolve_version_prefix(spec)
+                    .map_err(Error::from)
+                    .and_then(|v| self.version(&v))
+                {
+                    return Err(Error::NotADraft(format!(
+                        "{spec} is version {}, which is finalized and cannot change; make a \
+                         draft from it with 'dsv dataset create {} --parent {}'",
+                        v.label(),
+                        v.dataset.full_name(),
+                        v.id.short(12)
+                    )));
+                }
+                return Err(Error::NotADraft(format!(
+                    "draft not found: {spec}; 'dsv dataset drafts' lists open drafts"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let d = self.store.draft(&id)?;
         if let Some(v) = d.record.finalized {
-            return Err(dsv_store::Error::DraftFinalized(id, v).into());
+            let (what, dataset) = match self.version(&v) {
+                Ok(v) => (v.label(), v.dataset.full_name()),
+                Err(_) => (
+                    format!("{} (since deleted)", v.short(12)),
+                    "PROJECT/NAME".to_string(),
+                ),
+            };
+            return Err(Error::NotADraft(format!(
+                "draft {} was already finalized into version {what} and cannot change; make a \
+                 new draft with 'dsv dataset create {dataset} --parent {}'",
+                id.short(12),
+                v.short(12)
+            )));
         }
         self.draft(&id)
+    }
+
+    /// Resolves a revision, or else a draft id prefix: an open draft, or the
+    /// version a finalized draft became.
+    pub fn resolve_any(&self, spec: &str) -> Result<Resolved> {
+        let err = match self.resolve(spec) {
+            Ok(v) => {
+                return Ok(Resolved::Version {
+                    version: Box::new(v),
+                    from_draft: None,
+                })
+            }
+            Err(e) => e,
+        };
+        let not_found = matches!(
+            err,
+            Error::Store(dsv_store::Error::NotFound { .. }) | Error::RevisionNotFound(_)
+        );
+        let Ok(RevSpec::Id(prefix)) = RevSpec::parse(spec) else {
+            return Err(err);
+        };
+        if !not_found {
+            return Err(err);
+        }
+        let Ok(id) = self.store.resolve_draft_prefix(&prefix) else {
+            return Err(err);
+        };
+        match self.store.draft(&id)?.record.finalized {
+            Some(v) => Ok(Resolved::Version {
+                version: Box::new(self.version(&v)?),
+                from_draft: Some(id),
+            }),
+            None => Ok(Resolved::Draft(Box::new(self.draft(&id)?))),
+        }
+    }
+
+    /// Files of an open draft (optionally matching a glob), in path order.
+    pub fn draft_files(&self, d: &DraftHandle, glob: Option<&str>) -> Result<Vec<FileItem>> {
+        let root = self.store.draft(&d.id)?.record.root;
+        self.files_of_root(&root, glob)
+    }
+
+    /// Bytes newly stored by a draft's changes so far.
+    pub fn draft_stored_bytes(&self, d: &DraftHandle) -> Result<u64> {
+        Ok(self.store.draft(&d.id)?.record.stored_bytes)
     }
 
     /// Open drafts (of one dataset, or all).
@@ -1113,6 +1239,7 @@ impl Repo {
         paths: &[PathBuf],
         opts: &AddOptions<'_>,
     ) -> Result<AddReport> {
+        crate::rev::validate_dataset_path(&opts.dataset_path)?;
         let set = PathPattern::new(&opts.wildcards)?;
         let mut total = AddReport::default();
         for p in paths {
@@ -1183,6 +1310,7 @@ impl Repo {
         dataset_path: &str,
         progress: Option<&dyn Progress>,
     ) -> Result<AddReport> {
+        crate::rev::validate_dataset_path(dataset_path)?;
         let skip = self.repo_inside(folder);
         let filter = move |rel: &[u8]| !in_repo(&skip, rel);
         let r = self.store.stage_folder(
@@ -1317,11 +1445,12 @@ impl Repo {
     ) -> Result<SyncOutcome> {
         parse_dataset_name(&format!("{project}/{name}"))?;
         for t in &opts.tags {
-            dsv_store::store::validate_label(t, "tag")?;
+            crate::rev::validate_tag(t)?;
         }
         if let Some(v) = &opts.version {
             check_version_string(v)?;
         }
+        crate::rev::validate_dataset_path(&opts.dataset_path)?;
         let md = std::fs::metadata(folder)
             .map_err(|e| dsv_store::Error::input("read folder", folder, e))?;
         if !md.is_dir() {
@@ -1430,11 +1559,19 @@ impl Repo {
 
     /// Files of a version (optionally matching a glob), in path order.
     pub fn files(&self, v: &DatasetVersion, glob: Option<&str>) -> Result<Vec<FileItem>> {
+        self.files_of_root(&self.root_of(&v.id)?, glob)
+    }
+
+    fn files_of_root(
+        &self,
+        root: &dsv_store::ObjectId,
+        glob: Option<&str>,
+    ) -> Result<Vec<FileItem>> {
         let set = match glob {
             Some(g) => PathPattern::new(&[g.to_string()])?,
             None => None,
         };
-        let root = self.root_of(&v.id)?;
+        let root = *root;
         let kv = self.store.reader();
         let mut out = Vec::new();
         walk_files(&KvObjects(&*kv), &root, b"", &mut |p, e| {
@@ -1566,7 +1703,7 @@ impl Repo {
         remove: &[String],
     ) -> Result<Vec<String>> {
         for t in add {
-            dsv_store::store::validate_label(t, "tag")?;
+            crate::rev::validate_tag(t)?;
         }
         self.write(|kv| {
             let cur = self.version_in_kv(kv, &v.id)?;
@@ -1583,6 +1720,19 @@ impl Repo {
             for t in remove {
                 if after.remove(t) {
                     remove_tag_batch(&v.id, t, &mut b);
+                }
+            }
+            if !add.is_empty() {
+                let vs = versions_in(kv, &cur.dataset.id)?;
+                if let Some(t) = add
+                    .iter()
+                    .find(|t| vs.iter().any(|(_, i)| &i.version == *t))
+                {
+                    return Err(Error::Invalid(format!(
+                        "invalid tag '{t}': {} has a version '{t}', which {}@{t} names first",
+                        cur.dataset.full_name(),
+                        cur.dataset.full_name()
+                    )));
                 }
             }
             for t in add {
