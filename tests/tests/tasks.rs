@@ -587,3 +587,93 @@ fn an_aborted_in_process_forest_stops_between_trees() {
         "{log}"
     );
 }
+
+/// Every way a command could change its dataset; each line says whether the
+/// attempt worked.
+const ATTACKS: &str = r#"d="$DSV_DATASET_PATH"
+f="$d/datatest.txt"
+try() { if sh -c "$2" >/dev/null 2>&1; then echo "ATTACK-WORKED: $1"; else echo "attack-failed: $1"; fi; }
+echo replacement > /tmp/dsv-attack-$$
+try write "echo x >> '$f'"
+try overwrite "echo x > '$f'"
+try truncate "truncate -s 0 '$f'"
+try chmod "chmod u+w '$f'"
+try delete "rm '$f'"
+try rename "mv '$f' '$d/moved.txt'"
+try replace "mv -f /tmp/dsv-attack-$$ '$f'"
+try create "echo x > '$d/new.txt'"
+try folder-chmod "chmod u+w '$d'"
+try content-file "for c in '$d'/../../files/*/*; do chmod u+w \$c && echo x >> \$c || exit 1; done"
+try remount "mount -o remount,rw,bind '$d/../..'"
+try unmount "umount -l '$d/../..'"
+try through-parent-root "echo x >> /proc/$PPID/root$f"
+rm -f /tmp/dsv-attack-$$
+echo attacks-done
+"#;
+
+fn attack_and_check(s: &Sandbox, dataset: &str, file: &str, unprivileged: bool) {
+    let script = s.path(&format!("attack-{dataset}.sh"));
+    std::fs::write(&script, ATTACKS.replace("datatest.txt", file)).unwrap();
+    let check = s.path(&format!("check-{dataset}.sh"));
+    let original = occupancy_dir().join(file);
+    std::fs::write(
+        &check,
+        format!("cmp \"$DSV_DATASET_PATH/{file}\" '{}'\n", original.display()),
+    )
+    .unwrap();
+    let mut ids = Vec::new();
+    for (name, sh) in [("attack", &script), ("check", &check)] {
+        let t = s.json(&[
+            "task",
+            "create",
+            &format!("occ/{name}-{dataset}"),
+            "--command",
+            &format!("sh {}", sh.display()),
+            "--set",
+            &format!("General/dataset_id=occ/{dataset}"),
+        ])["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        ids.push(t);
+    }
+    if unprivileged {
+        dsv_tests::open_to_everyone(s.dir.path());
+    }
+    let run = |id: &str| {
+        if unprivileged {
+            dsv_tests::dsv_unprivileged(&s.repo(), &["task", "run", id])
+        } else {
+            s.dsv(&["task", "run", id])
+        }
+    };
+    let out = run(&ids[0]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = String::from_utf8(s.dsv(&["task", "logs", &ids[0]]).stdout).unwrap();
+    assert!(log.contains("attacks-done"), "{log}");
+    assert!(!log.contains("ATTACK-WORKED"), "{log}");
+    assert!(!log.contains("no read-only view"), "{log}");
+    for a in ["write", "truncate", "chmod", "delete", "rename", "replace", "create"] {
+        assert!(log.contains(&format!("attack-failed: {a}")), "{a}: {log}");
+    }
+    // The next task and `get` receive the exact version.
+    let out = run(&ids[1]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(show(s, &ids[1])["status"], "completed", "{}", stderr(&out));
+    let g = s.json(&["dataset", "get", &format!("occ/{dataset}")]);
+    assert!(g["repaired"].as_array().unwrap().is_empty(), "{g}");
+    let p = Path::new(g["path"].as_str().unwrap()).join(file);
+    assert!(std::fs::read(p).unwrap() == std::fs::read(&original).unwrap());
+    let f = s.json(&["fsck", "--cache", "--read-data"]);
+    assert_eq!(f["ok"], true, "{f}");
+}
+
+#[test]
+fn a_command_task_cannot_change_its_dataset_even_as_root() {
+    let s = occupancy();
+    attack_and_check(&s, "test1", "datatest.txt", false);
+    if dsv_tests::is_root() {
+        // The same as an ordinary user that owns the cache's files.
+        attack_and_check(&s, "test2", "datatest2.txt", true);
+    }
+}

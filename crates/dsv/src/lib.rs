@@ -37,7 +37,8 @@ pub mod trigger;
 
 pub use cache::{
     Cache, CacheConfig, CacheEntry, CacheSize, CopyReport, FolderMismatch, FolderReport,
-    GetLocalOptions, LocalCopy, Pin, PruneOptions, PruneReport,
+    CacheCheck, CacheProblem, EntryDamage, GetLocalOptions, LocalCopy, Pin, PruneOptions,
+    PruneReport, Stamp,
 };
 pub use error::{Error, Result};
 pub use events::{Event, EventKind};
