@@ -29,7 +29,9 @@ pub struct GetArgs {
 pub struct CopyArgs {
     /// Revision.
     rev: String,
-    /// Target folder (created when missing; must be empty unless --overwrite).
+    /// Target folder (created when missing; must be empty unless
+    /// --overwrite; never the repository's folder, one holding it, or
+    /// anything inside .dsv). Written aside and renamed into place.
     target: PathBuf,
     /// Replace the target's contents.
     #[arg(long)]

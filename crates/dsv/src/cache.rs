@@ -5,11 +5,13 @@
 //! `docs/FORMAT.md`):
 //!
 //! ```text
-//! cache/lock                     flock: shared while a copy is built or pinned, exclusive to prune
+//! cache/lock                     flock: shared while a copy is built, checked or pinned, exclusive to publish or prune
 //! cache/config.json              {"max_bytes": N | null} — the byte budget
 //! cache/files/<ab>/<id>[.x]      one read-only file per (file object id, executable bit)
+//! cache/seals/<ab>/<id>[.x]      the content file's stamp after dsv last linked or unlinked it
 //! cache/versions/<name>/         a version's tree of hard links to files/, directories 0555
 //! cache/meta/<name>.json         what the entry holds (version, selection, files, bytes)
+//! cache/meta/<name>.files        the stamp of every folder, file and link of the entry
 //! cache/meta/<name>.used         its mtime is the entry's last use (the LRU clock)
 //! cache/meta/<name>.pin          shared flock held by a process using the copy
 //! ```
@@ -20,8 +22,11 @@
 //! that exists is complete; two processes building the same entry both
 //! succeed and one result is kept. A content file's bytes are written to a
 //! temporary name and renamed, and carry a seal (mode without write bits,
-//! mtime 1980-01-01): a content file that lost its seal (someone made it
-//! writable and edited it through a hard link) is never linked again.
+//! mtime 1980-01-01) and a seal record (its stamp: inode, size, mode,
+//! mtime, ctime). Nothing can write, truncate, chmod, link or rename a file
+//! without changing its ctime, so one `lstat` tells whether an entry or a
+//! content file is still what dsv made: a changed entry is rebuilt, a
+//! changed content file is written again before it is linked.
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
@@ -63,11 +68,13 @@ fn now_ms() -> i64 {
 }
 
 fn unique_suffix() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!("{}.{}", std::process::id(), n)
+    let c = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}.{}{:03}", std::process::id(), n, c % 1000)
 }
 
 /// `path` made absolute with every symlink of its existing part resolved;
@@ -819,9 +826,12 @@ impl Cache {
         fs::create_dir_all(dir).map_err(|e| io_err("create", dir, e))?;
         let fname = key.rsplit('/').next().unwrap_or(key);
         let tmp = dir.join(format!(".{fname}.{}", unique_suffix()));
-        let mut f = File::create(&tmp).map_err(|e| io_err("create", &tmp, e))?;
-        // A temporary file whose flock is free belongs to a dead writer.
-        FileExt::lock_exclusive(&f).map_err(|e| io_err("lock", &tmp, e))?;
+        // A temporary file whose flock is free belongs to a dead writer: it
+        // is created under a name collectors skip and renamed once locked.
+        let init = dir.join(format!(".{fname}.{}.init", unique_suffix()));
+        let mut f = File::create(&init).map_err(|e| io_err("create", &init, e))?;
+        FileExt::lock_exclusive(&f).map_err(|e| io_err("lock", &init, e))?;
+        fs::rename(&init, &tmp).map_err(|e| io_err("rename", &tmp, e))?;
         let mode = if key.ends_with(".x") { 0o555 } else { 0o444 };
         let written = (|| {
             let fo = store.file_object(id)?;
@@ -976,18 +986,20 @@ impl Cache {
                     Some(s) => s == now,
                     None => {
                         // The seal does not explain it (a link or unlink by a
-                        // process that died before recording it): the bytes
-                        // decide.
-                        let same = match n.object_id() {
-                            Some(id) => matches!(compare_bytes(store, &id, &p), Ok(None)),
-                            None => false,
-                        };
+                        // process that died before recording it, or by
+                        // someone else): when the entry still links the
+                        // content file, its bytes decide, and the seal is
+                        // renewed if they are right.
+                        let content_now = fs::symlink_metadata(self.files_dir().join(key))
+                            .map(|m| Stamp::of(&m))
+                            .ok();
+                        let same = content_now == Some(now)
+                            && now.mtime_ns == SEAL_MTIME_NS
+                            && n.object_id().is_some_and(|id| {
+                                matches!(compare_bytes(store, &id, &p), Ok(None))
+                            });
                         if same {
-                            let m = fs::symlink_metadata(self.files_dir().join(key))
-                                .map_err(|e| io_err("stat", &p, e))?;
-                            if Stamp::of(&m) == now {
-                                seal.write(&now)?;
-                            }
+                            seal.write(&now)?;
                         }
                         same
                     }
@@ -1029,7 +1041,8 @@ impl Cache {
                     continue;
                 };
                 for f in rd2.flatten() {
-                    if !f.file_name().as_bytes().starts_with(b".") {
+                    let n = f.file_name();
+                    if !n.as_bytes().starts_with(b".") || n.as_bytes().ends_with(b".init") {
                         continue;
                     }
                     if let Ok(file) = File::open(f.path()) {
@@ -1333,6 +1346,27 @@ impl Cache {
         // Half-built or half-removed entries and temporary files of
         // crashed processes (builders still alive hold flocks on theirs).
         self.collect_dead();
+        // Names a writer holds only while it has the shared lock: under the
+        // exclusive lock, they are dead.
+        if let Ok(rd) = fs::read_dir(self.versions_dir()) {
+            for e in rd.flatten() {
+                if e.file_name().as_bytes().starts_with(b".mk-") {
+                    let _ = remove_tree(&e.path());
+                }
+            }
+        }
+        if let Ok(rd) = fs::read_dir(self.files_dir()) {
+            for sub in rd.flatten() {
+                if let Ok(rd2) = fs::read_dir(sub.path()) {
+                    for f in rd2.flatten() {
+                        let n = f.file_name();
+                        if n.as_bytes().starts_with(b".") && n.as_bytes().ends_with(b".init") {
+                            let _ = fs::remove_file(f.path());
+                        }
+                    }
+                }
+            }
+        }
         // Records are written under the exclusive lock we hold: any
         // temporary one is dead, and so is a record without its entry.
         if let Ok(rd) = fs::read_dir(self.meta_dir()) {
@@ -1656,12 +1690,14 @@ impl Repo {
         opts.progress.finish();
         // 2. The tree of links, built aside (flocked while this process
         // lives) and renamed into place by `publish`.
-        let path = cache
-            .versions_dir()
-            .join(format!(".new-{}.{}", name, unique_suffix()));
-        fs::create_dir(&path).map_err(|e| io_err("create", &path, e))?;
-        let lock = File::open(&path).map_err(|e| io_err("open", &path, e))?;
-        FileExt::lock_exclusive(&lock).map_err(|e| io_err("lock", &path, e))?;
+        let suffix = unique_suffix();
+        let path = cache.versions_dir().join(format!(".new-{name}.{suffix}"));
+        // Made under a name collectors skip, renamed once locked.
+        let init = cache.versions_dir().join(format!(".mk-{name}.{suffix}"));
+        fs::create_dir(&init).map_err(|e| io_err("create", &init, e))?;
+        let lock = File::open(&init).map_err(|e| io_err("open", &init, e))?;
+        FileExt::lock_exclusive(&lock).map_err(|e| io_err("lock", &init, e))?;
+        fs::rename(&init, &path).map_err(|e| io_err("rename", &path, e))?;
         let mut built = Built {
             path,
             _lock: lock,
@@ -1810,8 +1846,19 @@ impl Repo {
         let mut staging_name = prefix.clone();
         staging_name.push(format!(".dsv-copy.{suffix}"));
         let mut staging = parent.join(&staging_name);
+        // The working directory itself (`copy REV .`) is filled in place,
+        // so that the caller's shell still sees it.
+        let is_cwd = exists
+            && std::env::current_dir()
+                .ok()
+                .and_then(|c| c.canonicalize().ok())
+                .is_some_and(|c| c == abs);
         let mut inside = false;
-        if let Err(e) = fs::create_dir(&staging) {
+        if let Err(e) = if is_cwd {
+            Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied))
+        } else {
+            fs::create_dir(&staging)
+        } {
             // The parent may not be writable while the target is: stage inside it.
             if !exists {
                 return Err(io_err("create", &staging, e));
