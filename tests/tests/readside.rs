@@ -704,7 +704,13 @@ fn same_tree(want: &Path, got: &Path) {
     let (mut a, mut b) = (BTreeSet::new(), BTreeSet::new());
     walk(want, want, &mut a);
     walk(got, got, &mut b);
-    assert_eq!(a, b, "{} and {} list different files", want.display(), got.display());
+    assert_eq!(
+        a,
+        b,
+        "{} and {} list different files",
+        want.display(),
+        got.display()
+    );
     for f in &a {
         assert!(
             std::fs::read(want.join(f)).unwrap() == std::fs::read(got.join(f)).unwrap(),
@@ -744,12 +750,24 @@ fn destructive_targets_inside_or_above_the_repository_are_refused() {
             .output()
             .unwrap();
         let e = stderr(&out);
-        assert_eq!(out.status.code(), Some(1), "copy into {t} was not refused: {e}");
-        assert!(e.contains("refusing") && e.contains(t) && e.contains(why), "{t}: {e}");
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "copy into {t} was not refused: {e}"
+        );
+        assert!(
+            e.contains("refusing") && e.contains(t) && e.contains(why),
+            "{t}: {e}"
+        );
     }
     // A mount point inside .dsv is refused the same way.
     std::fs::create_dir_all(dot.join("mnt")).unwrap();
-    let out = s.dsv(&["dataset", "mount", "uci/occupancy", dot.join("mnt").to_str().unwrap()]);
+    let out = s.dsv(&[
+        "dataset",
+        "mount",
+        "uci/occupancy",
+        dot.join("mnt").to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("refusing"), "{}", stderr(&out));
     std::fs::remove_dir(dot.join("mnt")).unwrap();
@@ -760,7 +778,12 @@ fn destructive_targets_inside_or_above_the_repository_are_refused() {
     files_equal(&occupancy_dir(), Path::new(&cached));
     files_equal(&occupancy_dir(), &s.path("data"));
     // An ordinary folder inside the work tree is fine.
-    s.json(&["dataset", "copy", "uci/occupancy", repo.join("work").to_str().unwrap()]);
+    s.json(&[
+        "dataset",
+        "copy",
+        "uci/occupancy",
+        repo.join("work").to_str().unwrap(),
+    ]);
     files_equal(&occupancy_dir(), &repo.join("work"));
 }
 
@@ -806,7 +829,10 @@ fn changed_cached_copies_are_detected_and_rebuilt() {
         assert_eq!(out.status.code(), Some(2), "{what}: fsck --cache passed");
         let r: Value = serde_json::from_slice(&out.stdout).unwrap();
         let probs = r["cache"]["problems"].as_array().unwrap();
-        assert!(probs.iter().any(|p| p["entry"] == v1.as_str()), "{what}: {r}");
+        assert!(
+            probs.iter().any(|p| p["entry"] == v1.as_str()),
+            "{what}: {r}"
+        );
         // The next get rebuilds the copy, says so, and serves exact bytes.
         let out = s.dsv(&["--json", "dataset", "get", &v1]);
         assert!(out.status.success(), "{what}: {}", stderr(&out));
@@ -819,7 +845,11 @@ fn changed_cached_copies_are_detected_and_rebuilt() {
         let g2 = s.json(&["dataset", "get", &v2]);
         let p2 = PathBuf::from(g2["path"].as_str().unwrap());
         for i in 0..6 {
-            let f = if i % 2 == 0 { format!("b{i}.bin") } else { format!("sub/b{i}.bin") };
+            let f = if i % 2 == 0 {
+                format!("b{i}.bin")
+            } else {
+                format!("sub/b{i}.bin")
+            };
             assert!(
                 std::fs::read(p2.join(&f)).unwrap() == noise(500 + i, 100_000),
                 "{what}: {f} of the other version is wrong"
@@ -846,7 +876,10 @@ fn a_failed_copy_leaves_nothing_and_a_retry_succeeds() {
     let limited = |args: &str| {
         Command::new("sh")
             .arg("-c")
-            .arg(format!("trap '' XFSZ; ulimit -f 200; exec '{}' {args}", dsv.display()))
+            .arg(format!(
+                "trap '' XFSZ; ulimit -f 200; exec '{}' {args}",
+                dsv.display()
+            ))
             .env("DSV_REPO", s.repo())
             .current_dir(s.dir.path())
             .output()
@@ -872,7 +905,10 @@ fn a_failed_copy_leaves_nothing_and_a_retry_succeeds() {
     std::fs::write(s.path("old/mine.txt"), "mine").unwrap();
     let out = limited(&format!("dataset copy {id} old --overwrite"));
     assert!(!out.status.success());
-    assert_eq!(std::fs::read_to_string(s.path("old/mine.txt")).unwrap(), "mine");
+    assert_eq!(
+        std::fs::read_to_string(s.path("old/mine.txt")).unwrap(),
+        "mine"
+    );
     // Retries succeed with exact bytes.
     for t in ["work", "empty"] {
         s.json(&["dataset", "copy", &id, t]);
@@ -900,7 +936,11 @@ fn killed_gets_and_copies_leave_a_clean_cache_and_retries_succeed() {
         let _ = child.kill();
         child.wait().unwrap();
         let f = s.dsv(&["--json", "fsck", "--cache"]);
-        assert!(f.status.success(), "round {round}: {}", String::from_utf8_lossy(&f.stdout));
+        assert!(
+            f.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&f.stdout)
+        );
         let g = s.json(&["dataset", "get", &id]);
         same_tree(&want, Path::new(g["path"].as_str().unwrap()));
         // No temporary file of the dead writer is left.

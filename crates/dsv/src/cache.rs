@@ -80,6 +80,7 @@ fn unique_suffix() -> String {
 /// `path` made absolute with every symlink of its existing part resolved;
 /// the components that do not exist yet are appended lexically (`..` pops).
 fn resolve_path(path: &Path) -> Result<PathBuf> {
+    use std::path::Component;
     let abs = if path.is_absolute() {
         path.to_path_buf()
     } else {
@@ -87,32 +88,27 @@ fn resolve_path(path: &Path) -> Result<PathBuf> {
             .map_err(|e| io_err("resolve", path, e))?
             .join(path)
     };
-    let mut existing = abs.as_path();
-    let mut rest: Vec<&OsStr> = Vec::new();
-    loop {
-        match existing.canonicalize() {
+    let comps: Vec<Component<'_>> = abs.components().collect();
+    for k in (1..=comps.len()).rev() {
+        let head: PathBuf = comps[..k].iter().collect();
+        match head.canonicalize() {
             Ok(mut base) => {
-                for c in rest.iter().rev() {
-                    match c.as_bytes() {
-                        b"." => {}
-                        b".." => {
+                for c in &comps[k..] {
+                    match c {
+                        Component::ParentDir => {
                             base.pop();
                         }
-                        _ => base.push(c),
+                        Component::Normal(n) => base.push(n),
+                        _ => {}
                     }
                 }
                 return Ok(base);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
-                    return Err(io_err("resolve", path, e));
-                };
-                rest.push(name);
-                existing = parent;
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io_err("resolve", path, e)),
         }
     }
+    Ok(abs)
 }
 
 /// Refuses a folder that a destructive command (`copy --overwrite`,
@@ -122,10 +118,16 @@ fn resolve_path(path: &Path) -> Result<PathBuf> {
 pub fn check_target(dot_dsv: &Path, target: &Path, action: &str) -> Result<()> {
     let t = resolve_path(target)?;
     let dot = resolve_path(dot_dsv)?;
-    let work = dot.parent().map(Path::to_path_buf).unwrap_or_else(|| dot.clone());
+    let work = dot
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| dot.clone());
     let why = if t.starts_with(&dot) {
         if t.starts_with(dot.join("cache")) {
-            format!("it is inside the repository's cache {}", dot.join("cache").display())
+            format!(
+                "it is inside the repository's cache {}",
+                dot.join("cache").display()
+            )
         } else {
             format!("it is inside the repository's {} folder", dot.display())
         }
@@ -346,7 +348,10 @@ impl Stamp {
     /// Equal, ignoring an unknown change time.
     fn matches(&self, now: &Stamp) -> bool {
         if self.ctime_ns == 0 {
-            Stamp { ctime_ns: 0, ..*now } == *self
+            Stamp {
+                ctime_ns: 0,
+                ..*now
+            } == *self
         } else {
             self == now
         }
@@ -749,14 +754,6 @@ impl Cache {
         fs::rename(&tmp, &path).map_err(|e| io_err("rename", &path, e))
     }
 
-    fn content_path(&self, id: &ObjectId, mode: u32) -> PathBuf {
-        let hex = id.to_hex();
-        let exec = if mode & 0o111 != 0 { ".x" } else { "" };
-        self.files_dir()
-            .join(&hex[..2])
-            .join(format!("{}{}", hex, exec))
-    }
-
     fn content_key(id: &ObjectId, exec: bool) -> String {
         let hex = id.to_hex();
         format!("{}/{}{}", &hex[..2], hex, if exec { ".x" } else { "" })
@@ -833,7 +830,7 @@ impl Cache {
         FileExt::lock_exclusive(&f).map_err(|e| io_err("lock", &init, e))?;
         fs::rename(&init, &tmp).map_err(|e| io_err("rename", &tmp, e))?;
         let mode = if key.ends_with(".x") { 0o555 } else { 0o444 };
-        let written = (|| {
+        let written = (|| -> Result<u64> {
             let fo = store.file_object(id)?;
             let n = write_stored(store, &fo, &mut f, &tmp)?;
             f.set_permissions(fs::Permissions::from_mode(mode))
@@ -1041,8 +1038,7 @@ impl Cache {
                     continue;
                 };
                 for f in rd2.flatten() {
-                    let n = f.file_name();
-                    if !n.as_bytes().starts_with(b".") || n.as_bytes().ends_with(b".init") {
+                    if !f.file_name().as_bytes().starts_with(b".") {
                         continue;
                     }
                     if let Ok(file) = File::open(f.path()) {
@@ -2227,7 +2223,8 @@ fn is_staging_name(name: &OsStr, target: &OsStr) -> bool {
     n.len() > t.len() + 1
         && n[0] == b'.'
         && n[1..].starts_with(t)
-        && (n[1 + t.len()..].starts_with(b".dsv-copy.") || n[1 + t.len()..].starts_with(b".dsv-old."))
+        && (n[1 + t.len()..].starts_with(b".dsv-copy.")
+            || n[1 + t.len()..].starts_with(b".dsv-old."))
 }
 
 /// Removes the staging folders in `dir` of copies into `target` whose
@@ -2270,9 +2267,8 @@ fn publish_copy(
         // contents instead.
         drop(old_lock);
         if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EXDEV)) {
-            return move_contents_up(staging, target, true).and_then(|()| {
-                fs::remove_dir(staging).map_err(|e| io_err("remove", staging, e))
-            });
+            return move_contents_up(staging, target, true)
+                .and_then(|()| fs::remove_dir(staging).map_err(|e| io_err("remove", staging, e)));
         }
         return Err(io_err("rename", target, e));
     }
@@ -2312,4 +2308,3 @@ fn move_contents_up(staging: &Path, target: &Path, overwrite: bool) -> Result<()
     }
     Ok(())
 }
-
