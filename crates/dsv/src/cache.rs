@@ -1038,7 +1038,10 @@ impl Cache {
                     continue;
                 };
                 for f in rd2.flatten() {
-                    if !f.file_name().as_bytes().starts_with(b".") {
+                    let n = f.file_name();
+                    // `.init`: created but maybe not locked yet; collected by
+                    // prune (under the exclusive lock no writer is there).
+                    if !n.as_bytes().starts_with(b".") || n.as_bytes().ends_with(b".init") {
                         continue;
                     }
                     if let Ok(file) = File::open(f.path()) {
