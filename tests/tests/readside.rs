@@ -670,3 +670,331 @@ fn bad_read_side_input_is_refused_cleanly() {
     assert!(stderr(&out).contains("lots"));
     assert!(s.json(&["cache", "list"]).as_array().unwrap().is_empty());
 }
+
+/// A version of several files big enough that a kill lands mid-work.
+fn blob_repo(files: u64, size: usize) -> (Sandbox, String) {
+    let s = Sandbox::new();
+    let d = s.path("blobs");
+    std::fs::create_dir_all(d.join("sub")).unwrap();
+    for i in 0..files {
+        let at = if i % 2 == 0 {
+            d.join(format!("b{i}.bin"))
+        } else {
+            d.join(format!("sub/b{i}.bin"))
+        };
+        std::fs::write(at, noise(500 + i, size)).unwrap();
+    }
+    let v = s.json(&["dataset", "sync", "big/blobs", d.to_str().unwrap()]);
+    (s, v["id"].as_str().unwrap().to_string())
+}
+
+/// Every file of `got` has the bytes of the same file under `want`, and
+/// nothing else is there.
+fn same_tree(want: &Path, got: &Path) {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeSet<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                out.insert(p.strip_prefix(base).unwrap().to_path_buf());
+            }
+        }
+    }
+    let (mut a, mut b) = (BTreeSet::new(), BTreeSet::new());
+    walk(want, want, &mut a);
+    walk(got, got, &mut b);
+    assert_eq!(
+        a,
+        b,
+        "{} and {} list different files",
+        want.display(),
+        got.display()
+    );
+    for f in &a {
+        assert!(
+            std::fs::read(want.join(f)).unwrap() == std::fs::read(got.join(f)).unwrap(),
+            "{} differs in {}",
+            f.display(),
+            got.display()
+        );
+    }
+}
+
+#[test]
+fn destructive_targets_inside_or_above_the_repository_are_refused() {
+    let (s, _) = occupancy_repo();
+    let g = s.json(&["dataset", "get", "uci/occupancy"]);
+    let cached = g["path"].as_str().unwrap().to_string();
+    let dot = s.repo().join(".dsv");
+    std::os::unix::fs::symlink(dot.join("packs"), s.path("packs-link")).unwrap();
+    let repo = s.repo();
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (PathBuf::from("."), "repository's folder"), // run inside the repository
+        (repo.clone(), "repository's folder"),
+        (s.dir.path().to_path_buf(), "contains the repository"),
+        (PathBuf::from("/"), "contains the repository"),
+        (dot.clone(), ".dsv"),
+        (dot.join("packs"), ".dsv"),
+        (dot.join("packs/new-folder"), ".dsv"),
+        (s.path("packs-link"), ".dsv"),
+        (PathBuf::from(&cached), "cache"),
+        (dot.join("cache"), "cache"),
+        (repo.join("data/../.dsv/db"), ".dsv"),
+    ];
+    for (target, why) in &cases {
+        let t = target.to_str().unwrap();
+        let out = s
+            .cmd(&["dataset", "copy", "uci/occupancy", t, "--overwrite"])
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        let e = stderr(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "copy into {t} was not refused: {e}"
+        );
+        assert!(
+            e.contains("refusing") && e.contains(t) && e.contains(why),
+            "{t}: {e}"
+        );
+    }
+    // A mount point inside .dsv is refused the same way.
+    std::fs::create_dir_all(dot.join("mnt")).unwrap();
+    let out = s.dsv(&[
+        "dataset",
+        "mount",
+        "uci/occupancy",
+        dot.join("mnt").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("refusing"), "{}", stderr(&out));
+    std::fs::remove_dir(dot.join("mnt")).unwrap();
+    // Nothing was lost: the repository checks clean, the data and the
+    // cached copy are whole.
+    let f = s.json(&["fsck", "--cache"]);
+    assert_eq!(f["ok"], true, "{f}");
+    files_equal(&occupancy_dir(), Path::new(&cached));
+    files_equal(&occupancy_dir(), &s.path("data"));
+    // An ordinary folder inside the work tree is fine.
+    s.json(&[
+        "dataset",
+        "copy",
+        "uci/occupancy",
+        repo.join("work").to_str().unwrap(),
+    ]);
+    files_equal(&occupancy_dir(), &repo.join("work"));
+}
+
+#[test]
+fn changed_cached_copies_are_detected_and_rebuilt() {
+    let (s, v1) = blob_repo(6, 100_000);
+    // v2 shares every file but one with v1.
+    std::fs::write(s.path("blobs/extra.bin"), noise(9, 1000)).unwrap();
+    let v2 = s.json(&["dataset", "sync", "big/blobs", "blobs"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::remove_file(s.path("blobs/extra.bin")).unwrap();
+    let want = s.path("blobs");
+    let g = s.json(&["dataset", "get", &v1]);
+    let entry = PathBuf::from(g["path"].as_str().unwrap());
+    // Each damage is done as the owner (root passes permission bits; an
+    // ordinary owner first opens the folder/file for writing).
+    let sh = |script: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(&entry)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script}: {}", stderr(&out));
+    };
+    let damages: [(&str, &str); 8] = [
+        ("in-place edit", "chmod u+w b0.bin && printf X | dd of=b0.bin bs=1 seek=10 conv=notrunc 2>/dev/null"),
+        ("truncate", "chmod u+w b2.bin && truncate -s 0 b2.bin"),
+        ("chmod + write + chmod back + old mtime",
+         "chmod u+w b4.bin && printf Y | dd of=b4.bin bs=1 seek=5 conv=notrunc 2>/dev/null && chmod a-w b4.bin && touch -d @315532800 b4.bin"),
+        ("replaced link", "chmod u+w . && cp b0.bin new.tmp && mv -f new.tmp b0.bin && chmod a-w ."),
+        ("deleted file", "chmod u+w sub && rm -f sub/b1.bin && chmod a-w sub"),
+        ("stray file", "chmod u+w . && echo stray > stray.txt && chmod a-w ."),
+        ("renamed file", "chmod u+w sub && mv sub/b3.bin sub/b3.moved && chmod a-w sub"),
+        ("permissions only", "chmod u+w sub/b5.bin"),
+    ];
+    for (what, script) in damages {
+        sh(script);
+        // fsck --cache names the entry and what changed.
+        let out = s.dsv(&["--json", "fsck", "--cache"]);
+        assert_eq!(out.status.code(), Some(2), "{what}: fsck --cache passed");
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let probs = r["cache"]["problems"].as_array().unwrap();
+        assert!(
+            probs.iter().any(|p| p["entry"] == v1.as_str()),
+            "{what}: {r}"
+        );
+        // The next get rebuilds the copy, says so, and serves exact bytes.
+        let out = s.dsv(&["--json", "dataset", "get", &v1]);
+        assert!(out.status.success(), "{what}: {}", stderr(&out));
+        assert!(stderr(&out).contains("rebuilt"), "{what}: {}", stderr(&out));
+        let g: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(!g["repaired"].as_array().unwrap().is_empty(), "{what}: {g}");
+        assert_eq!(g["path"].as_str().unwrap(), entry.to_str().unwrap());
+        same_tree(&want, &entry);
+        // The shared content was never linked into another version.
+        let g2 = s.json(&["dataset", "get", &v2]);
+        let p2 = PathBuf::from(g2["path"].as_str().unwrap());
+        for i in 0..6 {
+            let f = if i % 2 == 0 {
+                format!("b{i}.bin")
+            } else {
+                format!("sub/b{i}.bin")
+            };
+            assert!(
+                std::fs::read(p2.join(&f)).unwrap() == noise(500 + i, 100_000),
+                "{what}: {f} of the other version is wrong"
+            );
+        }
+        let f = s.json(&["fsck", "--cache", "--read-data"]);
+        assert_eq!(f["ok"], true, "{what}: {f}");
+        // A repeated get is a lookup again.
+        let again = s.json(&["dataset", "get", &v1]);
+        assert_eq!(again["cached"], true, "{what}: {again}");
+        assert!(again["repaired"].as_array().unwrap().is_empty(), "{what}");
+    }
+    // fsck --read-data includes the cache.
+    let f = s.json(&["fsck", "--read-data"]);
+    assert!(f["cache"]["bytes_read"].as_u64().unwrap() >= 600_000, "{f}");
+}
+
+#[test]
+fn a_failed_copy_leaves_nothing_and_a_retry_succeeds() {
+    let (s, id) = blob_repo(4, 300_000);
+    let dsv = dsv_bin();
+    // Writes beyond 200 KiB fail (EFBIG; SIGXFSZ ignored) part way through
+    // each file.
+    let limited = |args: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "trap '' XFSZ; ulimit -f 200; exec '{}' {args}",
+                dsv.display()
+            ))
+            .env("DSV_REPO", s.repo())
+            .current_dir(s.dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = limited(&format!("dataset copy {id} work"));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("File too large"), "{}", stderr(&out));
+    assert!(!s.path("work").exists(), "a failed copy left its target");
+    let leftovers: Vec<_> = std::fs::read_dir(s.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("dsv-copy"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // An existing empty target stays empty after a failure.
+    std::fs::create_dir(s.path("empty")).unwrap();
+    let out = limited(&format!("dataset copy {id} empty"));
+    assert!(!out.status.success());
+    assert_eq!(std::fs::read_dir(s.path("empty")).unwrap().count(), 0);
+    // --overwrite keeps the old contents when the new copy fails.
+    std::fs::create_dir(s.path("old")).unwrap();
+    std::fs::write(s.path("old/mine.txt"), "mine").unwrap();
+    let out = limited(&format!("dataset copy {id} old --overwrite"));
+    assert!(!out.status.success());
+    assert_eq!(
+        std::fs::read_to_string(s.path("old/mine.txt")).unwrap(),
+        "mine"
+    );
+    // Retries succeed with exact bytes.
+    for t in ["work", "empty"] {
+        s.json(&["dataset", "copy", &id, t]);
+        same_tree(&s.path("blobs"), &s.path(t));
+    }
+    s.json(&["dataset", "copy", &id, "old", "--overwrite"]);
+    same_tree(&s.path("blobs"), &s.path("old"));
+}
+
+#[test]
+fn killed_gets_and_copies_leave_a_clean_cache_and_retries_succeed() {
+    let (s, id) = blob_repo(24, 2_000_000);
+    let want = s.path("blobs");
+    for (round, delay_ms) in [0u64, 2, 5, 10, 20, 40, 80, 150].into_iter().enumerate() {
+        // get, killed part way.
+        s.json(&["cache", "prune", "--max-bytes", "0"]);
+        // prune (and gc) collect every temporary file of dead writers.
+        let temps: Vec<_> = walk_names(&s.repo().join(".dsv/cache"))
+            .into_iter()
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(temps.is_empty(), "round {round}: {temps:?}");
+        let mut child = s
+            .cmd(&["dataset", "get", &id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Only varies where the kill lands; correctness does not depend on it.
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        child.wait().unwrap();
+        let f = s.dsv(&["--json", "fsck", "--cache"]);
+        assert!(
+            f.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&f.stdout)
+        );
+        let g = s.json(&["dataset", "get", &id]);
+        same_tree(&want, Path::new(g["path"].as_str().unwrap()));
+        // The next get collected the dead writer's temporary files (but
+        // those it may have been killed creating, before locking them:
+        // `.init` files and `.mk-` folders, left to prune).
+        let temps: Vec<_> = walk_names(&s.repo().join(".dsv/cache"))
+            .into_iter()
+            .filter(|n| n.starts_with('.') && !n.ends_with(".init") && !n.starts_with(".mk-"))
+            .collect();
+        assert!(temps.is_empty(), "round {round}: {temps:?}");
+
+        // copy, killed part way: the target is absent or complete.
+        let target = s.path(&format!("copy{round}"));
+        let mut child = s
+            .cmd(&["dataset", "copy", &id, target.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        child.wait().unwrap();
+        if target.exists() {
+            same_tree(&want, &target);
+            std::fs::remove_dir_all(&target).unwrap();
+        }
+        s.json(&["dataset", "copy", &id, target.to_str().unwrap()]);
+        same_tree(&want, &target);
+        let staging: Vec<_> = std::fs::read_dir(s.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("dsv-copy") || n.contains("dsv-old"))
+            .collect();
+        assert!(staging.is_empty(), "round {round}: {staging:?}");
+    }
+    let f = s.json(&["fsck", "--cache", "--read-data"]);
+    assert_eq!(f["ok"], true, "{f}");
+}
+
+fn walk_names(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            out.push(e.file_name().to_string_lossy().into_owned());
+            if e.file_type().unwrap().is_dir() {
+                out.extend(walk_names(&e.path()));
+            }
+        }
+    }
+    out
+}

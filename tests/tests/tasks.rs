@@ -712,4 +712,107 @@ fn leakage_and_unknown_parameters_are_refused_at_definition() {
     let out = s.dsv(&["task", "clone", &t, "--set", "General/features=Occupancy"]);
     assert_eq!(out.status.code(), Some(1));
     s.json(&["task", "clone", &t, "--set", "Model/max_depth=2"]);
+/// Every way a command could change its dataset; each line says whether the
+/// attempt worked.
+const ATTACKS: &str = r#"d="$DSV_DATASET_PATH"
+f="$d/datatest.txt"
+try() { if sh -c "$2" >/dev/null 2>&1; then echo "ATTACK-WORKED: $1"; else echo "attack-failed: $1"; fi; }
+echo replacement > /tmp/dsv-attack-$$
+try write "echo x >> '$f'"
+try overwrite "echo x > '$f'"
+try truncate "truncate -s 0 '$f'"
+try chmod "chmod u+w '$f'"
+try delete "rm '$f'"
+try rename "mv '$f' '$d/moved.txt'"
+try replace "mv -f /tmp/dsv-attack-$$ '$f'"
+try create "echo x > '$d/new.txt'"
+try folder-chmod "chmod u+w '$d'"
+try content-file "for c in '$d'/../../files/*/*; do chmod u+w \$c && echo x >> \$c || exit 1; done"
+try remount "mount -o remount,rw,bind '$d/../..'"
+try unmount "umount -l '$d/../..'"
+# Root cannot reach the agent's writable view through /proc (an ordinary
+# user can reach its own other processes' views: see docs/ARCHITECTURE.md).
+if [ "$(id -u)" = 0 ]; then try through-parent-root "echo x >> /proc/$PPID/root$f"; fi
+rm -f /tmp/dsv-attack-$$
+echo attacks-done
+"#;
+
+fn attack_and_check(s: &Sandbox, dataset: &str, file: &str, unprivileged: bool) {
+    let script = s.path(&format!("attack-{dataset}.sh"));
+    std::fs::write(&script, ATTACKS.replace("datatest.txt", file)).unwrap();
+    let check = s.path(&format!("check-{dataset}.sh"));
+    let original = occupancy_dir().join(file);
+    std::fs::write(
+        &check,
+        format!(
+            "cmp \"$DSV_DATASET_PATH/{file}\" '{}'\n",
+            original.display()
+        ),
+    )
+    .unwrap();
+    let mut ids = Vec::new();
+    for (name, sh) in [("attack", &script), ("check", &check)] {
+        let t = s.json(&[
+            "task",
+            "create",
+            &format!("occ/{name}-{dataset}"),
+            "--command",
+            &format!("sh {}", sh.display()),
+            "--set",
+            &format!("General/dataset_id=occ/{dataset}"),
+        ])["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        ids.push(t);
+    }
+    if unprivileged {
+        dsv_tests::open_to_everyone(s.dir.path());
+    }
+    let run = |id: &str| {
+        if unprivileged {
+            dsv_tests::dsv_unprivileged(&s.repo(), &["task", "run", id])
+        } else {
+            s.dsv(&["task", "run", id])
+        }
+    };
+    let out = run(&ids[0]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = String::from_utf8(s.dsv(&["task", "logs", &ids[0]]).stdout).unwrap();
+    assert!(log.contains("attacks-done"), "{log}");
+    assert!(!log.contains("ATTACK-WORKED"), "{log}");
+    assert!(!log.contains("no read-only view"), "{log}");
+    for a in [
+        "write", "truncate", "chmod", "delete", "rename", "replace", "create",
+    ] {
+        assert!(log.contains(&format!("attack-failed: {a}")), "{a}: {log}");
+    }
+    // The next task and `get` receive the exact version.
+    let out = run(&ids[1]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(show(s, &ids[1])["status"], "completed", "{}", stderr(&out));
+    let g = s.json(&["dataset", "get", &format!("occ/{dataset}")]);
+    assert!(g["repaired"].as_array().unwrap().is_empty(), "{g}");
+    let p = Path::new(g["path"].as_str().unwrap()).join(file);
+    assert!(std::fs::read(p).unwrap() == std::fs::read(&original).unwrap());
+    if unprivileged {
+        // Opening the sandbox to everyone (chmod -R) changed the copy of
+        // occ/test1 made in the first round: fsck reports it, `get` heals it.
+        let out = s.dsv(&["fsck", "--cache"]);
+        assert_eq!(out.status.code(), Some(2), "{}", dsv_tests::stdout(&out));
+        let g = s.json(&["dataset", "get", "occ/test1"]);
+        assert!(!g["repaired"].as_array().unwrap().is_empty(), "{g}");
+    }
+    let out = s.dsv(&["--json", "fsck", "--cache", "--read-data"]);
+    assert!(out.status.success(), "{}", dsv_tests::stdout(&out));
+}
+
+#[test]
+fn a_command_task_cannot_change_its_dataset_even_as_root() {
+    let s = occupancy();
+    attack_and_check(&s, "test1", "datatest.txt", false);
+    if dsv_tests::is_root() {
+        // The same as an ordinary user that owns the cache's files.
+        attack_and_check(&s, "test2", "datatest2.txt", true);
+    }
 }

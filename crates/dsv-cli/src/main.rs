@@ -14,6 +14,7 @@ mod repo;
 mod repo_cmds;
 mod tasks;
 mod triggers;
+mod view;
 mod watch;
 
 use std::path::PathBuf;

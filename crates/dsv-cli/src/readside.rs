@@ -29,7 +29,9 @@ pub struct GetArgs {
 pub struct CopyArgs {
     /// Revision.
     rev: String,
-    /// Target folder (created when missing; must be empty unless --overwrite).
+    /// Target folder (created when missing; must be empty unless
+    /// --overwrite; never the repository's folder, one holding it, or
+    /// anything inside .dsv). Written aside and renamed into place.
     target: PathBuf,
     /// Replace the target's contents.
     #[arg(long)]
@@ -130,10 +132,19 @@ pub fn get(ctx: &Ctx, a: GetArgs) -> Result<(), CliError> {
             progress: &bar,
         },
     )?;
+    for d in &got.repaired {
+        eprintln!(
+            "warning: the cached copy {} had been changed ({}: {}); it was rebuilt from the repository",
+            got.path.display(),
+            d.path,
+            d.detail
+        );
+    }
     if ctx.json {
         output::json(&json!({
             "path": got.path,
             "id": v.id,
+            "repaired": got.repaired,
             "files": got.files,
             "bytes": got.bytes,
             "cached": got.cached,
@@ -176,6 +187,7 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<(), CliError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let repo = open(ctx)?;
     let v = repo.resolve(&a.rev)?;
+    dsv::cache::check_target(repo.store().dir(), &a.mountpoint, "mount on")?;
     dsv::mount::check_mountpoint(&a.mountpoint)?;
     let (tx, rx) = mpsc::channel();
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])

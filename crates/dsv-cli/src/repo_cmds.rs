@@ -34,9 +34,13 @@ pub struct InitArgs {
 /// `dsv fsck`.
 #[derive(Debug, Args)]
 pub struct FsckArgs {
-    /// Read, decompress and rehash every stored chunk.
+    /// Read, decompress and rehash every stored chunk (and every cached file).
     #[arg(long)]
     read_data: bool,
+    /// Also check the cached copies made by `dataset get` (one stat per
+    /// file; with --read-data their bytes are rehashed too).
+    #[arg(long)]
+    cache: bool,
 }
 
 /// `dsv gc`.
@@ -122,43 +126,79 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
         },
         &bar,
     )?;
+    let dir = store.dir().to_path_buf();
+    let cache = if a.cache || a.read_data {
+        let repo = dsv::Repo::from_store(store);
+        let bar = Bar::new(ctx.progress);
+        Some(repo.check_cache(a.read_data, &bar)?)
+    } else {
+        None
+    };
+    let cache_problems = cache.as_ref().map(|c| c.problems.len()).unwrap_or(0);
     if ctx.json {
         output::json(&json!({
-            "ok": r.ok(),
+            "ok": r.ok() && cache_problems == 0,
             "objects": r.objects,
             "versions": r.versions,
             "chunks": r.chunks,
             "bytes_read": r.bytes_read,
             "read_data": a.read_data,
             "problems": r.problems,
+            "cache": cache,
         }))?;
     } else {
         for p in &r.problems {
             println!("{}: {} — {}", p.kind, p.what, p.detail);
+        }
+        if let Some(c) = &cache {
+            for p in &c.problems {
+                println!(
+                    "damaged-cache-entry: {} — {}: {}",
+                    p.folder.display(),
+                    p.path,
+                    p.detail
+                );
+            }
         }
         let data = if a.read_data {
             format!(", {} of chunk data rehashed", output::bytes(r.bytes_read))
         } else {
             String::new()
         };
+        let cached = match &cache {
+            Some(c) if a.read_data => format!(
+                "; {} cached copies ({} of files rehashed)",
+                c.entries,
+                output::bytes(c.bytes_read)
+            ),
+            Some(c) => format!("; {} cached copies", c.entries),
+            None => String::new(),
+        };
+        let n = r.problems.len() + cache_problems;
         println!(
-            "checked {} objects ({} versions), {} chunks{data}: {}",
+            "checked {} objects ({} versions), {} chunks{data}{cached}: {}",
             r.objects,
             r.versions,
             r.chunks,
-            if r.ok() {
+            if n == 0 {
                 "no problems".to_string()
             } else {
-                format!("{} problems", r.problems.len())
+                format!("{n} problems")
             }
         );
     }
-    if r.ok() {
-        Ok(())
-    } else {
-        Err(CliError::repo(format!("repository {} has {} problems", store.dir().display(), r.problems.len()))
-            .hint("versions that use a damaged chunk are listed above; restore their files and sync again"))
+    if !r.ok() {
+        return Err(CliError::repo(format!("repository {} has {} problems", dir.display(), r.problems.len()))
+            .hint("versions that use a damaged chunk are listed above; restore their files and sync again"));
     }
+    if cache_problems > 0 {
+        return Err(CliError::repo(format!(
+            "{cache_problems} problems in the cached copies of {}",
+            dir.display()
+        ))
+        .hint("the next 'dsv dataset get' of each version rebuilds its copy; 'dsv cache prune --version REV' drops it"));
+    }
+    Ok(())
 }
 
 pub fn gc(ctx: &Ctx, a: GcArgs) -> Result<(), CliError> {

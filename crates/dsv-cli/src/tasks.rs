@@ -733,6 +733,7 @@ fn run_command(repo: &Repo, t: &Task, log: &LogBuf, abort: &Arc<AtomicBool>) -> 
     };
     let mut inputs = Vec::new();
     let mut dataset_path = None;
+    let mut entry_name = None;
     let mut _pin = None;
     if let Some(ds) = t
         .params
@@ -756,7 +757,14 @@ fn run_command(repo: &Repo, t: &Task, log: &LogBuf, abort: &Arc<AtomicBool>) -> 
                     v.label(),
                     c.path.display()
                 ));
+                for d in &c.repaired {
+                    log.line(&format!(
+                        "dsv: the cached copy had been changed ({}: {}); it was rebuilt",
+                        d.path, d.detail
+                    ));
+                }
                 dataset_path = Some(c.path.clone());
+                entry_name = Some(c.name.clone());
                 _pin = c.pin;
             }
             Err(e) => return fail(format!("cannot materialize {}: {e}", v.label())),
@@ -775,23 +783,44 @@ fn run_command(repo: &Repo, t: &Task, log: &LogBuf, abort: &Arc<AtomicBool>) -> 
     {
         return fail(format!("cannot prepare {}: {e}", work.path().display()));
     }
-    let mut cmd = std::process::Command::new("sh");
-    cmd.arg("-c")
-        .arg(t.command.clone().unwrap_or_default())
-        .env("DSV_TASK_ID", &t.id)
-        .env("DSV_PARAMS", &params_file)
-        .env("DSV_METRICS", &metrics_file)
-        .env("DSV_OUTPUT_DIR", &out_dir)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    if let Some(p) = &dataset_path {
-        cmd.env("DSV_DATASET_PATH", p);
-    }
-    for (k, v) in &t.params {
-        cmd.env(format!("DSV_PARAM_{}", env_key(k)), v);
-    }
-    let mut child = match cmd.spawn() {
+    let make_cmd = || {
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(t.command.clone().unwrap_or_default())
+            .env("DSV_TASK_ID", &t.id)
+            .env("DSV_PARAMS", &params_file)
+            .env("DSV_METRICS", &metrics_file)
+            .env("DSV_OUTPUT_DIR", &out_dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(p) = &dataset_path {
+            cmd.env("DSV_DATASET_PATH", p);
+        }
+        for (k, v) in &t.params {
+            cmd.env(format!("DSV_PARAM_{}", env_key(k)), v);
+        }
+        cmd
+    };
+    // The dataset is seen through a read-only view of the cache, even by
+    // root (crate::view); where the kernel refuses namespaces the command
+    // runs without it and the copy is checked afterwards.
+    let mut viewed = dataset_path.is_some();
+    let spawned = if viewed {
+        let mut cmd = make_cmd();
+        crate::view::read_only(&mut cmd, repo.cache().dir());
+        cmd.spawn().or_else(|e| {
+            log.line(&format!(
+                "dsv: no read-only view of the dataset ({e}); the task runs on the cached copy \
+                 as is, and dsv checks the copy when the task ends"
+            ));
+            viewed = false;
+            make_cmd().spawn()
+        })
+    } else {
+        make_cmd().spawn()
+    };
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => return fail(format!("cannot start the command: {e}")),
     };
@@ -830,6 +859,22 @@ fn run_command(repo: &Repo, t: &Task, log: &LogBuf, abort: &Arc<AtomicBool>) -> 
     };
     for p in pipes {
         let _ = p.join();
+    }
+    if let (false, Some(name)) = (viewed, &entry_name) {
+        // Without the read-only view, tell what the command changed (the
+        // next `get` rebuilds it).
+        match repo.check_local(name) {
+            Ok(d) if d.is_empty() => {}
+            Ok(d) => {
+                for x in d {
+                    log.line(&format!(
+                        "dsv: the command changed its dataset copy ({}: {}); it is rebuilt before its next use",
+                        x.path, x.detail
+                    ));
+                }
+            }
+            Err(e) => log.line(&format!("dsv: cannot check the dataset copy: {e}")),
+        }
     }
     // Metrics: JSON lines {"name": …, "value": …, "step": …}.
     let mut metrics = BTreeMap::new();

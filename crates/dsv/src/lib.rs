@@ -37,8 +37,9 @@ pub mod task;
 pub mod trigger;
 
 pub use cache::{
-    Cache, CacheConfig, CacheEntry, CacheSize, CopyReport, FolderMismatch, FolderReport,
-    GetLocalOptions, LocalCopy, Pin, PruneOptions, PruneReport,
+    Cache, CacheCheck, CacheConfig, CacheEntry, CacheProblem, CacheSize, CopyReport, EntryDamage,
+    FolderMismatch, FolderReport, GetLocalOptions, LocalCopy, Pin, PruneOptions, PruneReport,
+    Stamp,
 };
 pub use error::{Error, Result};
 pub use events::{Event, EventKind};
