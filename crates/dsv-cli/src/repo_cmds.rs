@@ -37,6 +37,11 @@ pub struct FsckArgs {
     /// Read, decompress and rehash every stored chunk.
     #[arg(long)]
     read_data: bool,
+    /// Take the damaged chunks found out of service, so that syncing an
+    /// intact copy of their files stores them again and heals every version
+    /// that uses them.
+    #[arg(long, requires = "read_data")]
+    repair: bool,
 }
 
 /// `dsv gc`.
@@ -83,6 +88,13 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
         },
         &bar,
     )?;
+    // `--repair`: the damaged chunks found go out of service (see
+    // `Store::repair`); the problems stay until intact copies are synced.
+    let fixed = if a.repair && !r.damaged.is_empty() {
+        Some(store.repair(&r)?)
+    } else {
+        None
+    };
     if ctx.json {
         output::json(&json!({
             "ok": r.ok(),
@@ -92,6 +104,7 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
             "bytes_read": r.bytes_read,
             "read_data": a.read_data,
             "problems": r.problems,
+            "repair": fixed,
         }))?;
     } else {
         for p in &r.problems {
@@ -113,13 +126,34 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
                 format!("{} problems", r.problems.len())
             }
         );
+        if let Some(f) = &fixed {
+            println!(
+                "repair: {} damaged chunks taken out of service{}",
+                f.marked.len(),
+                if f.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({} moved by a gc since the check: run fsck again)",
+                        f.skipped.len()
+                    )
+                }
+            );
+        }
     }
     if r.ok() {
-        Ok(())
-    } else {
-        Err(CliError::repo(format!("repository {} has {} problems", store.dir().display(), r.problems.len()))
-            .hint("versions that use a damaged chunk are listed above; restore their files and sync again"))
+        return Ok(());
     }
+    let hint = match &fixed {
+        Some(_) => "sync intact copies of the files listed above (`dsv dataset sync …`): every version using them is whole again; `dsv fsck` lists what is still damaged",
+        None => "versions that use a damaged chunk are listed above; `dsv fsck --read-data --repair` marks the damaged chunks, then sync intact copies of those files",
+    };
+    Err(CliError::repo(format!(
+        "repository {} has {} problems",
+        store.dir().display(),
+        r.problems.len()
+    ))
+    .hint(hint))
 }
 
 pub fn gc(ctx: &Ctx, a: GcArgs) -> Result<(), CliError> {
@@ -142,6 +176,13 @@ pub fn gc(ctx: &Ctx, a: GcArgs) -> Result<(), CliError> {
         r.packs_repacked,
         output::bytes(r.bytes_freed)
     );
+    if r.orphan_packs > 0 {
+        println!(
+            "  of which {} orphan packs of interrupted writers ({})",
+            r.orphan_packs,
+            output::bytes(r.orphan_bytes)
+        );
+    }
     if !c.removed.is_empty() {
         println!(
             "{verb} {} cached copies of deleted versions; {} freed",
@@ -181,6 +222,13 @@ pub fn stats(ctx: &Ctx) -> Result<(), CliError> {
         s.packs,
         output::bytes(s.pack_bytes)
     );
+    if s.orphan_packs > 0 {
+        println!(
+            "orphan packs   {} ({}; left by interrupted writers, `dsv gc` deletes them)",
+            s.orphan_packs,
+            output::bytes(s.orphan_bytes)
+        );
+    }
     println!("dedup ratio    {:.2}", s.dedup_ratio);
     Ok(())
 }

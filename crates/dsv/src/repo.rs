@@ -573,6 +573,19 @@ impl Repo {
         r.map_err(|e| parked.unpark(e))
     }
 
+    /// [`Repo::write`] for writes that free space: on a full disk the
+    /// engine releases the repository's reserve and runs `f` once more.
+    pub(crate) fn write_freeing<T>(
+        &self,
+        mut f: impl FnMut(&dyn KvRead) -> Result<(Batch, T)>,
+    ) -> Result<T> {
+        let mut parked = Parked::default();
+        let r = self
+            .store
+            .write_freeing(|kv| f(kv).map_err(|e| parked.park(e)));
+        r.map_err(|e| parked.unpark(e))
+    }
+
     // ---- datasets ---------------------------------------------------------
 
     /// Every dataset, sorted by project then name.
@@ -1612,7 +1625,9 @@ impl Repo {
     /// while other versions or drafts depend on it unless `force`; the check
     /// is made under the write lock, so a child committed meanwhile counts.
     pub fn delete(&self, v: &DatasetVersion, force: bool) -> Result<()> {
-        self.write(|kv| {
+        // On a full disk this write may release the repository's reserve:
+        // deleting (then gc) is how space is given back.
+        self.write_freeing(|kv| {
             let deps = dependents_in(kv, &v.id)?;
             if !deps.is_empty() && !force {
                 return Err(Error::DependedOn {
