@@ -698,10 +698,21 @@ fn sync(ctx: &Ctx, a: SyncArgs) -> Result<(), CliError> {
                     "changed": false,
                     "id": out.unchanged_from,
                     "unchanged": out.report.unchanged,
+                    "stored_bytes": out.report.stored_bytes,
                 }));
             }
+            // Bytes stored without a new version: chunks `fsck --repair`
+            // had marked damaged, stored again (every version using them is
+            // whole again).
+            let healed = match out.report.stored_bytes {
+                0 => String::new(),
+                n => format!(
+                    "; {} newly stored (damaged chunks healed)",
+                    output::bytes(n)
+                ),
+            };
             println!(
-                "{project}/{name} unchanged ({} files checked, {} read); no version created",
+                "{project}/{name} unchanged ({} files checked, {} read); no version created{healed}",
                 out.report.unchanged,
                 output::bytes(out.report.bytes_hashed)
             );

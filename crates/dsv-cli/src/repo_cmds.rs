@@ -41,6 +41,11 @@ pub struct FsckArgs {
     /// file; with --read-data their bytes are rehashed too).
     #[arg(long)]
     cache: bool,
+    /// Take the damaged chunks found out of service, so that syncing an
+    /// intact copy of their files stores them again and heals every version
+    /// that uses them.
+    #[arg(long, requires = "read_data")]
+    repair: bool,
 }
 
 /// `dsv gc`.
@@ -126,6 +131,13 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
         },
         &bar,
     )?;
+    // `--repair`: the damaged chunks found go out of service (see
+    // `Store::repair`); the problems stay until intact copies are synced.
+    let fixed = if a.repair && !r.damaged.is_empty() {
+        Some(store.repair(&r)?)
+    } else {
+        None
+    };
     let dir = store.dir().to_path_buf();
     let cache = if a.cache || a.read_data {
         let repo = dsv::Repo::from_store(store);
@@ -145,6 +157,7 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
             "read_data": a.read_data,
             "problems": r.problems,
             "cache": cache,
+            "repair": fixed,
         }))?;
     } else {
         for p in &r.problems {
@@ -186,10 +199,32 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
                 format!("{n} problems")
             }
         );
+        if let Some(f) = &fixed {
+            println!(
+                "repair: {} damaged chunks taken out of service{}",
+                f.marked.len(),
+                if f.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({} moved by a gc since the check: run fsck again)",
+                        f.skipped.len()
+                    )
+                }
+            );
+        }
     }
     if !r.ok() {
-        return Err(CliError::repo(format!("repository {} has {} problems", dir.display(), r.problems.len()))
-            .hint("versions that use a damaged chunk are listed above; restore their files and sync again"));
+        let hint = match &fixed {
+            Some(_) => "sync intact copies of the files listed above (`dsv dataset sync …`): every version using them is whole again; `dsv fsck` lists what is still damaged",
+            None => "versions that use a damaged chunk are listed above; `dsv fsck --read-data --repair` marks the damaged chunks, then sync intact copies of those files",
+        };
+        return Err(CliError::repo(format!(
+            "repository {} has {} problems",
+            dir.display(),
+            r.problems.len()
+        ))
+        .hint(hint));
     }
     if cache_problems > 0 {
         return Err(CliError::repo(format!(
@@ -221,6 +256,13 @@ pub fn gc(ctx: &Ctx, a: GcArgs) -> Result<(), CliError> {
         r.packs_repacked,
         output::bytes(r.bytes_freed)
     );
+    if r.orphan_packs > 0 {
+        println!(
+            "  of which {} orphan packs of interrupted writers ({})",
+            r.orphan_packs,
+            output::bytes(r.orphan_bytes)
+        );
+    }
     if !c.removed.is_empty() {
         println!(
             "{verb} {} cached copies of deleted versions; {} freed",
@@ -260,6 +302,13 @@ pub fn stats(ctx: &Ctx) -> Result<(), CliError> {
         s.packs,
         output::bytes(s.pack_bytes)
     );
+    if s.orphan_packs > 0 {
+        println!(
+            "orphan packs   {} ({}; left by interrupted writers, `dsv gc` deletes them)",
+            s.orphan_packs,
+            output::bytes(s.orphan_bytes)
+        );
+    }
     println!(
         "dedup ratio    {:.2} (logical / unique bytes)",
         s.dedup_ratio

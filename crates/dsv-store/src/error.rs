@@ -136,6 +136,17 @@ pub enum Error {
     /// Data referenced by a pending write was removed by a concurrent `gc`.
     #[error("a concurrent gc removed {0} that this write referenced; run the command again")]
     ConcurrentGc(String),
+    /// A chunk `fsck --repair` took out of service: its stored copy is
+    /// damaged and no intact copy has been stored since.
+    #[error("chunk {chunk}{} is damaged ({reason}); sync an intact copy of the file again to heal it (`dsv fsck` lists the files)", file.map(|f| format!(" of file {f}")).unwrap_or_default())]
+    DamagedChunk {
+        /// The chunk.
+        chunk: ChunkId,
+        /// The file object being read, when known.
+        file: Option<ObjectId>,
+        /// What `fsck` found wrong with it.
+        reason: String,
+    },
     /// An object that decoded as another type.
     #[error("object {id} is a {found}, expected a {expected}")]
     WrongObjectType {
@@ -195,6 +206,7 @@ impl Error {
                 | Error::Kv(_)
                 | Error::Corrupted { .. }
                 | Error::ChecksumMismatch { .. }
+                | Error::DamagedChunk { .. }
                 | Error::UnsupportedFormatVersion { .. }
                 | Error::LockTimeout { .. }
                 | Error::ConcurrentGc(_)

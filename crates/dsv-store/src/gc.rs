@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::id::{ChunkId, ObjectId, VersionId};
 use crate::kv::{Batch, Cf, KvRead};
 use crate::object::{EntryTarget, Object, TreeNode};
-use crate::pack::{pack_path, parse_pack_name, PackWriter, RECORD_HEADER_LEN};
+use crate::pack::{pack_path, parse_pack_name, PackWriter, PACK_HEADER_LEN, RECORD_HEADER_LEN};
 use crate::schema::{self, ChunkLoc, DraftRecord};
 use crate::store::Store;
 use crate::tree::read_object;
@@ -27,8 +27,9 @@ use crate::tree::read_object;
 pub struct GcOptions {
     /// Packs whose dead bytes exceed this fraction are rewritten.
     pub repack_threshold: f64,
-    /// Unindexed pack files younger than this are left alone (a writer may
-    /// be about to commit them; writers also hold a lock on them).
+    /// Unindexed pack files younger than this are left alone even when no
+    /// writer holds them (default: none — a live writer is recognised by
+    /// the `flock` it holds on each pack it writes, not by age).
     pub orphan_grace: Duration,
 }
 
@@ -36,7 +37,7 @@ impl Default for GcOptions {
     fn default() -> Self {
         Self {
             repack_threshold: 0.2,
-            orphan_grace: Duration::from_secs(600),
+            orphan_grace: Duration::ZERO,
         }
     }
 }
@@ -56,8 +57,17 @@ pub struct GcReport {
     pub packs_deleted: u64,
     /// Pack files rewritten without their dead chunks.
     pub packs_repacked: u64,
-    /// Bytes of disk freed (pack files, net of rewritten ones).
+    /// Bytes of disk freed (pack files, net of rewritten ones). A dry run
+    /// reports what the real run would free, to the byte, when nothing
+    /// changes in between.
     pub bytes_freed: u64,
+    /// Unindexed pack files no live writer holds (left by killed
+    /// processes), among the deleted ones.
+    pub orphan_packs: u64,
+    /// Their bytes.
+    pub orphan_bytes: u64,
+    /// Damaged-chunk records dropped (chunks nothing references any more).
+    pub damaged_records_removed: u64,
     /// Whether this was only a plan.
     pub dry_run: bool,
 }
@@ -65,9 +75,18 @@ pub struct GcReport {
 struct Plan {
     dead_objects: Vec<ObjectId>,
     dead_chunks: Vec<ChunkId>,
-    live_chunks: HashMap<ChunkId, ChunkLoc>,
+    live_chunks: u64,
+    /// Live chunks of the packs being rewritten, in (pack, offset) order:
+    /// the order they are copied in.
+    moved: Vec<(ChunkId, ChunkLoc)>,
+    /// Bytes the rewritten packs will take (records plus pack headers).
+    moved_bytes: u64,
+    /// Indexed packs with nothing live: (id, file length).
     delete_packs: Vec<(u64, u64)>,
+    /// Unindexed packs no writer holds: (id, file length).
+    orphans: Vec<(u64, u64)>,
     repack: Vec<(u64, u64)>,
+    dead_damaged: Vec<ChunkId>,
     live_objects: u64,
 }
 
@@ -149,7 +168,19 @@ fn mark(kv: &dyn KvRead) -> Result<(HashSet<ObjectId>, HashSet<ChunkId>)> {
     Ok((objects, chunks))
 }
 
-fn plan(store: &Store, kv: &dyn KvRead, opts: &GcOptions) -> Result<Plan> {
+/// The pack files no writer holds now (their `flock` could be taken). To
+/// tell orphans apart, call this *before* reading the index: a pack found
+/// unlocked then and not indexed in a later view has no writer to commit
+/// it any more.
+pub(crate) fn unlocked_packs(dir: &std::path::Path) -> Result<HashSet<u64>> {
+    Ok(pack_files(dir)?
+        .into_iter()
+        .filter(|(_, path, _)| is_orphan(path))
+        .map(|(id, _, _)| id)
+        .collect())
+}
+
+fn plan(store: &Store, kv: &dyn KvRead, opts: &GcOptions, unlocked: &HashSet<u64>) -> Result<Plan> {
     let (live_obj, live_chunk_ids) = mark(kv)?;
     let mut dead_objects = Vec::new();
     let mut live_objects = 0;
@@ -162,98 +193,224 @@ fn plan(store: &Store, kv: &dyn KvRead, opts: &GcOptions) -> Result<Plan> {
         Ok(true)
     })?;
     let mut dead_chunks = Vec::new();
-    let mut live_chunks = HashMap::new();
-    // (live bytes, dead bytes) per pack
-    let mut usage: HashMap<u64, (u64, u64)> = HashMap::new();
+    let mut live_chunks: HashMap<u64, Vec<(ChunkId, ChunkLoc)>> = HashMap::new();
+    let mut live_count = 0;
+    // Live record bytes per indexed pack (0 when every entry in it is dead).
+    let mut usage: HashMap<u64, u64> = HashMap::new();
     kv.scan(Cf::Chunks, b"", &mut |k, v| {
         let Some(id) = ChunkId::from_slice(k) else {
             return Ok(true);
         };
         let loc = ChunkLoc::decode(v, &id)?;
-        let size = loc.stored_len as u64 + RECORD_HEADER_LEN;
         let u = usage.entry(loc.pack).or_default();
         if live_chunk_ids.contains(&id) {
-            u.0 += size;
-            live_chunks.insert(id, loc);
+            *u += loc.stored_len as u64 + RECORD_HEADER_LEN;
+            live_count += 1;
+            live_chunks.entry(loc.pack).or_default().push((id, loc));
         } else {
-            u.1 += size;
             dead_chunks.push(id);
         }
         Ok(true)
     })?;
+    let mut dead_damaged = Vec::new();
+    kv.scan(Cf::Meta, schema::META_DAMAGED, &mut |k, _| {
+        if let Some(id) = ChunkId::from_slice(&k[schema::META_DAMAGED.len()..]) {
+            if !live_chunk_ids.contains(&id) {
+                dead_damaged.push(id);
+            }
+        }
+        Ok(true)
+    })?;
     let mut delete_packs = Vec::new();
+    let mut orphans = Vec::new();
     let mut repack = Vec::new();
-    let dir = store.packs_dir();
-    let rd = std::fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))?;
-    for ent in rd {
-        let ent = ent.map_err(|e| Error::io("list", &dir, e))?;
-        let name = ent.file_name();
-        let Some(pack) = name.to_str().and_then(parse_pack_name) else {
-            continue;
-        };
-        let meta = ent
-            .metadata()
-            .map_err(|e| Error::io("stat", ent.path(), e))?;
-        let file_len = meta.len();
+    for (pack, path, file_len) in pack_files(&store.packs_dir())? {
         match usage.get(&pack) {
-            None | Some((0, _)) => {
-                // Nothing live. Unindexed packs may belong to a writer about to commit.
-                if usage.contains_key(&pack) || is_orphan(&ent.path(), &meta, opts.orphan_grace) {
-                    delete_packs.push((pack, file_len));
+            Some(0) => delete_packs.push((pack, file_len)),
+            None => {
+                // Unindexed: a writer's pack until it commits (it holds a
+                // lock on it), or the leftover of a writer that died.
+                if unlocked.contains(&pack) && old_enough(&path, opts.orphan_grace) {
+                    orphans.push((pack, file_len));
                 }
             }
-            Some((live, dead)) => {
-                let total = live + dead;
-                if total > 0 && (*dead as f64) / (total as f64) > opts.repack_threshold {
+            Some(&live) => {
+                // Dead bytes: everything but the header and the live
+                // records (dead entries, records a repair took out of the
+                // index, duplicates of concurrent writers).
+                let dead = file_len.saturating_sub(live + PACK_HEADER_LEN);
+                if file_len > 0 && (dead as f64) / (file_len as f64) > opts.repack_threshold {
                     repack.push((pack, file_len));
                 }
             }
         }
     }
+    delete_packs.sort_unstable();
+    orphans.sort_unstable();
+    repack.sort_unstable();
+    let mut moved: Vec<(ChunkId, ChunkLoc)> = Vec::new();
+    for (pack, _) in &repack {
+        let mut chunks = live_chunks.remove(pack).unwrap_or_default();
+        chunks.sort_unstable_by_key(|(_, l)| l.offset);
+        moved.extend(chunks);
+    }
+    let moved_bytes = packed_size(
+        moved
+            .iter()
+            .map(|(_, l)| RECORD_HEADER_LEN + l.stored_len as u64),
+        store.config().pack_target_size,
+    );
     Ok(Plan {
         dead_objects,
         dead_chunks,
-        live_chunks,
+        live_chunks: live_count,
+        moved,
+        moved_bytes,
         delete_packs,
+        orphans,
         repack,
+        dead_damaged,
         live_objects,
     })
 }
 
-fn is_orphan(path: &std::path::Path, meta: &std::fs::Metadata, grace: Duration) -> bool {
-    let old_enough = meta
-        .modified()
-        .ok()
-        .and_then(|m| m.elapsed().ok())
-        .is_some_and(|age| age >= grace);
-    if !old_enough {
-        return false;
+/// The bytes a [`PackWriter`] with `target` writes for records of these
+/// sizes, appended in this order: it starts a new pack (16-byte header)
+/// before a record once the current one reached `target`.
+fn packed_size(records: impl Iterator<Item = u64>, target: u64) -> u64 {
+    let mut total = 0;
+    let mut cur: Option<u64> = None;
+    for r in records {
+        if let Some(len) = cur.filter(|&l| l >= target) {
+            total += len;
+            cur = None;
+        }
+        *cur.get_or_insert(PACK_HEADER_LEN) += r;
     }
-    // A writer holds an exclusive lock on a pack until its commit is done.
+    total + cur.unwrap_or(0)
+}
+
+/// Every pack file in `dir`: (id, path, length).
+pub(crate) fn pack_files(dir: &std::path::Path) -> Result<Vec<(u64, std::path::PathBuf, u64)>> {
+    let mut out = Vec::new();
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
+    for ent in rd {
+        let ent = ent.map_err(|e| Error::io("list", dir, e))?;
+        let name = ent.file_name();
+        let Some(pack) = name.to_str().and_then(parse_pack_name) else {
+            continue;
+        };
+        let len = match ent.metadata() {
+            Ok(m) => m.len(),
+            // Deleted meanwhile (a writer's failure, another gc).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io("stat", ent.path(), e)),
+        };
+        out.push((pack, ent.path(), len));
+    }
+    Ok(out)
+}
+
+fn old_enough(path: &std::path::Path, grace: Duration) -> bool {
+    grace.is_zero()
+        || std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age >= grace)
+}
+
+/// Whether no live writer holds this unindexed pack: a writer holds an
+/// exclusive `flock` on each pack from its creation until its commit is
+/// done, and the kernel drops it when the writer dies. (The lock is only
+/// tried, never waited for.)
+fn is_orphan(path: &std::path::Path) -> bool {
     match std::fs::File::open(path) {
-        Ok(f) => match fs4::fs_std::FileExt::try_lock_exclusive(&f) {
-            Ok(true) => {
-                let _ = fs4::fs_std::FileExt::unlock(&f);
-                true
-            }
-            _ => false,
-        },
+        Ok(f) => matches!(fs4::fs_std::FileExt::try_lock_exclusive(&f), Ok(true)),
         Err(_) => false,
     }
 }
 
+/// Deletes an orphan pack if no writer holds it now, holding its lock while
+/// unlinking (a writer that created the file but has not locked it yet
+/// finds it gone once it has, and takes another name). Returns its length
+/// when it was deleted.
+fn delete_orphan(path: &std::path::Path) -> Result<Option<u64>> {
+    use std::os::unix::fs::MetadataExt;
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("open", path, e)),
+    };
+    if !matches!(fs4::fs_std::FileExt::try_lock_exclusive(&f), Ok(true)) {
+        return Ok(None);
+    }
+    let meta = f.metadata().map_err(|e| Error::io("stat", path, e))?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.ino() == meta.ino() && m.dev() == meta.dev() => {}
+        _ => return Ok(None),
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(Some(meta.len())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("delete", path, e)),
+    }
+}
+
 impl Store {
-    /// Plans (`dry_run`) or runs a gc.
+    /// Plans (`dry_run`) or runs a gc. Both use the same plan; the dry run
+    /// reports what the real run frees, including the bytes its rewritten
+    /// packs take back and the orphan packs of dead writers.
+    ///
+    /// On a full disk the run releases the repository's reserve to open the
+    /// database (see [`Store::write_freeing`]); when even rewriting packs
+    /// does not fit, it runs without rewriting (whole dead packs and orphans
+    /// are deleted, which needs no new space).
     pub fn gc(&self, opts: GcOptions, dry_run: bool) -> Result<GcReport> {
-        if dry_run {
-            let kv = self.reader();
-            let p = plan(self, &*kv, &opts)?;
-            return Ok(report_of(&p, true));
+        match self.gc_once(opts, dry_run) {
+            Err(e) if !dry_run && crate::store::is_disk_full(&e) => {
+                tracing::warn!(
+                    "disk full while rewriting packs ({e}); collecting without rewriting"
+                );
+                let r = self.gc_once(
+                    GcOptions {
+                        repack_threshold: f64::INFINITY,
+                        ..opts
+                    },
+                    false,
+                )?;
+                crate::store::ensure_reserve(self.dir());
+                Ok(r)
+            }
+            r => r,
         }
-        let mut to_delete: Vec<u64> = Vec::new();
-        let mut written_packs = None;
-        let report = self.write(|kv| {
-            let p = plan(self, kv, &opts)?;
+    }
+
+    fn gc_once(&self, opts: GcOptions, dry_run: bool) -> Result<GcReport> {
+        if dry_run {
+            let unlocked = unlocked_packs(&self.packs_dir())?;
+            if !unlocked.is_empty() {
+                // A view newer than the probe: a pack a writer committed
+                // and unlocked just before it is indexed there.
+                self.refresh()?;
+            }
+            let kv = self.reader();
+            let p = plan(self, &*kv, &opts, &unlocked)?;
+            let mut r = report_of(&p, true);
+            r.bytes_freed = planned_freed(&p);
+            return Ok(r);
+        }
+        let mut to_delete: Vec<(u64, u64)> = Vec::new();
+        let mut orphans: Vec<(u64, u64)> = Vec::new();
+        let mut written_packs: Option<crate::pack::WrittenPacks> = None;
+        let report = self.write_freeing(|kv| {
+            if let Some(w) = written_packs.take() {
+                w.discard(); // of a try that failed on a full disk
+            }
+            // Under the write lock nothing commits: the order of the probe
+            // and the index scan does not matter here.
+            let unlocked = unlocked_packs(&self.packs_dir())?;
+            let p = plan(self, kv, &opts, &unlocked)?;
             let mut b = Batch::default();
             for id in &p.dead_objects {
                 b.delete(Cf::Objects, id.as_bytes().to_vec());
@@ -261,22 +418,21 @@ impl Store {
             for id in &p.dead_chunks {
                 b.delete(Cf::Chunks, id.as_bytes().to_vec());
             }
+            for id in &p.dead_damaged {
+                b.delete(Cf::Meta, schema::damaged_key(id));
+            }
             // Copy live chunks out of packs being rewritten.
-            let repack_set: HashSet<u64> = p.repack.iter().map(|r| r.0).collect();
             let mut new_bytes = 0;
-            if !repack_set.is_empty() {
+            if !p.moved.is_empty() {
                 let w = PackWriter::new(self.packs_dir(), self.config().pack_target_size);
-                for (id, loc) in p
-                    .live_chunks
-                    .iter()
-                    .filter(|(_, l)| repack_set.contains(&l.pack))
-                {
+                for (id, loc) in &p.moved {
                     let data = self.pack_reader().read_stored(id, loc)?;
                     let nl = w.append(id, loc.codec, loc.raw_len, &data)?;
-                    new_bytes += RECORD_HEADER_LEN + data.len() as u64;
                     b.put(Cf::Chunks, id.as_bytes().to_vec(), nl.encode());
                 }
-                written_packs = Some(w.finish()?);
+                let written = w.finish()?;
+                new_bytes = written.bytes()?;
+                written_packs = Some(written);
             }
             let mut stat_keys = Vec::new();
             kv.scan(Cf::StatCache, b"", &mut |k, _| {
@@ -284,7 +440,7 @@ impl Store {
                 Ok(true)
             })?;
             let changed =
-                !p.dead_objects.is_empty() || !p.dead_chunks.is_empty() || !repack_set.is_empty();
+                !p.dead_objects.is_empty() || !p.dead_chunks.is_empty() || !p.repack.is_empty();
             if changed {
                 for k in stat_keys {
                     b.delete(Cf::StatCache, k);
@@ -300,17 +456,11 @@ impl Store {
                     (gen + 1).to_le_bytes().to_vec(),
                 );
             }
-            to_delete = p
-                .delete_packs
-                .iter()
-                .chain(&p.repack)
-                .map(|x| x.0)
-                .collect();
-            let mut r = report_of(&p, false);
-            r.bytes_freed = r.bytes_freed.saturating_sub(new_bytes);
-            Ok((b, r))
+            to_delete = p.delete_packs.iter().chain(&p.repack).copied().collect();
+            orphans = p.orphans.clone();
+            Ok((b, (report_of(&p, false), new_bytes)))
         });
-        let report = match report {
+        let (mut report, new_bytes) = match report {
             Ok(r) => r,
             Err(e) => {
                 if let Some(w) = written_packs {
@@ -320,28 +470,60 @@ impl Store {
             }
         };
         drop(written_packs);
-        for pack in to_delete {
+        let mut freed = 0u64;
+        report.packs_deleted -= report.orphan_packs;
+        report.orphan_packs = 0;
+        report.orphan_bytes = 0;
+        for (pack, len) in to_delete {
             let path = pack_path(&self.packs_dir(), pack);
             match std::fs::remove_file(&path) {
-                Ok(()) => {}
+                Ok(()) => freed += len,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(Error::io("delete", &path, e)),
             }
         }
+        for (pack, _) in orphans {
+            // Checked again: a writer that took this name since the plan
+            // holds its lock and keeps it.
+            if let Some(len) = delete_orphan(&pack_path(&self.packs_dir(), pack))? {
+                freed += len;
+                report.orphan_packs += 1;
+                report.orphan_bytes += len;
+            }
+        }
+        report.packs_deleted += report.orphan_packs;
+        report.bytes_freed = freed.saturating_sub(new_bytes);
         self.pack_reader().reset();
+        // The space is free now: take the reserve back if it was spent.
+        crate::store::ensure_reserve(self.dir());
         Ok(report)
     }
+}
+
+/// What the plan frees: every deleted and rewritten pack, less the packs
+/// the rewrite writes.
+fn planned_freed(p: &Plan) -> u64 {
+    p.delete_packs
+        .iter()
+        .chain(&p.repack)
+        .chain(&p.orphans)
+        .map(|x| x.1)
+        .sum::<u64>()
+        .saturating_sub(p.moved_bytes)
 }
 
 fn report_of(p: &Plan, dry_run: bool) -> GcReport {
     GcReport {
         live_objects: p.live_objects,
         dead_objects: p.dead_objects.len() as u64,
-        live_chunks: p.live_chunks.len() as u64,
+        live_chunks: p.live_chunks,
         dead_chunks: p.dead_chunks.len() as u64,
-        packs_deleted: p.delete_packs.len() as u64,
+        packs_deleted: (p.delete_packs.len() + p.orphans.len()) as u64,
         packs_repacked: p.repack.len() as u64,
-        bytes_freed: p.delete_packs.iter().chain(&p.repack).map(|x| x.1).sum(),
+        bytes_freed: planned_freed(p),
+        orphan_packs: p.orphans.len() as u64,
+        orphan_bytes: p.orphans.iter().map(|x| x.1).sum(),
+        damaged_records_removed: p.dead_damaged.len() as u64,
         dry_run,
     }
 }

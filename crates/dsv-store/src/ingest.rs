@@ -713,7 +713,20 @@ impl Store {
     /// skips unchanged files), stores new chunks, and updates the draft's
     /// tree at `dataset_path` in one atomic write. On error the repository
     /// is unchanged.
+    ///
+    /// A `gc` that runs meanwhile fails the write only when it removed
+    /// something the write references; the ingest is then run again (the
+    /// missing data is stored anew), up to [`GC_RETRIES`] times.
     pub fn stage_folder(
+        &self,
+        draft: &DraftId,
+        folder: &Path,
+        opts: &IngestOptions<'_>,
+    ) -> Result<StageReport> {
+        retry_after_gc(|| self.stage_folder_once(draft, folder, opts))
+    }
+
+    fn stage_folder_once(
         &self,
         draft: &DraftId,
         folder: &Path,
@@ -751,11 +764,11 @@ impl Store {
 
         let chunk_bytes = report.stored_bytes;
         let result = self.write(|kv| {
-            if Self::gc_generation(kv)? != gc_generation {
-                return Err(Error::ConcurrentGc("chunks or objects".into()));
-            }
             let rec = open_draft(kv, draft)?;
             let root = new_root(kv, &mut pending, rec.root)?;
+            if Self::gc_generation(kv)? != gc_generation {
+                check_closure(kv, &pending, root, &new_chunks)?;
+            }
             let diff = crate::diff::diff_trees(
                 &Objs {
                     kv,
@@ -766,9 +779,7 @@ impl Store {
             )?;
             let mut b = Batch::default();
             let meta_bytes = self.pending_batch(kv, &pending, &mut b)?;
-            for (id, loc) in &new_chunks {
-                b.put(Cf::Chunks, id.as_bytes().to_vec(), loc.encode());
-            }
+            index_chunks(&new_chunks, &mut b);
             for (k, st) in &stat_updates {
                 b.put(Cf::StatCache, k.clone(), st.encode());
             }
@@ -797,6 +808,79 @@ impl Store {
             }
         }
     }
+}
+
+/// How many times a write is run again after a concurrent `gc` removed
+/// something it referenced.
+pub const GC_RETRIES: usize = 5;
+
+/// Runs `once`, again while it fails because a concurrent gc removed what
+/// it referenced (at most [`GC_RETRIES`] more times).
+fn retry_after_gc<T>(mut once: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut tries = 0;
+    loop {
+        match once() {
+            Err(Error::ConcurrentGc(what)) if tries < GC_RETRIES => {
+                tries += 1;
+                tracing::debug!("a concurrent gc removed {what}; ingesting again ({tries})");
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Index entries of newly stored chunks, into `b`. A chunk that a repair
+/// had marked damaged is whole again: its damaged record goes.
+fn index_chunks(new_chunks: &[(ChunkId, ChunkLoc)], b: &mut Batch) {
+    for (id, loc) in new_chunks {
+        b.put(Cf::Chunks, id.as_bytes().to_vec(), loc.encode());
+        b.delete(Cf::Meta, schema::damaged_key(id));
+    }
+}
+
+/// After a gc (or a repair) committed since this write read its state:
+/// checks that everything the new tree `root` references is still there —
+/// objects either pending (then their own references are checked) or
+/// stored (then, the repository being consistent, so is all they reference),
+/// chunks of pending files either stored by this write or indexed.
+/// Fails with `ConcurrentGc` naming the first thing missing.
+fn check_closure(
+    kv: &dyn KvRead,
+    pending: &Pending,
+    root: ObjectId,
+    new_chunks: &[(ChunkId, ChunkLoc)],
+) -> Result<()> {
+    let ours: std::collections::HashSet<ChunkId> = new_chunks.iter().map(|(c, _)| *c).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![root];
+    while let Some(id) = stack.pop() {
+        if !seen.insert(id) || kv.contains(Cf::Objects, id.as_bytes())? {
+            continue;
+        }
+        match pending.get(&id) {
+            None => return Err(Error::ConcurrentGc(format!("object {id}"))),
+            Some(Object::File(f)) => {
+                for (c, _) in &f.chunks {
+                    if !ours.contains(c) && !kv.contains(Cf::Chunks, c.as_bytes())? {
+                        return Err(Error::ConcurrentGc(format!("chunk {c}")));
+                    }
+                }
+            }
+            Some(Object::Tree(crate::object::TreeNode::Leaf(entries))) => {
+                for e in entries {
+                    match &e.target {
+                        EntryTarget::File(t) | EntryTarget::Dir { id: t, .. } => stack.push(*t),
+                        EntryTarget::Symlink(_) => {}
+                    }
+                }
+            }
+            Some(Object::Tree(crate::object::TreeNode::Shard(s))) => {
+                stack.extend(s.children.iter().map(|c| c.1))
+            }
+            Some(Object::Version(v)) => stack.push(v.root),
+        }
+    }
+    Ok(())
 }
 
 /// The tree `base` becomes when `folder_root` is placed at `dataset_path`.
@@ -850,7 +934,26 @@ impl Store {
     /// with whatever `extra` adds. Creates nothing when the result equals
     /// the first parent's tree. This is the fast path of "sync a folder":
     /// no draft, one lock, one batch.
+    ///
+    /// A `gc` that runs meanwhile fails the write only when it removed
+    /// something the write references; the ingest is then run again (the
+    /// missing data is stored anew), up to [`GC_RETRIES`] times, so `extra`
+    /// may be called more than once (only the last call's batch commits).
     pub fn commit_folder(
+        &self,
+        parents: &[crate::id::VersionId],
+        folder: &Path,
+        opts: &IngestOptions<'_>,
+        message: &str,
+        metadata: std::collections::BTreeMap<String, String>,
+        extra: &mut dyn FnMut(&dyn KvRead, &crate::store::Version, &mut Batch) -> Result<()>,
+    ) -> Result<CommitOutcome> {
+        retry_after_gc(|| {
+            self.commit_folder_once(parents, folder, opts, message, metadata.clone(), extra)
+        })
+    }
+
+    fn commit_folder_once(
         &self,
         parents: &[crate::id::VersionId],
         folder: &Path,
@@ -884,7 +987,11 @@ impl Store {
         {
             let kv = self.reader();
             let (first, root) = build(&*kv, &mut pending)?;
-            if root == first && !parents.is_empty() && stat_updates.is_empty() {
+            if root == first
+                && !parents.is_empty()
+                && stat_updates.is_empty()
+                && new_chunks.is_empty()
+            {
                 packs.discard();
                 return Ok(CommitOutcome {
                     version: None,
@@ -893,10 +1000,10 @@ impl Store {
             }
         }
         let result = self.write(|kv| {
-            if Self::gc_generation(kv)? != gc_generation {
-                return Err(Error::ConcurrentGc("chunks or objects".into()));
-            }
             let (first, root) = build(kv, &mut pending)?;
+            if Self::gc_generation(kv)? != gc_generation {
+                check_closure(kv, &pending, root, &new_chunks)?;
+            }
             let diff = crate::diff::diff_trees(
                 &Objs {
                     kv,
@@ -910,12 +1017,14 @@ impl Store {
                 b.put(Cf::StatCache, k.clone(), st.encode());
             }
             if root == first && !parents.is_empty() {
+                // No new version; chunks stored anyway are copies of chunks
+                // the index lacked (damaged ones, taken out by a repair):
+                // indexing them heals every version that uses them.
+                index_chunks(&new_chunks, &mut b);
                 return Ok((b, (diff, None)));
             }
             let meta_bytes = self.pending_batch(kv, &pending, &mut b)?;
-            for (id, loc) in &new_chunks {
-                b.put(Cf::Chunks, id.as_bytes().to_vec(), loc.encode());
-            }
+            index_chunks(&new_chunks, &mut b);
             let v = self.version_batch(
                 kv,
                 root,
@@ -931,7 +1040,7 @@ impl Store {
         });
         match result {
             Ok((diff, version)) => {
-                if version.is_none() {
+                if version.is_none() && new_chunks.is_empty() {
                     // Only stat-cache entries were written: the tree is the
                     // parent's, so nothing indexed points into these packs.
                     packs.discard();

@@ -48,4 +48,4 @@ pub use object::{Delta, Entry, EntryTarget, FileObject, VersionObject};
 pub use stats::Stats;
 pub use store::{Draft, NoProgress, Progress, StageReport, Store, StoreOptions, Version};
 pub use tree::Change;
-pub use verify::{Problem, VerifyOptions, VerifyReport};
+pub use verify::{Problem, RepairReport, VerifyOptions, VerifyReport};

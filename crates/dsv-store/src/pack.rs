@@ -224,6 +224,14 @@ impl WrittenPacks {
     pub fn ids(&self) -> Vec<u64> {
         self.held.iter().map(|(id, _, _)| *id).collect()
     }
+    /// Bytes of the packs on disk.
+    pub fn bytes(&self) -> Result<u64> {
+        let mut n = 0;
+        for (_, path, f) in &self.held {
+            n += f.metadata().map_err(|e| Error::io("stat", path, e))?.len();
+        }
+        Ok(n)
+    }
     /// Deletes the packs (the operation failed before indexing them).
     pub fn discard(self) {
         for (_, path, _) in &self.held {
@@ -265,12 +273,12 @@ impl PackWriter {
     }
 
     fn open_new(&self, st: &mut State) -> Result<()> {
-        let (id, path, file, direct) = loop {
+        let (id, path, file, direct, lock) = loop {
             let id = random_pack_id();
             let path = pack_path(&self.dir, id);
             let direct = self.direct && !self.shared.buffered.load(Ordering::Relaxed);
-            match self.create(&path, direct) {
-                Ok(f) => break (id, path, f, direct),
+            let (file, direct) = match self.create(&path, direct) {
+                Ok(f) => (f, direct),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
                     // The kernel creates the file before it refuses
@@ -282,9 +290,27 @@ impl PackWriter {
                         .truncate(true)
                         .open(&path)
                         .map_err(|e| Error::io("create pack", &path, e))?;
-                    break (id, path, f, false);
+                    (f, false)
                 }
                 Err(e) => return Err(Error::io("create pack", &path, e)),
+            };
+            // The lock marks the pack as a live writer's: gc and stats take
+            // an unlocked, unindexed pack for the leftover of a dead one.
+            // Between the create and the lock a gc may have taken it for
+            // one and deleted it (holding its lock): then the name no
+            // longer leads to our file, and we take another.
+            let lock = file
+                .try_clone()
+                .and_then(|l| fs4::fs_std::FileExt::lock_exclusive(&l).map(|()| l));
+            let lock = match lock {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(Error::io("lock pack", &path, e));
+                }
+            };
+            if same_file(&lock, &path) {
+                break (id, path, file, direct, lock);
             }
         };
         // From here on the file is ours: on any failure it is recorded as
@@ -294,13 +320,6 @@ impl PackWriter {
             .lock()
             .map_err(|_| poisoned())?
             .push(path.clone());
-        let fail = |op: &'static str, e: std::io::Error| {
-            let err = Error::io(op, &path, std::io::Error::new(e.kind(), e.to_string()));
-            self.shared.fail(op, &path, e);
-            err
-        };
-        let lock = file.try_clone().map_err(|e| fail("dup pack", e))?;
-        fs4::fs_std::FileExt::try_lock_exclusive(&lock).map_err(|e| fail("lock pack", e))?;
         let open = Job::Open {
             id,
             path: path.clone(),
@@ -596,6 +615,15 @@ fn io_loop(jobs: Receiver<Job>, recycle: SyncSender<Stage>, shared: &Shared) {
     }
 }
 
+/// Whether `path` still names the file `f` is open on.
+fn same_file(f: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => false,
+    }
+}
+
 /// fsyncs a directory so that new names in it are durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
@@ -637,6 +665,15 @@ impl PackReader {
         }
         let path = pack_path(&self.dir, pack);
         let f = Arc::new(File::open(&path).map_err(|e| Error::io("open pack", &path, e))?);
+        let mut head = [0u8; PACK_HEADER_LEN as usize];
+        f.read_exact_at(&mut head, 0).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::corrupted(path.display().to_string(), "pack header is truncated")
+            } else {
+                Error::io("read pack", &path, e)
+            }
+        })?;
+        check_pack_header(&head, &path)?;
         if files.len() > 256 {
             files.clear();
         }
@@ -677,6 +714,30 @@ impl PackReader {
         buf.drain(..RECORD_HEADER_LEN as usize);
         Ok(buf)
     }
+}
+
+/// Checks a pack file's 16-byte header: the magic, then a format this build
+/// reads. `path` names the pack in the error.
+pub fn check_pack_header(head: &[u8], path: &Path) -> Result<()> {
+    let what = || path.display().to_string();
+    let Some(head) = head.get(..PACK_HEADER_LEN as usize) else {
+        return Err(Error::corrupted(what(), "pack header is truncated"));
+    };
+    if &head[..8] != PACK_MAGIC {
+        return Err(Error::corrupted(
+            what(),
+            format!("not a pack: magic {:02x?}", &head[..8]),
+        ));
+    }
+    let fmt = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+    if fmt != PACK_FORMAT {
+        return Err(Error::UnsupportedFormatVersion {
+            what: format!("pack {}", what()),
+            found: fmt,
+            supported: PACK_FORMAT,
+        });
+    }
+    Ok(())
 }
 
 /// Checks a record header against the index entry.
@@ -721,18 +782,8 @@ pub struct Record<'a> {
 /// damaged header. Used by the fuzz target and by `fsck`.
 pub fn parse_pack<'a>(bytes: &'a [u8], what: &str) -> Result<Vec<Record<'a>>> {
     let mut d = crate::codec::Dec::new(bytes, what);
-    if d.take(8)? != PACK_MAGIC {
-        return Err(d.err("bad pack magic"));
-    }
-    let fmt = d.u32()?;
-    if fmt != PACK_FORMAT {
-        return Err(Error::UnsupportedFormatVersion {
-            what: what.to_string(),
-            found: fmt,
-            supported: PACK_FORMAT,
-        });
-    }
-    d.u32()?;
+    check_pack_header(bytes, Path::new(what))?;
+    d.take(PACK_HEADER_LEN as usize)?;
     let mut out = Vec::new();
     let mut offset = PACK_HEADER_LEN;
     while d.remaining() > 0 {
@@ -869,6 +920,50 @@ mod tests {
         let id = ChunkId(crate::id::hash(b"x"));
         let e = w.append(&id, 0, 1, b"x").unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn a_pack_with_a_wrong_magic_or_a_newer_format_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = PackWriter::new(dir.path(), 1 << 20);
+        let data = b"some chunk bytes".to_vec();
+        let id = ChunkId(crate::id::hash(&data));
+        let loc = w.append(&id, 0, data.len() as u32, &data).unwrap();
+        drop(w.finish().unwrap());
+        let path = pack_path(dir.path(), loc.pack);
+        let good = std::fs::read(&path).unwrap();
+        assert_eq!(
+            PackReader::new(dir.path()).read_stored(&id, &loc).unwrap(),
+            data
+        );
+
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        std::fs::write(&path, &bad).unwrap();
+        let e = PackReader::new(dir.path())
+            .read_stored(&id, &loc)
+            .unwrap_err();
+        assert!(matches!(e, Error::Corrupted { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains(&format!("{:016x}.pack", loc.pack)),
+            "{e}"
+        );
+
+        let mut newer = good.clone();
+        newer[8..12].copy_from_slice(&(PACK_FORMAT + 1).to_le_bytes());
+        std::fs::write(&path, &newer).unwrap();
+        let e = PackReader::new(dir.path())
+            .read_stored(&id, &loc)
+            .unwrap_err();
+        match &e {
+            Error::UnsupportedFormatVersion { what, found, .. } => {
+                assert_eq!(*found, PACK_FORMAT + 1);
+                assert!(what.contains(&format!("{:016x}.pack", loc.pack)), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse_pack(&newer, "p").is_err());
+        assert!(parse_pack(&bad, "p").is_err());
     }
 
     #[test]

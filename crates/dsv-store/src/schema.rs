@@ -13,6 +13,56 @@ pub const META_FORMAT: &[u8] = b"format";
 /// `meta` key: gc generation (u64 LE), bumped by every gc that deletes.
 pub const META_GC_GENERATION: &[u8] = b"gc_generation";
 
+/// `meta` key prefix of damaged chunks: `damaged/` · chunk id [32] →
+/// [`DamagedChunk`]. Written by `fsck --repair` in the same batch that removes
+/// the chunk's index entry; deleted when an intact copy is stored again, or
+/// by `gc` once nothing references the chunk.
+pub const META_DAMAGED: &[u8] = b"damaged/";
+
+/// `meta` key of a damaged chunk.
+pub fn damaged_key(id: &ChunkId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(META_DAMAGED.len() + 32);
+    k.extend_from_slice(META_DAMAGED);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// A chunk whose stored copy was found damaged and taken out of the index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedChunk {
+    /// Where the damaged copy was (its index entry when it was marked).
+    pub loc: ChunkLoc,
+    /// When it was marked, ms since the Unix epoch.
+    pub marked_ms: i64,
+    /// What was wrong with it.
+    pub reason: String,
+}
+
+impl DamagedChunk {
+    /// `loc (25 bytes) | marked_ms i64 | reason str32`, LE.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Enc::with_capacity(CHUNK_LOC_LEN + 12 + self.reason.len());
+        e.raw(&self.loc.encode())
+            .i64(self.marked_ms)
+            .bytes32(self.reason.as_bytes());
+        e.buf
+    }
+    /// Strict decode.
+    pub fn decode(v: &[u8], id: &ChunkId) -> Result<Self> {
+        let what = format!("damaged-chunk record {id}");
+        let mut d = Dec::new(v, &what);
+        let loc = ChunkLoc::decode(d.take(CHUNK_LOC_LEN)?, id)?;
+        let marked_ms = d.i64()?;
+        let reason = d.str32()?;
+        d.finish()?;
+        Ok(DamagedChunk {
+            loc,
+            marked_ms,
+            reason,
+        })
+    }
+}
+
 /// `roots` key prefix for finalized versions.
 pub const ROOT_VERSION: u8 = b'v';
 /// `roots` key prefix for roots the porcelain registers.

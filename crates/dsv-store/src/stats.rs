@@ -25,6 +25,11 @@ pub struct Stats {
     pub pack_bytes: u64,
     /// Pack files.
     pub packs: u64,
+    /// Unindexed pack files no live writer holds: leftovers of killed
+    /// processes, which the next `gc` deletes.
+    pub orphan_packs: u64,
+    /// Their bytes (included in `pack_bytes`).
+    pub orphan_bytes: u64,
     /// Deduplication alone: `logical_bytes / unique_bytes` (what the live
     /// versions would take whole, over their unique chunks before
     /// compression); 0 when nothing is stored.
@@ -37,15 +42,22 @@ pub struct Stats {
 impl Store {
     /// Counts everything (reads metadata only).
     pub fn stats(&self) -> Result<Stats> {
+        // Probed before the index is read (see `gc::unlocked_packs`).
+        let unlocked = crate::gc::unlocked_packs(&self.packs_dir())?;
+        if !unlocked.is_empty() {
+            self.refresh()?;
+        }
         let kv = self.reader();
         let mut s = Stats::default();
         kv.scan(Cf::Objects, b"", &mut |_, _| {
             s.objects += 1;
             Ok(true)
         })?;
+        let mut indexed = std::collections::HashSet::new();
         kv.scan(Cf::Chunks, b"", &mut |k, v| {
             if let Some(id) = ChunkId::from_slice(k) {
                 let loc = ChunkLoc::decode(v, &id)?;
+                indexed.insert(loc.pack);
                 s.chunks += 1;
                 s.unique_bytes += loc.raw_len as u64;
                 s.stored_bytes += loc.stored_len as u64;
@@ -56,16 +68,12 @@ impl Store {
             s.versions += 1;
             s.logical_bytes += self.version(&v)?.object.total_bytes;
         }
-        if let Ok(rd) = std::fs::read_dir(self.packs_dir()) {
-            for e in rd.flatten() {
-                if e.file_name()
-                    .to_str()
-                    .and_then(crate::pack::parse_pack_name)
-                    .is_some()
-                {
-                    s.packs += 1;
-                    s.pack_bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
-                }
+        for (pack, _, len) in crate::gc::pack_files(&self.packs_dir())? {
+            s.packs += 1;
+            s.pack_bytes += len;
+            if !indexed.contains(&pack) && unlocked.contains(&pack) {
+                s.orphan_packs += 1;
+                s.orphan_bytes += len;
             }
         }
         let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };

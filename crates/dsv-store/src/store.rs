@@ -133,6 +133,26 @@ pub fn now_ms() -> i64 {
 
 /// Sub-directory of packs.
 pub const PACKS_DIR: &str = "packs";
+/// Space kept in reserve for a full disk: `gc` and `dataset delete` release
+/// it when the disk is full, so that they can open the database and free
+/// what the repository holds.
+pub const RESERVE_FILE: &str = "reserve";
+/// Size of the reserve: room for the database to open read-write (new log,
+/// manifest and options files, the flush of the previous log) and commit
+/// one batch.
+pub const RESERVE_BYTES: u64 = 16 << 20;
+
+/// Whether an error is a full disk (`ENOSPC`, from the file system or from
+/// the database).
+pub fn is_disk_full(e: &Error) -> bool {
+    match e {
+        Error::Io { source, .. } | Error::Input { source, .. } => {
+            source.raw_os_error() == Some(libc::ENOSPC)
+        }
+        Error::Kv(m) => m.contains("No space left on device"),
+        _ => false,
+    }
+}
 /// Sub-directory of the database.
 pub const DB_DIR: &str = "db";
 
@@ -189,6 +209,8 @@ impl Store {
             );
             w.write(b)?;
         }
+        // Best effort: a disk too full for it gets it at a later write.
+        ensure_reserve(dir);
         // The config file is written last: its presence marks a complete repository.
         config.save(dir)?;
         Self::open_with_backend(dir, backend, opts)
@@ -286,6 +308,38 @@ impl Store {
     /// read-write, lets `f` read the latest state and build a batch, applies
     /// it atomically, then refreshes the read handle.
     pub fn write<T>(&self, f: impl FnOnce(&dyn KvRead) -> Result<(Batch, T)>) -> Result<T> {
+        let out = self.write_once(f)?;
+        // Existing repositories get their reserve at their next write; one
+        // whose reserve was spent gets it back once there is room.
+        ensure_reserve(&self.dir);
+        Ok(out)
+    }
+
+    /// Like [`Store::write`], for the writes that free space (`gc`, deleting
+    /// versions): on a full disk it releases the repository's reserve
+    /// (`.dsv/reserve`) and tries once more, so that the database can open
+    /// and the space the repository holds can be given back. `f` may run
+    /// twice.
+    pub fn write_freeing<T>(
+        &self,
+        mut f: impl FnMut(&dyn KvRead) -> Result<(Batch, T)>,
+    ) -> Result<T> {
+        match self.write_once(&mut f) {
+            Err(e) if is_disk_full(&e) && release_reserve(&self.dir) => {
+                tracing::warn!("disk full: released the repository's reserve to run");
+                let out = self.write_once(&mut f)?;
+                ensure_reserve(&self.dir);
+                Ok(out)
+            }
+            Err(e) => Err(e),
+            Ok(out) => {
+                ensure_reserve(&self.dir);
+                Ok(out)
+            }
+        }
+    }
+
+    fn write_once<T>(&self, f: impl FnOnce(&dyn KvRead) -> Result<(Batch, T)>) -> Result<T> {
         let lock =
             crate::lock::WriteLock::acquire(&self.dir, self.opts.lock_timeout, &self.opts.holder)?;
         let out = {
@@ -346,11 +400,20 @@ impl Store {
 
     /// Where a chunk is stored.
     pub fn chunk_loc(&self, id: &ChunkId) -> Result<ChunkLoc> {
-        let v = self
-            .reader()
-            .get(Cf::Chunks, id.as_bytes())?
-            .ok_or_else(|| Error::not_found(Kind::Chunk, id.to_hex()))?;
-        ChunkLoc::decode(&v, id)
+        let kv = self.reader();
+        match kv.get(Cf::Chunks, id.as_bytes())? {
+            Some(v) => ChunkLoc::decode(&v, id),
+            None => match kv.get(Cf::Meta, &schema::damaged_key(id))? {
+                // Taken out of service by `fsck --repair`: say so, never
+                // "not found" (and never the damaged bytes).
+                Some(d) => Err(Error::DamagedChunk {
+                    chunk: *id,
+                    file: None,
+                    reason: schema::DamagedChunk::decode(&d, id)?.reason,
+                }),
+                None => Err(Error::not_found(Kind::Chunk, id.to_hex())),
+            },
+        }
     }
 
     /// Reads a chunk's bytes, checking its hash.
@@ -386,7 +449,14 @@ impl Store {
         let f = self.file_object(file)?;
         let mut n = 0;
         for (cid, len) in &f.chunks {
-            let data = self.read_listed_chunk(cid, *len)?;
+            let data = self.read_listed_chunk(cid, *len).map_err(|e| match e {
+                Error::DamagedChunk { chunk, reason, .. } => Error::DamagedChunk {
+                    chunk,
+                    file: Some(*file),
+                    reason,
+                },
+                e => e,
+            })?;
             out.write_all(&data)
                 .map_err(|e| Error::io("write", "output", e))?;
             n += data.len() as u64;
@@ -870,6 +940,48 @@ impl Store {
         let rb = self.version(b)?.object.root;
         self.diff(&ra, &rb)
     }
+}
+
+/// Deletes the reserve; whether there was one.
+fn release_reserve(dir: &Path) -> bool {
+    std::fs::remove_file(dir.join(RESERVE_FILE)).is_ok()
+}
+
+/// Creates the reserve if it is missing and the disk has room for it (a
+/// temporary name, allocated in full, then renamed: never a partial one).
+/// Failing is not an error: the next write tries again.
+pub(crate) fn ensure_reserve(dir: &Path) {
+    let path = dir.join(RESERVE_FILE);
+    if path.exists() {
+        return;
+    }
+    let tmp = dir.join(format!(".{RESERVE_FILE}.{}", std::process::id()));
+    let made = allocate_reserve(&tmp).and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::debug!("no reserve at {}: {e}", path.display());
+    }
+}
+
+/// Writes a reserve file of [`RESERVE_BYTES`] at `tmp`, fsynced.
+fn allocate_reserve(tmp: &Path) -> std::io::Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)?;
+    // Allocated (fallocate), not a sparse file that would free nothing.
+    if let Err(e) = fs4::fs_std::FileExt::allocate(&f, RESERVE_BYTES) {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            return Err(e);
+        }
+        // No fallocate on this file system: write zeros instead.
+        let zeros = vec![0u8; 1 << 20];
+        for i in 0..RESERVE_BYTES >> 20 {
+            std::os::unix::fs::FileExt::write_all_at(&f, &zeros, i << 20)?;
+        }
+    }
+    f.sync_all()
 }
 
 fn one_of<T: std::fmt::Display + Copy>(found: Vec<T>, kind: Kind, prefix: &str) -> Result<T> {

@@ -96,6 +96,10 @@ impl Pending {
     pub fn is_empty(&self) -> bool {
         self.objects.is_empty()
     }
+    /// A pending object.
+    pub fn get(&self, id: &ObjectId) -> Option<&Object> {
+        self.objects.get(id).map(|(o, _)| o)
+    }
     /// Canonical encodings of the pending objects.
     pub fn encodings(&self) -> impl Iterator<Item = (&ObjectId, &Vec<u8>)> {
         self.objects.iter().map(|(id, (_, b))| (id, b))

@@ -8,10 +8,12 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::id::{hash, ChunkId, ObjectId, VersionId};
-use crate::kv::{Cf, KvRead};
+use crate::kv::{Batch, Cf, KvRead};
 use crate::object::{stored, EntryTarget, Object, TreeNode};
-use crate::pack::{check_record_header, pack_path, RECORD_HEADER_LEN};
-use crate::schema::{self, ChunkLoc, DraftRecord};
+use crate::pack::{
+    check_pack_header, check_record_header, pack_path, PACK_HEADER_LEN, RECORD_HEADER_LEN,
+};
+use crate::schema::{self, ChunkLoc, DamagedChunk, DraftRecord, StatEntry};
 use crate::store::{Progress, Store};
 
 /// What `verify` checks.
@@ -46,6 +48,23 @@ pub struct VerifyReport {
     pub bytes_read: u64,
     /// Everything wrong.
     pub problems: Vec<Problem>,
+    /// Chunks whose stored copy cannot be read back intact, with the index
+    /// entry they were checked under and why: what [`Store::repair`] takes
+    /// out of service.
+    #[serde(skip)]
+    pub damaged: Vec<(ChunkId, ChunkLoc, String)>,
+}
+
+/// What [`Store::repair`] did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RepairReport {
+    /// Chunks taken out of the index and recorded as damaged.
+    pub marked: Vec<String>,
+    /// Chunks left alone because their index entry changed since the check
+    /// (a concurrent `gc` moved them): check again.
+    pub skipped: Vec<String>,
+    /// Stat-cache entries dropped so that the next sync rereads those files.
+    pub stat_entries_dropped: u64,
 }
 
 impl VerifyReport {
@@ -186,7 +205,8 @@ impl Store {
         })?;
 
         // Chunk index.
-        let mut pack_sizes: HashMap<u64, Option<u64>> = HashMap::new();
+        let mut pack_state: HashMap<u64, PackState> = HashMap::new();
+        let mut bad_pack_chunks: HashMap<u64, Vec<ChunkId>> = HashMap::new();
         let mut by_pack: HashMap<u64, Vec<(ChunkId, ChunkLoc)>> = HashMap::new();
         let mut indexed: HashSet<ChunkId> = HashSet::new();
         kv.scan(Cf::Chunks, b"", &mut |k, v| {
@@ -202,25 +222,37 @@ impl Store {
             match ChunkLoc::decode(v, &id) {
                 Ok(loc) => {
                     indexed.insert(id);
-                    let size = *pack_sizes.entry(loc.pack).or_insert_with(|| {
-                        std::fs::metadata(pack_path(&self.packs_dir(), loc.pack))
-                            .ok()
-                            .map(|m| m.len())
-                    });
-                    match size {
-                        None => report.problems.push(problem(
-                            "missing-pack",
-                            format!("{:016x}.pack", loc.pack),
-                            format!("holds chunk {id}"),
-                        )),
-                        Some(s) if loc.offset + RECORD_HEADER_LEN + loc.stored_len as u64 > s => {
+                    let state = pack_state
+                        .entry(loc.pack)
+                        .or_insert_with(|| pack_status(&pack_path(&self.packs_dir(), loc.pack)));
+                    match state {
+                        PackState::Missing => {
+                            let why = format!("pack {:016x}.pack is missing", loc.pack);
+                            report.problems.push(problem(
+                                "missing-pack",
+                                format!("{:016x}.pack", loc.pack),
+                                format!("holds chunk {id}"),
+                            ));
+                            report.damaged.push((id, loc, why));
+                        }
+                        PackState::Bad(kind, e) => {
+                            if *kind == "corrupt-pack" {
+                                report.damaged.push((id, loc, e.clone()));
+                            }
+                            bad_pack_chunks.entry(loc.pack).or_default().push(id);
+                        }
+                        PackState::Ok(s)
+                            if loc.offset + RECORD_HEADER_LEN + loc.stored_len as u64 > *s =>
+                        {
+                            let why = format!("pack {:016x} is truncated", loc.pack);
                             report.problems.push(problem(
                                 "corrupt-chunk",
                                 id.to_hex(),
-                                format!("pack {:016x} is truncated", loc.pack),
-                            ))
+                                why.clone(),
+                            ));
+                            report.damaged.push((id, loc, why));
                         }
-                        Some(_) => by_pack.entry(loc.pack).or_default().push((id, loc)),
+                        PackState::Ok(_) => by_pack.entry(loc.pack).or_default().push((id, loc)),
                     }
                 }
                 Err(e) => report
@@ -229,12 +261,50 @@ impl Store {
             }
             Ok(true)
         })?;
+        let mut bad_packs: Vec<_> = bad_pack_chunks.into_iter().collect();
+        bad_packs.sort();
+        for (pack, ids) in bad_packs {
+            if let Some(PackState::Bad(kind, e)) = pack_state.get(&pack) {
+                report.problems.push(problem(
+                    kind,
+                    format!("{pack:016x}.pack"),
+                    format!("{e}; holds {} indexed chunks", ids.len()),
+                ));
+            }
+        }
+        let mut damaged_refs: HashSet<ChunkId> = HashSet::new();
         for (c, user) in &chunk_refs {
             if !indexed.contains(c) {
+                match kv.get(Cf::Meta, &schema::damaged_key(c))? {
+                    Some(_) => {
+                        damaged_refs.insert(*c);
+                    }
+                    None => report.problems.push(problem(
+                        "missing-chunk",
+                        c.to_hex(),
+                        format!("used by file {user}"),
+                    )),
+                }
+            }
+        }
+        if !damaged_refs.is_empty() {
+            // Marked by `fsck --repair`: name what to sync again.
+            let users = self.paths_using(&damaged_refs)?;
+            let mut ids: Vec<_> = damaged_refs.into_iter().collect();
+            ids.sort();
+            for id in ids {
+                let used = users.get(&id).map(|u| u.join(", ")).unwrap_or_default();
                 report.problems.push(problem(
-                    "missing-chunk",
-                    c.to_hex(),
-                    format!("used by file {user}"),
+                    "damaged-chunk",
+                    id.to_hex(),
+                    format!(
+                        "marked damaged by fsck --repair; sync an intact copy of: {}",
+                        if used.is_empty() {
+                            "(no live version uses it)".to_string()
+                        } else {
+                            used
+                        }
+                    ),
                 ));
             }
         }
@@ -247,6 +317,7 @@ impl Store {
                 .sum();
             progress.start("reading chunks", total);
             let dir = self.packs_dir();
+            let locs: HashMap<ChunkId, ChunkLoc> = by_pack.values().flatten().copied().collect();
             let packs: Vec<(u64, Vec<(ChunkId, ChunkLoc)>)> = by_pack.into_iter().collect();
             let results: Vec<(u64, Vec<(ChunkId, String)>)> = packs
                 .into_par_iter()
@@ -293,6 +364,11 @@ impl Store {
                 report.bytes_read += bytes;
                 bad_chunks.extend(bad);
             }
+            for (id, why) in &bad_chunks {
+                if let Some(loc) = locs.get(id) {
+                    report.damaged.push((*id, *loc, why.clone()));
+                }
+            }
             if !bad_chunks.is_empty() {
                 let users = self.paths_using(&bad_chunks.keys().copied().collect())?;
                 let mut bad: Vec<_> = bad_chunks.into_iter().collect();
@@ -311,6 +387,91 @@ impl Store {
             }
         }
         Ok(report)
+    }
+
+    /// Takes the damaged chunks a check found out of service, in one atomic
+    /// write: each one's index entry is removed (so the next ingest of the
+    /// intact bytes stores them again instead of deduplicating against the
+    /// bad copy) and a damaged-chunk record takes its place (so reads say
+    /// "damaged", never serve wrong bytes, and `fsck` lists the files to
+    /// sync again). Stat-cache entries of files using them are dropped so
+    /// that the next sync rereads those files. A chunk whose index entry
+    /// changed since the check (a concurrent gc moved it) is skipped.
+    pub fn repair(&self, checked: &VerifyReport) -> Result<RepairReport> {
+        let out = self.write(|kv| {
+            let mut b = Batch::default();
+            let mut r = RepairReport::default();
+            let mut marked: HashSet<ChunkId> = HashSet::new();
+            let now = crate::store::now_ms();
+            for (id, loc, why) in &checked.damaged {
+                let current = kv.get(Cf::Chunks, id.as_bytes())?;
+                if current.as_deref() != Some(loc.encode().as_slice()) {
+                    r.skipped.push(id.to_hex());
+                    continue;
+                }
+                if !marked.insert(*id) {
+                    continue;
+                }
+                b.delete(Cf::Chunks, id.as_bytes().to_vec());
+                b.put(
+                    Cf::Meta,
+                    schema::damaged_key(id),
+                    DamagedChunk {
+                        loc: *loc,
+                        marked_ms: now,
+                        reason: why.clone(),
+                    }
+                    .encode(),
+                );
+                r.marked.push(id.to_hex());
+            }
+            if !marked.is_empty() {
+                let mut uses: HashMap<ObjectId, bool> = HashMap::new();
+                let mut drop_keys = Vec::new();
+                kv.scan(Cf::StatCache, b"", &mut |k, v| {
+                    let Ok(st) = StatEntry::decode(v) else {
+                        drop_keys.push(k.to_vec());
+                        return Ok(true);
+                    };
+                    let hit = match uses.get(&st.file) {
+                        Some(h) => *h,
+                        None => {
+                            let h = match crate::tree::read_object(kv, &st.file) {
+                                Ok(Object::File(f)) => {
+                                    f.chunks.iter().any(|(c, _)| marked.contains(c))
+                                }
+                                _ => true,
+                            };
+                            uses.insert(st.file, h);
+                            h
+                        }
+                    };
+                    if hit {
+                        drop_keys.push(k.to_vec());
+                    }
+                    Ok(true)
+                })?;
+                r.stat_entries_dropped = drop_keys.len() as u64;
+                for k in drop_keys {
+                    b.delete(Cf::StatCache, k);
+                }
+                // Like a gc: a writer that read the index before this
+                // write checks that what it references is still indexed.
+                let gen = kv
+                    .get(Cf::Meta, schema::META_GC_GENERATION)?
+                    .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                    .map(u64::from_le_bytes)
+                    .unwrap_or(0);
+                b.put(
+                    Cf::Meta,
+                    schema::META_GC_GENERATION,
+                    (gen + 1).to_le_bytes().to_vec(),
+                );
+            }
+            Ok((b, r))
+        })?;
+        self.pack_reader().reset();
+        Ok(out)
     }
 
     /// For each chunk, the `version:path` places that use it.
@@ -336,6 +497,40 @@ impl Store {
             })?;
         }
         Ok(out)
+    }
+}
+
+/// What a pack file looks like to `fsck`.
+enum PackState {
+    /// Present, with a valid header, this long.
+    Ok(u64),
+    /// Not there.
+    Missing,
+    /// Not usable: the problem kind (`corrupt-pack`: damage;
+    /// `unsupported-pack`: a newer format; `unreadable-pack`: cannot be
+    /// opened), and the error.
+    Bad(&'static str, String),
+}
+
+fn pack_status(path: &std::path::Path) -> PackState {
+    use std::os::unix::fs::FileExt;
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return PackState::Missing,
+        Err(e) => return PackState::Bad("unreadable-pack", format!("{}: {e}", path.display())),
+    };
+    let len = match f.metadata() {
+        Ok(m) => m.len(),
+        Err(e) => return PackState::Bad("unreadable-pack", format!("{}: {e}", path.display())),
+    };
+    let mut head = [0u8; PACK_HEADER_LEN as usize];
+    let n = f.read_at(&mut head, 0).unwrap_or(0);
+    match check_pack_header(&head[..n], path) {
+        Ok(()) => PackState::Ok(len),
+        Err(e @ Error::UnsupportedFormatVersion { .. }) => {
+            PackState::Bad("unsupported-pack", e.to_string())
+        }
+        Err(e) => PackState::Bad("corrupt-pack", e.to_string()),
     }
 }
 

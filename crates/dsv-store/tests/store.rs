@@ -799,3 +799,369 @@ fn an_ambiguous_id_prefix_is_an_error_naming_the_candidates() {
     assert_eq!(store.resolve_version_prefix("11111111aa").unwrap(), a);
     assert_eq!(store.resolve_version_prefix("11111111bb").unwrap(), b);
 }
+
+/// Sum of the pack files' lengths.
+fn pack_bytes(store: &Store) -> u64 {
+    std::fs::read_dir(store.packs_dir())
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+/// The first file of a tree.
+fn first_file(store: &Store, root: &dsv_store::ObjectId) -> dsv_store::ObjectId {
+    let mut out = None;
+    store
+        .walk_files(root, &mut |_, e| {
+            if let (None, EntryTarget::File(id)) = (&out, &e.target) {
+                out = Some(*id);
+            }
+            Ok(())
+        })
+        .unwrap();
+    out.expect("a file")
+}
+
+/// Flips one byte inside the stored data of `chunk`'s record.
+fn damage_chunk(store: &Store, chunk: &dsv_store::ChunkId) {
+    let loc = store.chunk_loc(chunk).unwrap();
+    let path = dsv_store::pack::pack_path(&store.packs_dir(), loc.pack);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at =
+        (loc.offset + dsv_store::pack::RECORD_HEADER_LEN) as usize + loc.stored_len as usize / 2;
+    bytes[at] ^= 0x5A;
+    std::fs::write(&path, &bytes).unwrap();
+}
+
+#[test]
+fn a_repair_makes_the_next_ingest_store_the_chunk_again_and_heals_old_versions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let files: BTreeMap<String, Vec<u8>> = [
+        ("a.bin".to_string(), content(41, 60_000)),
+        ("b.bin".to_string(), content(42, 20_000)),
+    ]
+    .into();
+    write_tree(&data, &files);
+    age(&data); // old enough for the stat cache to trust
+    let store = mem_store(tmp.path(), MemKv::new(), small_config());
+    let v1 = snapshot(&store, &data);
+    let a = store.lookup(&v1.object.root, b"a.bin").unwrap().unwrap();
+    let EntryTarget::File(a_id) = a.target else {
+        panic!("a file")
+    };
+    let bad = store.file_object(&a_id).unwrap().chunks[1].0;
+    damage_chunk(&store, &bad);
+
+    let check = store
+        .verify(VerifyOptions { read_data: true }, &NoProgress)
+        .unwrap();
+    assert_eq!(check.damaged.len(), 1, "{:?}", check.problems);
+    assert_eq!(check.damaged[0].0, bad);
+    // Before the repair, a sync of the intact file deduplicates against the
+    // bad copy: nothing is stored.
+    let fixed = store.repair(&check).unwrap();
+    assert_eq!(fixed.marked, vec![bad.to_hex()]);
+    assert!(fixed.stat_entries_dropped >= 1, "{fixed:?}");
+
+    // Reads name the damaged chunk and the file, never return bytes.
+    let e = store.read_file_to(&a_id, &mut Vec::new()).unwrap_err();
+    match &e {
+        Error::DamagedChunk { chunk, file, .. } => {
+            assert_eq!(*chunk, bad);
+            assert_eq!(*file, Some(a_id));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(e.is_repository_problem());
+    // A metadata check lists the damaged chunk with the version and path.
+    let quick = store.verify(VerifyOptions::default(), &NoProgress).unwrap();
+    let p = quick
+        .problems
+        .iter()
+        .find(|p| p.kind == "damaged-chunk")
+        .expect("listed");
+    assert!(p.detail.contains("a.bin"), "{p:?}");
+
+    // The intact file is synced again: its chunk is stored again.
+    let out = store
+        .commit_folder(
+            &[v1.id],
+            &data,
+            &IngestOptions::default(),
+            "again",
+            BTreeMap::new(),
+            &mut |_, _, _| Ok(()),
+        )
+        .unwrap();
+    assert!(out.version.is_none(), "same tree as v1");
+    assert!(out.report.new_chunks >= 1, "{:?}", out.report);
+    assert!(out.report.stored_bytes > 0);
+    // The old version is whole again, and the repository clean.
+    assert_eq!(read_back(&store, &v1.object.root), files);
+    let after = store
+        .verify(VerifyOptions { read_data: true }, &NoProgress)
+        .unwrap();
+    assert!(after.ok(), "{:?}", after.problems);
+    // Nothing left for gc to trip over.
+    store.gc(GcOptions::default(), false).unwrap();
+    assert_eq!(read_back(&store, &v1.object.root), files);
+}
+
+#[test]
+fn gc_drops_damaged_records_of_chunks_nothing_uses_and_keeps_referenced_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    write_tree(&a, &[("x.bin".to_string(), content(51, 30_000))].into());
+    write_tree(&b, &[("y.bin".to_string(), content(52, 30_000))].into());
+    let store = mem_store(tmp.path(), MemKv::new(), small_config());
+    let va = snapshot(&store, &a);
+    let vb = snapshot(&store, &b);
+    for v in [&va, &vb] {
+        let f = first_file(&store, &v.object.root);
+        damage_chunk(&store, &store.file_object(&f).unwrap().chunks[0].0);
+    }
+    let check = store
+        .verify(VerifyOptions { read_data: true }, &NoProgress)
+        .unwrap();
+    assert_eq!(store.repair(&check).unwrap().marked.len(), 2);
+    store
+        .write(|kv| {
+            let mut batch = dsv_store::Batch::default();
+            store.delete_version_batch(kv, &va.id, &mut batch)?;
+            Ok((batch, ()))
+        })
+        .unwrap();
+    let r = store.gc(GcOptions::default(), false).unwrap();
+    assert_eq!(r.damaged_records_removed, 1, "{r:?}");
+    let quick = store.verify(VerifyOptions::default(), &NoProgress).unwrap();
+    let kinds: Vec<_> = quick.problems.iter().map(|p| p.kind).collect();
+    assert_eq!(kinds, ["damaged-chunk"], "vb's damage is still listed");
+}
+
+/// Runs `hook` once, the first time an ingest finishes hashing: between
+/// an ingest and its commit, where a concurrent gc can strike.
+struct OnceAfterHashing<F: Fn() + Sync>(std::sync::atomic::AtomicBool, F);
+impl<F: Fn() + Sync> dsv_store::Progress for OnceAfterHashing<F> {
+    fn finish(&self) {
+        if !self.0.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            (self.1)();
+        }
+    }
+}
+
+#[test]
+fn a_gc_between_ingest_and_commit_fails_nothing_it_did_not_remove_and_retries_what_it_did() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (garbage, fresh, shared) = (
+        tmp.path().join("garbage"),
+        tmp.path().join("fresh"),
+        tmp.path().join("shared"),
+    );
+    write_tree(
+        &garbage,
+        &[("g.bin".to_string(), content(61, 40_000))].into(),
+    );
+    write_tree(&fresh, &[("f.bin".to_string(), content(62, 40_000))].into());
+    write_tree(
+        &shared,
+        &[("s.bin".to_string(), content(63, 40_000))].into(),
+    );
+    let store = mem_store(tmp.path(), MemKv::new(), small_config());
+    let delete = |v: &dsv_store::Version| {
+        store
+            .write(|kv| {
+                let mut batch = dsv_store::Batch::default();
+                store.delete_version_batch(kv, &v.id, &mut batch)?;
+                Ok((batch, ()))
+            })
+            .unwrap()
+    };
+    let gc = || {
+        let r = store.gc(GcOptions::default(), false).unwrap();
+        assert!(r.dead_chunks > 0, "the gc removes something");
+    };
+
+    // 1. The gc removes data the new version shares nothing with: the
+    // commit goes through (it used to fail with "a concurrent gc removed…").
+    let vg = snapshot(&store, &garbage);
+    delete(&vg);
+    let hook = OnceAfterHashing(Default::default(), gc);
+    let out = store
+        .commit_folder(
+            &[],
+            &fresh,
+            &IngestOptions {
+                progress: &hook,
+                ..Default::default()
+            },
+            "fresh",
+            BTreeMap::new(),
+            &mut |_, _, _| Ok(()),
+        )
+        .unwrap();
+    assert!(hook.0.load(std::sync::atomic::Ordering::SeqCst));
+    let v = out.version.unwrap();
+    assert_eq!(
+        read_back(&store, &v.object.root)["f.bin"],
+        content(62, 40_000)
+    );
+
+    // 2. The ingest deduplicated against chunks of a deleted version, which
+    // the gc then removes: the write notices, ingests again (storing them
+    // anew) and succeeds.
+    let vs = snapshot(&store, &shared);
+    delete(&vs);
+    let hook = OnceAfterHashing(Default::default(), gc);
+    let draft = store.create_draft(&[]).unwrap();
+    let r = store
+        .stage_folder(
+            &draft,
+            &shared,
+            &IngestOptions {
+                progress: &hook,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(hook.0.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(r.new_chunks > 0, "stored again after the gc: {r:?}");
+    let v = store
+        .finalize(&draft, "m", BTreeMap::new(), &mut |_, _, _| Ok(()))
+        .unwrap();
+    assert_eq!(
+        read_back(&store, &v.object.root)["s.bin"],
+        content(63, 40_000)
+    );
+    let check = store
+        .verify(VerifyOptions { read_data: true }, &NoProgress)
+        .unwrap();
+    assert!(check.ok(), "{:?}", check.problems);
+}
+
+#[test]
+fn a_dry_run_frees_exactly_what_the_real_gc_frees() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = RepoConfig {
+        pack_target_size: 1 << 20,
+        ..small_config()
+    };
+    let (ab, a, c) = (
+        tmp.path().join("ab"),
+        tmp.path().join("a"),
+        tmp.path().join("c"),
+    );
+    let fa = content(71, 300_000);
+    write_tree(
+        &ab,
+        &[
+            ("a.bin".to_string(), fa.clone()),
+            ("b.bin".to_string(), content(72, 300_000)),
+        ]
+        .into(),
+    );
+    write_tree(&a, &[("a.bin".to_string(), fa.clone())].into());
+    write_tree(&c, &[("c.bin".to_string(), content(73, 2_500_000))].into());
+    let store = mem_store(tmp.path(), MemKv::new(), config);
+    let vab = snapshot(&store, &ab);
+    let va = snapshot(&store, &a); // shares a.bin's chunks: a partly live pack
+    let vc = snapshot(&store, &c); // several packs, all dead once deleted
+    for v in [&vab, &vc] {
+        store
+            .write(|kv| {
+                let mut batch = dsv_store::Batch::default();
+                store.delete_version_batch(kv, &v.id, &mut batch)?;
+                Ok((batch, ()))
+            })
+            .unwrap();
+    }
+    // And the leftover of a writer that died before its commit.
+    let w = dsv_store::pack::PackWriter::new(store.packs_dir(), 1 << 20);
+    let orphan = content(74, 50_000);
+    let id = dsv_store::ChunkId(*blake3::hash(&orphan).as_bytes());
+    w.append(&id, 0, orphan.len() as u32, &orphan).unwrap();
+    drop(w.finish().unwrap());
+
+    let before = pack_bytes(&store);
+    let dry = store.gc(GcOptions::default(), true).unwrap();
+    assert!(dry.packs_repacked >= 1, "{dry:?}");
+    assert!(dry.packs_deleted >= 2, "{dry:?}");
+    assert_eq!(dry.orphan_packs, 1, "{dry:?}");
+    let stats = store.stats().unwrap();
+    assert_eq!(
+        (stats.orphan_packs, stats.orphan_bytes),
+        (1, dry.orphan_bytes)
+    );
+    let real = store.gc(GcOptions::default(), false).unwrap();
+    let after = pack_bytes(&store);
+    assert_eq!(
+        real.bytes_freed,
+        before - after,
+        "the real run's own figure"
+    );
+    assert_eq!(
+        dry.bytes_freed, real.bytes_freed,
+        "dry {dry:?} real {real:?}"
+    );
+    assert_eq!(
+        (
+            dry.packs_deleted,
+            dry.packs_repacked,
+            dry.orphan_packs,
+            dry.orphan_bytes
+        ),
+        (
+            real.packs_deleted,
+            real.packs_repacked,
+            real.orphan_packs,
+            real.orphan_bytes
+        )
+    );
+    assert_eq!(read_back(&store, &va.object.root)["a.bin"], fa);
+    assert!(store
+        .verify(VerifyOptions { read_data: true }, &NoProgress)
+        .unwrap()
+        .ok());
+}
+
+#[test]
+fn a_pack_with_a_bad_header_is_refused_by_reads_and_reported_by_fsck() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    write_tree(&data, &[("x.bin".to_string(), content(81, 20_000))].into());
+    let store = mem_store(tmp.path(), MemKv::new(), small_config());
+    let v = snapshot(&store, &data);
+    let pack = std::fs::read_dir(store.packs_dir())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let name = pack.file_name().unwrap().to_str().unwrap().to_string();
+    let good = std::fs::read(&pack).unwrap();
+    for (at, byte, kind) in [(0usize, b'Q', "corrupt-pack"), (8, 2u8, "unsupported-pack")] {
+        let mut bad = good.clone();
+        bad[at] = byte;
+        std::fs::write(&pack, &bad).unwrap();
+        store.refresh().unwrap(); // forget the open file
+        let e = store
+            .cat(&v.object.root, b"x.bin", &mut Vec::new())
+            .unwrap_err();
+        assert!(e.to_string().contains(&name), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Corrupted { .. } | Error::UnsupportedFormatVersion { .. }
+            ),
+            "{e:?}"
+        );
+        let r = store.verify(VerifyOptions::default(), &NoProgress).unwrap();
+        assert!(
+            r.problems.iter().any(|p| p.kind == kind && p.what == name),
+            "{:?}",
+            r.problems
+        );
+        // A newer format is not damage: a repair leaves it alone.
+        assert_eq!(r.damaged.is_empty(), kind == "unsupported-pack");
+    }
+}

@@ -642,6 +642,19 @@ impl Repo {
         r.map_err(|e| parked.unpark(e))
     }
 
+    /// [`Repo::write`] for writes that free space: on a full disk the
+    /// engine releases the repository's reserve and runs `f` once more.
+    pub(crate) fn write_freeing<T>(
+        &self,
+        mut f: impl FnMut(&dyn KvRead) -> Result<(Batch, T)>,
+    ) -> Result<T> {
+        let mut parked = Parked::default();
+        let r = self
+            .store
+            .write_freeing(|kv| f(kv).map_err(|e| parked.park(e)));
+        r.map_err(|e| parked.unpark(e))
+    }
+
     // ---- datasets ---------------------------------------------------------
 
     /// Every dataset, sorted by project then name.
@@ -1876,7 +1889,9 @@ impl Repo {
     /// version string or tag) but is kept — readable by id, a `gc` root —
     /// so the lineage of those tasks and models never points at nothing.
     pub fn delete(&self, v: &DatasetVersion, force: bool) -> Result<()> {
-        self.write(|kv| {
+        // On a full disk this write may release the repository's reserve:
+        // deleting (then gc) is how space is given back.
+        self.write_freeing(|kv| {
             let cur = self.version_in_kv(kv, &v.id)?;
             if cur.deleted {
                 return Err(Error::Invalid(format!(
