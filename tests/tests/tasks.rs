@@ -712,6 +712,8 @@ fn leakage_and_unknown_parameters_are_refused_at_definition() {
     let out = s.dsv(&["task", "clone", &t, "--set", "General/features=Occupancy"]);
     assert_eq!(out.status.code(), Some(1));
     s.json(&["task", "clone", &t, "--set", "Model/max_depth=2"]);
+}
+
 /// Every way a command could change its dataset; each line says whether the
 /// attempt worked.
 const ATTACKS: &str = r#"d="$DSV_DATASET_PATH"
