@@ -445,16 +445,7 @@ impl Store {
                 for k in stat_keys {
                     b.delete(Cf::StatCache, k);
                 }
-                let gen = kv
-                    .get(Cf::Meta, schema::META_GC_GENERATION)?
-                    .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-                    .map(u64::from_le_bytes)
-                    .unwrap_or(0);
-                b.put(
-                    Cf::Meta,
-                    schema::META_GC_GENERATION,
-                    (gen + 1).to_le_bytes().to_vec(),
-                );
+                Store::bump_gc_generation(kv, &mut b)?;
             }
             to_delete = p.delete_packs.iter().chain(&p.repack).copied().collect();
             orphans = p.orphans.clone();

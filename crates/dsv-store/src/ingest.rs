@@ -534,12 +534,25 @@ fn now_ns() -> i64 {
 }
 
 impl Store {
-    fn gc_generation(kv: &dyn KvRead) -> Result<u64> {
+    pub(crate) fn gc_generation(kv: &dyn KvRead) -> Result<u64> {
         Ok(kv
             .get(Cf::Meta, schema::META_GC_GENERATION)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map(u64::from_le_bytes)
             .unwrap_or(0))
+    }
+
+    /// Adds to `b` the next gc generation (after a gc or a repair removed
+    /// something): writers that read state before it check what they
+    /// reference.
+    pub(crate) fn bump_gc_generation(kv: &dyn KvRead, b: &mut crate::kv::Batch) -> Result<()> {
+        let gen = Self::gc_generation(kv)?;
+        b.put(
+            Cf::Meta,
+            schema::META_GC_GENERATION,
+            (gen + 1).to_le_bytes().to_vec(),
+        );
+        Ok(())
     }
 
     /// Hashes a folder into pending objects and packed chunks.

@@ -457,16 +457,7 @@ impl Store {
                 }
                 // Like a gc: a writer that read the index before this
                 // write checks that what it references is still indexed.
-                let gen = kv
-                    .get(Cf::Meta, schema::META_GC_GENERATION)?
-                    .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-                    .map(u64::from_le_bytes)
-                    .unwrap_or(0);
-                b.put(
-                    Cf::Meta,
-                    schema::META_GC_GENERATION,
-                    (gen + 1).to_le_bytes().to_vec(),
-                );
+                Store::bump_gc_generation(kv, &mut b)?;
             }
             Ok((b, r))
         })?;
