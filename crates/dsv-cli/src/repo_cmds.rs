@@ -54,6 +54,10 @@ pub struct GcArgs {
     /// Show what would be removed; change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Testing aid: keep the final commit transaction open this many
+    /// milliseconds (a gc on a huge repository, at its worst).
+    #[arg(long, hide = true, default_value_t = 0)]
+    hold_commit_ms: u64,
 }
 
 pub fn init(ctx: &Ctx, a: InitArgs) -> Result<(), CliError> {
@@ -238,7 +242,11 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
 
 pub fn gc(ctx: &Ctx, a: GcArgs) -> Result<(), CliError> {
     let store = repo::open(ctx)?;
-    let r = store.gc(GcOptions::default(), a.dry_run)?;
+    let opts = GcOptions {
+        hold_commit: std::time::Duration::from_millis(a.hold_commit_ms),
+        ..GcOptions::default()
+    };
+    let r = store.gc(opts, a.dry_run)?;
     let repo = dsv::Repo::from_store(store);
     let c = repo.prune_cache_of_deleted(a.dry_run)?;
     if ctx.json {

@@ -157,6 +157,20 @@ pub enum Error {
         /// The wanted type.
         expected: &'static str,
     },
+    /// A transaction kept conflicting with concurrent writers (what it read
+    /// changed before it could commit) and gave up after `tries` attempts.
+    /// Retryable.
+    #[error("transaction conflict on {what} after {tries} attempts; run the command again")]
+    Conflict {
+        /// The first read that no longer held.
+        what: String,
+        /// Attempts made.
+        tries: u32,
+    },
+    /// The metadata backend cannot be reached or written now (a server
+    /// down, a connection lost). Retryable.
+    #[error("metadata store unavailable: {0}")]
+    Unavailable(String),
     /// An injected failure (crash tests).
     #[error("injected failure at {0}")]
     Injected(&'static str),
@@ -210,7 +224,22 @@ impl Error {
                 | Error::UnsupportedFormatVersion { .. }
                 | Error::LockTimeout { .. }
                 | Error::ConcurrentGc(_)
+                | Error::Conflict { .. }
+                | Error::Unavailable(_)
                 | Error::Injected(_)
+        )
+    }
+
+    /// Whether running the same operation again may succeed: a conflict
+    /// with concurrent writers, an unavailable backend, a lock held past
+    /// its timeout, a concurrent gc.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::Conflict { .. }
+                | Error::Unavailable(_)
+                | Error::LockTimeout { .. }
+                | Error::ConcurrentGc(_)
         )
     }
 }

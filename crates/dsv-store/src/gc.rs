@@ -31,6 +31,10 @@ pub struct GcOptions {
     /// writer holds them (default: none — a live writer is recognised by
     /// the `flock` it holds on each pack it writes, not by age).
     pub orphan_grace: Duration,
+    /// Testing aid: keep the final commit transaction open this long before
+    /// committing (the worst case of a gc on a huge repository: writers
+    /// wait, leases must survive). Zero by default.
+    pub hold_commit: Duration,
 }
 
 impl Default for GcOptions {
@@ -38,8 +42,33 @@ impl Default for GcOptions {
         Self {
             repack_threshold: 0.2,
             orphan_grace: Duration::ZERO,
+            hold_commit: Duration::ZERO,
         }
     }
+}
+
+/// The keyspaces a gc plan is computed from: when none of them changed
+/// between the plan's snapshot and its commit, the plan is still exact.
+const PLAN_KEYSPACES: [&str; 8] = [
+    "objects",
+    "statcache",
+    "chunks",
+    "refs",
+    "tags",
+    "drafts",
+    "roots",
+    "meta:damaged/",
+];
+
+/// How often gc plans on a snapshot (writers keep writing meanwhile) before
+/// it plans inside its commit transaction.
+const OPTIMISTIC_PLANS: usize = 3;
+
+fn plan_counters(kv: &dyn KvRead) -> Result<Vec<u64>> {
+    PLAN_KEYSPACES
+        .iter()
+        .map(|k| crate::txn::keyspace_counter(kv, k))
+        .collect()
 }
 
 /// What a gc removes (or removed).
@@ -400,57 +429,81 @@ impl Store {
             r.bytes_freed = planned_freed(&p);
             return Ok(r);
         }
+        // Plan on a snapshot, without blocking writers: marking and
+        // rewriting packs take long on a big repository. The commit checks
+        // that nothing the plan depends on changed since (keyspace
+        // counters); if something did, plan again — and the last time inside
+        // the commit transaction, as a serialized fallback.
         let mut to_delete: Vec<(u64, u64)> = Vec::new();
         let mut orphans: Vec<(u64, u64)> = Vec::new();
         let mut written_packs: Option<crate::pack::WrittenPacks> = None;
-        let report = self.write_freeing(|kv| {
-            if let Some(w) = written_packs.take() {
-                w.discard(); // of a try that failed on a full disk
-            }
-            // Under the write lock nothing commits: the order of the probe
-            // and the index scan does not matter here.
+        let mut report = None;
+        for _ in 0..OPTIMISTIC_PLANS {
+            // The probe before the view: a pack a writer committed and
+            // unlocked just before the probe is indexed in the view.
             let unlocked = unlocked_packs(&self.packs_dir())?;
-            let p = plan(self, kv, &opts, &unlocked)?;
-            let mut b = Batch::default();
-            for id in &p.dead_objects {
-                b.delete(Cf::Objects, id.as_bytes().to_vec());
-            }
-            for id in &p.dead_chunks {
-                b.delete(Cf::Chunks, id.as_bytes().to_vec());
-            }
-            for id in &p.dead_damaged {
-                b.delete(Cf::Meta, schema::damaged_key(id));
-            }
-            // Copy live chunks out of packs being rewritten.
-            let mut new_bytes = 0;
-            if !p.moved.is_empty() {
-                let w = PackWriter::new(self.packs_dir(), self.config().pack_target_size);
-                for (id, loc) in &p.moved {
-                    let data = self.pack_reader().read_stored(id, loc)?;
-                    let nl = w.append(id, loc.codec, loc.raw_len, &data)?;
-                    b.put(Cf::Chunks, id.as_bytes().to_vec(), nl.encode());
+            self.refresh()?;
+            let snap = self.reader();
+            let seen = plan_counters(&*snap)?;
+            let p = plan(self, &*snap, &opts, &unlocked)?;
+            let (b0, changed, written, new_bytes) = self.gc_writes(&*snap, &p)?;
+            let r = self.write_freeing(|kv| {
+                if plan_counters(kv)? != seen {
+                    return Ok((Batch::default(), false));
                 }
-                let written = w.finish()?;
-                new_bytes = written.bytes()?;
-                written_packs = Some(written);
-            }
-            let mut stat_keys = Vec::new();
-            kv.scan(Cf::StatCache, b"", &mut |k, _| {
-                stat_keys.push(k.to_vec());
-                Ok(true)
-            })?;
-            let changed =
-                !p.dead_objects.is_empty() || !p.dead_chunks.is_empty() || !p.repack.is_empty();
-            if changed {
-                for k in stat_keys {
-                    b.delete(Cf::StatCache, k);
+                let mut b = b0.clone();
+                if changed {
+                    Store::bump_gc_generation(kv, &mut b)?;
                 }
-                Store::bump_gc_generation(kv, &mut b)?;
+                if !opts.hold_commit.is_zero() {
+                    std::thread::sleep(opts.hold_commit);
+                }
+                Ok((b, true))
+            });
+            match r {
+                Ok(true) => {
+                    to_delete = p.delete_packs.iter().chain(&p.repack).copied().collect();
+                    orphans = p.orphans.clone();
+                    written_packs = written;
+                    report = Some(Ok((report_of(&p, false), new_bytes)));
+                    break;
+                }
+                Ok(false) => {
+                    if let Some(w) = written {
+                        w.discard();
+                    }
+                }
+                Err(e) => {
+                    if let Some(w) = written {
+                        w.discard();
+                    }
+                    return Err(e);
+                }
             }
-            to_delete = p.delete_packs.iter().chain(&p.repack).copied().collect();
-            orphans = p.orphans.clone();
-            Ok((b, (report_of(&p, false), new_bytes)))
-        });
+        }
+        let report = match report {
+            Some(r) => r,
+            None => self.write_freeing(|kv| {
+                if let Some(w) = written_packs.take() {
+                    w.discard(); // of a try that failed on a full disk
+                }
+                // Under the commit transaction nothing commits: the order of
+                // the probe and the index scan does not matter here.
+                let unlocked = unlocked_packs(&self.packs_dir())?;
+                let p = plan(self, kv, &opts, &unlocked)?;
+                let (mut b, changed, written, new_bytes) = self.gc_writes(kv, &p)?;
+                written_packs = written;
+                if changed {
+                    Store::bump_gc_generation(kv, &mut b)?;
+                }
+                if !opts.hold_commit.is_zero() {
+                    std::thread::sleep(opts.hold_commit);
+                }
+                to_delete = p.delete_packs.iter().chain(&p.repack).copied().collect();
+                orphans = p.orphans.clone();
+                Ok((b, (report_of(&p, false), new_bytes)))
+            }),
+        };
         let (mut report, new_bytes) = match report {
             Ok(r) => r,
             Err(e) => {
@@ -488,6 +541,58 @@ impl Store {
         // The space is free now: take the reserve back if it was spent.
         crate::store::ensure_reserve(self.dir());
         Ok(report)
+    }
+}
+
+impl Store {
+    /// The writes of a plan read from `kv` (without the gc generation bump):
+    /// deletes of dead objects, chunks and damaged records, the live chunks
+    /// of rewritten packs copied into new packs (written here), and the stat
+    /// cache dropped when anything changes. Returns the batch, whether it
+    /// changes anything, the new packs and their bytes.
+    #[allow(clippy::type_complexity)]
+    fn gc_writes(
+        &self,
+        kv: &dyn KvRead,
+        p: &Plan,
+    ) -> Result<(Batch, bool, Option<crate::pack::WrittenPacks>, u64)> {
+        let mut b = Batch::default();
+        for id in &p.dead_objects {
+            b.delete(Cf::Objects, id.as_bytes().to_vec());
+        }
+        for id in &p.dead_chunks {
+            b.delete(Cf::Chunks, id.as_bytes().to_vec());
+        }
+        for id in &p.dead_damaged {
+            b.delete(Cf::Meta, schema::damaged_key(id));
+        }
+        // Copy live chunks out of packs being rewritten.
+        let mut new_bytes = 0;
+        let mut written_packs = None;
+        if !p.moved.is_empty() {
+            let w = PackWriter::new(self.packs_dir(), self.config().pack_target_size);
+            for (id, loc) in &p.moved {
+                let data = self.pack_reader().read_stored(id, loc)?;
+                let nl = w.append(id, loc.codec, loc.raw_len, &data)?;
+                b.put(Cf::Chunks, id.as_bytes().to_vec(), nl.encode());
+            }
+            let written = w.finish()?;
+            new_bytes = written.bytes()?;
+            written_packs = Some(written);
+        }
+        let changed =
+            !p.dead_objects.is_empty() || !p.dead_chunks.is_empty() || !p.repack.is_empty();
+        if changed {
+            let mut stat_keys = Vec::new();
+            kv.scan(Cf::StatCache, b"", &mut |k, _| {
+                stat_keys.push(k.to_vec());
+                Ok(true)
+            })?;
+            for k in stat_keys {
+                b.delete(Cf::StatCache, k);
+            }
+        }
+        Ok((b, changed, written_packs, new_bytes))
     }
 }
 

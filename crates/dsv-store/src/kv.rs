@@ -2,16 +2,19 @@
 //! metadata database, with a RocksDB implementation and an in-memory one
 //! for fast tests and crash simulation.
 //!
-//! Readers get a handle that may be a point-in-time view (RocksDB read-only
-//! instance); writers get a read-write handle, opened only while the
-//! repository write lock is held. Every mutation is one [`Batch`], applied
-//! atomically.
+//! Readers get a point-in-time view ([`Backend::open_read`]); writers run
+//! transactions ([`Backend::transact`]) whose batch commits atomically only
+//! if nothing they read changed meanwhile (see [`crate::txn`] for the
+//! semantics every backend carries: conflict detection, snapshot reads,
+//! keyspace counters, the change feed, write stalls).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::txn::{first_conflict, seal, ChangeSource, Recording};
 
 /// Column families. The numeric values are not stored; names are (see `name`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -126,32 +129,147 @@ pub trait KvRead: Send + Sync {
     fn scan(&self, cf: Cf, prefix: &[u8], visit: &mut Visitor<'_>) -> Result<()> {
         self.scan_from(cf, prefix, prefix, visit)
     }
+    /// Keys starting with `prefix` and below `before` (no bound when empty),
+    /// in descending order.
+    fn scan_rev(&self, cf: Cf, prefix: &[u8], before: &[u8], visit: &mut Visitor<'_>)
+        -> Result<()>;
+    /// The last key (and value) starting with `prefix`.
+    fn last(&self, cf: Cf, prefix: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let mut out = None;
+        self.scan_rev(cf, prefix, b"", &mut |k, v| {
+            out = Some((k.to_vec(), v.to_vec()));
+            Ok(false)
+        })?;
+        Ok(out)
+    }
     /// Whether a key exists.
     fn contains(&self, cf: Cf, key: &[u8]) -> Result<bool> {
         Ok(self.get(cf, key)?.is_some())
     }
 }
 
-/// Read-write access (only while the repository write lock is held).
+/// Direct read-write access (tests and tools building a database by hand;
+/// the engine writes through [`Backend::transact`]).
 pub trait KvWrite: KvRead {
     /// Applies a batch atomically and durably.
     fn write(&self, batch: Batch) -> Result<()>;
 }
 
-/// Opens handles on one database.
+/// A transaction's body: reads through the given view (the latest
+/// committed state) and returns the writes to commit. It may run more than
+/// once (after a conflict), so it must not have effects outside its batch
+/// that a second run would repeat.
+pub type TxnBody<'a> = dyn FnMut(&dyn KvRead) -> Result<Batch> + 'a;
+
+/// One metadata database, with the semantics of [`crate::txn`].
 pub trait Backend: Send + Sync {
-    /// A read handle (may be a point-in-time view).
+    /// A point-in-time view: later commits are invisible to it.
     fn open_read(&self) -> Result<Arc<dyn KvRead>>;
-    /// A read-write handle. Callers hold the repository write lock.
-    fn open_write(&self) -> Result<Box<dyn KvWrite>>;
+    /// Runs `body` once as a transaction and commits its batch atomically
+    /// (with the keyspace counter bumps, [`crate::txn::seal`]), or fails with
+    /// [`Error::Conflict`] when something it read changed before the commit
+    /// (the caller retries), or with [`Error::LockTimeout`] /
+    /// [`Error::Unavailable`] when the database cannot be written now.
+    fn transact(&self, body: &mut TxnBody<'_>) -> Result<()>;
+    /// A source of wake-ups on commits by any writer.
+    fn change_source(&self) -> Result<Box<dyn ChangeSource>>;
 }
 
 type MemMap = BTreeMap<(Cf, Vec<u8>), Vec<u8>>;
 
-/// An in-memory database (tests). Clones share the same data.
+/// Commit signal of the in-memory database.
+#[derive(Debug, Default)]
+struct Commits {
+    count: Mutex<u64>,
+    changed: Condvar,
+}
+
+/// An in-memory database (tests): optimistic transactions validated at
+/// commit, snapshots by copy-on-write. Clones share the same data.
 #[derive(Debug, Clone, Default)]
 pub struct MemKv {
-    data: Arc<RwLock<MemMap>>,
+    data: Arc<RwLock<Arc<MemMap>>>,
+    commits: Arc<Commits>,
+}
+
+/// A point-in-time view of a [`MemKv`].
+#[derive(Debug, Clone)]
+pub struct MemSnapshot(Arc<MemMap>);
+
+fn mem_scan(
+    map: &MemMap,
+    cf: Cf,
+    prefix: &[u8],
+    bound: &[u8],
+    reverse: bool,
+) -> Vec<(Vec<u8>, Vec<u8>)> {
+    use std::ops::Bound;
+    if reverse {
+        let upper = if bound.is_empty() {
+            match prefix_successor(prefix) {
+                Some(s) => Bound::Excluded((cf, s)),
+                None => Bound::Unbounded,
+            }
+        } else {
+            Bound::Excluded((cf, bound.to_vec()))
+        };
+        map.range((Bound::Included((cf, prefix.to_vec())), upper))
+            .rev()
+            .take_while(|((c, k), _)| *c == cf && k.starts_with(prefix))
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect()
+    } else {
+        let from = if bound.is_empty() { prefix } else { bound };
+        map.range((cf, from.to_vec())..)
+            .take_while(|((c, k), _)| *c == cf && k.starts_with(prefix))
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix`, if any.
+pub(crate) fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut s = prefix.to_vec();
+    while let Some(last) = s.pop() {
+        if last < 0xff {
+            s.push(last + 1);
+            return Some(s);
+        }
+    }
+    None
+}
+
+fn visit_all(items: Vec<(Vec<u8>, Vec<u8>)>, visit: &mut Visitor<'_>) -> Result<()> {
+    for (k, v) in items {
+        if !visit(&k, &v)? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+impl KvRead for MemSnapshot {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.0.get(&(cf, key.to_vec())).cloned())
+    }
+    fn scan_from(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        start: &[u8],
+        visit: &mut Visitor<'_>,
+    ) -> Result<()> {
+        visit_all(mem_scan(&self.0, cf, prefix, start, false), visit)
+    }
+    fn scan_rev(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        before: &[u8],
+        visit: &mut Visitor<'_>,
+    ) -> Result<()> {
+        visit_all(mem_scan(&self.0, cf, prefix, before, true), visit)
+    }
 }
 
 impl MemKv {
@@ -161,7 +279,62 @@ impl MemKv {
     }
     /// A deep copy of the current contents (to compare states in tests).
     pub fn snapshot(&self) -> BTreeMap<(Cf, Vec<u8>), Vec<u8>> {
-        self.data.read().map(|d| d.clone()).unwrap_or_default()
+        self.data
+            .read()
+            .map(|d| d.as_ref().clone())
+            .unwrap_or_default()
+    }
+    /// A point-in-time view.
+    pub fn view(&self) -> Result<MemSnapshot> {
+        Ok(MemSnapshot(
+            self.data.read().map_err(|_| poisoned())?.clone(),
+        ))
+    }
+
+    /// Runs `body` optimistically on a snapshot taken when it starts (so it
+    /// reads one consistent state), recording every read; then, under the
+    /// commit lock, the reads are replayed against the current state. Any
+    /// difference is [`Error::Conflict`] — also when the body failed, since
+    /// its error may come from the stale state — else the sealed batch is
+    /// applied by `apply`.
+    fn transact_with(
+        &self,
+        body: &mut TxnBody<'_>,
+        apply: &mut dyn FnMut(&mut MemMap, Batch) -> Result<()>,
+    ) -> Result<()> {
+        let snap = self.view()?;
+        let rec = Recording::new(&snap);
+        let result = body(&rec);
+        let reads = rec.into_reads();
+        drop(snap);
+        let mut guard = self.data.write().map_err(|_| poisoned())?;
+        let mut batch = {
+            let now = MemSnapshot(guard.clone());
+            let conflict = first_conflict(&reads, &now)?;
+            let mut batch = match (result, conflict) {
+                (_, Some(what)) => return Err(Error::Conflict { what, tries: 1 }),
+                (Err(e), None) => return Err(e),
+                (Ok(b), None) => b,
+            };
+            if batch.is_empty() {
+                return Ok(());
+            }
+            seal(&mut batch, &mut |k| {
+                Ok(now
+                    .0
+                    .get(&(Cf::Meta, k.to_vec()))
+                    .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                    .map(u64::from_le_bytes)
+                    .unwrap_or(0))
+            })?;
+            batch
+        };
+        apply(Arc::make_mut(&mut guard), std::mem::take(&mut batch))?;
+        drop(guard);
+        let mut n = self.commits.count.lock().map_err(|_| poisoned())?;
+        *n += 1;
+        self.commits.changed.notify_all();
+        Ok(())
     }
     /// Number of keys in one column family.
     pub fn count(&self, cf: Cf) -> usize {
@@ -176,6 +349,7 @@ fn poisoned() -> Error {
     Error::Kv("in-memory database lock poisoned".into())
 }
 
+/// Live reads of the current state (each read sees the latest commit).
 impl KvRead for MemKv {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let d = self.data.read().map_err(|_| poisoned())?;
@@ -190,46 +364,88 @@ impl KvRead for MemKv {
         visit: &mut Visitor<'_>,
     ) -> Result<()> {
         // Copy the matching range first so the visitor may call back into the store.
-        let items: Vec<(Vec<u8>, Vec<u8>)> = {
+        let items = {
             let d = self.data.read().map_err(|_| poisoned())?;
-            let from = if start.is_empty() { prefix } else { start };
-            d.range((cf, from.to_vec())..)
-                .take_while(|((c, k), _)| *c == cf && k.starts_with(prefix))
-                .map(|((_, k), v)| (k.clone(), v.clone()))
-                .collect()
+            mem_scan(&d, cf, prefix, start, false)
         };
-        for (k, v) in items {
-            if !visit(&k, &v)? {
-                break;
+        visit_all(items, visit)
+    }
+
+    fn scan_rev(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        before: &[u8],
+        visit: &mut Visitor<'_>,
+    ) -> Result<()> {
+        let items = {
+            let d = self.data.read().map_err(|_| poisoned())?;
+            mem_scan(&d, cf, prefix, before, true)
+        };
+        visit_all(items, visit)
+    }
+}
+
+fn apply_ops(d: &mut MemMap, batch: Batch) {
+    for op in batch.ops {
+        match op {
+            Op::Put(cf, k, v) => {
+                d.insert((cf, k), v);
+            }
+            Op::Delete(cf, k) => {
+                d.remove(&(cf, k));
             }
         }
-        Ok(())
     }
 }
 
 impl KvWrite for MemKv {
     fn write(&self, batch: Batch) -> Result<()> {
         let mut d = self.data.write().map_err(|_| poisoned())?;
-        for op in batch.ops {
-            match op {
-                Op::Put(cf, k, v) => {
-                    d.insert((cf, k), v);
-                }
-                Op::Delete(cf, k) => {
-                    d.remove(&(cf, k));
-                }
-            }
-        }
+        apply_ops(Arc::make_mut(&mut d), batch);
+        drop(d);
+        let mut n = self.commits.count.lock().map_err(|_| poisoned())?;
+        *n += 1;
+        self.commits.changed.notify_all();
+        Ok(())
+    }
+}
+
+/// Wake-ups of a [`MemKv`]: its commit counter's condition variable.
+struct MemChanges {
+    commits: Arc<Commits>,
+    seen: u64,
+}
+
+impl ChangeSource for MemChanges {
+    fn wait(&mut self, timeout: Duration) -> Result<()> {
+        let n = self.commits.count.lock().map_err(|_| poisoned())?;
+        let (n, _) = self
+            .commits
+            .changed
+            .wait_timeout_while(n, timeout, |n| *n == self.seen)
+            .map_err(|_| poisoned())?;
+        self.seen = *n;
         Ok(())
     }
 }
 
 impl Backend for MemKv {
     fn open_read(&self) -> Result<Arc<dyn KvRead>> {
-        Ok(Arc::new(self.clone()))
+        Ok(Arc::new(self.view()?))
     }
-    fn open_write(&self) -> Result<Box<dyn KvWrite>> {
-        Ok(Box::new(self.clone()))
+    fn transact(&self, body: &mut TxnBody<'_>) -> Result<()> {
+        self.transact_with(body, &mut |d, b| {
+            apply_ops(d, b);
+            Ok(())
+        })
+    }
+    fn change_source(&self) -> Result<Box<dyn ChangeSource>> {
+        let seen = *self.commits.count.lock().map_err(|_| poisoned())?;
+        Ok(Box::new(MemChanges {
+            commits: self.commits.clone(),
+            seen,
+        }))
     }
 }
 
@@ -272,24 +488,35 @@ impl KvRead for CrashingKv {
     ) -> Result<()> {
         self.inner.scan_from(cf, prefix, start, visit)
     }
-}
-
-impl KvWrite for CrashingKv {
-    fn write(&self, batch: Batch) -> Result<()> {
-        let n = self.writes.fetch_add(1, Ordering::SeqCst);
-        if n >= self.fail_at {
-            return Err(Error::Injected("batch write"));
-        }
-        self.inner.write(batch)
+    fn scan_rev(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        before: &[u8],
+        visit: &mut Visitor<'_>,
+    ) -> Result<()> {
+        self.inner.scan_rev(cf, prefix, before, visit)
     }
 }
 
 impl Backend for CrashingKv {
     fn open_read(&self) -> Result<Arc<dyn KvRead>> {
-        Ok(Arc::new(self.inner.clone()))
+        self.inner.open_read()
     }
-    fn open_write(&self) -> Result<Box<dyn KvWrite>> {
-        Ok(Box::new(self.clone()))
+    fn transact(&self, body: &mut TxnBody<'_>) -> Result<()> {
+        let writes = self.writes.clone();
+        let fail_at = self.fail_at;
+        self.inner.transact_with(body, &mut |d, b| {
+            let n = writes.fetch_add(1, Ordering::SeqCst);
+            if n >= fail_at {
+                return Err(Error::Injected("batch write"));
+            }
+            apply_ops(d, b);
+            Ok(())
+        })
+    }
+    fn change_source(&self) -> Result<Box<dyn ChangeSource>> {
+        self.inner.change_source()
     }
 }
 
@@ -312,10 +539,18 @@ mod rocks {
     /// Average table size below which a family counts as fragmented.
     const SMALL_TABLE: u64 = 1 << 20;
 
-    /// RocksDB in a directory.
+    /// RocksDB in a directory. One process at a time may open RocksDB
+    /// read-write, so this backend serializes transactions with a lock of
+    /// its own (an exclusive `flock` on the repository's `lock` file, naming
+    /// its holder), opens the database read-write inside it, runs the body
+    /// on the latest state and commits: no conflict can occur, and no other
+    /// layer takes a lock around it.
     pub struct RocksBackend {
         path: PathBuf,
         cache: Cache,
+        lock_dir: PathBuf,
+        lock_timeout: std::time::Duration,
+        holder: String,
     }
 
     impl std::fmt::Debug for RocksBackend {
@@ -331,12 +566,33 @@ mod rocks {
     }
 
     impl RocksBackend {
-        /// A backend for the database at `path` (created by `open_write` if missing).
-        pub fn new(path: impl Into<PathBuf>) -> Self {
+        /// A backend for the database at `path` (created by the first
+        /// transaction if missing), serialized by the lock file in
+        /// `lock_dir`, waiting at most `lock_timeout` for it; `holder`
+        /// describes this process to other waiters.
+        pub fn new(
+            path: impl Into<PathBuf>,
+            lock_dir: impl Into<PathBuf>,
+            lock_timeout: std::time::Duration,
+            holder: impl Into<String>,
+        ) -> Self {
             Self {
                 path: path.into(),
                 cache: Cache::new_lru_cache(64 << 20),
+                lock_dir: lock_dir.into(),
+                lock_timeout,
+                holder: holder.into(),
             }
+        }
+
+        fn open_rw(&self) -> Result<RocksKv> {
+            let opts = self.db_options();
+            let db = DB::open_cf_descriptors(&opts, &self.path, self.descriptors())
+                .map_err(|e| kv_err(&self.path, e))?;
+            Ok(RocksKv {
+                db,
+                path: self.path.clone(),
+            })
         }
 
         fn cf_options(&self, cf: Cf) -> Options {
@@ -422,6 +678,42 @@ mod rocks {
                 let (k, v) = item.map_err(|e| kv_err(&self.path, e))?;
                 if !k.starts_with(prefix) {
                     break;
+                }
+                if !visit(&k, &v)? {
+                    break;
+                }
+            }
+            Ok(())
+        }
+
+        fn scan_rev(
+            &self,
+            cf: Cf,
+            prefix: &[u8],
+            before: &[u8],
+            visit: &mut Visitor<'_>,
+        ) -> Result<()> {
+            let h = self.cf(cf)?;
+            let bound = if before.is_empty() {
+                prefix_successor(prefix)
+            } else {
+                Some(before.to_vec())
+            };
+            let mode = match &bound {
+                // Positions at the last key <= bound.
+                Some(b) => IteratorMode::From(b, Direction::Reverse),
+                None => IteratorMode::End,
+            };
+            for item in self.db.iterator_cf(h, mode) {
+                let (k, v) = item.map_err(|e| kv_err(&self.path, e))?;
+                if bound.as_deref().is_some_and(|b| &*k >= b) {
+                    continue;
+                }
+                if !k.starts_with(prefix) {
+                    if &*k < prefix {
+                        break;
+                    }
+                    continue;
                 }
                 if !visit(&k, &v)? {
                     break;
@@ -537,14 +829,77 @@ mod rocks {
             ))
         }
 
-        fn open_write(&self) -> Result<Box<dyn KvWrite>> {
-            let opts = self.db_options();
-            let db = DB::open_cf_descriptors(&opts, &self.path, self.descriptors())
-                .map_err(|e| kv_err(&self.path, e))?;
-            Ok(Box::new(RocksKv {
-                db,
-                path: self.path.clone(),
+        fn transact(&self, body: &mut TxnBody<'_>) -> Result<()> {
+            let lock =
+                crate::lock::WriteLock::acquire(&self.lock_dir, self.lock_timeout, &self.holder)?;
+            let start = crate::store::now_ms();
+            let w = self.open_rw()?;
+            let result = body(&w);
+            let end = crate::store::now_ms();
+            // Nobody could write while this lock was held: record a long hold
+            // so that leases are not judged expired because of it.
+            let stalled = end - start > crate::txn::STALL_MIN_MS;
+            let mut batch = match result {
+                Ok(b) => b,
+                Err(e) => {
+                    if stalled {
+                        let mut b = Batch::default();
+                        if crate::txn::record_stall(&w, &mut b, start, end).is_ok()
+                            && seal(&mut b, &mut |k| crate::txn::counter_in(&w, k)).is_ok()
+                        {
+                            let _ = w.write(b);
+                        }
+                    }
+                    return Err(e);
+                }
+            };
+            if stalled {
+                crate::txn::record_stall(&w, &mut batch, start, end)?;
+            }
+            seal(&mut batch, &mut |k| crate::txn::counter_in(&w, k))?;
+            if !batch.is_empty() {
+                w.write(batch)?;
+            }
+            drop(w);
+            drop(lock);
+            Ok(())
+        }
+
+        fn change_source(&self) -> Result<Box<dyn ChangeSource>> {
+            use notify::Watcher;
+            let (tx, rx) = std::sync::mpsc::channel();
+            let mut watcher =
+                notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                    if let Ok(ev) = res {
+                        if !matches!(ev.kind, notify::EventKind::Access(_)) {
+                            let _ = tx.send(());
+                        }
+                    }
+                })
+                .map_err(|e| Error::Kv(format!("watch {}: {e}", self.path.display())))?;
+            watcher
+                .watch(&self.path, notify::RecursiveMode::NonRecursive)
+                .map_err(|e| Error::Kv(format!("watch {}: {e}", self.path.display())))?;
+            Ok(Box::new(DirChanges {
+                _watcher: watcher,
+                rx,
             }))
+        }
+    }
+
+    /// Wake-ups of a RocksDB directory: every commit writes its log there.
+    struct DirChanges {
+        _watcher: notify::RecommendedWatcher,
+        rx: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl ChangeSource for DirChanges {
+        fn wait(&mut self, timeout: std::time::Duration) -> Result<()> {
+            if self.rx.recv_timeout(timeout).is_ok() {
+                // One commit writes several files: take them as one wake-up.
+                while self.rx.try_recv().is_ok() {}
+            }
+            Ok(())
         }
     }
 }
@@ -574,11 +929,24 @@ mod tests {
     #[test]
     fn crashing_kv_fails_from_the_given_write() {
         let kv = CrashingKv::new(MemKv::new(), 1);
-        let w = kv.open_write().unwrap();
         let mut b = Batch::default();
         b.put(Cf::Meta, b"k".to_vec(), b"1".to_vec());
-        w.write(b.clone()).unwrap();
-        assert!(matches!(w.write(b), Err(Error::Injected(_))));
+        kv.transact(&mut |_| Ok(b.clone())).unwrap();
+        let mut b2 = Batch::default();
+        b2.put(Cf::Meta, b"k".to_vec(), b"2".to_vec());
+        assert!(matches!(
+            kv.transact(&mut |_| Ok(b2.clone())),
+            Err(Error::Injected(_))
+        ));
         assert_eq!(kv.attempted(), 2);
+        // Nothing of the failed write is visible.
+        assert_eq!(
+            kv.open_read()
+                .unwrap()
+                .get(Cf::Meta, b"k")
+                .unwrap()
+                .as_deref(),
+            Some(&b"1"[..])
+        );
     }
 }

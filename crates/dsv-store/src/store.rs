@@ -22,7 +22,7 @@ use crate::config::RepoConfig;
 use crate::diff::{diff_trees, Diff};
 use crate::error::{Error, Kind, Result};
 use crate::id::{ChunkId, DraftId, HexPrefix, ObjectId, VersionId};
-use crate::kv::{Backend, Batch, Cf, KvRead, KvWrite};
+use crate::kv::{Backend, Batch, Cf, KvRead};
 use crate::object::{
     stored, DirSummary, Entry, EntryTarget, FileObject, Object, TreeNode, VersionObject,
 };
@@ -160,7 +160,7 @@ impl Store {
     /// Creates a repository in `dir` (the `.dsv` directory) with RocksDB.
     #[cfg(feature = "rocksdb")]
     pub fn init(dir: &Path, config: RepoConfig, opts: StoreOptions) -> Result<Store> {
-        let backend = Box::new(crate::kv::RocksBackend::new(dir.join(DB_DIR)));
+        let backend = Box::new(Self::rocks_backend(dir, &opts));
         Self::init_with_backend(dir, config, backend, opts)
     }
 
@@ -170,8 +170,18 @@ impl Store {
         if !dir.join(crate::config::CONFIG_FILE).exists() {
             return Err(Error::NotARepository(dir.to_path_buf()));
         }
-        let backend = Box::new(crate::kv::RocksBackend::new(dir.join(DB_DIR)));
+        let backend = Box::new(Self::rocks_backend(dir, &opts));
         Self::open_with_backend(dir, backend, opts)
+    }
+
+    #[cfg(feature = "rocksdb")]
+    fn rocks_backend(dir: &Path, opts: &StoreOptions) -> crate::kv::RocksBackend {
+        crate::kv::RocksBackend::new(
+            dir.join(DB_DIR),
+            dir,
+            opts.lock_timeout,
+            opts.holder.clone(),
+        )
     }
 
     /// Creates a repository with any backend.
@@ -187,9 +197,7 @@ impl Store {
         }
         std::fs::create_dir_all(dir.join(PACKS_DIR))
             .map_err(|e| Error::io("create", dir.join(PACKS_DIR), e))?;
-        {
-            let _lock = crate::lock::WriteLock::acquire(dir, opts.lock_timeout, &opts.holder)?;
-            let w = backend.open_write()?;
+        backend.transact(&mut |_kv| {
             let mut b = Batch::default();
             b.put(
                 Cf::Meta,
@@ -207,8 +215,8 @@ impl Store {
                 tree::empty_tree_id().as_bytes().to_vec(),
                 stored::wrap(&empty, config.compression_level),
             );
-            w.write(b)?;
-        }
+            Ok(b)
+        })?;
         // Best effort: a disk too full for it gets it at a later write.
         ensure_reserve(dir);
         // The config file is written last: its presence marks a complete repository.
@@ -300,6 +308,19 @@ impl Store {
         Ok(())
     }
 
+    /// Watches keyspaces ([`crate::txn::keyspace_of`], e.g.
+    /// `txn::app_keyspace(b"tq/")`): the subscription's `wait` returns as
+    /// soon as a commit by any process changed one of them.
+    pub fn subscribe(&self, keyspaces: &[String]) -> Result<crate::txn::Subscription<'_>> {
+        crate::txn::Subscription::new(self, self.backend.change_source()?, keyspaces.to_vec())
+    }
+
+    /// Write stalls (intervals in which the metadata store refused every
+    /// write, e.g. a long gc holding it) that ended at or after `from_ms`.
+    pub fn stalls_since(&self, from_ms: i64) -> Result<Vec<(i64, i64)>> {
+        crate::txn::stalls_since(&*self.reader(), from_ms)
+    }
+
     pub(crate) fn pack_reader(&self) -> &PackReader {
         &self.packs
     }
@@ -307,7 +328,12 @@ impl Store {
     /// Runs one mutation: takes the write lock, opens the database
     /// read-write, lets `f` read the latest state and build a batch, applies
     /// it atomically, then refreshes the read handle.
-    pub fn write<T>(&self, f: impl FnOnce(&dyn KvRead) -> Result<(Batch, T)>) -> Result<T> {
+    ///
+    /// This is a transaction of the metadata backend: `f` may run more than
+    /// once (when a concurrent writer changed what it read), so it must not
+    /// have effects outside the batch it returns that a second run would
+    /// repeat.
+    pub fn write<T>(&self, f: impl FnMut(&dyn KvRead) -> Result<(Batch, T)>) -> Result<T> {
         let out = self.write_once(f)?;
         // Existing repositories get their reserve at their next write; one
         // whose reserve was spent gets it back once there is room.
@@ -339,23 +365,37 @@ impl Store {
         }
     }
 
-    fn write_once<T>(&self, f: impl FnOnce(&dyn KvRead) -> Result<(Batch, T)>) -> Result<T> {
-        let lock =
-            crate::lock::WriteLock::acquire(&self.dir, self.opts.lock_timeout, &self.opts.holder)?;
-        let out = {
-            let w: Box<dyn KvWrite> = self.backend.open_write()?;
-            let (batch, out) = f(&*w as &dyn KvRead).inspect_err(|e| {
-                if matches!(e, Error::ConcurrentGc(_)) {
-                    // Our read view predates that gc: a retry must see it.
-                    self.stale.store(true, std::sync::atomic::Ordering::Release);
+    fn write_once<T>(&self, mut f: impl FnMut(&dyn KvRead) -> Result<(Batch, T)>) -> Result<T> {
+        let mut tries = 0u32;
+        let out = loop {
+            tries += 1;
+            let mut out = None;
+            let r = self.backend.transact(&mut |kv| {
+                let (batch, o) = f(kv).inspect_err(|e| {
+                    if matches!(e, Error::ConcurrentGc(_)) {
+                        // Our read view predates that gc: a retry must see it.
+                        self.stale.store(true, std::sync::atomic::Ordering::Release);
+                    }
+                })?;
+                out = Some(o);
+                Ok(batch)
+            });
+            match r {
+                Ok(()) => {
+                    break out.ok_or_else(|| {
+                        Error::Kv("transaction committed without running its body".into())
+                    })?
                 }
-            })?;
-            if !batch.is_empty() {
-                w.write(batch)?;
+                Err(Error::Conflict { what, .. }) => {
+                    if tries >= crate::txn::MAX_CONFLICT_RETRIES {
+                        return Err(Error::Conflict { what, tries });
+                    }
+                    tracing::debug!("transaction conflict on {what}; retrying ({tries})");
+                    std::thread::sleep(crate::txn::conflict_backoff(tries));
+                }
+                Err(e) => return Err(e),
             }
-            out
         };
-        drop(lock);
         // Reopen the read view lazily: a command that exits after its write
         // never pays for it.
         self.stale.store(true, std::sync::atomic::Ordering::Release);
@@ -698,7 +738,7 @@ impl Store {
                 kv,
                 pending: &mut pending,
             };
-            let (root, _) = tree::apply_root(&mut w, rec.root, changes)?;
+            let (root, _) = tree::apply_root(&mut w, rec.root, changes.clone())?;
             let diff = diff_trees(&w, &rec.root, &root)?;
             let mut b = Batch::default();
             if root == rec.root {
@@ -751,7 +791,7 @@ impl Store {
     ) -> Result<Version> {
         self.write(|kv| {
             let mut b = Batch::default();
-            let v = self.finalize_batch(kv, draft, message, metadata, &mut b)?;
+            let v = self.finalize_batch(kv, draft, message, metadata.clone(), &mut b)?;
             extra(kv, &v, &mut b)?;
             Ok((b, v))
         })

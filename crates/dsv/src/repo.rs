@@ -633,8 +633,13 @@ impl Repo {
         Some(rel.as_os_str().as_encoded_bytes().to_vec())
     }
 
-    /// One atomic write whose closure may fail with porcelain errors.
-    pub(crate) fn write<T>(&self, f: impl FnOnce(&dyn KvRead) -> Result<(Batch, T)>) -> Result<T> {
+    /// One transaction whose closure may fail with porcelain errors. The
+    /// closure may run more than once (after a conflict with another
+    /// writer): it must only read and build its batch.
+    pub(crate) fn write<T>(
+        &self,
+        mut f: impl FnMut(&dyn KvRead) -> Result<(Batch, T)>,
+    ) -> Result<T> {
         let mut parked = Parked::default();
         let r = self.store.write(|kv| f(kv).map_err(|e| parked.park(e)));
         r.map_err(|e| parked.unpark(e))

@@ -1,0 +1,573 @@
+//! The metadata seam's conformance suite: every backend must pass it
+//! (RocksDB and in-memory here; a server backend adds itself the same way).
+//!
+//! - no lost update on a counter under concurrent transactions (threads, and
+//!   for RocksDB processes);
+//! - each queue entry dequeued exactly once by 8 competing workers;
+//! - snapshot isolation of a long reader;
+//! - ordered scans in both directions;
+//! - change-feed wake-ups for the watched keyspace only;
+//! - typed, retryable conflicts; write stalls recorded.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dsv_store::kv::{Backend, Batch, Cf, KvRead, KvWrite, MemKv};
+use dsv_store::{txn, Error, RepoConfig, Store, StoreOptions};
+
+const WORKERS: usize = 8;
+
+fn opts() -> StoreOptions {
+    StoreOptions {
+        lock_timeout: Duration::from_secs(120),
+        ..StoreOptions::default()
+    }
+}
+
+/// Opens one store per worker on a shared database.
+trait Factory: Sync {
+    fn open(&self) -> Store;
+}
+
+struct Mem {
+    kv: MemKv,
+    dir: tempfile::TempDir,
+}
+
+impl Mem {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = MemKv::new();
+        Store::init_with_backend(
+            &dir.path().join(".dsv"),
+            RepoConfig::default(),
+            Box::new(kv.clone()),
+            opts(),
+        )
+        .unwrap();
+        Mem { kv, dir }
+    }
+}
+
+impl Factory for Mem {
+    fn open(&self) -> Store {
+        Store::open_with_backend(
+            &self.dir.path().join(".dsv"),
+            Box::new(self.kv.clone()),
+            opts(),
+        )
+        .unwrap()
+    }
+}
+
+struct Rocks {
+    dir: tempfile::TempDir,
+}
+
+impl Rocks {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Store::init(&dir.path().join(".dsv"), RepoConfig::default(), opts()).unwrap();
+        Rocks { dir }
+    }
+    fn path(&self) -> std::path::PathBuf {
+        self.dir.path().join(".dsv")
+    }
+}
+
+impl Factory for Rocks {
+    fn open(&self) -> Store {
+        Store::open(&self.path(), opts()).unwrap()
+    }
+}
+
+fn get_u64(kv: &dyn KvRead, key: &[u8]) -> u64 {
+    kv.get(Cf::App, key)
+        .unwrap()
+        .map(|v| u64::from_le_bytes(v.try_into().unwrap()))
+        .unwrap_or(0)
+}
+
+/// One increment of `t/counter`; returns the value written. The pause
+/// between read and write widens the window in which another writer can
+/// slip in: without conflict detection, updates are lost.
+fn increment(store: &Store) -> u64 {
+    store
+        .write(|kv| {
+            let n = get_u64(kv, b"t/counter") + 1;
+            for _ in 0..200 {
+                std::thread::yield_now();
+            }
+            let mut b = Batch::default();
+            b.put(Cf::App, b"t/counter".to_vec(), n.to_le_bytes().to_vec());
+            Ok((b, n))
+        })
+        .unwrap()
+}
+
+/// Takes the first queue entry; returns its key, or `None` when empty.
+fn dequeue(store: &Store, worker: usize) -> Option<Vec<u8>> {
+    store
+        .write(|kv| {
+            let mut first = None;
+            kv.scan(Cf::App, b"q/", &mut |k, _| {
+                first = Some(k.to_vec());
+                Ok(false)
+            })?;
+            let mut b = Batch::default();
+            if let Some(k) = &first {
+                if kv
+                    .get(Cf::App, &[b"taken/".as_slice(), k].concat())?
+                    .is_some()
+                {
+                    return Err(Error::Invalid(format!("{k:?} taken twice")));
+                }
+                b.delete(Cf::App, k.clone());
+                b.put(
+                    Cf::App,
+                    [b"taken/".as_slice(), k].concat(),
+                    worker.to_le_bytes().to_vec(),
+                );
+            }
+            Ok((b, first))
+        })
+        .unwrap()
+}
+
+fn fill_queue(store: &Store, n: u64) {
+    store
+        .write(|_| {
+            let mut b = Batch::default();
+            for i in 0..n {
+                b.put(
+                    Cf::App,
+                    [b"q/".as_slice(), &i.to_be_bytes()].concat(),
+                    vec![],
+                );
+            }
+            Ok((b, ()))
+        })
+        .unwrap();
+}
+
+fn no_lost_update(f: &dyn Factory, per_worker: usize) {
+    let seen: Vec<u64> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..WORKERS)
+            .map(|_| {
+                s.spawn(|| {
+                    let store = f.open();
+                    (0..per_worker)
+                        .map(|_| increment(&store))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let total = (WORKERS * per_worker) as u64;
+    let distinct: BTreeSet<u64> = seen.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        seen.len(),
+        "two transactions wrote the same value"
+    );
+    assert_eq!(distinct, (1..=total).collect::<BTreeSet<_>>());
+    let store = f.open();
+    assert_eq!(get_u64(&*store.reader(), b"t/counter"), total);
+}
+
+fn each_entry_once(f: &dyn Factory, entries: u64) {
+    fill_queue(&f.open(), entries);
+    let taken: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..WORKERS)
+            .map(|w| {
+                s.spawn(move || {
+                    let store = f.open();
+                    let mut mine = Vec::new();
+                    while let Some(k) = dequeue(&store, w) {
+                        mine.push(k);
+                    }
+                    mine
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let distinct: BTreeSet<_> = taken.iter().cloned().collect();
+    assert_eq!(distinct.len(), taken.len(), "an entry was dequeued twice");
+    assert_eq!(distinct.len() as u64, entries, "entries lost");
+    let store = f.open();
+    let mut left = 0;
+    store
+        .reader()
+        .scan(Cf::App, b"q/", &mut |_, _| {
+            left += 1;
+            Ok(true)
+        })
+        .unwrap();
+    assert_eq!(left, 0);
+}
+
+fn snapshot_isolation(f: &dyn Factory) {
+    let store = f.open();
+    let put = |k: &[u8], v: &[u8]| {
+        let (k, v) = (k.to_vec(), v.to_vec());
+        store
+            .write(move |_| {
+                let mut b = Batch::default();
+                b.put(Cf::App, k.clone(), v.clone());
+                Ok((b, ()))
+            })
+            .unwrap();
+    };
+    put(b"s/a", b"1");
+    store.refresh().unwrap();
+    let old = store.reader();
+    put(b"s/a", b"2");
+    put(b"s/b", b"new");
+    let mut keys = Vec::new();
+    old.scan(Cf::App, b"s/", &mut |k, v| {
+        keys.push((k.to_vec(), v.to_vec()));
+        Ok(true)
+    })
+    .unwrap();
+    assert_eq!(
+        keys,
+        vec![(b"s/a".to_vec(), b"1".to_vec())],
+        "old view moved"
+    );
+    assert_eq!(old.get(Cf::App, b"s/b").unwrap(), None);
+    // Another worker's fresh view, and this store's own after its writes.
+    for fresh in [f.open().reader(), store.reader()] {
+        assert_eq!(
+            fresh.get(Cf::App, b"s/a").unwrap().as_deref(),
+            Some(&b"2"[..])
+        );
+        assert_eq!(
+            fresh.get(Cf::App, b"s/b").unwrap().as_deref(),
+            Some(&b"new"[..])
+        );
+    }
+}
+
+fn ordered_scans(f: &dyn Factory) {
+    let store = f.open();
+    store
+        .write(|_| {
+            let mut b = Batch::default();
+            for k in [
+                &b"r/\x00"[..],
+                b"r/a",
+                b"r/b",
+                b"r/b\xff",
+                b"r/c",
+                b"r\xff",
+                b"r.",
+                b"r0",
+                b"\xff\xff",
+                b"\xff\xff\x01",
+            ] {
+                b.put(Cf::App, k.to_vec(), k.to_vec());
+            }
+            Ok((b, ()))
+        })
+        .unwrap();
+    let kv = store.reader();
+    let collect = |prefix: &[u8], bound: &[u8], rev: bool| {
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        let mut v = |k: &[u8], _: &[u8]| {
+            out.push(k.to_vec());
+            Ok(true)
+        };
+        if rev {
+            kv.scan_rev(Cf::App, prefix, bound, &mut v).unwrap();
+        } else {
+            kv.scan_from(Cf::App, prefix, bound, &mut v).unwrap();
+        }
+        out
+    };
+    let r: Vec<Vec<u8>> = [&b"r/\x00"[..], b"r/a", b"r/b", b"r/b\xff", b"r/c"]
+        .iter()
+        .map(|k| k.to_vec())
+        .collect();
+    assert_eq!(collect(b"r/", b"", false), r);
+    let mut rev = r.clone();
+    rev.reverse();
+    assert_eq!(collect(b"r/", b"", true), rev);
+    assert_eq!(
+        collect(b"r/", b"r/b", true),
+        vec![b"r/a".to_vec(), b"r/\x00".to_vec()]
+    );
+    assert_eq!(collect(b"r/", b"r/b", false)[0], b"r/b".to_vec());
+    assert_eq!(
+        collect(b"\xff\xff", b"", true),
+        vec![b"\xff\xff\x01".to_vec(), b"\xff\xff".to_vec()]
+    );
+    assert_eq!(
+        kv.last(Cf::App, b"r/").unwrap().map(|(k, _)| k),
+        Some(b"r/c".to_vec())
+    );
+    assert_eq!(kv.last(Cf::App, b"none/").unwrap(), None);
+}
+
+fn change_feed(f: &dyn Factory) {
+    let store = f.open();
+    let ks = txn::app_keyspace(b"q/");
+    assert_eq!(ks, "app:q/");
+    let mut sub = store.subscribe(std::slice::from_ref(&ks)).unwrap();
+    let write = |key: &'static [u8]| {
+        let other = f.open();
+        other
+            .write(|_| {
+                let mut b = Batch::default();
+                b.put(Cf::App, key.to_vec(), b"x".to_vec());
+                Ok((b, ()))
+            })
+            .unwrap();
+    };
+    // A change elsewhere does not wake it.
+    write(b"elsewhere/1");
+    assert!(!sub.wait(Duration::from_millis(300)).unwrap());
+    // A change by another writer in the watched keyspace does.
+    std::thread::scope(|s| {
+        s.spawn(|| write(b"q/1"));
+        assert!(sub.wait(Duration::from_secs(60)).unwrap());
+    });
+    // The store's view is fresh after a wake-up.
+    assert!(store.reader().get(Cf::App, b"q/1").unwrap().is_some());
+    assert_eq!(txn::keyspace_counter(&*store.reader(), &ks).unwrap(), 1);
+    assert!(txn::keyspace_counter(&*store.reader(), "app:elsewhere/").unwrap() >= 1);
+}
+
+#[test]
+fn mem_no_lost_update() {
+    no_lost_update(&Mem::new(), 50);
+}
+
+#[test]
+fn mem_each_entry_once() {
+    each_entry_once(&Mem::new(), 400);
+}
+
+#[test]
+fn mem_snapshot_isolation() {
+    snapshot_isolation(&Mem::new());
+}
+
+#[test]
+fn mem_ordered_scans() {
+    ordered_scans(&Mem::new());
+}
+
+#[test]
+fn mem_change_feed() {
+    change_feed(&Mem::new());
+}
+
+#[test]
+fn rocks_no_lost_update_threads() {
+    no_lost_update(&Rocks::new(), 10);
+}
+
+#[test]
+fn rocks_each_entry_once_threads() {
+    each_entry_once(&Rocks::new(), 120);
+}
+
+#[test]
+fn rocks_snapshot_isolation() {
+    snapshot_isolation(&Rocks::new());
+}
+
+#[test]
+fn rocks_ordered_scans() {
+    ordered_scans(&Rocks::new());
+}
+
+#[test]
+fn rocks_change_feed() {
+    change_feed(&Rocks::new());
+}
+
+/// A conflict that never resolves ends in a typed, retryable error after
+/// the bounded retries, and writes nothing.
+#[test]
+fn mem_endless_conflict_is_typed_and_retryable() {
+    let m = Mem::new();
+    let store = m.open();
+    let rogue = m.kv.clone();
+    let mut runs = 0;
+    let err = store
+        .write(|kv| {
+            runs += 1;
+            let v = kv.get(Cf::App, b"c/x")?;
+            // Another writer changes what this transaction read.
+            let mut b = Batch::default();
+            b.put(Cf::App, b"c/x".to_vec(), runs.to_string().into_bytes());
+            rogue.write(b)?;
+            let mut mine = Batch::default();
+            mine.put(Cf::App, b"c/mine".to_vec(), format!("{v:?}").into_bytes());
+            Ok((mine, ()))
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err:?}");
+    assert!(err.is_retryable());
+    assert_eq!(runs, txn::MAX_CONFLICT_RETRIES);
+    assert!(err.to_string().contains("app:c/x"), "{err}");
+    store.refresh().unwrap();
+    assert_eq!(store.reader().get(Cf::App, b"c/mine").unwrap(), None);
+}
+
+/// A transaction that holds the RocksDB backend for long records a stall
+/// covering its hold; short ones record none.
+#[test]
+fn rocks_long_hold_is_recorded_as_stall() {
+    let r = Rocks::new();
+    let store = r.open();
+    let before = dsv_store::store::now_ms();
+    store.write(|_| Ok((Batch::default(), ()))).unwrap();
+    assert!(store.stalls_since(before).unwrap().is_empty());
+    store
+        .write(|_| {
+            // The hold under test (not synchronization).
+            std::thread::sleep(Duration::from_millis(txn::STALL_MIN_MS as u64 + 200));
+            Ok((Batch::default(), ()))
+        })
+        .unwrap();
+    let after = dsv_store::store::now_ms();
+    store.refresh().unwrap();
+    let stalls = store.stalls_since(before).unwrap();
+    assert_eq!(stalls.len(), 1, "{stalls:?}");
+    let (s, e) = stalls[0];
+    assert!(
+        before <= s && e <= after && e - s > txn::STALL_MIN_MS,
+        "{stalls:?}"
+    );
+    assert_eq!(
+        txn::stalled_ms(&*store.reader(), before, after).unwrap(),
+        e - s
+    );
+}
+
+// ---- processes (RocksDB: the embedded backend's multi-process case) ----
+
+const CHILD_ENV: &str = "DSV_CONFORMANCE_CHILD";
+
+/// Runs the work of one child process (when started by a test below).
+#[test]
+#[ignore = "run as a child process by the process tests"]
+fn child_worker() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let mut parts = spec.splitn(3, ':');
+    let (what, n, path) = (
+        parts.next().unwrap(),
+        parts.next().unwrap().parse::<usize>().unwrap(),
+        parts.next().unwrap(),
+    );
+    let store = Store::open(Path::new(path), opts()).unwrap();
+    match what {
+        "inc" => {
+            let vals: Vec<String> = (0..n).map(|_| increment(&store).to_string()).collect();
+            println!("VALUES {}", vals.join(","));
+        }
+        "deq" => {
+            let mut keys = Vec::new();
+            while let Some(k) = dequeue(&store, n) {
+                keys.push(hex(&k));
+            }
+            println!("VALUES {}", keys.join(","));
+        }
+        other => panic!("unknown child work {other}"),
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn run_children(what: &str, n: usize, path: &Path) -> Vec<String> {
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let arg = if what == "deq" { w } else { n };
+            std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "child_worker",
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CHILD_ENV, format!("{what}:{arg}:{}", path.display()))
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut out = Vec::new();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "child failed: {o:?}");
+        let text = String::from_utf8(o.stdout).unwrap();
+        let line = text
+            .lines()
+            .find_map(|l| l.find("VALUES ").map(|i| &l[i + "VALUES ".len()..]))
+            .unwrap_or_else(|| panic!("no values from child: {text}"));
+        out.extend(line.split(',').filter(|s| !s.is_empty()).map(String::from));
+    }
+    out
+}
+
+#[test]
+fn rocks_processes_no_lost_update() {
+    let r = Rocks::new();
+    let per = 10;
+    let vals = run_children("inc", per, &r.path());
+    let total = (WORKERS * per) as u64;
+    let distinct: BTreeSet<u64> = vals.iter().map(|v| v.parse().unwrap()).collect();
+    assert_eq!(
+        distinct.len(),
+        vals.len(),
+        "two processes wrote the same value"
+    );
+    assert_eq!(distinct, (1..=total).collect::<BTreeSet<_>>());
+    assert_eq!(get_u64(&*r.open().reader(), b"t/counter"), total);
+}
+
+#[test]
+fn rocks_processes_each_entry_once() {
+    let r = Rocks::new();
+    let entries = 160;
+    fill_queue(&r.open(), entries);
+    let keys = run_children("deq", 0, &r.path());
+    let distinct: BTreeSet<_> = keys.iter().collect();
+    assert_eq!(distinct.len(), keys.len(), "an entry was dequeued twice");
+    assert_eq!(distinct.len() as u64, entries);
+}
+
+/// The in-memory backend's snapshots are independent of later commits
+/// even when taken through the backend directly.
+#[test]
+fn mem_backend_snapshot_is_point_in_time() {
+    let kv = MemKv::new();
+    let mut b = Batch::default();
+    b.put(Cf::App, b"k".to_vec(), b"1".to_vec());
+    kv.write(b).unwrap();
+    let snap: Arc<dyn KvRead> = kv.open_read().unwrap();
+    let mut b = Batch::default();
+    b.put(Cf::App, b"k".to_vec(), b"2".to_vec());
+    kv.transact(&mut |_| Ok(b.clone())).unwrap();
+    assert_eq!(snap.get(Cf::App, b"k").unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(
+        kv.open_read()
+            .unwrap()
+            .get(Cf::App, b"k")
+            .unwrap()
+            .as_deref(),
+        Some(&b"2"[..])
+    );
+}
