@@ -18,7 +18,10 @@ struct DryRun;
 
 impl Executor for DryRun {
     fn run(&self, ctx: &ExecContext<'_>, task: &Task) -> Finish {
-        ctx.log(&format!("would run: {}", task.command.as_deref().unwrap_or("")));
+        ctx.log(&format!(
+            "would run: {}",
+            task.command.as_deref().unwrap_or("")
+        ));
         Finish {
             status: Some(TaskStatus::Completed),
             ..Default::default()

@@ -15,7 +15,10 @@ struct Print;
 
 impl TriggerEvents for Print {
     fn fired(&self, f: &dsv::Firing) {
-        println!("{}: event #{} ({:?}): {}", f.trigger, f.event, f.kind, f.note);
+        println!(
+            "{}: event #{} ({:?}): {}",
+            f.trigger, f.event, f.kind, f.note
+        );
     }
 }
 

@@ -183,14 +183,7 @@ impl Agent {
             };
             match next {
                 Some(t) => {
-                    let done = execute(
-                        repo,
-                        &self.executors,
-                        &t,
-                        stop,
-                        o.heartbeat_every,
-                        events,
-                    )?;
+                    let done = execute(repo, &self.executors, &t, stop, o.heartbeat_every, events)?;
                     events.task_finished(&done);
                     ran.push(done.id);
                     wake.drain();

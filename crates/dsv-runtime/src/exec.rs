@@ -165,11 +165,7 @@ pub fn execute(
         scope.spawn(move || {
             // Heartbeat: a sign of life, the log so far, and abort requests.
             let mut last = std::time::Instant::now();
-            loop {
-                match finished.recv_timeout(tick) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    _ => break,
-                }
+            while let Err(mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(tick) {
                 if stop.load(Ordering::Acquire) {
                     abort_hb.store(true, Ordering::Release);
                 }

@@ -46,7 +46,9 @@ pub mod view;
 pub mod wake;
 pub mod watch;
 
-pub use agent::{agent_alive, agent_info, hostname, transient, Agent, AgentEvents, AgentOptions, AgentReport};
+pub use agent::{
+    agent_alive, agent_info, hostname, transient, Agent, AgentEvents, AgentOptions, AgentReport,
+};
 pub use command::CommandExecutor;
 pub use error::{Error, Result};
 pub use exec::{execute, run_task, ExecContext, Executor, Executors, TaskLog};

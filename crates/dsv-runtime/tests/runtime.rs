@@ -191,7 +191,9 @@ fn run_interrupted(interrupt: impl FnOnce(&Repo, &str, &AtomicBool)) -> Task {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let running = s.spawn(|| agent.run(&stop, &()));
-        let id = rx.recv_timeout(PATIENCE).expect("the executor never started");
+        let id = rx
+            .recv_timeout(PATIENCE)
+            .expect("the executor never started");
         assert_eq!(id, t.id);
         assert_eq!(repo.task(&id).unwrap().status, TaskStatus::Running);
         interrupt(&repo, &id, &stop);
@@ -332,7 +334,11 @@ fn the_trigger_loop_clones_and_enqueues_on_a_new_dataset_version() {
         threshold: None,
         action: Action::Clone {
             task: template.id.clone(),
-            overrides: [("General/dataset_id".to_string(), "${dataset.id}".to_string())].into(),
+            overrides: [(
+                "General/dataset_id".to_string(),
+                "${dataset.id}".to_string(),
+            )]
+            .into(),
             queue: "train".into(),
         },
         single_instance: false,
