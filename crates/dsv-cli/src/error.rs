@@ -138,3 +138,16 @@ impl From<dsv::Error> for CliError {
         }
     }
 }
+
+impl From<dsv_runtime::Error> for CliError {
+    fn from(e: dsv_runtime::Error) -> Self {
+        match e {
+            dsv_runtime::Error::Repo(e) => e.into(),
+            other => CliError {
+                code: if other.is_repository_problem() { 2 } else { 1 },
+                message: other.to_string(),
+                hint: None,
+            },
+        }
+    }
+}

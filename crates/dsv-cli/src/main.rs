@@ -14,7 +14,6 @@ mod repo;
 mod repo_cmds;
 mod tasks;
 mod triggers;
-mod view;
 mod watch;
 
 use std::path::PathBuf;

@@ -1,12 +1,15 @@
-//! `dsv trigger …`: rules over the event log that launch tasks or promote models.
+//! `dsv trigger …`: rules over the event log that launch tasks or promote
+//! models — arguments and rendering; the loop is `dsv_runtime::TriggerLoop`.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
-use dsv::{Action, Model, Repo, Trigger};
+use dsv::{Action, Repo, Trigger};
+use dsv_runtime::{TriggerEvents, TriggerLoop, TriggerOptions};
 
 use crate::error::CliError;
 use crate::output;
@@ -187,52 +190,25 @@ fn trigger_json(t: &Trigger) -> Value {
     serde_json::to_value(t).unwrap_or(Value::Null)
 }
 
-fn metric_of(m: &dsv_train::Metrics, name: &str) -> Option<f64> {
-    let k = name.rsplit('/').next().unwrap_or(name);
-    Some(match k {
-        "accuracy" => m.accuracy,
-        "precision" => m.precision,
-        "recall" => m.recall,
-        "f1" => m.f1,
-        "roc_auc" => m.roc_auc,
-        "log_loss" => m.log_loss,
-        _ => return None,
-    })
+/// A firing on stderr.
+pub fn print_firing(f: &dsv::Firing) {
+    eprintln!(
+        "trigger {}: event #{} ({:?}): {}",
+        f.trigger, f.event, f.kind, f.note
+    );
 }
 
-/// Evaluates a stored model on an evaluation version (hex id): `metric`'s value.
-pub fn evaluator(repo: &Repo) -> impl Fn(&Model, &str, &str) -> Option<f64> + '_ {
-    move |prod: &Model, ev: &str, metric: &str| -> Option<f64> {
-        let body: dsv_train::FittedModel =
-            serde_json::from_slice(&repo.model_body(prod).ok()?).ok()?;
-        let v = repo.resolve(ev).ok()?;
-        let t = dsv_train::load_version(
-            repo,
-            &v,
-            None,
-            &dsv_train::Columns {
-                features: &body.features,
-                label: Some(&body.label),
-            },
-        )
-        .ok()?;
-        metric_of(&body.evaluate(&t).ok()?, metric)
-    }
+/// How `dsv trigger run` shows firings: on stderr, unless `--json`.
+struct TriggerOutput {
+    json: bool,
 }
 
-/// Processes pending events once; prints firings.
-pub fn process(ctx: &Ctx, repo: &Repo) -> Result<Vec<dsv::Firing>, CliError> {
-    let eval = evaluator(repo);
-    let fired = repo.run_triggers(&eval)?;
-    if !ctx.json {
-        for f in &fired {
-            eprintln!(
-                "trigger {}: event #{} ({:?}): {}",
-                f.trigger, f.event, f.kind, f.note
-            );
+impl TriggerEvents for TriggerOutput {
+    fn fired(&self, f: &dsv::Firing) {
+        if !self.json {
+            print_firing(f);
         }
     }
-    Ok(fired)
 }
 
 /// Runs a trigger command.
@@ -353,21 +329,19 @@ pub fn trigger(ctx: &Ctx, cmd: TriggerCmd) -> Result<(), CliError> {
             Ok(())
         }
         TriggerCmd::Run(a) => {
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stop = Arc::new(AtomicBool::new(false));
             for s in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(s, stop.clone())
                     .map_err(|e| CliError::repo(format!("cannot install signal handlers: {e}")))?;
             }
-            let wake = crate::tasks::Wake::new(&repo)?;
-            let mut all = Vec::new();
-            loop {
-                repo.store().refresh()?;
-                all.extend(process(ctx, &repo)?);
-                if a.once || stop.load(std::sync::atomic::Ordering::Acquire) {
-                    break;
-                }
-                wake.wait(Duration::from_secs(1));
-            }
+            let lp = TriggerLoop::new(
+                Arc::new(repo),
+                TriggerOptions {
+                    once: a.once,
+                    ..Default::default()
+                },
+            );
+            let all = lp.run(&stop, &TriggerOutput { json: ctx.json })?;
             if ctx.json {
                 return output::json(&serde_json::to_value(&all).unwrap_or(Value::Null));
             }

@@ -1,0 +1,256 @@
+//! The agent loop: housekeeping, dequeue, run, retry, idle wait.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dsv::{AgentInfo, Firing, Repo, Task};
+
+use crate::error::Result;
+use crate::exec::{execute, Executors, HEARTBEAT_EVERY};
+use crate::wake::Wake;
+
+/// What an agent reports while it works. Every method does nothing by
+/// default; a front end implements those it shows.
+pub trait AgentEvents {
+    /// The agent starts serving `queues`.
+    fn serving(&self, _agent: &AgentInfo, _queues: &[String]) {}
+    /// A task of a dead agent was failed or requeued (its `error` says why).
+    fn reaped(&self, _task: &Task) {}
+    /// A transient error (busy repository): the agent waits and tries again.
+    fn retrying(&self, _agent: &AgentInfo, _error: &dsv::Error) {}
+    /// A trigger fired (agents with [`AgentOptions::triggers`]).
+    fn fired(&self, _firing: &Firing) {}
+    /// A task starts running here.
+    fn task_started(&self, _task: &Task) {}
+    /// Recording a task's result met a transient error; it is tried again.
+    fn result_retry(&self, _task: &Task, _error: &dsv::Error) {}
+    /// The result was refused: the run was given up on and started again
+    /// elsewhere meanwhile.
+    fn result_refused(&self, _task: &Task, _why: &str) {}
+    /// The promotion gate decided (`note` explains).
+    fn promotion(&self, _task: &Task, _note: &str) {}
+    /// A task ended (as recorded).
+    fn task_finished(&self, _task: &Task) {}
+}
+
+/// Reports nothing.
+impl AgentEvents for () {}
+
+/// How an agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Its name (default `agent-HOST-PID`).
+    pub name: Option<String>,
+    /// Queues served, oldest task first across them.
+    pub queues: Vec<String>,
+    /// Run until the queues are empty, then return (transient errors are
+    /// then returned, not waited out).
+    pub once: bool,
+    /// Return after running this many tasks.
+    pub max_tasks: Option<usize>,
+    /// A running task whose agent sent no heartbeat for this long counts as
+    /// orphaned (when the agent's process cannot be checked on this host).
+    pub dead_after: Duration,
+    /// Requeue orphaned tasks instead of failing them.
+    pub requeue_dead: bool,
+    /// Also process triggers (the whole retraining loop in one process).
+    pub triggers: bool,
+    /// Longest idle wait between looks at the queues when nothing changes
+    /// (reaping and stop flags are checked this often).
+    pub idle_wait: Duration,
+    /// How often a running task's heartbeat stores its log and looks for an
+    /// abort request.
+    pub heartbeat_every: Duration,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            name: None,
+            queues: vec!["default".into()],
+            once: false,
+            max_tasks: None,
+            dead_after: Duration::from_secs(30),
+            requeue_dead: false,
+            triggers: false,
+            idle_wait: Duration::from_secs(1),
+            heartbeat_every: HEARTBEAT_EVERY,
+        }
+    }
+}
+
+/// What an agent did.
+#[derive(Debug, Clone)]
+pub struct AgentReport {
+    /// Who it was.
+    pub agent: AgentInfo,
+    /// The tasks it ran, in order.
+    pub ran: Vec<String>,
+}
+
+/// An agent: runs queued tasks with its [`Executors`].
+pub struct Agent {
+    repo: Arc<Repo>,
+    options: AgentOptions,
+    executors: Executors,
+    me: AgentInfo,
+}
+
+impl Agent {
+    /// An agent over `repo` with the default executors.
+    pub fn new(repo: Arc<Repo>, options: AgentOptions) -> Agent {
+        let me = agent_info(options.name.clone());
+        Agent {
+            repo,
+            options,
+            executors: Executors::default(),
+            me,
+        }
+    }
+    /// Runs tasks of `kind` with `executor` (replacing a default one).
+    pub fn register(&mut self, kind: &str, executor: impl crate::Executor + 'static) -> &mut Self {
+        self.executors.register(kind, executor);
+        self
+    }
+    /// Replaces the whole registry.
+    pub fn with_executors(mut self, executors: Executors) -> Agent {
+        self.executors = executors;
+        self
+    }
+    /// Who this agent is, as tasks record it.
+    pub fn info(&self) -> &AgentInfo {
+        &self.me
+    }
+    /// The repository.
+    pub fn repo(&self) -> &Arc<Repo> {
+        &self.repo
+    }
+
+    /// Runs queued tasks until `stop` is set (a running task is then
+    /// aborted), or — with [`AgentOptions::once`] — until the queues are
+    /// empty, or [`AgentOptions::max_tasks`] ran.
+    pub fn run(&self, stop: &AtomicBool, events: &dyn AgentEvents) -> Result<AgentReport> {
+        let repo = &*self.repo;
+        let o = &self.options;
+        let me = &self.me;
+        // Wake on any change of the database (an enqueue by another process).
+        let wake = Wake::new(repo)?;
+        events.serving(me, &o.queues);
+        let mut ran = Vec::new();
+        loop {
+            if o.max_tasks.is_some_and(|m| ran.len() >= m) {
+                break;
+            }
+            // A long-running agent outlives a busy repository (a lock
+            // timeout while a gc runs) instead of exiting: it waits and
+            // tries again.
+            let housekeeping = (|| -> Result<(), dsv::Error> {
+                repo.store().refresh()?;
+                let reaped = repo.reap_dead_tasks(
+                    &agent_alive,
+                    o.dead_after.as_millis() as i64,
+                    o.requeue_dead,
+                )?;
+                for t in reaped {
+                    events.reaped(&t);
+                }
+                Ok(())
+            })();
+            match housekeeping {
+                Err(e) if transient(&e) && !o.once => {
+                    events.retrying(me, &e);
+                    wake.wait(o.idle_wait);
+                    continue;
+                }
+                r => r?,
+            }
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            if o.triggers {
+                for f in crate::triggers::process(repo)? {
+                    events.fired(&f);
+                }
+            }
+            let next = match repo.dequeue(&o.queues, me) {
+                Err(e) if transient(&e) && !o.once => {
+                    events.retrying(me, &e);
+                    wake.wait(o.idle_wait);
+                    continue;
+                }
+                r => r?,
+            };
+            match next {
+                Some(t) => {
+                    let done = execute(repo, &self.executors, &t, stop, o.heartbeat_every, events)?;
+                    events.task_finished(&done);
+                    ran.push(done.id);
+                    wake.drain();
+                }
+                None if o.once => break,
+                // Block until the database changes (or the idle bound
+                // passes, for heartbeats of dead agents and the stop flag).
+                None => wake.wait(o.idle_wait),
+            }
+        }
+        Ok(AgentReport {
+            agent: me.clone(),
+            ran,
+        })
+    }
+}
+
+/// A failure that waiting cures: the write lock stayed busy past its
+/// timeout, or a gc ran between reading and writing.
+pub fn transient(e: &dsv::Error) -> bool {
+    matches!(
+        e,
+        dsv::Error::Store(dsv_store::Error::LockTimeout { .. } | dsv_store::Error::ConcurrentGc(_))
+    )
+}
+
+/// This host's name (`localhost` when unknown).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// This process as an agent named `name` (default `agent-HOST-PID`).
+pub fn agent_info(name: Option<String>) -> AgentInfo {
+    let host = hostname();
+    let pid = std::process::id();
+    AgentInfo {
+        name: name.unwrap_or_else(|| format!("agent-{host}-{pid}")),
+        host,
+        pid,
+    }
+}
+
+/// The short name (`comm`) of process `pid`.
+fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|c| c.trim().to_string())
+}
+
+/// Whether an agent process lives — only knowable on this host (`None`
+/// elsewhere). A zombie has exited; a pid now used by a program other than
+/// `dsv` or this very program was reused after the agent died.
+pub fn agent_alive(a: &AgentInfo) -> Option<bool> {
+    if a.host != hostname() {
+        return None;
+    }
+    match std::fs::read_to_string(format!("/proc/{}/stat", a.pid)) {
+        Ok(s) => Some(
+            s.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+                .unwrap_or(true)
+                && comm(a.pid)
+                    .map(|c| c == "dsv" || Some(&c) == comm(std::process::id()).as_ref())
+                    .unwrap_or(true),
+        ),
+        Err(_) => Some(false),
+    }
+}
