@@ -17,7 +17,7 @@ PEERS="${PEERS:-restic borg dvc}"
 SCENARIOS="${SCENARIOS:-binary csv small}"
 TARGET="${CARGO_TARGET_DIR:-target}"
 cargo build --release -q -p dsv-cli -p dsv-benches
-DSV="$TARGET/release/dsv"
+DSV="${DSV:-$TARGET/release/dsv}"  # DSV=path: compare another build
 GEN="$TARGET/release/dsv-gen"
 TIME=/usr/bin/time
 mkdir -p "$WORK"

@@ -12,7 +12,7 @@ VERSIONS="${VERSIONS:-10000}"
 SIZES="${SIZES:-25000 100000}"
 TARGET="${CARGO_TARGET_DIR:-target}"
 cargo build --release -q -p dsv-cli -p dsv-benches
-DSV="$TARGET/release/dsv"
+DSV="${DSV:-$TARGET/release/dsv}"  # DSV=path: measure another build
 GEN="$TARGET/release/dsv-gen"
 SCALE="$TARGET/release/dataset-scale"
 command -v hyperfine >/dev/null || { echo "needs hyperfine (apt-get install hyperfine)" >&2; exit 1; }

@@ -9,8 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${1:-10}"
 TARGET="${CARGO_TARGET_DIR:-target}"
-cargo build --release -q -p dsv-cli
-DSV="$(cd "$TARGET/release" && pwd)/dsv"
+# DSV=path: measure another build (then nothing is built).
+if [ -z "${DSV:-}" ]; then
+  cargo build --release -q -p dsv-cli
+  DSV="$(cd "$TARGET/release" && pwd)/dsv"
+fi
 DATA="$(cd "${DSV_OCCUPANCY:-../shared/data/occupancy}" && pwd)"
 WORK="$(mktemp -d)"
 trap 'kill $AGENT 2>/dev/null || true; rm -rf "$WORK"' EXIT

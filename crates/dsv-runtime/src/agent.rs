@@ -135,7 +135,7 @@ impl Agent {
         let o = &self.options;
         let me = &self.me;
         // Wake on any change of the database (an enqueue by another process).
-        let wake = Wake::new(repo)?;
+        let mut wake = Wake::new(repo, &crate::wake::agent_keyspaces())?;
         events.serving(me, &o.queues);
         let mut ran = Vec::new();
         loop {
@@ -201,12 +201,13 @@ impl Agent {
     }
 }
 
-/// A failure that waiting cures: the write lock stayed busy past its
-/// timeout, or a gc ran between reading and writing.
+/// A failure that waiting cures: a retryable store error (the write lock
+/// busy past its timeout, a gc between reading and writing, a transaction
+/// that kept conflicting, an unavailable backend).
 pub fn transient(e: &dsv::Error) -> bool {
     matches!(
         e,
-        dsv::Error::Store(dsv_store::Error::LockTimeout { .. } | dsv_store::Error::ConcurrentGc(_))
+        dsv::Error::Store(s) if s.is_retryable()
     )
 }
 

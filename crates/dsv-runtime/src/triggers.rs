@@ -60,7 +60,7 @@ impl TriggerLoop {
     /// [`TriggerOptions::once`]); returns every firing.
     pub fn run(&self, stop: &AtomicBool, events: &dyn TriggerEvents) -> Result<Vec<Firing>> {
         let repo = &*self.repo;
-        let wake = Wake::new(repo)?;
+        let mut wake = Wake::new(repo, &crate::wake::trigger_keyspaces())?;
         let mut all = Vec::new();
         loop {
             repo.store().refresh()?;
