@@ -492,11 +492,8 @@ fn hostname() -> String {
 fn agent_info(name: Option<String>) -> AgentInfo {
     let host = hostname();
     let pid = std::process::id();
-    AgentInfo {
-        name: name.unwrap_or_else(|| format!("agent-{host}-{pid}")),
-        host,
-        pid,
-    }
+    let name = name.unwrap_or_else(|| format!("agent-{host}-{pid}"));
+    AgentInfo::new(name, host, pid)
 }
 
 /// Whether an agent process lives (only knowable on this host).

@@ -653,7 +653,7 @@ impl Repo {
                         );
                     } else {
                         let mut c = src.child(&src.name, params);
-                        crate::task::queue_batch(&mut b, &mut c, queue);
+                        crate::task::queue_batch(&mut b, None, &mut c, queue);
                         crate::task::status_event(&mut ev, &mut b, &c);
                         f.task = Some(c.id.clone());
                         f.note = format!("launched {} on '{queue}'", &c.id[..12]);
