@@ -199,3 +199,22 @@ pub fn index_problems(kv: &dyn KvRead) -> Result<Vec<String>> {
     );
     Ok(out)
 }
+
+impl crate::repo::Repo {
+    /// [`index_problems`] of this repository (for `fsck`).
+    pub fn index_problems(&self) -> Result<Vec<String>> {
+        index_problems(&*self.store().reader())
+    }
+
+    /// Rebuilds the secondary indexes from the records in one write (the
+    /// upgrade, `fsck --repair`); returns how many entries it put or
+    /// deleted (0 when they were right). Computed inside the write, so a
+    /// concurrent task or model change cannot slip between.
+    pub fn rebuild_indexes(&self) -> Result<usize> {
+        self.write(|kv| {
+            let b = backfill_indexes(kv)?;
+            let n = b.ops.len();
+            Ok((b, n))
+        })
+    }
+}

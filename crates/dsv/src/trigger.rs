@@ -344,9 +344,9 @@ impl Repo {
     ) -> Result<Decision> {
         let new = self.model(new_id)?;
         let prod = self
-            .models(Some("production"))?
+            .models_in(Some(&new.project), Some("production"))?
             .into_iter()
-            .find(|m| m.project == new.project && m.id != new.id);
+            .find(|m| m.id != new.id);
         let Some(s) = new.metrics.get(metric).copied() else {
             return Ok((
                 new.id,

@@ -722,11 +722,90 @@ fn an_index_entry_without_its_record_is_named() {
     assert!(problems
         .iter()
         .all(|p| p.starts_with("stale") && p.contains(&t.id)));
-    let fix = dsv::index::backfill_indexes(&*kv).unwrap();
     drop(kv);
-    repo.store().write(|_| Ok((fix, ()))).unwrap();
+    assert_eq!(repo.rebuild_indexes().unwrap(), 2);
+    assert_eq!(repo.rebuild_indexes().unwrap(), 0, "idempotent");
+    assert!(repo.index_problems().unwrap().is_empty());
     assert!(repo
         .tasks(None, Some(TaskStatus::Queued))
         .unwrap()
         .is_empty());
+}
+
+type Hook = Arc<std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>>;
+
+/// A backend that runs a hook once, right after the first read of a task
+/// record (returning what it read before the hook ran): another process
+/// acting between a reader's look and its write.
+#[derive(Clone, Default)]
+struct Interleaved {
+    inner: MemKv,
+    hook: Hook,
+}
+
+impl KvRead for Interleaved {
+    fn get(&self, cf: Cf, key: &[u8]) -> dsv_store::Result<Option<Vec<u8>>> {
+        let seen = self.inner.get(cf, key)?;
+        if key.starts_with(dsv::keys::TASK) {
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(h) = hook {
+                h();
+            }
+        }
+        Ok(seen)
+    }
+    fn scan_from(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        start: &[u8],
+        visit: &mut Visitor<'_>,
+    ) -> dsv_store::Result<()> {
+        self.inner.scan_from(cf, prefix, start, visit)
+    }
+}
+
+impl KvWrite for Interleaved {
+    fn write(&self, batch: Batch) -> dsv_store::Result<()> {
+        self.inner.write(batch)
+    }
+}
+
+impl Backend for Interleaved {
+    fn open_read(&self) -> dsv_store::Result<Arc<dyn KvRead>> {
+        Ok(Arc::new(self.clone()))
+    }
+    fn open_write(&self) -> dsv_store::Result<Box<dyn KvWrite>> {
+        Ok(Box::new(self.clone()))
+    }
+}
+
+#[test]
+fn a_renewal_between_a_reapers_look_and_its_write_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let kv = Interleaved::default();
+    let repo = Arc::new(repo_on(dir.path(), Box::new(kv.clone())));
+    queued(&repo, "p");
+    let a = AgentInfo::new("a", "h", 1);
+    let t0 = 6_000_000;
+    let t = repo.dequeue_at(&q(), &a, TTL, t0).unwrap().unwrap();
+    let run = t.lease.clone().unwrap().run;
+    // The reaper sees the lease expired; before it writes, the run renews.
+    let (r, id, run2) = (repo.clone(), t.id.clone(), run.clone());
+    *kv.hook.lock().unwrap() = Some(Box::new(move || {
+        let beat = r.heartbeat_lease(&id, &run2, "", t0 + TTL + 5).unwrap();
+        assert_eq!(beat, Beat::Continue);
+    }));
+    let reaped = repo
+        .reap_expired_at(t0 + TTL + 1, true, &|_| false, TTL)
+        .unwrap();
+    assert!(kv.hook.lock().unwrap().is_none(), "the renewal ran");
+    assert!(reaped.is_empty(), "{reaped:?}");
+    let now = repo.task(&t.id).unwrap();
+    assert_eq!(now.status, TaskStatus::Running);
+    assert_eq!(now.lease.unwrap().expires_ms, t0 + 2 * TTL + 5);
+    assert_eq!(
+        repo.heartbeat_lease(&t.id, &run, "", t0 + TTL + 6).unwrap(),
+        Beat::Continue
+    );
 }
