@@ -207,7 +207,8 @@ pub fn stall_overlap_ms(stalls: &[(i64, i64)], from: i64, to: i64) -> i64 {
 
 /// Milliseconds within `[from, to]` during which the metadata store refused
 /// every write (write-stall records).
-// wired by the lead to Store::stalls_since:
+// wired by the lead to Store::stalls_since (called before and inside the
+// reap's write: it must not take the write lock):
 // `Ok(stall_overlap_ms(&store.stalls_since(from)?, from, to))`
 fn stalled_ms(_store: &dsv_store::Store, _from: i64, _to: i64) -> Result<i64> {
     Ok(0)
@@ -968,17 +969,34 @@ impl Repo {
         dead_here: &dyn Fn(&AgentInfo) -> bool,
         legacy_ttl_ms: i64,
     ) -> Result<Vec<Task>> {
-        let mut doomed = Vec::new();
-        for t in self.tasks(None, Some(TaskStatus::Running))? {
-            let Some(lease) = effective_lease(&t, legacy_ttl_ms) else {
-                continue;
+        let stalls = |from: i64, to: i64| stalled_ms(self.store(), from, to);
+        self.reap_expired_with(now_ms, requeue, dead_here, legacy_ttl_ms, &stalls)
+    }
+
+    /// [`Repo::reap_expired_at`] with `stalls(from, to)` telling how long
+    /// the store refused every write within `[from, to]` (instead of the
+    /// store's stall records): asked when judging a task and again, inside
+    /// the write, before reaping it.
+    pub fn reap_expired_with(
+        &self,
+        now_ms: i64,
+        requeue: bool,
+        dead_here: &dyn Fn(&AgentInfo) -> bool,
+        legacy_ttl_ms: i64,
+        stalls: &dyn Fn(i64, i64) -> Result<i64>,
+    ) -> Result<Vec<Task>> {
+        // The verdict on a running task's current record: expired (store
+        // stalls since its renewal do not count) or provably dead here.
+        let judge = |t: &Task| -> Result<Option<String>> {
+            let Some(lease) = effective_lease(t, legacy_ttl_ms) else {
+                return Ok(None);
             };
             let who = match &t.agent {
                 Some(a) => format!("agent '{}' (pid {} on {})", a.name, a.pid, a.host),
                 None => "its agent".to_string(),
             };
-            let stalled = stalled_ms(self.store(), lease.renewed_ms, now_ms)?;
-            let why = if lease.expired(stalled, now_ms) {
+            let stalled = stalls(lease.renewed_ms, now_ms)?;
+            Ok(if lease.expired(stalled, now_ms) {
                 Some(format!(
                     "the lease of {who} expired: no renewal for {} s",
                     (now_ms - lease.renewed_ms - stalled).max(0) / 1000
@@ -987,26 +1005,34 @@ impl Repo {
                 Some(format!("{who} died while running it"))
             } else {
                 None
-            };
-            if let Some(why) = why {
-                doomed.push((t, why));
+            })
+        };
+        let mut doomed = Vec::new();
+        for t in self.tasks(None, Some(TaskStatus::Running))? {
+            if judge(&t)?.is_some() {
+                doomed.push(t);
             }
         }
         let mut out = Vec::new();
-        for (seen, why) in doomed {
+        for seen in doomed {
             let r = self.write(|kv| {
                 let old = task_in(kv, &seen.id)?;
-                let mut b = Batch::default();
-                // Still the run and the lease we judged: otherwise it was
-                // renewed, finished, or requeued and started again meanwhile.
+                let b = Batch::default();
+                // Still the run we looked at (otherwise it finished, or was
+                // requeued and started again meanwhile), and judged again on
+                // its current record with the stalls known now: a renewal,
+                // or a stall that ended, since the look keeps it.
                 if old.status != TaskStatus::Running
                     || old.agent != seen.agent
                     || old.started_ms != seen.started_ms
-                    || old.heartbeat_ms != seen.heartbeat_ms
-                    || old.lease != seen.lease
+                    || old.lease.as_ref().map(|l| &l.run) != seen.lease.as_ref().map(|l| &l.run)
                 {
                     return Ok((b, None));
                 }
+                let Some(why) = judge(&old)? else {
+                    return Ok((b, None));
+                };
+                let mut b = b;
                 let mut t = old.clone();
                 t.lease = None;
                 let mut ev = EventWriter::new(kv)?;

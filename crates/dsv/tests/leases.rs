@@ -734,19 +734,25 @@ fn an_index_entry_without_its_record_is_named() {
 
 type Hook = Arc<std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>>;
 
-/// A backend that runs a hook once, right after the first read of a task
-/// record (returning what it read before the hook ran): another process
-/// acting between a reader's look and its write.
+/// A backend that runs a hook once, right after a read of a task record
+/// (returning what it read before the hook ran) once `skip` such reads
+/// went by: another process acting between a reader's look and its write.
 #[derive(Clone, Default)]
 struct Interleaved {
     inner: MemKv,
     hook: Hook,
+    skip: Arc<AtomicUsize>,
 }
 
 impl KvRead for Interleaved {
     fn get(&self, cf: Cf, key: &[u8]) -> dsv_store::Result<Option<Vec<u8>>> {
         let seen = self.inner.get(cf, key)?;
-        if key.starts_with(dsv::keys::TASK) {
+        if key.starts_with(dsv::keys::TASK)
+            && self
+                .skip
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_err()
+        {
             let hook = self.hook.lock().unwrap().take();
             if let Some(h) = hook {
                 h();
@@ -808,4 +814,67 @@ fn a_renewal_between_a_reapers_look_and_its_write_wins() {
         repo.heartbeat_lease(&t.id, &run, "", t0 + TTL + 6).unwrap(),
         Beat::Continue
     );
+}
+
+#[test]
+fn a_store_stall_does_not_count_against_a_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let kv = Interleaved::default();
+    let repo = repo_on(dir.path(), Box::new(kv.clone()));
+    queued(&repo, "p");
+    let a = AgentInfo::new("a", "h", 1);
+    let t0 = 7_000_000;
+    repo.dequeue_at(&q(), &a, TTL, t0).unwrap().unwrap();
+    // The store's stall records, as the store would report them.
+    let records: Arc<std::sync::Mutex<Vec<(i64, i64)>>> = Default::default();
+    let stalls = |from: i64, to: i64| -> dsv::Result<i64> {
+        Ok(dsv::task::stall_overlap_ms(
+            &records.lock().unwrap(),
+            from,
+            to,
+        ))
+    };
+    let never = |_: &AgentInfo| false;
+    // A 60-ttl gc held the store from just after the renewal: nobody could
+    // renew. Looked at 30 ttl's later, the lease has lived only 1 ms.
+    records.lock().unwrap().push((t0 + 1, t0 + 60 * TTL));
+    let now = t0 + 30 * TTL;
+    assert!(repo
+        .reap_expired_with(now, true, &never, TTL, &stalls)
+        .unwrap()
+        .is_empty());
+    // After the stall, the lease runs its remaining ttl.
+    let end = t0 + 60 * TTL;
+    assert!(repo
+        .reap_expired_with(end + TTL - 1, true, &never, TTL, &stalls)
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        repo.reap_expired_with(end + TTL + 1, true, &never, TTL, &stalls)
+            .unwrap()
+            .len(),
+        1
+    );
+    // A stall that ends between a reaper's look and its write (the reaper
+    // looked while the gc ran, before the stall was recorded) keeps the
+    // lease: the write judges again with the stalls known then.
+    let t = repo
+        .dequeue_at(&q(), &a, TTL, end + 2 * TTL)
+        .unwrap()
+        .unwrap();
+    assert_eq!(t.status, TaskStatus::Running);
+    let start = end + 2 * TTL;
+    let look = start + 5 * TTL;
+    let recs = records.clone();
+    // Fires at the write's read of the record, after the look's.
+    kv.skip.store(1, Ordering::SeqCst);
+    *kv.hook.lock().unwrap() = Some(Box::new(move || {
+        recs.lock().unwrap().push((start + 10, look + 1));
+    }));
+    assert!(repo
+        .reap_expired_with(look, true, &never, TTL, &stalls)
+        .unwrap()
+        .is_empty());
+    assert!(kv.hook.lock().unwrap().is_none(), "the stall was recorded");
+    assert_eq!(repo.task(&t.id).unwrap().status, TaskStatus::Running);
 }
