@@ -21,8 +21,8 @@
 //! next heartbeat answers [`Beat::Lost`] and its result is refused by
 //! [`Repo::finish_task`]. A run keeps its lease until someone acts on the
 //! expiry (a late renewal of a lease nobody reaped yet is accepted: the
-//! reaper re-reads the lease in its own write, so exactly one of the two
-//! wins). Time during which the store refused every write (a long `gc`)
+//! reaper judges the task again inside its own write, so exactly one of
+//! the two wins). Time during which the store refused every write (a long `gc`)
 //! does not count against a lease ([`stall_overlap_ms`]). A same-host
 //! check that the holder's process is gone may only reap *earlier*; a live
 //! process never keeps an expired lease alive. Expiry is judged with the
