@@ -37,6 +37,21 @@ pub enum TaskCmd {
     List(ListArgs),
     /// A task's console log.
     Logs(LogsArgs),
+    /// Fail (or requeue) running tasks whose lease expired: their agent
+    /// died or lost the repository. Agents do this on their own too.
+    Reap(ReapArgs),
+}
+
+/// `task reap`.
+#[derive(Debug, Args)]
+pub struct ReapArgs {
+    /// Put them back on their queue instead of failing them.
+    #[arg(long)]
+    requeue: bool,
+    /// Seconds without a heartbeat after which a task recorded before
+    /// leases existed (an older dsv) counts as orphaned.
+    #[arg(long, default_value_t = 30)]
+    dead_after: u64,
 }
 
 /// `task create`.
@@ -128,10 +143,17 @@ pub struct AgentArgs {
     /// Agent name (default: agent-HOST-PID).
     #[arg(long)]
     name: Option<String>,
-    /// Requeue tasks of dead agents instead of failing them.
+    /// Requeue tasks whose lease expired (their agent died or lost the
+    /// repository) instead of failing them.
     #[arg(long)]
     requeue_dead: bool,
-    /// Seconds without a heartbeat after which an agent counts as dead.
+    /// Seconds a task's lease lasts without renewal (the agent renews it
+    /// every third of it): a task whose lease ran out is reaped by any
+    /// agent or `dsv task reap`.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    lease_ttl: u64,
+    /// Seconds without a heartbeat after which a task recorded before
+    /// leases existed (an older dsv) counts as orphaned.
     #[arg(long, default_value_t = 30)]
     dead_after: u64,
     /// Also fire triggers (the whole retraining loop in one process).
@@ -320,6 +342,30 @@ pub fn task(ctx: &Ctx, cmd: TaskCmd) -> Result<(), CliError> {
                 println!("{}: abort requested; its agent stops it", short(&t.id));
             } else {
                 println!("{}: aborted", short(&t.id));
+            }
+            Ok(())
+        }
+        TaskCmd::Reap(a) => {
+            let reaped = repo.reap_dead_tasks(
+                &dsv_runtime::agent_alive,
+                (a.dead_after as i64).saturating_mul(1000),
+                a.requeue,
+            )?;
+            if ctx.json {
+                return output::json(&json!({
+                    "reaped": reaped.iter().map(task_json).collect::<Vec<_>>()
+                }));
+            }
+            if reaped.is_empty() {
+                println!("no task with an expired lease");
+            }
+            for t in &reaped {
+                println!(
+                    "{}: {} ({})",
+                    short(&t.id),
+                    t.status.as_str(),
+                    t.error.as_deref().unwrap_or("")
+                );
             }
             Ok(())
         }
@@ -519,6 +565,7 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> Result<(), CliError> {
             queues: a.queues,
             once: a.once,
             dead_after: Duration::from_secs(a.dead_after),
+            lease_ttl: Duration::from_secs(a.lease_ttl),
             requeue_dead: a.requeue_dead,
             triggers: a.triggers,
             ..Default::default()

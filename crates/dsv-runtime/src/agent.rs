@@ -52,6 +52,9 @@ pub struct AgentOptions {
     /// A running task whose agent sent no heartbeat for this long counts as
     /// orphaned (when the agent's process cannot be checked on this host).
     pub dead_after: Duration,
+    /// How long the lease on a task this agent runs lasts without renewal;
+    /// the heartbeat renews it at least every third of it.
+    pub lease_ttl: Duration,
     /// Requeue orphaned tasks instead of failing them.
     pub requeue_dead: bool,
     /// Also process triggers (the whole retraining loop in one process).
@@ -72,6 +75,7 @@ impl Default for AgentOptions {
             once: false,
             max_tasks: None,
             dead_after: Duration::from_secs(30),
+            lease_ttl: Duration::from_millis(dsv::task::DEFAULT_LEASE_TTL_MS as u64),
             requeue_dead: false,
             triggers: false,
             idle_wait: Duration::from_secs(1),
@@ -173,7 +177,8 @@ impl Agent {
                     events.fired(&f);
                 }
             }
-            let next = match repo.dequeue(&o.queues, me) {
+            let ttl_ms = o.lease_ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
+            let next = match repo.dequeue_at(&o.queues, me, ttl_ms, dsv_store::store::now_ms()) {
                 Err(e) if transient(&e) && !o.once => {
                     events.retrying(me, &e);
                     wake.wait(o.idle_wait);
@@ -183,7 +188,10 @@ impl Agent {
             };
             match next {
                 Some(t) => {
-                    let done = execute(repo, &self.executors, &t, stop, o.heartbeat_every, events)?;
+                    let every = o.heartbeat_every.min(Duration::from_millis(
+                        dsv::task::renew_every_ms(ttl_ms).max(1) as u64,
+                    ));
+                    let done = execute(repo, &self.executors, &t, stop, every, events)?;
                     events.task_finished(&done);
                     ran.push(done.id);
                     wake.drain();
@@ -222,11 +230,8 @@ pub fn hostname() -> String {
 pub fn agent_info(name: Option<String>) -> AgentInfo {
     let host = hostname();
     let pid = std::process::id();
-    AgentInfo {
-        name: name.unwrap_or_else(|| format!("agent-{host}-{pid}")),
-        host,
-        pid,
-    }
+    let name = name.unwrap_or_else(|| format!("agent-{host}-{pid}"));
+    AgentInfo::new(name, host, pid)
 }
 
 /// The short name (`comm`) of process `pid`.

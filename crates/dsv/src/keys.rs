@@ -18,6 +18,16 @@
 //! | `tl/` · task id · chunk u32 BE | console log text (UTF-8), in order |
 //! | `md/` · model id (32 hex) | [`Model`](crate::task::Model) |
 //! | `mb/` · model id (32 hex) | the serialized model (the trainer's JSON) |
+//! | `ts/` · status · 0x00 · created ms u64 BE · task id | empty: tasks by status, oldest first |
+//! | `tp/` · project · 0x00 · created ms u64 BE · task id | empty: tasks by project, oldest first |
+//! | `mp/` · project · 0x00 · created ms u64 BE · model id | empty: models by project, oldest first |
+//! | `mt/` · tag · 0x00 · created ms u64 BE · model id | empty: models by tag, oldest first |
+//!
+//! The four secondary indexes (`ts/`, `tp/`, `mp/`, `mt/`) are written in
+//! the same batch as the record they index, by one function per record
+//! kind (see [`crate::index`]); [`crate::index::backfill_indexes`] builds
+//! them from the records (the upgrade of a repository written before they
+//! existed) and [`crate::index::index_problems`] checks them.
 
 use dsv_store::{DraftId, VersionId};
 
@@ -53,6 +63,21 @@ pub const TASK_LOG: &[u8] = b"tl/";
 pub const MODEL: &[u8] = b"md/";
 /// Prefix of model bodies.
 pub const MODEL_BODY: &[u8] = b"mb/";
+/// Prefix of the tasks-by-status index.
+pub const TASK_BY_STATUS: &[u8] = b"ts/";
+/// Prefix of the tasks-by-project index.
+pub const TASK_BY_PROJECT: &[u8] = b"tp/";
+/// Prefix of the models-by-project index.
+pub const MODEL_BY_PROJECT: &[u8] = b"mp/";
+/// Prefix of the models-by-tag index.
+pub const MODEL_BY_TAG: &[u8] = b"mt/";
+/// Every secondary index prefix.
+pub const INDEXES: [&[u8]; 4] = [
+    TASK_BY_STATUS,
+    TASK_BY_PROJECT,
+    MODEL_BY_PROJECT,
+    MODEL_BY_TAG,
+];
 
 fn cat(parts: &[&[u8]]) -> Vec<u8> {
     parts.concat()
@@ -107,4 +132,21 @@ pub fn draft(d: &DraftId) -> Vec<u8> {
 /// `ev/` key.
 pub fn event(seq: u64) -> Vec<u8> {
     cat(&[EVENT, &seq.to_be_bytes()])
+}
+
+/// The part of an index key before the time and id: prefix · field · 0x00
+/// (a scan of it lists one status, project or tag, oldest first).
+pub fn index_group(prefix: &[u8], field: &str) -> Vec<u8> {
+    cat(&[prefix, field.as_bytes(), &[0]])
+}
+
+/// An index key: prefix · field · 0x00 · created ms u64 BE · id.
+pub fn index_entry(prefix: &[u8], field: &str, created_ms: i64, id: &str) -> Vec<u8> {
+    cat(&[
+        prefix,
+        field.as_bytes(),
+        &[0],
+        &(created_ms.max(0) as u64).to_be_bytes(),
+        id.as_bytes(),
+    ])
 }

@@ -25,6 +25,7 @@
 pub mod cache;
 pub mod error;
 pub mod events;
+pub mod index;
 pub mod keys;
 pub mod mount;
 pub mod params;
@@ -51,7 +52,7 @@ pub use repo::{
     GetQuery, Got, PathPattern, Repo, Resolved, SyncOptions, SyncOutcome, VerifyMismatch,
 };
 pub use rev::RevSpec;
-pub use task::{AgentInfo, Finish, Model, Task, TaskStatus};
+pub use task::{AgentInfo, Beat, Finish, Lease, Model, Task, TaskStatus};
 pub use trigger::{Action, Firing, Trigger};
 
 pub use dsv_store;

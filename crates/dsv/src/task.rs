@@ -7,7 +7,27 @@
 //! read, its console log, scalars, metrics, artifacts and models. Every
 //! status change is one atomic write with its event. Queues are ordered key
 //! ranges in the `app` column family; taking a task is a read-and-update
-//! under the repository write lock, so two agents never take the same one.
+//! in one store write (a transaction), so two agents never take the same one.
+//!
+//! ## Leases
+//!
+//! A running task carries a [`Lease`]: the agent that runs it (its random
+//! [`AgentInfo::id`]), the run (a random id given when the task starts),
+//! and an expiry `ttl_ms` after the last renewal. The run's heartbeat
+//! renews it ([`Repo::heartbeat_lease`], every `ttl / 3` by default:
+//! [`DEFAULT_LEASE_TTL_MS`], [`renew_every_ms`]). The lease is
+//! authoritative: any process may reap a task whose lease expired
+//! ([`Repo::reap_expired`]), requeueing it or failing it; the reaped run's
+//! next heartbeat answers [`Beat::Lost`] and its result is refused by
+//! [`Repo::finish_task`]. A run keeps its lease until someone acts on the
+//! expiry (a late renewal of a lease nobody reaped yet is accepted: the
+//! reaper judges the task again inside its own write, so exactly one of
+//! the two wins). Time during which the store refused every write (a long `gc`)
+//! does not count against a lease ([`stall_overlap_ms`]). A same-host
+//! check that the holder's process is gone may only reap *earlier*; a live
+//! process never keeps an expired lease alive. Expiry is judged with the
+//! reaper's clock against times written with the holder's: clocks of the
+//! machines sharing a repository must agree to well within the ttl.
 
 use std::collections::BTreeMap;
 
@@ -16,8 +36,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::events::{Event, EventKind, EventWriter};
+use crate::index::{put_model, put_task, records_in};
 use crate::keys;
-use crate::records::{from_json, scan_json, to_json};
+use crate::records::{from_json, scan_json};
 use crate::repo::Repo;
 
 /// Where a task is in its life.
@@ -84,6 +105,114 @@ pub struct AgentInfo {
     pub host: String,
     /// Process id.
     pub pid: u32,
+    /// Random id, unique per agent process: the holder of its leases.
+    /// Empty in records written before leases.
+    #[serde(default)]
+    pub id: String,
+}
+
+impl AgentInfo {
+    /// An agent with a fresh random id.
+    pub fn new(name: impl Into<String>, host: impl Into<String>, pid: u32) -> AgentInfo {
+        AgentInfo {
+            name: name.into(),
+            host: host.into(),
+            pid,
+            id: new_id(),
+        }
+    }
+}
+
+/// How long a lease lasts without renewal, by default.
+pub const DEFAULT_LEASE_TTL_MS: i64 = 30_000;
+
+/// How often a run should renew a lease of `ttl_ms`: a third of it, so that
+/// two renewals may be lost before it runs out.
+pub fn renew_every_ms(ttl_ms: i64) -> i64 {
+    (ttl_ms / 3).max(1)
+}
+
+/// A running task's lease: who holds it, for which run, until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The holder's [`AgentInfo::id`].
+    pub holder: String,
+    /// The run's random id: a run that is not the task's current one is
+    /// told to stop and its result is refused.
+    pub run: String,
+    /// Last renewal (or the start), ms since the epoch.
+    pub renewed_ms: i64,
+    /// `renewed_ms + ttl_ms`: after it (plus any store stall since the
+    /// renewal) the task may be reaped.
+    pub expires_ms: i64,
+    /// Length of one renewal.
+    pub ttl_ms: i64,
+}
+
+impl Lease {
+    /// A new lease for a run starting at `now_ms`.
+    fn grant(holder: &str, ttl_ms: i64, now_ms: i64) -> Lease {
+        let ttl_ms = ttl_ms.max(1);
+        Lease {
+            holder: holder.to_string(),
+            run: new_id(),
+            renewed_ms: now_ms,
+            expires_ms: now_ms.saturating_add(ttl_ms),
+            ttl_ms,
+        }
+    }
+
+    /// Renewed at `now_ms` (never moved back by a slower clock).
+    fn renew(&mut self, now_ms: i64) {
+        self.renewed_ms = self.renewed_ms.max(now_ms);
+        self.expires_ms = self.renewed_ms.saturating_add(self.ttl_ms);
+    }
+
+    /// Whether it ran out at `now_ms`, given `stalled_ms` of store stall
+    /// since its renewal (see [`stall_overlap_ms`]): the expiry is pushed
+    /// back by the time nobody could write.
+    pub fn expired(&self, stalled_ms: i64, now_ms: i64) -> bool {
+        now_ms > self.expires_ms.saturating_add(stalled_ms.max(0))
+    }
+}
+
+/// Total time within `[from, to]` covered by the `stalls` intervals
+/// (`(start_ms, end_ms)`, possibly overlapping, in any order): how long the
+/// store refused every write since a lease was renewed.
+pub fn stall_overlap_ms(stalls: &[(i64, i64)], from: i64, to: i64) -> i64 {
+    dsv_store::txn::overlap_ms(stalls, from, to)
+}
+
+/// The lease a running task is judged by: its own, or for a record written
+/// before leases, one renewed at its last heartbeat (or start) lasting
+/// `legacy_ttl_ms`. `None` for a task that is not running.
+pub fn effective_lease(t: &Task, legacy_ttl_ms: i64) -> Option<Lease> {
+    if t.status != TaskStatus::Running {
+        return None;
+    }
+    if let Some(l) = &t.lease {
+        return Some(l.clone());
+    }
+    let renewed = t.heartbeat_ms.or(t.started_ms).unwrap_or(0);
+    Some(Lease {
+        holder: t.agent.as_ref().map(|a| a.id.clone()).unwrap_or_default(),
+        run: String::new(),
+        renewed_ms: renewed,
+        expires_ms: renewed.saturating_add(legacy_ttl_ms),
+        ttl_ms: legacy_ttl_ms,
+    })
+}
+
+/// What a heartbeat tells the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    /// The lease is renewed; go on.
+    Continue,
+    /// The lease is renewed, and `dsv task abort` asked the run to stop.
+    Abort,
+    /// The run no longer holds the task (reaped, requeued, finished, or
+    /// started again elsewhere): stop; its result will be refused.
+    Lost,
 }
 
 /// A task.
@@ -154,6 +283,10 @@ pub struct Task {
     /// Log chunks written.
     #[serde(default)]
     pub log_chunks: u32,
+    /// The lease of the run that holds it (only while running; `None` in
+    /// records written before leases, judged by heartbeat age).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
 }
 
 impl Task {
@@ -191,6 +324,7 @@ impl Task {
             error: None,
             abort_requested: false,
             log_chunks: 0,
+            lease: None,
         }
     }
 
@@ -253,6 +387,10 @@ pub struct Finish {
     /// started): a result from a run that was reaped and started again
     /// elsewhere is refused. `None`: whichever run is current.
     pub run_started_ms: Option<i64>,
+    /// The run this result belongs to, by its lease's run id
+    /// ([`Lease::run`]): refused when the run no longer holds the task.
+    /// `None`: not checked.
+    pub run: Option<String>,
 }
 
 fn new_id() -> String {
@@ -357,7 +495,7 @@ impl Repo {
         let t = Task::draft(project, name, kind, command, params, None);
         self.write(|kv| {
             let mut b = Batch::default();
-            b.put(Cf::App, task_key(&t.id), to_json(&t));
+            put_task(&mut b, None, &t);
             let mut ev = EventWriter::new(kv)?;
             status_event(&mut ev, &mut b, &t);
             Ok((b, ()))
@@ -403,7 +541,7 @@ impl Repo {
         crate::rev::parse_dataset_name(&format!("{}/{}", t.project, t.name))?;
         self.write(|kv| {
             let mut b = Batch::default();
-            b.put(Cf::App, task_key(&t.id), to_json(&t));
+            put_task(&mut b, None, &t);
             let mut ev = EventWriter::new(kv)?;
             status_event(&mut ev, &mut b, &t);
             Ok((b, ()))
@@ -417,14 +555,11 @@ impl Repo {
         prefix_match(&*kv, keys::TASK, id, "task", |v| from_json(v, "task"))
     }
 
-    /// Tasks, newest first, optionally of one project and/or status.
+    /// Tasks, newest first, optionally of one project and/or status. With a
+    /// status or a project it reads only the tasks its index lists.
     pub fn tasks(&self, project: Option<&str>, status: Option<TaskStatus>) -> Result<Vec<Task>> {
         let kv = self.store().reader();
-        let mut out = scan_json(&*kv, keys::TASK, "task", |t: &Task| {
-            project.is_none_or(|p| t.project == p) && status.is_none_or(|s| t.status == s)
-        })?;
-        out.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
-        Ok(out)
+        tasks_in(&*kv, project, status)
     }
 
     /// Puts a draft task on a queue.
@@ -434,16 +569,17 @@ impl Repo {
             return Err(Error::Invalid(format!("invalid queue name '{queue}'")));
         }
         self.write(|kv| {
-            let mut t = task_in(kv, &id)?;
-            if t.status != TaskStatus::Draft {
+            let old = task_in(kv, &id)?;
+            if old.status != TaskStatus::Draft {
                 return Err(Error::Invalid(format!(
                     "task {} is {}; only a draft can be queued (clone it to run it again)",
-                    &t.id[..12],
-                    t.status.as_str()
+                    &old.id[..12],
+                    old.status.as_str()
                 )));
             }
+            let mut t = old.clone();
             let mut b = Batch::default();
-            queue_batch(&mut b, &mut t, queue);
+            queue_batch(&mut b, Some(&old), &mut t, queue);
             let mut ev = EventWriter::new(kv)?;
             status_event(&mut ev, &mut b, &t);
             Ok((b, t))
@@ -451,8 +587,25 @@ impl Repo {
     }
 
     /// Takes the oldest task of `queues` for `agent` (atomically: two agents
-    /// never take the same task) and marks it running.
+    /// never take the same task) and marks it running, with a lease of
+    /// [`DEFAULT_LEASE_TTL_MS`] held by the agent.
     pub fn dequeue(&self, queues: &[String], agent: &AgentInfo) -> Result<Option<Task>> {
+        self.dequeue_at(
+            queues,
+            agent,
+            DEFAULT_LEASE_TTL_MS,
+            dsv_store::store::now_ms(),
+        )
+    }
+
+    /// [`Repo::dequeue`] at `now_ms` with a lease of `ttl_ms`.
+    pub fn dequeue_at(
+        &self,
+        queues: &[String],
+        agent: &AgentInfo,
+        ttl_ms: i64,
+        now_ms: i64,
+    ) -> Result<Option<Task>> {
         // Cheap check without the lock first.
         let kv = self.store().reader();
         if !queues.iter().any(|q| {
@@ -490,24 +643,34 @@ impl Repo {
             };
             let mut b = Batch::default();
             b.delete(Cf::App, key);
-            let mut t = task_in(kv, &id)?;
-            let now = dsv_store::store::now_ms();
-            t.status = TaskStatus::Running;
-            t.started_ms = Some(now);
-            t.heartbeat_ms = Some(now);
-            t.agent = Some(agent.clone());
-            b.put(Cf::App, task_key(&t.id), to_json(&t));
+            let old = task_in(kv, &id)?;
+            let mut t = old.clone();
+            run_here(&mut t, agent, ttl_ms, now_ms);
+            put_task(&mut b, Some(&old), &t);
             let mut ev = EventWriter::new(kv)?;
             status_event(&mut ev, &mut b, &t);
             Ok((b, Some(t)))
         })
     }
 
-    /// Starts a draft or queued task here and now (`dsv task run`).
+    /// Starts a draft or queued task here and now (`dsv task run`), with a
+    /// lease of [`DEFAULT_LEASE_TTL_MS`] held by `agent`.
     pub fn start_task(&self, id: &str, agent: &AgentInfo) -> Result<Task> {
+        self.start_task_at(id, agent, DEFAULT_LEASE_TTL_MS, dsv_store::store::now_ms())
+    }
+
+    /// [`Repo::start_task`] at `now_ms` with a lease of `ttl_ms`.
+    pub fn start_task_at(
+        &self,
+        id: &str,
+        agent: &AgentInfo,
+        ttl_ms: i64,
+        now_ms: i64,
+    ) -> Result<Task> {
         let id = self.task(id)?.id;
         self.write(|kv| {
-            let mut t = task_in(kv, &id)?;
+            let old = task_in(kv, &id)?;
+            let mut t = old.clone();
             let mut b = Batch::default();
             match t.status {
                 TaskStatus::Draft => {}
@@ -524,12 +687,8 @@ impl Repo {
                     )))
                 }
             }
-            let now = dsv_store::store::now_ms();
-            t.status = TaskStatus::Running;
-            t.started_ms = Some(now);
-            t.heartbeat_ms = Some(now);
-            t.agent = Some(agent.clone());
-            b.put(Cf::App, task_key(&t.id), to_json(&t));
+            run_here(&mut t, agent, ttl_ms, now_ms);
+            put_task(&mut b, Some(&old), &t);
             let mut ev = EventWriter::new(kv)?;
             status_event(&mut ev, &mut b, &t);
             Ok((b, t))
@@ -542,32 +701,68 @@ impl Repo {
         self.heartbeat_run(id, None, log)
     }
 
-    /// [`Repo::heartbeat`] of the run started at `run_started_ms`: a run
-    /// that is no longer the task's current one (reaped, then started again
-    /// by another agent) is told to stop, and its log is not recorded.
+    /// [`Repo::heartbeat`] of the run started at `run_started_ms`: renews
+    /// its lease; a run that is no longer the task's current one (reaped,
+    /// then started again by another agent) is told to stop (`true`, like an
+    /// abort request), and its log is not recorded.
     pub fn heartbeat_run(&self, id: &str, run_started_ms: Option<i64>, log: &str) -> Result<bool> {
+        let beat = self.beat(
+            id,
+            &|t: &Task| run_started_ms.is_none_or(|s| t.started_ms == Some(s)),
+            log,
+            dsv_store::store::now_ms(),
+        )?;
+        Ok(beat != Beat::Continue)
+    }
+
+    /// Renews the lease of run `run` ([`Lease::run`]) of task `id` at
+    /// `now_ms` and stores new log text, in one write. [`Beat::Lost`] when
+    /// the run no longer holds the task (its log is then not recorded).
+    pub fn heartbeat_lease(&self, id: &str, run: &str, log: &str, now_ms: i64) -> Result<Beat> {
+        self.beat(
+            id,
+            &|t: &Task| t.lease.as_ref().is_some_and(|l| l.run == run),
+            log,
+            now_ms,
+        )
+    }
+
+    fn beat(&self, id: &str, holds: &dyn Fn(&Task) -> bool, log: &str, now: i64) -> Result<Beat> {
         self.write(|kv| {
-            let mut t = task_in(kv, id)?;
+            let old = task_in(kv, id)?;
             let mut b = Batch::default();
-            if t.status != TaskStatus::Running
-                || run_started_ms.is_some_and(|s| t.started_ms != Some(s))
-            {
-                return Ok((b, true));
+            if old.status != TaskStatus::Running || !holds(&old) {
+                return Ok((b, Beat::Lost));
             }
-            t.heartbeat_ms = Some(dsv_store::store::now_ms());
+            let mut t = old.clone();
+            t.heartbeat_ms = Some(now);
+            match &mut t.lease {
+                Some(l) => l.renew(now),
+                // A run started before leases: it gets one now.
+                None => {
+                    let holder = t.agent.as_ref().map(|a| a.id.clone()).unwrap_or_default();
+                    t.lease = Some(Lease::grant(&holder, DEFAULT_LEASE_TTL_MS, now));
+                }
+            }
             if !log.is_empty() {
                 b.put(Cf::App, log_key(id, t.log_chunks), log.as_bytes().to_vec());
                 t.log_chunks += 1;
             }
-            b.put(Cf::App, task_key(id), to_json(&t));
-            Ok((b, t.abort_requested))
+            put_task(&mut b, Some(&old), &t);
+            let beat = if t.abort_requested {
+                Beat::Abort
+            } else {
+                Beat::Continue
+            };
+            Ok((b, beat))
         })
     }
 
     /// Records how a running task ended, with its model and outputs, in one write.
     pub fn finish_task(&self, id: &str, f: Finish) -> Result<Task> {
         self.write(|kv| {
-            let mut t = task_in(kv, id)?;
+            let old = task_in(kv, id)?;
+            let mut t = old.clone();
             if t.status != TaskStatus::Running {
                 return Err(Error::Conflict(format!(
                     "task {} is no longer running (it is {})",
@@ -585,9 +780,20 @@ impl Repo {
                     )));
                 }
             }
+            if let Some(run) = &f.run {
+                if t.lease.as_ref().is_none_or(|l| &l.run != run) {
+                    return Err(Error::Conflict(format!(
+                        "task {} is no longer held by this run (its lease was given up and \
+                         the task started again by agent '{}'); this run's result is dropped",
+                        &t.id[..12],
+                        t.agent.as_ref().map(|a| a.name.as_str()).unwrap_or("?")
+                    )));
+                }
+            }
             let mut b = Batch::default();
             let mut ev = EventWriter::new(kv)?;
             let now = dsv_store::store::now_ms();
+            t.lease = None;
             if !f.log.is_empty() {
                 b.put(
                     Cf::App,
@@ -625,7 +831,7 @@ impl Repo {
                     tags: Vec::new(),
                     created_ms: now,
                 };
-                b.put(Cf::App, model_key(&m.id), to_json(&m));
+                put_model(&mut b, None, &m);
                 b.put(Cf::App, model_body_key(&m.id), body.clone());
                 t.models.push(m.id.clone());
                 let mut e = Event::new(EventKind::ModelCreated);
@@ -637,7 +843,7 @@ impl Repo {
                     .insert("metrics".into(), serde_json::json!(m.metrics));
                 ev.push(&mut b, e);
             }
-            b.put(Cf::App, task_key(id), to_json(&t));
+            put_task(&mut b, Some(&old), &t);
             status_event(&mut ev, &mut b, &t);
             Ok((b, t))
         })
@@ -648,7 +854,8 @@ impl Repo {
     pub fn abort_task(&self, id: &str) -> Result<Task> {
         let id = self.task(id)?.id;
         self.write(|kv| {
-            let mut t = task_in(kv, &id)?;
+            let old = task_in(kv, &id)?;
+            let mut t = old.clone();
             let mut b = Batch::default();
             match t.status {
                 TaskStatus::Draft | TaskStatus::Queued => {
@@ -661,12 +868,12 @@ impl Repo {
                     t.error = Some("aborted before it ran".into());
                     t.finished_ms = Some(dsv_store::store::now_ms());
                     let mut ev = EventWriter::new(kv)?;
-                    b.put(Cf::App, task_key(&t.id), to_json(&t));
+                    put_task(&mut b, Some(&old), &t);
                     status_event(&mut ev, &mut b, &t);
                 }
                 TaskStatus::Running => {
                     t.abort_requested = true;
-                    b.put(Cf::App, task_key(&t.id), to_json(&t));
+                    put_task(&mut b, Some(&old), &t);
                 }
                 s => {
                     return Err(Error::Invalid(format!(
@@ -680,66 +887,139 @@ impl Repo {
         })
     }
 
-    /// Resolves tasks left `running` by agents that died: `alive` says
-    /// whether an agent process still exists (when it can tell), and a
-    /// heartbeat older than `dead_after_ms` counts as dead. Such tasks are
-    /// requeued (`requeue`) or marked failed with the reason.
+    /// Resolves tasks left `running` by agents that died (the interface of
+    /// before leases; see [`Repo::reap_expired`]): a task whose lease
+    /// expired is requeued (`requeue`) or failed, and so is one whose agent
+    /// `alive` says is gone (`Some(false)`: a same-host check, which may
+    /// only reap earlier; a live process never keeps an expired lease).
+    /// `dead_after_ms` is the lease length of records written before
+    /// leases (judged by heartbeat age).
     pub fn reap_dead_tasks(
         &self,
         alive: &dyn Fn(&AgentInfo) -> Option<bool>,
         dead_after_ms: i64,
         requeue: bool,
     ) -> Result<Vec<Task>> {
-        let now = dsv_store::store::now_ms();
-        let mut dead = Vec::new();
-        for t in self.tasks(None, Some(TaskStatus::Running))? {
-            let Some(a) = &t.agent else { continue };
-            let why = match alive(a) {
-                Some(false) => Some(format!(
-                    "agent '{}' (pid {} on {}) died while running it",
-                    a.name, a.pid, a.host
-                )),
-                // Its process is there: late heartbeats mean a busy lock
-                // (a long gc), not a dead agent.
-                Some(true) => None,
-                None if now - t.heartbeat_ms.unwrap_or(0) > dead_after_ms => Some(format!(
-                    "agent '{}' (pid {} on {}) sent no heartbeat for {} s",
-                    a.name,
-                    a.pid,
-                    a.host,
-                    (now - t.heartbeat_ms.unwrap_or(0)) / 1000
-                )),
-                _ => None,
+        self.reap_expired_at(
+            dsv_store::store::now_ms(),
+            requeue,
+            &|a: &AgentInfo| alive(a) == Some(false),
+            dead_after_ms,
+        )
+    }
+
+    /// Reaps running tasks whose lease expired (the store's stalls since
+    /// the last renewal do not count) or whose agent `dead_here` says is
+    /// provably gone (a same-host pid check; `|_| false` when there is
+    /// none): each is requeued on its queue (`requeue`) or failed, with
+    /// the reason, in one write per task that re-checks that the lease is
+    /// still the one judged. Any process may call it (agents' housekeeping,
+    /// `dsv task reap`). Reads only the running tasks (index `ts/`).
+    pub fn reap_expired(
+        &self,
+        requeue: bool,
+        dead_here: &dyn Fn(&AgentInfo) -> bool,
+    ) -> Result<Vec<Task>> {
+        self.reap_expired_at(
+            dsv_store::store::now_ms(),
+            requeue,
+            dead_here,
+            DEFAULT_LEASE_TTL_MS,
+        )
+    }
+
+    /// [`Repo::reap_expired`] judged at `now_ms`; `legacy_ttl_ms` is the
+    /// lease length of records written before leases (their expiry is
+    /// their last heartbeat plus it).
+    pub fn reap_expired_at(
+        &self,
+        now_ms: i64,
+        requeue: bool,
+        dead_here: &dyn Fn(&AgentInfo) -> bool,
+        legacy_ttl_ms: i64,
+    ) -> Result<Vec<Task>> {
+        self.reap_expired_with(now_ms, requeue, dead_here, legacy_ttl_ms, &|_, _| Ok(0))
+    }
+
+    /// [`Repo::reap_expired_at`] with `stalls(from, to)` telling how long
+    /// the store refused every write within `[from, to]`, besides the
+    /// store's own stall records (`meta stall/`, read from the view the
+    /// task is judged on): asked when judging a task and again, inside the
+    /// write, before reaping it. The larger of the two counts.
+    pub fn reap_expired_with(
+        &self,
+        now_ms: i64,
+        requeue: bool,
+        dead_here: &dyn Fn(&AgentInfo) -> bool,
+        legacy_ttl_ms: i64,
+        stalls: &dyn Fn(i64, i64) -> Result<i64>,
+    ) -> Result<Vec<Task>> {
+        // The verdict on a running task's current record: expired (store
+        // stalls since its renewal do not count) or provably dead here.
+        let judge = |kv: &dyn KvRead, t: &Task| -> Result<Option<String>> {
+            let Some(lease) = effective_lease(t, legacy_ttl_ms) else {
+                return Ok(None);
             };
-            if let Some(why) = why {
-                dead.push((t, why));
+            let who = match &t.agent {
+                Some(a) => format!("agent '{}' (pid {} on {})", a.name, a.pid, a.host),
+                None => "its agent".to_string(),
+            };
+            let stalled = stalls(lease.renewed_ms, now_ms)?.max(dsv_store::txn::stalled_ms(
+                kv,
+                lease.renewed_ms,
+                now_ms,
+            )?);
+            Ok(if lease.expired(stalled, now_ms) {
+                Some(format!(
+                    "the lease of {who} expired: no renewal for {} s",
+                    (now_ms - lease.renewed_ms - stalled).max(0) / 1000
+                ))
+            } else if t.agent.as_ref().is_some_and(dead_here) {
+                Some(format!("{who} died while running it"))
+            } else {
+                None
+            })
+        };
+        let mut doomed = Vec::new();
+        let view = self.store().reader();
+        for t in self.tasks(None, Some(TaskStatus::Running))? {
+            if judge(&*view, &t)?.is_some() {
+                doomed.push(t);
             }
         }
         let mut out = Vec::new();
-        for (seen, why) in dead {
+        for seen in doomed {
             let r = self.write(|kv| {
-                let mut t = task_in(kv, &seen.id)?;
-                let mut b = Batch::default();
-                // Still the run we judged, with no heartbeat since: otherwise
-                // it finished, or was requeued and started again meanwhile.
-                if t.status != TaskStatus::Running
-                    || t.agent != seen.agent
-                    || t.started_ms != seen.started_ms
-                    || t.heartbeat_ms != seen.heartbeat_ms
+                let old = task_in(kv, &seen.id)?;
+                let b = Batch::default();
+                // Still the run we looked at (otherwise it finished, or was
+                // requeued and started again meanwhile), and judged again on
+                // its current record with the stalls known now: a renewal,
+                // or a stall that ended, since the look keeps it.
+                if old.status != TaskStatus::Running
+                    || old.agent != seen.agent
+                    || old.started_ms != seen.started_ms
+                    || old.lease.as_ref().map(|l| &l.run) != seen.lease.as_ref().map(|l| &l.run)
                 {
                     return Ok((b, None));
                 }
+                let Some(why) = judge(kv, &old)? else {
+                    return Ok((b, None));
+                };
+                let mut b = b;
+                let mut t = old.clone();
+                t.lease = None;
                 let mut ev = EventWriter::new(kv)?;
                 if requeue {
                     let q = t.queue.clone().unwrap_or_else(|| "default".into());
                     t.error = Some(format!("{why}; requeued"));
                     t.agent = None;
-                    queue_batch(&mut b, &mut t, &q);
+                    queue_batch(&mut b, Some(&old), &mut t, &q);
                 } else {
                     t.status = TaskStatus::Failed;
                     t.error = Some(why.clone());
                     t.finished_ms = Some(dsv_store::store::now_ms());
-                    b.put(Cf::App, task_key(&t.id), to_json(&t));
+                    put_task(&mut b, Some(&old), &t);
                 }
                 status_event(&mut ev, &mut b, &t);
                 Ok((b, Some(t)))
@@ -767,14 +1047,18 @@ impl Repo {
 
     // ---- models -----------------------------------------------------------
 
-    /// Models, newest first, optionally carrying a tag.
+    /// Models, newest first, optionally carrying a tag (read through the
+    /// tag index).
     pub fn models(&self, tag: Option<&str>) -> Result<Vec<Model>> {
+        self.models_in(None, tag)
+    }
+
+    /// Models, newest first, optionally of one project and/or carrying a
+    /// tag. With a tag or a project it reads only the models its index
+    /// lists.
+    pub fn models_in(&self, project: Option<&str>, tag: Option<&str>) -> Result<Vec<Model>> {
         let kv = self.store().reader();
-        let mut out = scan_json(&*kv, keys::MODEL, "model", |m: &Model| {
-            tag.is_none_or(|t| m.tags.iter().any(|x| x == t))
-        })?;
-        out.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
-        Ok(out)
+        models_in(&*kv, project, tag)
     }
 
     /// A model by id prefix, or `PROJECT/NAME@TAG` (the newest with the tag).
@@ -782,7 +1066,7 @@ impl Repo {
         if let Some((pn, tag)) = spec.split_once('@') {
             let (project, name) = crate::rev::parse_dataset_name(pn)?;
             return self
-                .models(Some(tag))?
+                .models_in(Some(&project), Some(tag))?
                 .into_iter()
                 .find(|m| m.project == project && m.name == name)
                 .ok_or_else(|| Error::Invalid(format!("no model of {pn} is tagged '{tag}'")));
@@ -806,10 +1090,8 @@ impl Repo {
             dsv_store::store::validate_label(t, "tag")?;
         }
         self.write(|kv| {
-            let mut m: Model = match kv.get(Cf::App, &model_key(&id))? {
-                Some(v) => from_json(&v, "model")?,
-                None => return Err(Error::Invalid(format!("no model {id}"))),
-            };
+            let old = model_in(kv, &id)?;
+            let mut m = old.clone();
             let mut added = Vec::new();
             let mut removed = Vec::new();
             for t in add {
@@ -828,7 +1110,7 @@ impl Repo {
             if added.is_empty() && removed.is_empty() {
                 return Ok((b, m));
             }
-            b.put(Cf::App, model_key(&m.id), to_json(&m));
+            put_model(&mut b, Some(&old), &m);
             let mut ev = EventWriter::new(kv)?;
             let mut e = Event::new(EventKind::ModelTagged);
             e.project = m.project.clone();
@@ -843,14 +1125,82 @@ impl Repo {
     }
 }
 
-/// Puts `t` on `queue` now: its status, its queue entry and its record in `b`.
-pub(crate) fn queue_batch(b: &mut Batch, t: &mut Task, queue: &str) {
+/// Puts `t` (stored as `old`, `None` for a new task) on `queue` now: its
+/// status, its queue entry and its record in `b`.
+pub(crate) fn queue_batch(b: &mut Batch, old: Option<&Task>, t: &mut Task, queue: &str) {
     let now = dsv_store::store::now_ms();
     t.status = TaskStatus::Queued;
     t.queue = Some(queue.to_string());
     t.queued_ms = Some(now);
+    t.lease = None;
     b.put(Cf::App, queue_key(queue, now, &t.id), Vec::new());
-    b.put(Cf::App, task_key(&t.id), to_json(t));
+    put_task(b, old, t);
+}
+
+/// Marks `t` running by `agent` from `now_ms`, with a fresh lease.
+fn run_here(t: &mut Task, agent: &AgentInfo, ttl_ms: i64, now_ms: i64) {
+    t.status = TaskStatus::Running;
+    t.started_ms = Some(now_ms);
+    t.heartbeat_ms = Some(now_ms);
+    t.agent = Some(agent.clone());
+    t.lease = Some(Lease::grant(&agent.id, ttl_ms, now_ms));
+}
+
+/// Tasks, newest first, of one project and/or status: through the status
+/// index when a status is given, else the project index, else every record.
+pub(crate) fn tasks_in(
+    kv: &dyn KvRead,
+    project: Option<&str>,
+    status: Option<TaskStatus>,
+) -> Result<Vec<Task>> {
+    let keep =
+        |t: &Task| project.is_none_or(|p| t.project == p) && status.is_none_or(|s| t.status == s);
+    let mut out = match (status, project) {
+        (Some(s), _) => {
+            let g = keys::index_group(keys::TASK_BY_STATUS, s.as_str());
+            records_in(kv, &g, keys::TASK, "task")?
+        }
+        (None, Some(p)) => {
+            let g = keys::index_group(keys::TASK_BY_PROJECT, p);
+            records_in(kv, &g, keys::TASK, "task")?
+        }
+        (None, None) => scan_json(kv, keys::TASK, "task", |_: &Task| true)?,
+    };
+    out.retain(keep);
+    out.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
+    Ok(out)
+}
+
+/// Models, newest first, of one project and/or carrying a tag: through the
+/// tag index when a tag is given, else the project index, else every record.
+pub(crate) fn models_in(
+    kv: &dyn KvRead,
+    project: Option<&str>,
+    tag: Option<&str>,
+) -> Result<Vec<Model>> {
+    let mut out: Vec<Model> = match (tag, project) {
+        (Some(t), _) => {
+            let g = keys::index_group(keys::MODEL_BY_TAG, t);
+            records_in(kv, &g, keys::MODEL, "model")?
+        }
+        (None, Some(p)) => {
+            let g = keys::index_group(keys::MODEL_BY_PROJECT, p);
+            records_in(kv, &g, keys::MODEL, "model")?
+        }
+        (None, None) => scan_json(kv, keys::MODEL, "model", |_: &Model| true)?,
+    };
+    out.retain(|m| {
+        project.is_none_or(|p| m.project == p) && tag.is_none_or(|t| m.tags.iter().any(|x| x == t))
+    });
+    out.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
+    Ok(out)
+}
+
+fn model_in(kv: &dyn KvRead, id: &str) -> Result<Model> {
+    match kv.get(Cf::App, &model_key(id))? {
+        Some(v) => from_json(&v, "model"),
+        None => Err(Error::Invalid(format!("no model {id}"))),
+    }
 }
 
 /// Tags `new` `production` and moves the previous production model (if
@@ -862,18 +1212,13 @@ pub(crate) fn promote_batch(
     new: &str,
     old: Option<&str>,
 ) -> Result<()> {
-    let load = |id: &str| -> Result<Model> {
-        match kv.get(Cf::App, &model_key(id))? {
-            Some(v) => from_json(&v, "model"),
-            None => Err(Error::Invalid(format!("no model {id}"))),
-        }
-    };
-    let mut m = load(new)?;
+    let old_new = model_in(kv, new)?;
+    let mut m = old_new.clone();
     if !m.tags.iter().any(|t| t == "production") {
         m.tags.push("production".into());
     }
     m.tags.retain(|t| t != "previous");
-    b.put(Cf::App, model_key(&m.id), to_json(&m));
+    put_model(b, Some(&old_new), &m);
     let mut e = Event::new(EventKind::ModelTagged);
     e.project = m.project.clone();
     e.name = m.name.clone();
@@ -883,29 +1228,22 @@ pub(crate) fn promote_batch(
     // Every other production model of the project steps down, not only the
     // one the decision saw: two gates deciding at once must not leave two
     // models tagged production.
-    let mut raw: Vec<Vec<u8>> = Vec::new();
-    kv.scan(Cf::App, keys::MODEL, &mut |_, v| {
-        raw.push(v.to_vec());
-        Ok(true)
-    })?;
-    let mut others: Vec<Model> = Vec::new();
-    for v in raw {
-        let o: Model = from_json(&v, "model")?;
-        if o.project == m.project && o.id != m.id && o.tags.iter().any(|t| t == "production") {
-            others.push(o);
-        }
-    }
+    let mut others: Vec<Model> = models_in(kv, Some(&m.project), Some("production"))?
+        .into_iter()
+        .filter(|o| o.id != m.id)
+        .collect();
     if let Some(old) = old {
-        if !others.iter().any(|o| o.id == old) {
-            others.push(load(old)?);
+        if old != m.id && !others.iter().any(|o| o.id == old) {
+            others.push(model_in(kv, old)?);
         }
     }
-    for mut o in others {
+    for before in others {
+        let mut o = before.clone();
         o.tags.retain(|t| t != "production");
         if !o.tags.iter().any(|t| t == "previous") {
             o.tags.push("previous".into());
         }
-        b.put(Cf::App, model_key(&o.id), to_json(&o));
+        put_model(b, Some(&before), &o);
         if Some(o.id.as_str()) == old || !e.extra.contains_key("previous") {
             e.extra.insert("previous".into(), serde_json::json!(o.id));
         }
@@ -993,4 +1331,67 @@ pub(crate) fn references_in(kv: &dyn KvRead, v: &crate::DatasetVersion) -> Resul
         ));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stall_overlap_counts_the_union_within_the_window() {
+        assert_eq!(stall_overlap_ms(&[], 0, 100), 0);
+        // Inside, partly outside, wholly outside.
+        assert_eq!(stall_overlap_ms(&[(10, 20)], 0, 100), 10);
+        assert_eq!(stall_overlap_ms(&[(-50, 30)], 0, 100), 30);
+        assert_eq!(stall_overlap_ms(&[(90, 500)], 0, 100), 10);
+        assert_eq!(stall_overlap_ms(&[(200, 300), (-9, -1)], 0, 100), 0);
+        // Overlapping and nested intervals count once, in any order.
+        assert_eq!(
+            stall_overlap_ms(&[(40, 60), (10, 50), (20, 30)], 0, 100),
+            50
+        );
+        assert_eq!(stall_overlap_ms(&[(10, 20), (20, 30)], 0, 100), 20);
+        assert_eq!(stall_overlap_ms(&[(10, 20), (30, 40)], 0, 100), 20);
+        // Empty or reversed intervals count nothing.
+        assert_eq!(stall_overlap_ms(&[(50, 50), (60, 40)], 0, 100), 0);
+    }
+
+    #[test]
+    fn a_stall_pushes_the_expiry_back() {
+        let mut l = Lease::grant("agent", 30_000, 1_000);
+        assert_eq!((l.renewed_ms, l.expires_ms), (1_000, 31_000));
+        assert!(!l.expired(0, 31_000));
+        assert!(l.expired(0, 31_001));
+        // A 60 s gc stalled the store since the renewal: the lease lives
+        // 60 s longer.
+        let stalls = [(5_000, 65_000)];
+        let now = 80_000;
+        let stalled = stall_overlap_ms(&stalls, l.renewed_ms, now);
+        assert_eq!(stalled, 60_000);
+        assert!(!l.expired(stalled, now));
+        assert!(!l.expired(stalled, 91_000));
+        assert!(l.expired(stall_overlap_ms(&stalls, l.renewed_ms, 91_001), 91_001));
+        // A stall before the renewal does not count.
+        l.renew(70_000);
+        assert_eq!(l.expires_ms, 100_000);
+        assert_eq!(stall_overlap_ms(&stalls, l.renewed_ms, 100_001), 0);
+        assert!(l.expired(0, 100_001));
+        // A slower clock never moves a renewal back.
+        l.renew(69_000);
+        assert_eq!((l.renewed_ms, l.expires_ms), (70_000, 100_000));
+    }
+
+    #[test]
+    fn a_record_without_lease_expires_a_ttl_after_its_heartbeat() {
+        let mut t = Task::draft("p", "n", "trainer", None, BTreeMap::new(), None);
+        assert!(effective_lease(&t, 10).is_none(), "not running");
+        t.status = TaskStatus::Running;
+        t.started_ms = Some(100);
+        let l = effective_lease(&t, 10).unwrap();
+        assert_eq!((l.renewed_ms, l.expires_ms), (100, 110));
+        t.heartbeat_ms = Some(500);
+        let l = effective_lease(&t, 10).unwrap();
+        assert_eq!((l.renewed_ms, l.expires_ms, l.ttl_ms), (500, 510, 10));
+        assert!(!l.expired(0, 510) && l.expired(0, 511));
+    }
 }

@@ -344,9 +344,9 @@ impl Repo {
     ) -> Result<Decision> {
         let new = self.model(new_id)?;
         let prod = self
-            .models(Some("production"))?
+            .models_in(Some(&new.project), Some("production"))?
             .into_iter()
-            .find(|m| m.project == new.project && m.id != new.id);
+            .find(|m| m.id != new.id);
         let Some(s) = new.metrics.get(metric).copied() else {
             return Ok((
                 new.id,
@@ -653,7 +653,7 @@ impl Repo {
                         );
                     } else {
                         let mut c = src.child(&src.name, params);
-                        crate::task::queue_batch(&mut b, &mut c, queue);
+                        crate::task::queue_batch(&mut b, None, &mut c, queue);
                         crate::task::status_event(&mut ev, &mut b, &c);
                         f.task = Some(c.id.clone());
                         f.note = format!("launched {} on '{queue}'", &c.id[..12]);
