@@ -63,6 +63,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The operating system's random generator failed (ids and salts come
+    /// from it).
+    #[error("the operating system's random generator failed: {0}")]
+    Random(#[source] std::io::Error),
     /// The key-value backend failed.
     #[error("database error: {0}")]
     Kv(String),
@@ -203,6 +207,7 @@ impl Error {
         matches!(
             self,
             Error::Io { .. }
+                | Error::Random(_)
                 | Error::Kv(_)
                 | Error::Corrupted { .. }
                 | Error::ChecksumMismatch { .. }

@@ -642,7 +642,7 @@ impl Store {
         let mut pending = Pending::default();
         let root = merged_root(kv, parents, &mut pending)?;
         let stored = self.pending_batch(kv, &pending, b)?;
-        let id = DraftId::random();
+        let id = DraftId::random()?;
         let rec = DraftRecord {
             parents: parents.to_vec(),
             root,
@@ -850,6 +850,9 @@ impl Store {
             delta,
             file_count: summary.file_count,
             total_bytes: summary.total_size,
+            // Two versions of equal content, lineage, message and
+            // millisecond (two datasets, two machines) get distinct ids.
+            salt: Some(crate::id::random_bytes()?),
         };
         let canonical = object.encode();
         let id = VersionId(crate::id::hash(&canonical));

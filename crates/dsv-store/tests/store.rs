@@ -1165,3 +1165,102 @@ fn a_pack_with_a_bad_header_is_refused_by_reads_and_reported_by_fsck() {
         assert_eq!(r.damaged.is_empty(), kind == "unsupported-pack");
     }
 }
+
+/// Two versions of identical content, parents, message and metadata made in
+/// the same millisecond (two datasets of one repository, or one dataset on
+/// two machines) used to hash to one id: the version salt keeps them apart.
+#[test]
+fn identical_versions_in_the_same_millisecond_get_different_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = mem_store(tmp.path(), MemKv::new(), small_config());
+    let mut meta = BTreeMap::new();
+    meta.insert("dsv.dataset".to_string(), "same".to_string());
+    // Both versions in one batch: the clock rarely ticks between them; try
+    // again until it did not, so that the test covers the colliding case.
+    let (a, b) = (0..1000)
+        .find_map(|_| {
+            let (a, b) = store
+                .write(|kv| {
+                    let mut b = dsv_store::kv::Batch::default();
+                    let root = dsv_store::tree::empty_tree_id();
+                    let diff = dsv_store::diff::Diff::default();
+                    let x =
+                        store.version_batch(kv, root, &[], &diff, 0, "m", meta.clone(), &mut b)?;
+                    let y =
+                        store.version_batch(kv, root, &[], &diff, 0, "m", meta.clone(), &mut b)?;
+                    Ok((b, (x, y)))
+                })
+                .unwrap();
+            (a.object.created_ms == b.object.created_ms).then_some((a, b))
+        })
+        .expect("two versions in the same millisecond");
+    // Everything but the salt is equal: without it the ids would be too.
+    let unsalted = |v: &dsv_store::Version| dsv_store::VersionObject {
+        salt: None,
+        ..v.object.clone()
+    };
+    assert_eq!(unsalted(&a), unsalted(&b));
+    assert_ne!(a.object.salt, b.object.salt);
+    assert_ne!(a.id, b.id);
+    for v in [&a, &b] {
+        assert_eq!(store.version(&v.id).unwrap(), *v);
+    }
+    let report = store
+        .verify(VerifyOptions { read_data: true }, &NoProgress)
+        .unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.versions, 2);
+}
+
+/// A version object in the encoding format-1 builds wrote (no salt, object
+/// format 1) still reads and verifies beside salted ones.
+#[test]
+fn format1_version_objects_still_read_and_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = mem_store(tmp.path(), MemKv::new(), small_config());
+    let root = dsv_store::tree::empty_tree_id();
+    let old = dsv_store::VersionObject {
+        root,
+        parents: Vec::new(),
+        created_ms: 1_600_000_000_000,
+        message: "written by dsv 0.1.0".into(),
+        metadata: BTreeMap::new(),
+        delta: Default::default(),
+        file_count: 0,
+        total_bytes: 0,
+        salt: None,
+    };
+    let bytes = old.encode();
+    assert_eq!(bytes[1], 1, "format-1 object encoding");
+    let id = dsv_store::VersionId(dsv_store::id::hash(&bytes));
+    store
+        .write(|_| {
+            let mut b = dsv_store::kv::Batch::default();
+            b.put(
+                dsv_store::kv::Cf::Objects,
+                id.as_bytes().to_vec(),
+                dsv_store::object::stored::wrap(&bytes, 3),
+            );
+            b.put(
+                dsv_store::kv::Cf::Roots,
+                dsv_store::schema::root_version_key(&id),
+                old.created_ms.to_le_bytes().to_vec(),
+            );
+            Ok((b, ()))
+        })
+        .unwrap();
+    let v = store.version(&id).unwrap();
+    assert_eq!(v.object, old);
+    // A child made now is salted; both verify.
+    let d = store.create_draft(&[id]).unwrap();
+    let child = store
+        .finalize(&d, "new", BTreeMap::new(), &mut |_, _, _| Ok(()))
+        .unwrap();
+    assert!(child.object.salt.is_some());
+    assert_eq!(child.object.parents, vec![id]);
+    let report = store
+        .verify(VerifyOptions { read_data: true }, &NoProgress)
+        .unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.versions, 2);
+}

@@ -165,9 +165,9 @@ impl Task {
         command: Option<String>,
         params: BTreeMap<String, String>,
         parent: Option<String>,
-    ) -> Task {
-        Task {
-            id: new_id(),
+    ) -> Result<Task> {
+        Ok(Task {
+            id: new_id()?,
             project: project.to_string(),
             name: name.to_string(),
             kind: kind.to_string(),
@@ -191,11 +191,11 @@ impl Task {
             error: None,
             abort_requested: false,
             log_chunks: 0,
-        }
+        })
     }
 
     /// A draft copy of this task (parent = this one) with `params`.
-    pub(crate) fn child(&self, name: &str, params: BTreeMap<String, String>) -> Task {
+    pub(crate) fn child(&self, name: &str, params: BTreeMap<String, String>) -> Result<Task> {
         Task::draft(
             &self.project,
             name,
@@ -255,8 +255,9 @@ pub struct Finish {
     pub run_started_ms: Option<i64>,
 }
 
-fn new_id() -> String {
-    crate::records::DatasetId::random().to_string()
+/// A task or model id: 16 bytes from the OS random generator, as 32 hex digits.
+fn new_id() -> Result<String> {
+    Ok(crate::records::DatasetId::random()?.to_string())
 }
 
 fn task_key(id: &str) -> Vec<u8> {
@@ -354,7 +355,7 @@ impl Repo {
             return Err(Error::Invalid("a command task needs --command CMD".into()));
         }
         crate::params::check_task_params(kind, &params)?;
-        let t = Task::draft(project, name, kind, command, params, None);
+        let t = Task::draft(project, name, kind, command, params, None)?;
         self.write(|kv| {
             let mut b = Batch::default();
             b.put(Cf::App, task_key(&t.id), to_json(&t));
@@ -399,7 +400,7 @@ impl Repo {
                 }
             }
         }
-        let t = src.child(name.unwrap_or(&src.name), params);
+        let t = src.child(name.unwrap_or(&src.name), params)?;
         crate::rev::parse_dataset_name(&format!("{}/{}", t.project, t.name))?;
         self.write(|kv| {
             let mut b = Batch::default();
@@ -615,7 +616,7 @@ impl Repo {
             }
             if let (Some((kind, body)), TaskStatus::Completed) = (&f.model, t.status) {
                 let m = Model {
-                    id: new_id(),
+                    id: new_id()?,
                     project: t.project.clone(),
                     name: t.name.clone(),
                     kind: kind.clone(),

@@ -652,7 +652,7 @@ impl Repo {
                             unfilled.join(", ")
                         );
                     } else {
-                        let mut c = src.child(&src.name, params);
+                        let mut c = src.child(&src.name, params)?;
                         crate::task::queue_batch(&mut b, &mut c, queue);
                         crate::task::status_event(&mut ev, &mut b, &c);
                         f.task = Some(c.id.clone());
