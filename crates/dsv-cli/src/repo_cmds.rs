@@ -1,4 +1,4 @@
-//! `dsv init`, `fsck`, `gc`, `stats`.
+//! `dsv init`, `fsck`, `gc`, `stats`, `upgrade`.
 
 use std::path::PathBuf;
 
@@ -89,6 +89,41 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> Result<(), CliError> {
         println!("Initialized empty dsv repository in {}", dir.display());
         Ok(())
     }
+}
+
+/// `dsv upgrade`: the repository to this build's format (see
+/// [`dsv::Repo::upgrade`]); nothing to do when it is current.
+pub fn upgrade(ctx: &Ctx) -> Result<(), CliError> {
+    let dir = repo::locate(ctx)?;
+    let (repo, report) = dsv::Repo::upgrade(&dir, repo::options(ctx))?;
+    let shown = dsv_store::config::repo_display(repo.store().dir()).to_path_buf();
+    let upgraded = !report.was_current();
+    if ctx.json {
+        return output::json(&json!({
+            "path": shown,
+            "from": report.from,
+            "to": report.to,
+            "upgraded": upgraded,
+            "database_upgraded": report.database_upgraded,
+            "config_rewritten": report.config_rewritten,
+            "features": repo.store().config().features,
+        }));
+    }
+    if upgraded {
+        println!(
+            "Upgraded the repository at {} from format {} to format {}",
+            shown.display(),
+            report.from,
+            report.to
+        );
+    } else {
+        println!(
+            "The repository at {} is already at format {}; nothing to do",
+            shown.display(),
+            report.to
+        );
+    }
+    Ok(())
 }
 
 /// The repository folder (`.dsv`, or a folder holding a dsv `config.json`

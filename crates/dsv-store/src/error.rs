@@ -86,6 +86,33 @@ pub enum Error {
         /// The newest version this build reads.
         supported: u32,
     },
+    /// A repository of an older format: `dsv upgrade` converts it.
+    #[error("repository at {} has format {found}; run `dsv upgrade` (this dsv uses format {current})", repo.display())]
+    NeedsUpgrade {
+        /// The repository folder.
+        repo: PathBuf,
+        /// Its format.
+        found: u32,
+        /// This build's format.
+        current: u32,
+    },
+    /// `config.json` lists `incompat` features this build does not know.
+    #[error("repository at {} uses features this dsv does not know: {} (incompat: it cannot be opened); upgrade dsv", repo.display(), features.join(", "))]
+    UnknownFeatures {
+        /// The repository folder.
+        repo: PathBuf,
+        /// The unknown features.
+        features: Vec<String>,
+    },
+    /// A write to a repository whose `config.json` lists `ro_compat`
+    /// features this build does not know.
+    #[error("repository at {} uses features this dsv does not know: {} (ro_compat: it can be read but not written); upgrade dsv to change it", repo.display(), features.join(", "))]
+    ReadOnlyFeatures {
+        /// The repository folder.
+        repo: PathBuf,
+        /// The unknown features.
+        features: Vec<String>,
+    },
     /// Stored bytes that do not decode.
     #[error("corrupted {what}: {reason}")]
     Corrupted {
@@ -213,6 +240,9 @@ impl Error {
                 | Error::ChecksumMismatch { .. }
                 | Error::DamagedChunk { .. }
                 | Error::UnsupportedFormatVersion { .. }
+                | Error::NeedsUpgrade { .. }
+                | Error::UnknownFeatures { .. }
+                | Error::ReadOnlyFeatures { .. }
                 | Error::LockTimeout { .. }
                 | Error::ConcurrentGc(_)
                 | Error::Injected(_)

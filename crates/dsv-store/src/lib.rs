@@ -34,6 +34,7 @@ pub mod schema;
 pub mod stats;
 pub mod store;
 pub mod tree;
+pub mod upgrade;
 pub mod verify;
 
 pub use chunker::{Chunker, ChunkerParams};
@@ -48,4 +49,5 @@ pub use object::{Delta, Entry, EntryTarget, FileObject, VersionObject};
 pub use stats::Stats;
 pub use store::{Draft, NoProgress, Progress, StageReport, Store, StoreOptions, Version};
 pub use tree::Change;
+pub use upgrade::UpgradeReport;
 pub use verify::{Problem, RepairReport, VerifyOptions, VerifyReport};

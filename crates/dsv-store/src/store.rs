@@ -115,6 +115,9 @@ pub struct Store {
     stale: std::sync::atomic::AtomicBool,
     packs: PackReader,
     opts: StoreOptions,
+    /// Unknown `ro_compat` features of the repository: writes are refused
+    /// while there are any.
+    read_only: Vec<String>,
 }
 
 impl std::fmt::Debug for Store {
@@ -182,6 +185,16 @@ impl Store {
         opts: StoreOptions,
     ) -> Result<Store> {
         config.validate()?;
+        // A new repository is of this build's format, with its features.
+        let config = RepoConfig {
+            format_version: schema::REPO_FORMAT,
+            features: Some(
+                config
+                    .features
+                    .unwrap_or_else(crate::config::Features::current),
+            ),
+            ..config
+        };
         if dir.join(crate::config::CONFIG_FILE).exists() {
             return Err(Error::AlreadyExists(dir.to_path_buf()));
         }
@@ -231,11 +244,21 @@ impl Store {
                         .try_into()
                         .map_err(|_| Error::corrupted("meta format", "bad length"))?,
                 );
-                if found != schema::REPO_FORMAT {
+                if found > schema::REPO_FORMAT {
                     return Err(Error::UnsupportedFormatVersion {
                         what: "database".into(),
                         found,
                         supported: schema::REPO_FORMAT,
+                    });
+                }
+                if found < schema::REPO_FORMAT {
+                    // config.json is rewritten after the database by
+                    // `upgrade` (and read first here): an older database
+                    // under a current config is not something it leaves.
+                    return Err(Error::NeedsUpgrade {
+                        repo: crate::config::repo_display(dir),
+                        found,
+                        current: schema::REPO_FORMAT,
                     });
                 }
             }
@@ -249,6 +272,7 @@ impl Store {
         Ok(Store {
             packs: PackReader::new(dir.join(PACKS_DIR)),
             dir: dir.to_path_buf(),
+            read_only: config.read_only_features(),
             config,
             backend,
             reader: RwLock::new(reader),
@@ -269,6 +293,23 @@ impl Store {
     pub fn config(&self) -> &RepoConfig {
         &self.config
     }
+    /// The repository's `ro_compat` features this build does not know:
+    /// while there are any, every write is refused.
+    pub fn read_only_features(&self) -> &[String] {
+        &self.read_only
+    }
+
+    /// Refuses to write to a repository with unknown `ro_compat` features.
+    pub fn check_writable(&self) -> Result<()> {
+        if self.read_only.is_empty() {
+            return Ok(());
+        }
+        Err(Error::ReadOnlyFeatures {
+            repo: crate::config::repo_display(&self.dir),
+            features: self.read_only.clone(),
+        })
+    }
+
     /// The options the store was opened with.
     pub fn options(&self) -> &StoreOptions {
         &self.opts
@@ -340,6 +381,7 @@ impl Store {
     }
 
     fn write_once<T>(&self, f: impl FnOnce(&dyn KvRead) -> Result<(Batch, T)>) -> Result<T> {
+        self.check_writable()?;
         let lock =
             crate::lock::WriteLock::acquire(&self.dir, self.opts.lock_timeout, &self.opts.holder)?;
         let out = {
