@@ -190,6 +190,16 @@ fn a_format1_repository_is_refused_until_upgraded_then_reads_back_and_takes_writ
         "{}",
         stdout(&out)
     );
+    // Saying so needs no write access.
+    if is_root() {
+        let out = dsv_unprivileged(&repo, &["upgrade"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            stdout(&out).contains("already at format 2"),
+            "{}",
+            stdout(&out)
+        );
+    }
 }
 
 #[test]

@@ -97,50 +97,56 @@ impl Store {
                 supported: current,
             });
         }
+        if from == current {
+            // Unknown incompat features: refused before anything is touched.
+            cfg.check_features(dir)?;
+        }
         let mut report = UpgradeReport {
             from,
             to: current,
             database_upgraded: false,
             config_rewritten: false,
         };
-        if from == current {
-            // Opening checks the features and the database marker.
+        let database = meta_format(&*backend.open_read()?)?;
+        if from == current && database == Some(current) {
+            // Current: nothing to do, and no write access needed.
             let store = Self::open_with_backend(dir, backend, opts)?;
             return Ok((store, report));
         }
         {
             let _lock = crate::lock::WriteLock::acquire(dir, opts.lock_timeout, &opts.holder)?;
-            // Under the lock: another upgrade may have finished meanwhile.
+            // Read again under the lock: another upgrade may have run.
             let cfg = RepoConfig::read(dir)?;
-            if cfg.format_version < current {
-                let w: Box<dyn KvWrite> = backend.open_write()?;
-                match meta_format(&*w as &dyn KvRead)? {
-                    Some(f) if f > current => {
-                        return Err(Error::UnsupportedFormatVersion {
-                            what: "database".into(),
-                            found: f,
-                            supported: current,
-                        })
-                    }
-                    Some(f) if f == current => {} // step 1 done by an interrupted run
-                    Some(_) => {
-                        let mut b = backfill(&*w as &dyn KvRead)?;
-                        b.put(
-                            Cf::Meta,
-                            schema::META_FORMAT,
-                            current.to_le_bytes().to_vec(),
-                        );
-                        w.write(b)?;
-                        report.database_upgraded = true;
-                    }
-                    None => {
-                        return Err(Error::corrupted(
-                            dir.join(crate::store::DB_DIR).display().to_string(),
-                            "no format marker",
-                        ))
-                    }
+            let w: Box<dyn KvWrite> = backend.open_write()?;
+            match meta_format(&*w as &dyn KvRead)? {
+                Some(f) if f > current => {
+                    return Err(Error::UnsupportedFormatVersion {
+                        what: "database".into(),
+                        found: f,
+                        supported: current,
+                    })
                 }
-                drop(w);
+                // Step 1 done (by an interrupted earlier run).
+                Some(f) if f == current => {}
+                Some(_) => {
+                    let mut b = backfill(&*w as &dyn KvRead)?;
+                    b.put(
+                        Cf::Meta,
+                        schema::META_FORMAT,
+                        current.to_le_bytes().to_vec(),
+                    );
+                    w.write(b)?;
+                    report.database_upgraded = true;
+                }
+                None => {
+                    return Err(Error::corrupted(
+                        dir.join(crate::store::DB_DIR).display().to_string(),
+                        "no format marker",
+                    ))
+                }
+            }
+            drop(w);
+            if cfg.format_version < current {
                 RepoConfig {
                     format_version: current,
                     features: Some(Features::current()),

@@ -1455,6 +1455,33 @@ fn an_interrupted_upgrade_changes_nothing_or_resumes_without_repeating_the_backf
     assert!(report.config_rewritten);
     assert_eq!(config_json(tmp.path())["format_version"], 2);
     try_open(tmp.path(), &kv).unwrap();
+
+    // A database marker behind a current config.json (not a state upgrade
+    // leaves, but one it repairs): the database step runs, once.
+    {
+        use dsv_store::kv::Backend;
+        let mut b = dsv_store::kv::Batch::default();
+        b.put(
+            dsv_store::Cf::Meta,
+            dsv_store::schema::META_FORMAT,
+            1u32.to_le_bytes().to_vec(),
+        );
+        kv.open_write().unwrap().write(b).unwrap();
+    }
+    assert!(matches!(
+        try_open(tmp.path(), &kv),
+        Err(Error::NeedsUpgrade { found: 1, .. })
+    ));
+    let mut calls = 0;
+    let (_, report) = upgrade(tmp.path(), &kv, &mut |_| {
+        calls += 1;
+        Ok(dsv_store::Batch::default())
+    })
+    .unwrap();
+    assert_eq!(calls, 1);
+    assert!(report.database_upgraded && !report.config_rewritten);
+    assert_eq!(meta_format(&kv), 2);
+    try_open(tmp.path(), &kv).unwrap();
 }
 
 #[test]
