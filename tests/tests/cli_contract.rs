@@ -361,6 +361,7 @@ fn every_command_prints_one_json_document_with_json() {
     json_ok(&s, c, "stats", &["stats"]);
     json_ok(&s, c, "fsck", &["fsck"]);
     json_ok(&s, c, "gc", &["gc", "--dry-run"]);
+    json_ok(&s, c, "upgrade", &["upgrade"]);
 
     // Long-running commands have their own tests: `dataset mount --json`
     // prints {"mountpoint", "id", "pid"} once mounted (readside.rs reads

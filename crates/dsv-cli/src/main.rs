@@ -53,6 +53,9 @@ enum Command {
     Gc(repo_cmds::GcArgs),
     /// Counts and sizes: objects, chunks, logical and stored bytes.
     Stats,
+    /// Upgrade the repository to this dsv's format (one-way: older dsv
+    /// builds can no longer open it; a no-op when it is current).
+    Upgrade,
     /// Datasets: create, add, sync, watch, show, list, diff, tag …
     #[command(subcommand)]
     Dataset(dataset::DatasetCmd),
@@ -121,6 +124,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Fsck(_) => "fsck",
         Command::Gc(_) => "gc",
         Command::Stats => "stats",
+        Command::Upgrade => "upgrade",
         Command::Snapshot(_) => "snapshot",
         Command::Dataset(_) => "dataset",
         Command::Cache(_) => "cache",
@@ -143,6 +147,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Fsck(a) => repo_cmds::fsck(&ctx, a),
         Command::Gc(a) => repo_cmds::gc(&ctx, a),
         Command::Stats => repo_cmds::stats(&ctx),
+        Command::Upgrade => repo_cmds::upgrade(&ctx),
         Command::Snapshot(a) => plumbing::snapshot(&ctx, a),
         Command::Dataset(c) => dataset::run(&ctx, c),
         Command::Cache(c) => readside::cache(&ctx, c),

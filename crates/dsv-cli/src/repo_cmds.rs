@@ -1,4 +1,4 @@
-//! `dsv init`, `fsck`, `gc`, `stats`.
+//! `dsv init`, `fsck`, `gc`, `stats`, `upgrade`.
 
 use std::path::PathBuf;
 
@@ -41,10 +41,11 @@ pub struct FsckArgs {
     /// file; with --read-data their bytes are rehashed too).
     #[arg(long)]
     cache: bool,
-    /// Take the damaged chunks found out of service, so that syncing an
-    /// intact copy of their files stores them again and heals every version
-    /// that uses them.
-    #[arg(long, requires = "read_data")]
+    /// Repair what can be repaired: rebuild the task and model indexes from
+    /// their records, and (with --read-data) take the damaged chunks found
+    /// out of service, so that syncing an intact copy of their files stores
+    /// them again and heals every version that uses them.
+    #[arg(long)]
     repair: bool,
 }
 
@@ -95,6 +96,41 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> Result<(), CliError> {
     }
 }
 
+/// `dsv upgrade`: the repository to this build's format (see
+/// [`dsv::Repo::upgrade`]); nothing to do when it is current.
+pub fn upgrade(ctx: &Ctx) -> Result<(), CliError> {
+    let dir = repo::locate(ctx)?;
+    let (repo, report) = dsv::Repo::upgrade(&dir, repo::options(ctx))?;
+    let shown = dsv_store::config::repo_display(repo.store().dir()).to_path_buf();
+    let upgraded = !report.was_current();
+    if ctx.json {
+        return output::json(&json!({
+            "path": shown,
+            "from": report.from,
+            "to": report.to,
+            "upgraded": upgraded,
+            "database_upgraded": report.database_upgraded,
+            "config_rewritten": report.config_rewritten,
+            "features": repo.store().config().features,
+        }));
+    }
+    if upgraded {
+        println!(
+            "Upgraded the repository at {} from format {} to format {}",
+            shown.display(),
+            report.from,
+            report.to
+        );
+    } else {
+        println!(
+            "The repository at {} is already at format {}; nothing to do",
+            shown.display(),
+            report.to
+        );
+    }
+    Ok(())
+}
+
 /// The repository folder (`.dsv`, or a folder holding a dsv `config.json`
 /// and database) that `path` is or lies inside, if any. Parts of `path` that
 /// do not exist yet are judged by name; the rest with symbolic links
@@ -143,17 +179,28 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
         None
     };
     let dir = store.dir().to_path_buf();
+    let repo = dsv::Repo::from_store(store);
+    // The secondary indexes of tasks and models against their records;
+    // `--repair` rebuilds them from the records.
+    let index = repo.index_problems()?;
+    let rebuilt = if a.repair && !index.is_empty() {
+        Some(repo.rebuild_indexes()?)
+    } else {
+        None
+    };
     let cache = if a.cache || a.read_data {
-        let repo = dsv::Repo::from_store(store);
         let bar = Bar::new(ctx.progress);
         Some(repo.check_cache(a.read_data, &bar)?)
     } else {
         None
     };
     let cache_problems = cache.as_ref().map(|c| c.problems.len()).unwrap_or(0);
+    let index_problems = if rebuilt.is_some() { 0 } else { index.len() };
     if ctx.json {
         output::json(&json!({
-            "ok": r.ok() && cache_problems == 0,
+            "ok": r.ok() && cache_problems == 0 && index_problems == 0,
+            "index_problems": index,
+            "index_entries_rewritten": rebuilt,
             "objects": r.objects,
             "versions": r.versions,
             "chunks": r.chunks,
@@ -166,6 +213,12 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
     } else {
         for p in &r.problems {
             println!("{}: {} — {}", p.kind, p.what, p.detail);
+        }
+        for p in &index {
+            println!("index: {p}");
+        }
+        if let Some(n) = rebuilt {
+            println!("repair: indexes rebuilt from the task and model records ({n} entries written or removed)");
         }
         if let Some(c) = &cache {
             for p in &c.problems {
@@ -191,7 +244,7 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
             Some(c) => format!("; {} cached copies", c.entries),
             None => String::new(),
         };
-        let n = r.problems.len() + cache_problems;
+        let n = r.problems.len() + cache_problems + index_problems;
         println!(
             "checked {} objects ({} versions), {} chunks{data}{cached}: {}",
             r.objects,
@@ -229,6 +282,13 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
             r.problems.len()
         ))
         .hint(hint));
+    }
+    if index_problems > 0 {
+        return Err(CliError::repo(format!(
+            "{index_problems} problems in the task and model indexes of {}",
+            dir.display()
+        ))
+        .hint("'dsv fsck --repair' rebuilds them from the records"));
     }
     if cache_problems > 0 {
         return Err(CliError::repo(format!(

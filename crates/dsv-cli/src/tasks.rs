@@ -317,7 +317,7 @@ pub fn task(ctx: &Ctx, cmd: TaskCmd) -> Result<(), CliError> {
                 &repo,
                 &Executors::default(),
                 &a.id,
-                &dsv_runtime::agent_info(None),
+                &dsv_runtime::agent_info(None)?,
                 &AtomicBool::new(false),
                 &AgentOutput { json: ctx.json },
             )?;
@@ -570,7 +570,7 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> Result<(), CliError> {
             triggers: a.triggers,
             ..Default::default()
         },
-    );
+    )?;
     let report = agent.run(&stop, &AgentOutput { json: ctx.json })?;
     if ctx.json {
         output::json(&json!({"agent": report.agent.name, "ran": report.ran}))?;

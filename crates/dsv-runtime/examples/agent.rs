@@ -51,7 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             once: true,
             ..Default::default()
         },
-    );
+    )?;
     agent.register("command", DryRun);
     let report = agent.run(&AtomicBool::new(false), &Print)?;
     println!("{} ran {} task(s)", report.agent.name, report.ran.len());

@@ -103,14 +103,14 @@ pub struct Agent {
 
 impl Agent {
     /// An agent over `repo` with the default executors.
-    pub fn new(repo: Arc<Repo>, options: AgentOptions) -> Agent {
-        let me = agent_info(options.name.clone());
-        Agent {
+    pub fn new(repo: Arc<Repo>, options: AgentOptions) -> Result<Agent> {
+        let me = agent_info(options.name.clone())?;
+        Ok(Agent {
             repo,
             options,
             executors: Executors::default(),
             me,
-        }
+        })
     }
     /// Runs tasks of `kind` with `executor` (replacing a default one).
     pub fn register(&mut self, kind: &str, executor: impl crate::Executor + 'static) -> &mut Self {
@@ -227,11 +227,11 @@ pub fn hostname() -> String {
 }
 
 /// This process as an agent named `name` (default `agent-HOST-PID`).
-pub fn agent_info(name: Option<String>) -> AgentInfo {
+pub fn agent_info(name: Option<String>) -> Result<AgentInfo> {
     let host = hostname();
     let pid = std::process::id();
     let name = name.unwrap_or_else(|| format!("agent-{host}-{pid}"));
-    AgentInfo::new(name, host, pid)
+    Ok(AgentInfo::new(name, host, pid)?)
 }
 
 /// The short name (`comm`) of process `pid`.

@@ -29,7 +29,7 @@
 //! use dsv_runtime::{Agent, AgentOptions};
 //! # fn main() -> Result<(), dsv_runtime::Error> {
 //! let repo = Arc::new(dsv::Repo::open(std::path::Path::new(".dsv"), Default::default())?);
-//! let agent = Agent::new(repo, AgentOptions { once: true, ..Default::default() });
+//! let agent = Agent::new(repo, AgentOptions { once: true, ..Default::default() })?;
 //! let report = agent.run(&AtomicBool::new(false), &())?;
 //! println!("ran {} task(s)", report.ran.len());
 //! # Ok(()) }

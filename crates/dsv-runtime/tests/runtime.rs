@@ -92,7 +92,8 @@ fn an_agent_runs_a_queued_task_with_a_registered_executor_and_records_its_result
             once: true,
             ..Default::default()
         },
-    );
+    )
+    .unwrap();
     agent.register("command", doubler.clone());
     let events = Recorder::default();
     let report = agent.run(&AtomicBool::new(false), &events).unwrap();
@@ -137,7 +138,8 @@ fn max_tasks_bounds_an_agent() {
             max_tasks: Some(2),
             ..Default::default()
         },
-    );
+    )
+    .unwrap();
     agent.register("command", Doubler::default());
     let report = agent.run(&AtomicBool::new(false), &()).unwrap();
     // Oldest first.
@@ -181,7 +183,8 @@ fn run_interrupted(interrupt: impl FnOnce(&Repo, &str, &AtomicBool)) -> Task {
             heartbeat_every: Duration::from_millis(20),
             ..Default::default()
         },
-    );
+    )
+    .unwrap();
     agent.register(
         "command",
         Waiter {
@@ -246,7 +249,8 @@ fn a_panicking_executor_fails_its_task_not_the_agent() {
             once: true,
             ..Default::default()
         },
-    );
+    )
+    .unwrap();
     agent.register("command", Panics);
     let report = agent.run(&AtomicBool::new(false), &()).unwrap();
     assert_eq!(report.ran.len(), 2);
@@ -275,6 +279,7 @@ fn a_task_of_a_kind_without_executor_fails_with_the_reason() {
             ..Default::default()
         },
     )
+    .unwrap()
     .with_executors(only_trainer);
     agent.run(&AtomicBool::new(false), &()).unwrap();
     let t = repo.task(&t.id).unwrap();
@@ -306,7 +311,7 @@ fn the_command_executor_runs_the_command_contract() {
         &repo,
         &Executors::default(),
         &t.id,
-        &dsv_runtime::agent_info(Some("here".into())),
+        &dsv_runtime::agent_info(Some("here".into())).unwrap(),
         &AtomicBool::new(false),
         &(),
     )

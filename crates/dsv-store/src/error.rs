@@ -63,6 +63,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The operating system's random generator failed (ids and salts come
+    /// from it).
+    #[error("the operating system's random generator failed: {0}")]
+    Random(#[source] std::io::Error),
     /// The key-value backend failed.
     #[error("database error: {0}")]
     Kv(String),
@@ -81,6 +85,33 @@ pub enum Error {
         found: u32,
         /// The newest version this build reads.
         supported: u32,
+    },
+    /// A repository of an older format: `dsv upgrade` converts it.
+    #[error("repository at {} has format {found}; run `dsv upgrade` (this dsv uses format {current})", repo.display())]
+    NeedsUpgrade {
+        /// The repository folder.
+        repo: PathBuf,
+        /// Its format.
+        found: u32,
+        /// This build's format.
+        current: u32,
+    },
+    /// `config.json` lists `incompat` features this build does not know.
+    #[error("repository at {} uses features this dsv does not know: {} (incompat: it cannot be opened); upgrade dsv", repo.display(), features.join(", "))]
+    UnknownFeatures {
+        /// The repository folder.
+        repo: PathBuf,
+        /// The unknown features.
+        features: Vec<String>,
+    },
+    /// A write to a repository whose `config.json` lists `ro_compat`
+    /// features this build does not know.
+    #[error("repository at {} uses features this dsv does not know: {} (ro_compat: it can be read but not written); upgrade dsv to change it", repo.display(), features.join(", "))]
+    ReadOnlyFeatures {
+        /// The repository folder.
+        repo: PathBuf,
+        /// The unknown features.
+        features: Vec<String>,
     },
     /// Stored bytes that do not decode.
     #[error("corrupted {what}: {reason}")]
@@ -217,11 +248,15 @@ impl Error {
         matches!(
             self,
             Error::Io { .. }
+                | Error::Random(_)
                 | Error::Kv(_)
                 | Error::Corrupted { .. }
                 | Error::ChecksumMismatch { .. }
                 | Error::DamagedChunk { .. }
                 | Error::UnsupportedFormatVersion { .. }
+                | Error::NeedsUpgrade { .. }
+                | Error::UnknownFeatures { .. }
+                | Error::ReadOnlyFeatures { .. }
                 | Error::LockTimeout { .. }
                 | Error::ConcurrentGc(_)
                 | Error::Conflict { .. }

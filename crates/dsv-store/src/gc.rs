@@ -396,6 +396,10 @@ impl Store {
     /// does not fit, it runs without rewriting (whole dead packs and orphans
     /// are deleted, which needs no new space).
     pub fn gc(&self, opts: GcOptions, dry_run: bool) -> Result<GcReport> {
+        if !dry_run {
+            // Before any pack is rewritten.
+            self.check_writable()?;
+        }
         match self.gc_once(opts, dry_run) {
             Err(e) if !dry_run && crate::store::is_disk_full(&e) => {
                 tracing::warn!(

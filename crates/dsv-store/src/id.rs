@@ -106,23 +106,49 @@ define_id!(
 );
 
 impl DraftId {
-    /// A fresh random draft id (BLAKE3 of time, pid and a counter).
-    pub fn random() -> Self {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let mut h = blake3::Hasher::new();
-        h.update(b"dsv draft id");
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        h.update(&now.to_le_bytes());
-        h.update(&std::process::id().to_le_bytes());
-        h.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
-        let local = 0u8;
-        h.update(&(std::ptr::addr_of!(local) as usize).to_le_bytes());
-        Self(*h.finalize().as_bytes())
+    /// A fresh random draft id: 32 bytes from the operating system's random
+    /// generator, so ids made on different machines (or by processes that
+    /// share a pid and a clock) never collide.
+    pub fn random() -> crate::error::Result<Self> {
+        random_bytes().map(Self)
     }
+}
+
+/// `N` bytes from the operating system's random generator ([`os_random`]).
+pub fn random_bytes<const N: usize>() -> crate::error::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    os_random(&mut b).map_err(crate::error::Error::Random)?;
+    Ok(b)
+}
+
+/// Fills `buf` from the operating system's random generator: the
+/// `getrandom(2)` system call (which waits only until the kernel's pool is
+/// first initialized, early in boot), or `/dev/urandom` on kernels without
+/// it. Never a time- or pid-derived value.
+pub fn os_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the pointer and length describe `rest`, a live, writable
+        // slice; the kernel writes at most `rest.len()` bytes into it.
+        #[allow(unsafe_code)]
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::ENOSYS) => return urandom(rest),
+                _ => return Err(e),
+            }
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+fn urandom(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
 
 /// A parsed hex prefix (1..=64 hex digits) used for unique-prefix lookups.
@@ -216,8 +242,23 @@ mod tests {
 
     #[test]
     fn draft_ids_are_unique() {
-        let a = DraftId::random();
-        let b = DraftId::random();
+        let a = DraftId::random().unwrap();
+        let b = DraftId::random().unwrap();
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn os_random_fills_the_whole_buffer_and_differs_each_call() {
+        // 64 bytes that are all zero after the call would mean the buffer
+        // was not written (odds 2^-512 otherwise).
+        let mut a = [0u8; 64];
+        let mut b = [0u8; 64];
+        os_random(&mut a).unwrap();
+        os_random(&mut b).unwrap();
+        assert_ne!(a, [0u8; 64]);
+        assert_ne!(a, b);
+        let mut c = [0u8; 16];
+        urandom(&mut c).unwrap();
+        assert_ne!(c, [0u8; 16]);
     }
 }

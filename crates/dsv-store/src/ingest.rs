@@ -561,6 +561,8 @@ impl Store {
         folder: &Path,
         opts: &IngestOptions<'_>,
     ) -> Result<Ingested> {
+        // Before any pack is written.
+        self.check_writable()?;
         let meta = std::fs::metadata(folder).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Error::Invalid(format!("folder {} does not exist", folder.display()))

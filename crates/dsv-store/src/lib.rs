@@ -35,6 +35,7 @@ pub mod stats;
 pub mod store;
 pub mod tree;
 pub mod txn;
+pub mod upgrade;
 pub mod verify;
 
 pub use chunker::{Chunker, ChunkerParams};
@@ -50,4 +51,5 @@ pub use stats::Stats;
 pub use store::{Draft, NoProgress, Progress, StageReport, Store, StoreOptions, Version};
 pub use tree::Change;
 pub use txn::Subscription;
+pub use upgrade::UpgradeReport;
 pub use verify::{Problem, RepairReport, VerifyOptions, VerifyReport};

@@ -12,8 +12,15 @@ use crate::codec::{Dec, Enc};
 use crate::error::{Error, Result};
 use crate::id::{hash, ChunkId, ObjectId, VersionId};
 
-/// Object format version written by this build.
+/// Object format version of files and tree nodes (and of unsalted versions,
+/// the only versions format-1 repositories hold).
 pub const OBJECT_FORMAT: u8 = 1;
+/// Object format version of a salted version object: the format-1 payload
+/// followed by a 16-byte random salt (repository format 2, feature
+/// `version-salt`).
+pub const VERSION_FORMAT_SALTED: u8 = 2;
+/// Length of a version object's salt.
+pub const SALT_LEN: usize = 16;
 /// Tag of a file manifest.
 pub const TAG_FILE: u8 = 1;
 /// Tag of a tree leaf (a directory's entries, or one shard of them).
@@ -173,6 +180,11 @@ pub struct VersionObject {
     pub file_count: u64,
     /// Bytes in the version.
     pub total_bytes: u64,
+    /// Random bytes that make the id unique: two versions with the same
+    /// tree, parents, message and millisecond (in two datasets, or on two
+    /// machines) still get different ids. `None` in versions written by
+    /// format-1 builds (encoded with object format 1).
+    pub salt: Option<[u8; SALT_LEN]>,
 }
 
 /// Any decoded object.
@@ -293,9 +305,14 @@ impl TreeNode {
 }
 
 impl VersionObject {
-    /// Canonical encoding.
+    /// Canonical encoding: object format 1 without a salt, 2 with one (the
+    /// salt then follows the format-1 payload).
     pub fn encode(&self) -> Vec<u8> {
-        let mut e = header(TAG_VERSION, 256);
+        let mut e = Enc::with_capacity(258);
+        e.u8(TAG_VERSION).u8(match self.salt {
+            None => OBJECT_FORMAT,
+            Some(_) => VERSION_FORMAT_SALTED,
+        });
         e.raw(self.root.as_bytes()).u16(self.parents.len() as u16);
         for p in &self.parents {
             e.raw(p.as_bytes());
@@ -309,6 +326,9 @@ impl VersionObject {
         e.u64(d.added).u64(d.modified).u64(d.removed).u64(d.renamed);
         e.u64(d.added_bytes).u64(d.stored_bytes);
         e.u64(self.file_count).u64(self.total_bytes);
+        if let Some(salt) = &self.salt {
+            e.raw(salt);
+        }
         e.buf
     }
 
@@ -333,18 +353,25 @@ impl Object {
         let mut d = Dec::new(bytes, what);
         let tag = d.u8()?;
         let version = d.u8()?;
-        if version != OBJECT_FORMAT {
+        // Versions exist in formats 1 (unsalted) and 2 (salted); every other
+        // object only in format 1.
+        let newest = if tag == TAG_VERSION {
+            VERSION_FORMAT_SALTED
+        } else {
+            OBJECT_FORMAT
+        };
+        if version == 0 || version > newest {
             return Err(Error::UnsupportedFormatVersion {
                 what: what.to_string(),
                 found: version as u32,
-                supported: OBJECT_FORMAT as u32,
+                supported: newest as u32,
             });
         }
         let obj = match tag {
             TAG_FILE => Object::File(decode_file(&mut d)?),
             TAG_TREE_LEAF => Object::Tree(TreeNode::Leaf(decode_leaf(&mut d)?)),
             TAG_TREE_SHARD => Object::Tree(TreeNode::Shard(decode_shard(&mut d)?)),
-            TAG_VERSION => Object::Version(decode_version(&mut d)?),
+            TAG_VERSION => Object::Version(decode_version(&mut d, version)?),
             other => return Err(d.err(format!("unknown object tag {other}"))),
         };
         d.finish()?;
@@ -457,7 +484,7 @@ fn decode_shard(d: &mut Dec<'_, '_>) -> Result<ShardNode> {
     })
 }
 
-fn decode_version(d: &mut Dec<'_, '_>) -> Result<VersionObject> {
+fn decode_version(d: &mut Dec<'_, '_>, format: u8) -> Result<VersionObject> {
     let root = ObjectId(d.id()?);
     let np = d.u16()? as usize;
     let mut parents = Vec::with_capacity(np.min(64));
@@ -488,6 +515,13 @@ fn decode_version(d: &mut Dec<'_, '_>) -> Result<VersionObject> {
     };
     let file_count = d.u64()?;
     let total_bytes = d.u64()?;
+    let salt = if format == VERSION_FORMAT_SALTED {
+        let mut s = [0u8; SALT_LEN];
+        s.copy_from_slice(d.take(SALT_LEN)?);
+        Some(s)
+    } else {
+        None
+    };
     Ok(VersionObject {
         root,
         parents,
@@ -497,6 +531,7 @@ fn decode_version(d: &mut Dec<'_, '_>) -> Result<VersionObject> {
         delta,
         file_count,
         total_bytes,
+        salt,
     })
 }
 
@@ -606,11 +641,17 @@ mod tests {
             },
             file_count: 4,
             total_bytes: 11,
+            salt: Some([7; SALT_LEN]),
+        };
+        let unsalted = VersionObject {
+            salt: None,
+            ..version.clone()
         };
         for obj in [
             Object::File(file),
             Object::Tree(leaf),
             Object::Version(version),
+            Object::Version(unsalted),
         ] {
             let bytes = obj.encode();
             assert_eq!(Object::decode(&bytes, "t").unwrap(), obj);
@@ -643,6 +684,83 @@ mod tests {
             chunks: vec![(ChunkId(hash(b"x")), 2)],
         };
         assert!(Object::decode(&bad.encode(), "t").is_err());
+    }
+
+    /// A version object exactly as format-1 builds wrote it (the bytes of
+    /// `dsv` 0.1.0 for this content, written out by hand from FORMAT.md).
+    fn format1_version_bytes() -> Vec<u8> {
+        let mut b = vec![TAG_VERSION, 1];
+        b.extend_from_slice(&hash(b"root"));
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&hash(b"p"));
+        b.extend_from_slice(&1234i64.to_le_bytes());
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.push(b'm');
+        b.extend_from_slice(&0u32.to_le_bytes());
+        for x in [1u64, 0, 0, 0, 0, 0, 4, 11] {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn format1_versions_decode_and_keep_their_id() {
+        let old = format1_version_bytes();
+        let Object::Version(v) = Object::decode(&old, "t").unwrap() else {
+            panic!("not a version");
+        };
+        assert_eq!(v.salt, None);
+        assert_eq!(v.message, "m");
+        assert_eq!(v.file_count, 4);
+        // Re-encoding gives the same bytes, so the same id: old versions
+        // verify.
+        assert_eq!(v.encode(), old);
+        assert_eq!(v.id(), VersionId(hash(&old)));
+        // A salt is appended to the same payload under object format 2.
+        let salted = VersionObject {
+            salt: Some([9; SALT_LEN]),
+            ..v.clone()
+        };
+        let new = salted.encode();
+        assert_eq!(new[1], VERSION_FORMAT_SALTED);
+        assert_eq!(&new[2..old.len()], &old[2..]);
+        assert_eq!(&new[old.len()..], &[9; SALT_LEN]);
+        assert_ne!(salted.id(), v.id());
+    }
+
+    #[test]
+    fn salted_versions_are_strict() {
+        let old = format1_version_bytes();
+        // Format 2 without its salt, or a format-1 version with trailing
+        // salt bytes, or a short salt: all refused.
+        let mut no_salt = old.clone();
+        no_salt[1] = VERSION_FORMAT_SALTED;
+        assert!(matches!(
+            Object::decode(&no_salt, "t"),
+            Err(Error::Corrupted { .. })
+        ));
+        let mut trailing = old.clone();
+        trailing.extend_from_slice(&[0; SALT_LEN]);
+        assert!(matches!(
+            Object::decode(&trailing, "t"),
+            Err(Error::Corrupted { .. })
+        ));
+        let mut short = no_salt.clone();
+        short.extend_from_slice(&[0; SALT_LEN - 1]);
+        assert!(Object::decode(&short, "t").is_err());
+        // Format 2 exists only for versions; format 3 for nothing.
+        let mut file = FileObject::default().encode();
+        file[1] = VERSION_FORMAT_SALTED;
+        assert!(matches!(
+            Object::decode(&file, "t"),
+            Err(Error::UnsupportedFormatVersion { .. })
+        ));
+        let mut v3 = no_salt;
+        v3[1] = 3;
+        assert!(matches!(
+            Object::decode(&v3, "t"),
+            Err(Error::UnsupportedFormatVersion { found: 3, .. })
+        ));
     }
 
     #[test]

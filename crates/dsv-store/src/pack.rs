@@ -48,13 +48,10 @@ pub fn parse_pack_name(name: &str) -> Option<u64> {
     u64::from_str_radix(stem, 16).ok()
 }
 
-fn random_pack_id() -> u64 {
-    let d = crate::id::DraftId::random();
-    u64::from_le_bytes(
-        d.0[..8]
-            .try_into()
-            .expect("8 bytes because the id is 32 bytes"),
-    )
+/// A pack id: 8 bytes from the OS random generator (unique across the
+/// machines writing to one repository, unlike a time- or pid-derived one).
+fn random_pack_id() -> Result<u64> {
+    crate::id::random_bytes().map(u64::from_le_bytes)
 }
 
 /// Alignment of direct writes: offsets, lengths and buffer addresses are
@@ -274,7 +271,7 @@ impl PackWriter {
 
     fn open_new(&self, st: &mut State) -> Result<()> {
         let (id, path, file, direct, lock) = loop {
-            let id = random_pack_id();
+            let id = random_pack_id()?;
             let path = pack_path(&self.dir, id);
             let direct = self.direct && !self.shared.buffered.load(Ordering::Relaxed);
             let (file, direct) = match self.create(&path, direct) {

@@ -6,8 +6,10 @@ use crate::codec::{Dec, Enc};
 use crate::error::Result;
 use crate::id::{ChunkId, DraftId, ObjectId, VersionId};
 
-/// Repository format version stored under [`META_FORMAT`].
-pub const REPO_FORMAT: u32 = 1;
+/// Repository format version stored under [`META_FORMAT`] and in
+/// `config.json` (2: feature flags in `config.json`, salted version
+/// objects; see `docs/FORMAT.md`).
+pub const REPO_FORMAT: u32 = 2;
 /// `meta` key: repository format version (u32 LE).
 pub const META_FORMAT: &[u8] = b"format";
 /// `meta` key: gc generation (u64 LE), bumped by every gc that deletes.

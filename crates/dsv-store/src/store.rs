@@ -115,6 +115,9 @@ pub struct Store {
     stale: std::sync::atomic::AtomicBool,
     packs: PackReader,
     opts: StoreOptions,
+    /// Unknown `ro_compat` features of the repository: writes are refused
+    /// while there are any.
+    read_only: Vec<String>,
 }
 
 impl std::fmt::Debug for Store {
@@ -175,7 +178,7 @@ impl Store {
     }
 
     #[cfg(feature = "rocksdb")]
-    fn rocks_backend(dir: &Path, opts: &StoreOptions) -> crate::kv::RocksBackend {
+    pub(crate) fn rocks_backend(dir: &Path, opts: &StoreOptions) -> crate::kv::RocksBackend {
         crate::kv::RocksBackend::new(
             dir.join(DB_DIR),
             dir,
@@ -192,6 +195,16 @@ impl Store {
         opts: StoreOptions,
     ) -> Result<Store> {
         config.validate()?;
+        // A new repository is of this build's format, with its features.
+        let config = RepoConfig {
+            format_version: schema::REPO_FORMAT,
+            features: Some(
+                config
+                    .features
+                    .unwrap_or_else(crate::config::Features::current),
+            ),
+            ..config
+        };
         if dir.join(crate::config::CONFIG_FILE).exists() {
             return Err(Error::AlreadyExists(dir.to_path_buf()));
         }
@@ -239,11 +252,21 @@ impl Store {
                         .try_into()
                         .map_err(|_| Error::corrupted("meta format", "bad length"))?,
                 );
-                if found != schema::REPO_FORMAT {
+                if found > schema::REPO_FORMAT {
                     return Err(Error::UnsupportedFormatVersion {
                         what: "database".into(),
                         found,
                         supported: schema::REPO_FORMAT,
+                    });
+                }
+                if found < schema::REPO_FORMAT {
+                    // config.json is rewritten after the database by
+                    // `upgrade` (and read first here): an older database
+                    // under a current config is not something it leaves.
+                    return Err(Error::NeedsUpgrade {
+                        repo: crate::config::repo_display(dir),
+                        found,
+                        current: schema::REPO_FORMAT,
                     });
                 }
             }
@@ -257,6 +280,7 @@ impl Store {
         Ok(Store {
             packs: PackReader::new(dir.join(PACKS_DIR)),
             dir: dir.to_path_buf(),
+            read_only: config.read_only_features(),
             config,
             backend,
             reader: RwLock::new(reader),
@@ -277,6 +301,23 @@ impl Store {
     pub fn config(&self) -> &RepoConfig {
         &self.config
     }
+    /// The repository's `ro_compat` features this build does not know:
+    /// while there are any, every write is refused.
+    pub fn read_only_features(&self) -> &[String] {
+        &self.read_only
+    }
+
+    /// Refuses to write to a repository with unknown `ro_compat` features.
+    pub fn check_writable(&self) -> Result<()> {
+        if self.read_only.is_empty() {
+            return Ok(());
+        }
+        Err(Error::ReadOnlyFeatures {
+            repo: crate::config::repo_display(&self.dir),
+            features: self.read_only.clone(),
+        })
+    }
+
     /// The options the store was opened with.
     pub fn options(&self) -> &StoreOptions {
         &self.opts
@@ -366,6 +407,7 @@ impl Store {
     }
 
     fn write_once<T>(&self, mut f: impl FnMut(&dyn KvRead) -> Result<(Batch, T)>) -> Result<T> {
+        self.check_writable()?;
         let mut tries = 0u32;
         let out = loop {
             tries += 1;
@@ -682,7 +724,7 @@ impl Store {
         let mut pending = Pending::default();
         let root = merged_root(kv, parents, &mut pending)?;
         let stored = self.pending_batch(kv, &pending, b)?;
-        let id = DraftId::random();
+        let id = DraftId::random()?;
         let rec = DraftRecord {
             parents: parents.to_vec(),
             root,
@@ -890,6 +932,9 @@ impl Store {
             delta,
             file_count: summary.file_count,
             total_bytes: summary.total_size,
+            // Two versions of equal content, lineage, message and
+            // millisecond (two datasets, two machines) get distinct ids.
+            salt: Some(crate::id::random_bytes()?),
         };
         let canonical = object.encode();
         let id = VersionId(crate::id::hash(&canonical));

@@ -176,10 +176,21 @@ pub fn stalls_since(kv: &dyn KvRead, from_ms: i64) -> Result<Vec<(i64, i64)>> {
     Ok(out)
 }
 
-/// How many milliseconds of `[from_ms, to_ms]` fell into recorded stalls
-/// (overlapping stalls counted once).
+/// Longest time a stall still counts after it ended ([`stalled_ms`]).
+pub const STALL_DRAIN_MAX_MS: i64 = 10_000;
+
+/// How many milliseconds of `[from_ms, to_ms]` nobody could count on
+/// writing: the recorded stalls, each extended past its end by its own
+/// length (at most [`STALL_DRAIN_MAX_MS`]) — the writers queued behind a
+/// long transaction need time to get through once it ends, and a lease
+/// holder's renewal is one of them. Overlaps count once.
 pub fn stalled_ms(kv: &dyn KvRead, from_ms: i64, to_ms: i64) -> Result<i64> {
-    Ok(overlap_ms(&stalls_since(kv, from_ms)?, from_ms, to_ms))
+    let from = from_ms.saturating_sub(STALL_DRAIN_MAX_MS);
+    let drained: Vec<(i64, i64)> = stalls_since(kv, from)?
+        .into_iter()
+        .map(|(s, e)| (s, e.saturating_add((e - s).clamp(0, STALL_DRAIN_MAX_MS))))
+        .collect();
+    Ok(overlap_ms(&drained, from_ms, to_ms))
 }
 
 /// The total length of the union of `intervals` clipped to `[from, to]`.

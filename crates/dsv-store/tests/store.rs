@@ -1165,3 +1165,423 @@ fn a_pack_with_a_bad_header_is_refused_by_reads_and_reported_by_fsck() {
         assert_eq!(r.damaged.is_empty(), kind == "unsupported-pack");
     }
 }
+
+/// Two versions of identical content, parents, message and metadata made in
+/// the same millisecond (two datasets of one repository, or one dataset on
+/// two machines) used to hash to one id: the version salt keeps them apart.
+#[test]
+fn identical_versions_in_the_same_millisecond_get_different_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = mem_store(tmp.path(), MemKv::new(), small_config());
+    let mut meta = BTreeMap::new();
+    meta.insert("dsv.dataset".to_string(), "same".to_string());
+    // Both versions in one batch: the clock rarely ticks between them; try
+    // again until it did not, so that the test covers the colliding case.
+    let mut attempts = 0;
+    let (a, b) = (0..1000)
+        .find_map(|_| {
+            attempts += 1;
+            let (a, b) = store
+                .write(|kv| {
+                    let mut b = dsv_store::kv::Batch::default();
+                    let root = dsv_store::tree::empty_tree_id();
+                    let diff = dsv_store::diff::Diff::default();
+                    let x =
+                        store.version_batch(kv, root, &[], &diff, 0, "m", meta.clone(), &mut b)?;
+                    let y =
+                        store.version_batch(kv, root, &[], &diff, 0, "m", meta.clone(), &mut b)?;
+                    Ok((b, (x, y)))
+                })
+                .unwrap();
+            (a.object.created_ms == b.object.created_ms).then_some((a, b))
+        })
+        .expect("two versions in the same millisecond");
+    // Everything but the salt is equal: without it the ids would be too.
+    let unsalted = |v: &dsv_store::Version| dsv_store::VersionObject {
+        salt: None,
+        ..v.object.clone()
+    };
+    assert_eq!(unsalted(&a), unsalted(&b));
+    assert_ne!(a.object.salt, b.object.salt);
+    assert_ne!(a.id, b.id);
+    for v in [&a, &b] {
+        assert_eq!(store.version(&v.id).unwrap(), *v);
+    }
+    let report = store
+        .verify(VerifyOptions { read_data: true }, &NoProgress)
+        .unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    // Every attempt committed its two versions.
+    assert_eq!(report.versions, 2 * attempts);
+}
+
+/// A version object in the encoding format-1 builds wrote (no salt, object
+/// format 1) still reads and verifies beside salted ones.
+#[test]
+fn format1_version_objects_still_read_and_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = mem_store(tmp.path(), MemKv::new(), small_config());
+    let root = dsv_store::tree::empty_tree_id();
+    let old = dsv_store::VersionObject {
+        root,
+        parents: Vec::new(),
+        created_ms: 1_600_000_000_000,
+        message: "written by dsv 0.1.0".into(),
+        metadata: BTreeMap::new(),
+        delta: Default::default(),
+        file_count: 0,
+        total_bytes: 0,
+        salt: None,
+    };
+    let bytes = old.encode();
+    assert_eq!(bytes[1], 1, "format-1 object encoding");
+    let id = dsv_store::VersionId(dsv_store::id::hash(&bytes));
+    store
+        .write(|_| {
+            let mut b = dsv_store::kv::Batch::default();
+            b.put(
+                dsv_store::kv::Cf::Objects,
+                id.as_bytes().to_vec(),
+                dsv_store::object::stored::wrap(&bytes, 3),
+            );
+            b.put(
+                dsv_store::kv::Cf::Roots,
+                dsv_store::schema::root_version_key(&id),
+                old.created_ms.to_le_bytes().to_vec(),
+            );
+            Ok((b, ()))
+        })
+        .unwrap();
+    let v = store.version(&id).unwrap();
+    assert_eq!(v.object, old);
+    // A child made now is salted; both verify.
+    let d = store.create_draft(&[id]).unwrap();
+    let child = store
+        .finalize(&d, "new", BTreeMap::new(), &mut |_, _, _| Ok(()))
+        .unwrap();
+    assert!(child.object.salt.is_some());
+    assert_eq!(child.object.parents, vec![id]);
+    let report = store
+        .verify(VerifyOptions { read_data: true }, &NoProgress)
+        .unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.versions, 2);
+}
+
+/// Turns a freshly made repository into what a format-1 build left: the
+/// database marker at 1 and a `config.json` with `format_version` 1 and no
+/// features section.
+fn make_format1(dir: &Path, kv: &MemKv) {
+    let mut b = dsv_store::kv::Batch::default();
+    b.put(
+        dsv_store::kv::Cf::Meta,
+        dsv_store::schema::META_FORMAT,
+        1u32.to_le_bytes().to_vec(),
+    );
+    dsv_store::kv::KvWrite::write(kv, b).unwrap();
+    set_config(dir, |c| {
+        c["format_version"] = 1.into();
+        c.as_object_mut().unwrap().remove("features");
+    });
+}
+
+fn set_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join(".dsv").join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    f(&mut c);
+    std::fs::write(&path, serde_json::to_string_pretty(&c).unwrap()).unwrap();
+}
+
+fn config_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join(".dsv").join("config.json")).unwrap())
+        .unwrap()
+}
+
+fn meta_format(kv: &MemKv) -> u32 {
+    use dsv_store::kv::Backend;
+    let v = kv
+        .open_read()
+        .unwrap()
+        .get(dsv_store::kv::Cf::Meta, dsv_store::schema::META_FORMAT)
+        .unwrap()
+        .unwrap();
+    u32::from_le_bytes(v.try_into().unwrap())
+}
+
+fn try_open(dir: &Path, kv: &MemKv) -> Result<Store, Error> {
+    Store::open_with_backend(
+        &dir.join(".dsv"),
+        Box::new(kv.clone()),
+        StoreOptions::default(),
+    )
+}
+
+fn upgrade(
+    dir: &Path,
+    kv: &MemKv,
+    backfill: &mut dyn FnMut(&dyn dsv_store::KvRead) -> Result<dsv_store::Batch, Error>,
+) -> Result<(Store, dsv_store::UpgradeReport), Error> {
+    Store::upgrade_with_backend(
+        &dir.join(".dsv"),
+        Box::new(kv.clone()),
+        StoreOptions::default(),
+        backfill,
+    )
+}
+
+#[test]
+fn a_format1_repository_is_refused_until_upgraded_and_upgrade_is_idempotent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kv = MemKv::new();
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("a.txt"), b"hello").unwrap();
+    let v = {
+        let store = mem_store(tmp.path(), kv.clone(), small_config());
+        snapshot(&store, &data)
+    };
+    make_format1(tmp.path(), &kv);
+    let err = try_open(tmp.path(), &kv).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::NeedsUpgrade {
+                found: 1,
+                current: 2,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!(
+            "repository at {} has format 1; run `dsv upgrade`",
+            tmp.path().display()
+        )),
+        "{msg}"
+    );
+    assert!(err.is_repository_problem());
+
+    let mut calls = 0;
+    let (store, report) = upgrade(tmp.path(), &kv, &mut |kv| {
+        calls += 1;
+        // The backfill reads the repository as format 1 left it.
+        assert!(kv
+            .get(
+                dsv_store::Cf::Roots,
+                &dsv_store::schema::root_version_key(&v.id)
+            )?
+            .is_some());
+        let mut b = dsv_store::Batch::default();
+        b.put(dsv_store::Cf::App, b"backfilled".to_vec(), b"1".to_vec());
+        Ok(b)
+    })
+    .unwrap();
+    assert_eq!(calls, 1);
+    assert_eq!(report.from, 1);
+    assert_eq!(report.to, 2);
+    assert!(report.database_upgraded && report.config_rewritten);
+    assert_eq!(meta_format(&kv), 2);
+    let c = config_json(tmp.path());
+    assert_eq!(c["format_version"], 2);
+    assert_eq!(
+        c["features"]["incompat"],
+        serde_json::json!(["version-salt"])
+    );
+    assert!(store
+        .reader()
+        .get(dsv_store::Cf::App, b"backfilled")
+        .unwrap()
+        .is_some());
+    assert_eq!(
+        read_back(&store, &store.version(&v.id).unwrap().object.root)["a.txt"],
+        b"hello"
+    );
+    drop(store);
+
+    // Again: nothing to do, the backfill is not called.
+    let (store, report) = upgrade(tmp.path(), &kv, &mut |_| {
+        panic!("backfill on a current repository")
+    })
+    .unwrap();
+    assert!(report.was_current());
+    assert_eq!(report.from, 2);
+    // And the upgraded repository takes new versions and verifies.
+    std::fs::write(data.join("b.txt"), b"more").unwrap();
+    let v2 = snapshot(&store, &data);
+    assert!(v2.object.salt.is_some());
+    let report = store
+        .verify(VerifyOptions { read_data: true }, &NoProgress)
+        .unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+}
+
+#[test]
+fn an_interrupted_upgrade_changes_nothing_or_resumes_without_repeating_the_backfill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kv = MemKv::new();
+    drop(mem_store(tmp.path(), kv.clone(), small_config()));
+    make_format1(tmp.path(), &kv);
+    let before = config_json(tmp.path());
+
+    // A backfill that fails: nothing is written.
+    let err = upgrade(tmp.path(), &kv, &mut |_| Err(Error::Injected("backfill"))).unwrap_err();
+    assert!(matches!(err, Error::Injected("backfill")));
+    assert_eq!(meta_format(&kv), 1);
+    assert_eq!(config_json(tmp.path()), before);
+
+    // A crash after the database batch, before config.json: the database is
+    // at 2, config.json at 1. This build still asks for the upgrade.
+    {
+        let mut b = dsv_store::kv::Batch::default();
+        b.put(dsv_store::Cf::App, b"backfilled".to_vec(), b"1".to_vec());
+        b.put(
+            dsv_store::Cf::Meta,
+            dsv_store::schema::META_FORMAT,
+            2u32.to_le_bytes().to_vec(),
+        );
+        dsv_store::kv::KvWrite::write(&kv, b).unwrap();
+    }
+    assert!(matches!(
+        try_open(tmp.path(), &kv),
+        Err(Error::NeedsUpgrade { found: 1, .. })
+    ));
+    let (_, report) = upgrade(tmp.path(), &kv, &mut |_| panic!("backfill run twice")).unwrap();
+    assert!(!report.database_upgraded);
+    assert!(report.config_rewritten);
+    assert_eq!(config_json(tmp.path())["format_version"], 2);
+    try_open(tmp.path(), &kv).unwrap();
+
+    // A database marker behind a current config.json (not a state upgrade
+    // leaves, but one it repairs): the database step runs, once.
+    {
+        let mut b = dsv_store::kv::Batch::default();
+        b.put(
+            dsv_store::Cf::Meta,
+            dsv_store::schema::META_FORMAT,
+            1u32.to_le_bytes().to_vec(),
+        );
+        dsv_store::kv::KvWrite::write(&kv, b).unwrap();
+    }
+    assert!(matches!(
+        try_open(tmp.path(), &kv),
+        Err(Error::NeedsUpgrade { found: 1, .. })
+    ));
+    let mut calls = 0;
+    let (_, report) = upgrade(tmp.path(), &kv, &mut |_| {
+        calls += 1;
+        Ok(dsv_store::Batch::default())
+    })
+    .unwrap();
+    assert_eq!(calls, 1);
+    assert!(report.database_upgraded && !report.config_rewritten);
+    assert_eq!(meta_format(&kv), 2);
+    try_open(tmp.path(), &kv).unwrap();
+}
+
+#[test]
+fn unknown_features_refuse_opening_or_writing_by_class() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kv = MemKv::new();
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("a.txt"), b"hello").unwrap();
+    let v = snapshot(&mem_store(tmp.path(), kv.clone(), small_config()), &data);
+    let original = config_json(tmp.path());
+
+    // Unknown compat: ignored.
+    set_config(tmp.path(), |c| {
+        c["features"]["compat"] = serde_json::json!(["shiny-future"])
+    });
+    let store = try_open(tmp.path(), &kv).unwrap();
+    std::fs::write(data.join("b.txt"), b"b").unwrap();
+    snapshot(&store, &data);
+    drop(store);
+
+    // Unknown ro_compat: reads work, every write is refused naming it, and
+    // nothing (not even a pack) is written.
+    set_config(tmp.path(), |c| {
+        c["features"]["ro_compat"] = serde_json::json!(["task-indexes", "zz-ro"])
+    });
+    let store = try_open(tmp.path(), &kv).unwrap();
+    assert_eq!(store.read_only_features(), ["zz-ro".to_string()]);
+    assert_eq!(
+        read_back(&store, &store.version(&v.id).unwrap().object.root)["a.txt"],
+        b"hello"
+    );
+    let packs_before = std::fs::read_dir(store.packs_dir()).unwrap().count();
+    std::fs::write(data.join("c.txt"), b"new content to store").unwrap();
+    let d = store.create_draft(&[v.id]).unwrap_err();
+    let msg = d.to_string();
+    assert!(matches!(d, Error::ReadOnlyFeatures { .. }), "{d:?}");
+    assert!(
+        msg.contains("zz-ro")
+            && msg.contains(&tmp.path().display().to_string())
+            && msg.contains("upgrade dsv"),
+        "{msg}"
+    );
+    let err = store
+        .commit_folder(
+            &[v.id],
+            &data,
+            &IngestOptions::default(),
+            "m",
+            BTreeMap::new(),
+            &mut |_, _, _| Ok(()),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::ReadOnlyFeatures { .. }), "{err:?}");
+    assert!(matches!(
+        store.gc(GcOptions::default(), false),
+        Err(Error::ReadOnlyFeatures { .. })
+    ));
+    store.gc(GcOptions::default(), true).unwrap();
+    assert_eq!(
+        std::fs::read_dir(store.packs_dir()).unwrap().count(),
+        packs_before
+    );
+    drop(store);
+
+    // Unknown incompat: not opened at all (nor upgraded), naming the feature
+    // and the repository.
+    set_config(tmp.path(), |c| {
+        c["features"]["incompat"] = serde_json::json!(["version-salt", "zz-new-encoding"])
+    });
+    let err = try_open(tmp.path(), &kv).unwrap_err();
+    assert!(matches!(err, Error::UnknownFeatures { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("zz-new-encoding")
+            && msg.contains(&tmp.path().display().to_string())
+            && msg.contains("upgrade dsv"),
+        "{msg}"
+    );
+    assert!(matches!(
+        upgrade(tmp.path(), &kv, &mut |_| panic!()),
+        Err(Error::UnknownFeatures { .. })
+    ));
+
+    // A newer format: refused as before.
+    set_config(tmp.path(), |c| *c = original.clone());
+    set_config(tmp.path(), |c| c["format_version"] = 3.into());
+    assert!(matches!(
+        try_open(tmp.path(), &kv),
+        Err(Error::UnsupportedFormatVersion { found: 3, .. })
+    ));
+    assert!(matches!(
+        upgrade(tmp.path(), &kv, &mut |_| panic!()),
+        Err(Error::UnsupportedFormatVersion { found: 3, .. })
+    ));
+
+    // Format 2 without its features section is a damaged config.
+    set_config(tmp.path(), |c| {
+        *c = original.clone();
+        c.as_object_mut().unwrap().remove("features");
+    });
+    assert!(matches!(
+        try_open(tmp.path(), &kv),
+        Err(Error::Corrupted { .. })
+    ));
+}

@@ -36,6 +36,7 @@ pub mod repo;
 pub mod rev;
 pub mod task;
 pub mod trigger;
+pub mod upgrade;
 
 pub use cache::{
     Cache, CacheCheck, CacheConfig, CacheEntry, CacheProblem, CacheSize, CopyReport, EntryDamage,

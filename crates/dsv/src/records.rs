@@ -15,12 +15,10 @@ use crate::error::{Error, Result};
 pub struct DatasetId(pub [u8; 16]);
 
 impl DatasetId {
-    /// A fresh id.
-    pub fn random() -> Self {
-        let d = dsv_store::DraftId::random();
-        let mut b = [0; 16];
-        b.copy_from_slice(&d.0[..16]);
-        Self(b)
+    /// A fresh id: 16 bytes from the OS random generator (datasets, tasks
+    /// and models made on different machines never share an id).
+    pub fn random() -> Result<Self> {
+        Ok(Self(dsv_store::id::random_bytes()?))
     }
     /// From stored bytes.
     pub fn from_slice(s: &[u8]) -> Option<Self> {

@@ -1027,7 +1027,7 @@ impl Repo {
             let ds = match dataset_by_name_in(kv, project, name)? {
                 Some(d) => d,
                 None if opts.auto_create => {
-                    new_dataset_batch(&mut b, &mut ev, DatasetId::random(), project, name)
+                    new_dataset_batch(&mut b, &mut ev, DatasetId::random()?, project, name)
                 }
                 None => return Err(Error::DatasetNotFound(format!("{project}/{name}"))),
             };
@@ -1479,7 +1479,7 @@ impl Repo {
         // creates (so the version object can record it).
         let (ds_id, latest) = match self.dataset(project, name)? {
             Some(ds) => (ds.id, self.latest(&ds)?),
-            None => (DatasetId::random(), None),
+            None => (DatasetId::random()?, None),
         };
         let parent_id = latest.as_ref().map(|v| v.id);
         let parents: Vec<VersionId> = parent_id.into_iter().collect();
@@ -1842,7 +1842,7 @@ impl Repo {
             let mut ev = EventWriter::new(kv)?;
             let ds = match dataset_by_name_in(kv, project, name)? {
                 Some(d) => d,
-                None => new_dataset_batch(&mut b, &mut ev, DatasetId::random(), project, name),
+                None => new_dataset_batch(&mut b, &mut ev, DatasetId::random()?, project, name),
             };
             let vs = versions_in(kv, &ds.id)?;
             let ver = match version {

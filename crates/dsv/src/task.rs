@@ -113,13 +113,13 @@ pub struct AgentInfo {
 
 impl AgentInfo {
     /// An agent with a fresh random id.
-    pub fn new(name: impl Into<String>, host: impl Into<String>, pid: u32) -> AgentInfo {
-        AgentInfo {
+    pub fn new(name: impl Into<String>, host: impl Into<String>, pid: u32) -> Result<AgentInfo> {
+        Ok(AgentInfo {
             name: name.into(),
             host: host.into(),
             pid,
-            id: new_id(),
-        }
+            id: new_id()?,
+        })
     }
 }
 
@@ -151,15 +151,15 @@ pub struct Lease {
 
 impl Lease {
     /// A new lease for a run starting at `now_ms`.
-    fn grant(holder: &str, ttl_ms: i64, now_ms: i64) -> Lease {
+    fn grant(holder: &str, ttl_ms: i64, now_ms: i64) -> Result<Lease> {
         let ttl_ms = ttl_ms.max(1);
-        Lease {
+        Ok(Lease {
             holder: holder.to_string(),
-            run: new_id(),
+            run: new_id()?,
             renewed_ms: now_ms,
             expires_ms: now_ms.saturating_add(ttl_ms),
             ttl_ms,
-        }
+        })
     }
 
     /// Renewed at `now_ms` (never moved back by a slower clock).
@@ -298,9 +298,9 @@ impl Task {
         command: Option<String>,
         params: BTreeMap<String, String>,
         parent: Option<String>,
-    ) -> Task {
-        Task {
-            id: new_id(),
+    ) -> Result<Task> {
+        Ok(Task {
+            id: new_id()?,
             project: project.to_string(),
             name: name.to_string(),
             kind: kind.to_string(),
@@ -325,11 +325,11 @@ impl Task {
             abort_requested: false,
             log_chunks: 0,
             lease: None,
-        }
+        })
     }
 
     /// A draft copy of this task (parent = this one) with `params`.
-    pub(crate) fn child(&self, name: &str, params: BTreeMap<String, String>) -> Task {
+    pub(crate) fn child(&self, name: &str, params: BTreeMap<String, String>) -> Result<Task> {
         Task::draft(
             &self.project,
             name,
@@ -393,8 +393,9 @@ pub struct Finish {
     pub run: Option<String>,
 }
 
-fn new_id() -> String {
-    crate::records::DatasetId::random().to_string()
+/// A task or model id: 16 bytes from the OS random generator, as 32 hex digits.
+fn new_id() -> Result<String> {
+    Ok(crate::records::DatasetId::random()?.to_string())
 }
 
 fn task_key(id: &str) -> Vec<u8> {
@@ -444,6 +445,11 @@ pub(crate) fn status_event(ev: &mut EventWriter, b: &mut Batch, t: &Task) {
     if let Some(m) = t.models.first() {
         e.extra.insert("model".into(), serde_json::json!(m));
     }
+    // Why it failed, was aborted or requeued: kept in the log even when a
+    // later run of the task succeeds and clears the record's error.
+    if let Some(err) = &t.error {
+        e.extra.insert("error".into(), serde_json::json!(err));
+    }
     ev.push(b, e);
 }
 
@@ -492,7 +498,7 @@ impl Repo {
             return Err(Error::Invalid("a command task needs --command CMD".into()));
         }
         crate::params::check_task_params(kind, &params)?;
-        let t = Task::draft(project, name, kind, command, params, None);
+        let t = Task::draft(project, name, kind, command, params, None)?;
         self.write(|kv| {
             let mut b = Batch::default();
             put_task(&mut b, None, &t);
@@ -537,7 +543,7 @@ impl Repo {
                 }
             }
         }
-        let t = src.child(name.unwrap_or(&src.name), params);
+        let t = src.child(name.unwrap_or(&src.name), params)?;
         crate::rev::parse_dataset_name(&format!("{}/{}", t.project, t.name))?;
         self.write(|kv| {
             let mut b = Batch::default();
@@ -645,7 +651,7 @@ impl Repo {
             b.delete(Cf::App, key);
             let old = task_in(kv, &id)?;
             let mut t = old.clone();
-            run_here(&mut t, agent, ttl_ms, now_ms);
+            run_here(&mut t, agent, ttl_ms, now_ms)?;
             put_task(&mut b, Some(&old), &t);
             let mut ev = EventWriter::new(kv)?;
             status_event(&mut ev, &mut b, &t);
@@ -687,7 +693,7 @@ impl Repo {
                     )))
                 }
             }
-            run_here(&mut t, agent, ttl_ms, now_ms);
+            run_here(&mut t, agent, ttl_ms, now_ms)?;
             put_task(&mut b, Some(&old), &t);
             let mut ev = EventWriter::new(kv)?;
             status_event(&mut ev, &mut b, &t);
@@ -741,7 +747,7 @@ impl Repo {
                 // A run started before leases: it gets one now.
                 None => {
                     let holder = t.agent.as_ref().map(|a| a.id.clone()).unwrap_or_default();
-                    t.lease = Some(Lease::grant(&holder, DEFAULT_LEASE_TTL_MS, now));
+                    t.lease = Some(Lease::grant(&holder, DEFAULT_LEASE_TTL_MS, now)?);
                 }
             }
             if !log.is_empty() {
@@ -821,7 +827,7 @@ impl Repo {
             }
             if let (Some((kind, body)), TaskStatus::Completed) = (&f.model, t.status) {
                 let m = Model {
-                    id: new_id(),
+                    id: new_id()?,
                     project: t.project.clone(),
                     name: t.name.clone(),
                     kind: kind.clone(),
@@ -1138,12 +1144,13 @@ pub(crate) fn queue_batch(b: &mut Batch, old: Option<&Task>, t: &mut Task, queue
 }
 
 /// Marks `t` running by `agent` from `now_ms`, with a fresh lease.
-fn run_here(t: &mut Task, agent: &AgentInfo, ttl_ms: i64, now_ms: i64) {
+fn run_here(t: &mut Task, agent: &AgentInfo, ttl_ms: i64, now_ms: i64) -> Result<()> {
     t.status = TaskStatus::Running;
     t.started_ms = Some(now_ms);
     t.heartbeat_ms = Some(now_ms);
     t.agent = Some(agent.clone());
-    t.lease = Some(Lease::grant(&agent.id, ttl_ms, now_ms));
+    t.lease = Some(Lease::grant(&agent.id, ttl_ms, now_ms)?);
+    Ok(())
 }
 
 /// Tasks, newest first, of one project and/or status: through the status
@@ -1358,7 +1365,7 @@ mod tests {
 
     #[test]
     fn a_stall_pushes_the_expiry_back() {
-        let mut l = Lease::grant("agent", 30_000, 1_000);
+        let mut l = Lease::grant("agent", 30_000, 1_000).unwrap();
         assert_eq!((l.renewed_ms, l.expires_ms), (1_000, 31_000));
         assert!(!l.expired(0, 31_000));
         assert!(l.expired(0, 31_001));
@@ -1383,7 +1390,7 @@ mod tests {
 
     #[test]
     fn a_record_without_lease_expires_a_ttl_after_its_heartbeat() {
-        let mut t = Task::draft("p", "n", "trainer", None, BTreeMap::new(), None);
+        let mut t = Task::draft("p", "n", "trainer", None, BTreeMap::new(), None).unwrap();
         assert!(effective_lease(&t, 10).is_none(), "not running");
         t.status = TaskStatus::Running;
         t.started_ms = Some(100);

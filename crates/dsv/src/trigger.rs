@@ -610,15 +610,10 @@ impl Repo {
                     queue,
                 } => {
                     if t.single_instance {
-                        let mut last = None;
-                        kv.scan(
-                            Cf::App,
-                            &[HISTORY, name.as_bytes(), &[0]].concat(),
-                            &mut |_, v| {
-                                last = from_json::<Firing>(v, "firing").ok();
-                                Ok(true)
-                            },
-                        )?;
+                        // The last firing: one step of a backward scan.
+                        let last = kv
+                            .last(Cf::App, &[HISTORY, name.as_bytes(), &[0]].concat())?
+                            .and_then(|(_, v)| from_json::<Firing>(&v, "firing").ok());
                         if let Some(prev) = last.and_then(|l| l.task) {
                             if let Some(p) = task_in(kv, &prev)? {
                                 if matches!(
@@ -652,7 +647,7 @@ impl Repo {
                             unfilled.join(", ")
                         );
                     } else {
-                        let mut c = src.child(&src.name, params);
+                        let mut c = src.child(&src.name, params)?;
                         crate::task::queue_batch(&mut b, None, &mut c, queue);
                         crate::task::status_event(&mut ev, &mut b, &c);
                         f.task = Some(c.id.clone());

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use dsv::task::{Beat, DEFAULT_LEASE_TTL_MS};
 use dsv::{AgentInfo, Finish, Repo, Task, TaskStatus};
-use dsv_store::kv::{Backend, Batch, KvRead, KvWrite, MemKv, Visitor};
+use dsv_store::kv::{Backend, Batch, KvRead, KvWrite, MemKv, TxnBody, Visitor};
 use dsv_store::{Cf, RepoConfig, Store, StoreOptions};
 
 fn repo_on(dir: &Path, backend: Box<dyn Backend>) -> Repo {
@@ -42,7 +42,7 @@ fn renewals_keep_a_task_alive_across_many_ttls() {
     let dir = tempfile::tempdir().unwrap();
     let repo = repo_on(dir.path(), Box::new(MemKv::new()));
     queued(&repo, "p");
-    let agent = AgentInfo::new("a", "h", 1);
+    let agent = AgentInfo::new("a", "h", 1).unwrap();
     let t0 = 1_000_000;
     let t = repo.dequeue_at(&q(), &agent, TTL, t0).unwrap().unwrap();
     let lease = t.lease.clone().unwrap();
@@ -88,7 +88,10 @@ fn an_expired_lease_is_requeued_and_the_old_run_is_told_to_stop() {
     let dir = tempfile::tempdir().unwrap();
     let repo = repo_on(dir.path(), Box::new(MemKv::new()));
     queued(&repo, "p");
-    let (a, b) = (AgentInfo::new("a", "h", 1), AgentInfo::new("b", "h", 2));
+    let (a, b) = (
+        AgentInfo::new("a", "h", 1).unwrap(),
+        AgentInfo::new("b", "h", 2).unwrap(),
+    );
     assert_ne!(a.id, b.id, "agent ids are unique");
     let t0 = 2_000_000;
     let t = repo.dequeue_at(&q(), &a, TTL, t0).unwrap().unwrap();
@@ -175,7 +178,7 @@ fn an_expired_lease_fails_the_task_under_the_fail_policy() {
     let t = repo
         .create_task("p", "m", "trainer", None, Default::default())
         .unwrap();
-    let a = AgentInfo::new("a", "h", 1);
+    let a = AgentInfo::new("a", "h", 1).unwrap();
     let t0 = 3_000_000;
     let t = repo.start_task_at(&t.id, &a, TTL, t0).unwrap();
     let run = t.lease.clone().unwrap().run;
@@ -214,7 +217,10 @@ fn a_dead_process_on_this_host_is_reaped_before_its_lease_expires() {
     let repo = repo_on(dir.path(), Box::new(MemKv::new()));
     queued(&repo, "p");
     queued(&repo, "p");
-    let (a, b) = (AgentInfo::new("a", "h", 11), AgentInfo::new("b", "h", 12));
+    let (a, b) = (
+        AgentInfo::new("a", "h", 11).unwrap(),
+        AgentInfo::new("b", "h", 12).unwrap(),
+    );
     let t0 = 4_000_000;
     let ta = repo.dequeue_at(&q(), &a, TTL, t0).unwrap().unwrap();
     let tb = repo.dequeue_at(&q(), &b, TTL, t0).unwrap().unwrap();
@@ -283,7 +289,7 @@ fn a_task_written_before_leases_is_judged_by_its_heartbeat_age() {
     assert_eq!(fill.ops.len(), 2, "{fill:?}");
     assert_eq!(dsv::index::index_problems(&*kv).unwrap().len(), 2);
     drop(kv);
-    repo.store().write(|_| Ok((fill, ()))).unwrap();
+    repo.store().write(|_| Ok((fill.clone(), ()))).unwrap();
     assert!(dsv::index::index_problems(&*repo.store().reader())
         .unwrap()
         .is_empty());
@@ -314,7 +320,7 @@ fn a_heartbeat_gives_a_run_of_before_leases_a_lease() {
     let t = repo
         .create_task("p", "old", "trainer", None, Default::default())
         .unwrap();
-    let a = AgentInfo::new("a", "h", 1);
+    let a = AgentInfo::new("a", "h", 1).unwrap();
     let t = repo.start_task(&t.id, &a).unwrap();
     let mut v: serde_json::Value = serde_json::to_value(&t).unwrap();
     v.as_object_mut().unwrap().remove("lease");
@@ -381,7 +387,7 @@ fn indexes_equal_a_rebuild_after_random_operations() {
     let tags = ["a", "b", "production", "previous"];
     // Users add and remove plain tags; production moves by promotion only.
     let user_tags = ["a", "b", "previous"];
-    let agent = AgentInfo::new("a", "h", 1);
+    let agent = AgentInfo::new("a", "h", 1).unwrap();
     // Triggers: a clone on every completed task of p0, and a promotion on
     // every model (their writes are task and model writes too).
     let template = repo
@@ -612,6 +618,18 @@ impl KvRead for Counting {
             visit(k, v)
         })
     }
+    fn scan_rev(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        before: &[u8],
+        visit: &mut Visitor<'_>,
+    ) -> dsv_store::Result<()> {
+        self.inner.scan_rev(cf, prefix, before, &mut |k, v| {
+            self.note(k);
+            visit(k, v)
+        })
+    }
 }
 
 impl KvWrite for Counting {
@@ -624,8 +642,13 @@ impl Backend for Counting {
     fn open_read(&self) -> dsv_store::Result<Arc<dyn KvRead>> {
         Ok(Arc::new(self.clone()))
     }
-    fn open_write(&self) -> dsv_store::Result<Box<dyn KvWrite>> {
-        Ok(Box::new(self.clone()))
+    // Transactions go to the in-memory backend (its own snapshot and
+    // validation); what the wrapper observes is the store's read view.
+    fn transact(&self, body: &mut TxnBody<'_>) -> dsv_store::Result<()> {
+        self.inner.transact(body)
+    }
+    fn change_source(&self) -> dsv_store::Result<Box<dyn dsv_store::txn::ChangeSource>> {
+        self.inner.change_source()
     }
 }
 
@@ -644,7 +667,7 @@ fn hot_lookups_read_only_the_records_they_return() {
         )
         .unwrap();
     }
-    let a = AgentInfo::new("a", "h", 1);
+    let a = AgentInfo::new("a", "h", 1).unwrap();
     let mut model_ids = Vec::new();
     for _ in 0..3 {
         let t = queued(&repo, "small");
@@ -769,6 +792,15 @@ impl KvRead for Interleaved {
     ) -> dsv_store::Result<()> {
         self.inner.scan_from(cf, prefix, start, visit)
     }
+    fn scan_rev(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        before: &[u8],
+        visit: &mut Visitor<'_>,
+    ) -> dsv_store::Result<()> {
+        self.inner.scan_rev(cf, prefix, before, visit)
+    }
 }
 
 impl KvWrite for Interleaved {
@@ -781,8 +813,13 @@ impl Backend for Interleaved {
     fn open_read(&self) -> dsv_store::Result<Arc<dyn KvRead>> {
         Ok(Arc::new(self.clone()))
     }
-    fn open_write(&self) -> dsv_store::Result<Box<dyn KvWrite>> {
-        Ok(Box::new(self.clone()))
+    // Transactions go to the in-memory backend (its own snapshot and
+    // validation); what the wrapper observes is the store's read view.
+    fn transact(&self, body: &mut TxnBody<'_>) -> dsv_store::Result<()> {
+        self.inner.transact(body)
+    }
+    fn change_source(&self) -> dsv_store::Result<Box<dyn dsv_store::txn::ChangeSource>> {
+        self.inner.change_source()
     }
 }
 
@@ -792,7 +829,7 @@ fn a_renewal_between_a_reapers_look_and_its_write_wins() {
     let kv = Interleaved::default();
     let repo = Arc::new(repo_on(dir.path(), Box::new(kv.clone())));
     queued(&repo, "p");
-    let a = AgentInfo::new("a", "h", 1);
+    let a = AgentInfo::new("a", "h", 1).unwrap();
     let t0 = 6_000_000;
     let t = repo.dequeue_at(&q(), &a, TTL, t0).unwrap().unwrap();
     let run = t.lease.clone().unwrap().run;
@@ -822,7 +859,7 @@ fn a_store_stall_does_not_count_against_a_lease() {
     let kv = Interleaved::default();
     let repo = repo_on(dir.path(), Box::new(kv.clone()));
     queued(&repo, "p");
-    let a = AgentInfo::new("a", "h", 1);
+    let a = AgentInfo::new("a", "h", 1).unwrap();
     let t0 = 7_000_000;
     repo.dequeue_at(&q(), &a, TTL, t0).unwrap().unwrap();
     // The store's stall records, as the store would report them.

@@ -209,7 +209,7 @@ fn running_task(repo: &Repo) -> dsv::Task {
     let t = repo
         .create_task("p", "m", "trainer", None, Default::default())
         .unwrap();
-    let agent = dsv::AgentInfo::new("a", "h", std::process::id());
+    let agent = dsv::AgentInfo::new("a", "h", std::process::id()).unwrap();
     repo.enqueue(&t.id, "default").unwrap();
     repo.start_task(&t.id, &agent).unwrap()
 }
@@ -657,7 +657,7 @@ fn a_version_tasks_or_models_reference_is_not_deleted_and_gc_keeps_it() {
     let m = repo.model(&model).unwrap();
     assert_eq!(m.datasets, vec![v2.id.to_hex()]);
     // ... but while it runs, the latest version is what it reads.
-    let agent = dsv::AgentInfo::new("a", "h", std::process::id());
+    let agent = dsv::AgentInfo::new("a", "h", std::process::id()).unwrap();
     repo.start_task(&float.id, &agent).unwrap();
     let e = repo.delete(&v4, false).unwrap_err().to_string();
     assert!(e.contains(&float.id[..12]) && e.contains("running"), "{e}");
