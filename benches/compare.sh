@@ -16,9 +16,9 @@ WORK="${1:-/var/tmp/dsv-compare}"
 PEERS="${PEERS:-restic borg dvc}"
 SCENARIOS="${SCENARIOS:-binary csv small}"
 TARGET="${CARGO_TARGET_DIR:-target}"
-cargo build --release -q -p dsv-cli -p dsv-benches
+[ -n "${DSV:-}" ] && [ -n "${GEN:-}" ] || cargo build --release -q -p dsv-cli -p dsv-benches
 DSV="${DSV:-$TARGET/release/dsv}"  # DSV=path: compare another build
-GEN="$TARGET/release/dsv-gen"
+GEN="${GEN:-$TARGET/release/dsv-gen}"
 TIME=/usr/bin/time
 mkdir -p "$WORK"
 export RESTIC_PASSWORD=bench BORG_PASSPHRASE=bench BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes

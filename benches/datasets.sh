@@ -11,10 +11,10 @@ WORK="${1:-/var/tmp/dsv-datasets}"
 VERSIONS="${VERSIONS:-10000}"
 SIZES="${SIZES:-25000 100000}"
 TARGET="${CARGO_TARGET_DIR:-target}"
-cargo build --release -q -p dsv-cli -p dsv-benches
+[ -n "${DSV:-}" ] && [ -n "${GEN:-}" ] || cargo build --release -q -p dsv-cli -p dsv-benches
 DSV="${DSV:-$TARGET/release/dsv}"  # DSV=path: measure another build
-GEN="$TARGET/release/dsv-gen"
-SCALE="$TARGET/release/dataset-scale"
+GEN="${GEN:-$TARGET/release/dsv-gen}"
+SCALE="${SCALE:-$TARGET/release/dataset-scale}"  # SCALE=path: the builder of that build
 command -v hyperfine >/dev/null || { echo "needs hyperfine (apt-get install hyperfine)" >&2; exit 1; }
 mkdir -p "$WORK"
 
@@ -31,6 +31,7 @@ for n in $SIZES; do
 done
 
 m="$WORK/many"
+if [ -n "${SKIP_MANY:-}" ]; then cat "$WORK"/sync-*.md; exit 0; fi
 if ! "$DSV" --repo "$m" -q dataset show bench/many >/dev/null 2>&1; then
   rm -rf "$m"
   /usr/bin/time -f "built $VERSIONS versions in %e s" "$SCALE" "$m" "$VERSIONS"

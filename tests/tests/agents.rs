@@ -13,7 +13,7 @@ use serde_json::Value;
 const AGENTS: usize = 8;
 const TASKS: usize = 500;
 /// Short leases keep the recovery of the killed agent's task quick.
-const LEASE_TTL_S: &str = "3";
+const LEASE_TTL_S: &str = "5";
 /// The gc's commit transaction stays open this long (nobody can write).
 const GC_HOLD_MS: &str = "60000";
 
@@ -184,10 +184,19 @@ fn eight_agents_run_500_tasks_exactly_once_beside_a_killed_agent_and_a_minute_lo
         assert!(out.status.success(), "agent: {}", stderr(&out));
     }
 
+    // Why any task other than the victim was disturbed (shown on failure).
+    let events = s.json(&["events", "-n", "100000"]);
+    let disturbed: Vec<&Value> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["extra"])
+        .filter(|e| e["task"] != victim.as_str() && !e["error"].is_null())
+        .collect();
     // Exactly once: 500 runs, one per task.
     let ran = lines(&runs);
     let distinct: BTreeSet<String> = ran.iter().cloned().collect();
-    assert_eq!(ran.len(), TASKS, "some task ran twice");
+    assert_eq!(ran.len(), TASKS, "some task ran twice: {disturbed:?}");
     assert_eq!(distinct, work, "every task exactly once");
     // No live task failed or was requeued, the gc notwithstanding.
     let all = s.json(&["task", "list", "--project", "load"]);
@@ -214,7 +223,6 @@ fn eight_agents_run_500_tasks_exactly_once_beside_a_killed_agent_and_a_minute_lo
     // remote agent's host is not this one), once, and then completed.
     let v = s.json(&["task", "show", &victim]);
     assert_ne!(v["agent"]["name"], "remote", "{v}");
-    let events = s.json(&["events", "-n", "100000"]);
     let requeues: Vec<&Value> = events
         .as_array()
         .unwrap()
@@ -230,12 +238,5 @@ fn eight_agents_run_500_tasks_exactly_once_beside_a_killed_agent_and_a_minute_lo
         "{why}"
     );
     // Nothing else was requeued or failed.
-    let disturbed = events
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| &e["extra"])
-        .filter(|e| e["task"] != victim.as_str() && !e["error"].is_null())
-        .count();
-    assert_eq!(disturbed, 0);
+    assert!(disturbed.is_empty(), "{disturbed:?}");
 }

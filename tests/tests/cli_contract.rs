@@ -267,6 +267,8 @@ fn every_command_prints_one_json_document_with_json() {
     let t3 = id(&s.json(&["task", "clone", &t]));
     s.json(&["task", "enqueue", &t3, "--queue", "never"]);
     json_ok(&s, c, "task abort", &["task", "abort", &t3]);
+    let reaped = json_ok(&s, c, "task reap", &["task", "reap"]);
+    assert_eq!(reaped["reaped"], serde_json::json!([]), "{reaped}");
     let shown = json_ok(&s, c, "task show", &["task", "show", &t]);
     assert_eq!(shown["status"], "completed", "{shown}");
     json_ok(&s, c, "task list", &["task", "list"]);

@@ -121,6 +121,10 @@ pub fn upgrade(ctx: &Ctx) -> Result<(), CliError> {
             report.from,
             report.to
         );
+        println!(
+            "Restart any dsv process that was running during the upgrade (agents, \
+             watches): an older dsv must not write to it any more."
+        );
     } else {
         println!(
             "The repository at {} is already at format {}; nothing to do",

@@ -173,8 +173,18 @@ impl Agent {
                 break;
             }
             if o.triggers {
-                for f in crate::triggers::process(repo)? {
-                    events.fired(&f);
+                match crate::triggers::process(repo) {
+                    Ok(fired) => {
+                        for f in fired {
+                            events.fired(&f);
+                        }
+                    }
+                    Err(crate::Error::Repo(e)) if transient(&e) && !o.once => {
+                        events.retrying(me, &e);
+                        wake.wait(o.idle_wait);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
                 }
             }
             let ttl_ms = o.lease_ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
@@ -242,21 +252,30 @@ fn comm(pid: u32) -> Option<String> {
 }
 
 /// Whether an agent process lives — only knowable on this host (`None`
-/// elsewhere). A zombie has exited; a pid now used by a program other than
-/// `dsv` or this very program was reused after the agent died.
+/// elsewhere): `Some(false)` only when it provably ended (no such process,
+/// or a zombie). A live process with that pid counts as alive when it is
+/// `dsv` or this very program, and as unknown (`None`: its lease decides)
+/// otherwise — an agent embedded in another program looks like that, and
+/// so does a reused pid, which the lease then recovers.
 pub fn agent_alive(a: &AgentInfo) -> Option<bool> {
     if a.host != hostname() {
         return None;
     }
     match std::fs::read_to_string(format!("/proc/{}/stat", a.pid)) {
-        Ok(s) => Some(
-            s.rsplit_once(')')
-                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-                .unwrap_or(true)
-                && comm(a.pid)
-                    .map(|c| c == "dsv" || Some(&c) == comm(std::process::id()).as_ref())
-                    .unwrap_or(true),
-        ),
+        Ok(s) => {
+            let zombie = s
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+            if zombie {
+                return Some(false);
+            }
+            match comm(a.pid) {
+                Some(c) if c == "dsv" || Some(&c) == comm(std::process::id()).as_ref() => {
+                    Some(true)
+                }
+                _ => None,
+            }
+        }
         Err(_) => Some(false),
     }
 }

@@ -77,6 +77,17 @@ impl TaskLog {
             .map(|mut b| std::mem::take(&mut *b))
             .unwrap_or_default()
     }
+    /// Puts back text taken but not stored (a heartbeat that failed), ahead
+    /// of what was logged since.
+    pub fn put_back(&self, s: String) {
+        if s.is_empty() {
+            return;
+        }
+        if let Ok(mut b) = self.0.lock() {
+            let later = std::mem::take(&mut *b);
+            *b = s + &later;
+        }
+    }
 }
 
 /// The executors an agent knows, by task kind.
@@ -171,8 +182,21 @@ pub fn execute(
                 }
                 if last.elapsed() >= heartbeat_every {
                     last = std::time::Instant::now();
-                    if let Ok(true) = repo.heartbeat_run(&t.id, t.started_ms, &log_hb.take()) {
-                        abort_hb.store(true, Ordering::Release);
+                    let text = log_hb.take();
+                    // Renews the run's lease (by its run id; by its start
+                    // time for a run of an older record without a lease).
+                    let beat = match &t.lease {
+                        Some(l) => repo
+                            .heartbeat_lease(&t.id, &l.run, &text, dsv_store::store::now_ms())
+                            .map(|b| b != dsv::Beat::Continue),
+                        None => repo.heartbeat_run(&t.id, t.started_ms, &text),
+                    };
+                    match beat {
+                        // Abort requested, or the run lost the task.
+                        Ok(true) => abort_hb.store(true, Ordering::Release),
+                        Ok(false) => {}
+                        // A busy store: the text goes with the next beat.
+                        Err(_) => log_hb.put_back(text),
                     }
                 }
             }
@@ -225,14 +249,17 @@ pub fn execute(
     ));
     finish.log = log.take();
     finish.run_started_ms = t.started_ms;
+    finish.run = t.lease.as_ref().map(|l| l.run.clone());
     // The outcome must not be lost to a busy repository (a long gc holding
-    // the write lock past the lock timeout): try again a few times.
-    let mut attempt = 0;
+    // the write lock past the lock timeout): try again a few times, backing
+    // off.
+    let mut attempt = 0u32;
     let done = loop {
         match repo.finish_task(&t.id, finish.clone()) {
             Err(e) if transient(&e) && attempt < 5 => {
                 attempt += 1;
                 events.result_retry(t, &e);
+                std::thread::sleep(Duration::from_millis(200 << attempt.min(5)));
             }
             // Given up on and started again elsewhere: not this agent's to
             // record; it goes on with other work.

@@ -63,7 +63,16 @@ pub fn promote_if_better(repo: &Repo, done: &Task) -> Result<Option<String>> {
         .get("Promote/lower_is_better")
         .is_some_and(|v| v == "true");
     let eval = evaluator(repo);
-    let d = repo.promotion_decision(model, metric, margin, lower, &eval)?;
-    repo.apply_promotion(&d)?;
-    Ok(Some(d.2))
+    // Decided outside the write (evaluation takes time); applied only if
+    // production is still what the decision compared against, else decided
+    // again (another gate promoted meanwhile).
+    let mut tries = 0;
+    loop {
+        let d = repo.promotion_decision(model, metric, margin, lower, &eval)?;
+        match repo.apply_promotion(&d) {
+            Err(dsv::Error::Conflict(_)) if tries < 5 => tries += 1,
+            Err(e) => return Err(e.into()),
+            Ok(_) => return Ok(Some(d.2)),
+        }
+    }
 }

@@ -63,10 +63,24 @@ impl TriggerLoop {
         let mut wake = Wake::new(repo, &crate::wake::trigger_keyspaces())?;
         let mut all = Vec::new();
         loop {
-            repo.store().refresh()?;
-            for f in process(repo)? {
-                events.fired(&f);
-                all.push(f);
+            let round = (|| -> Result<Vec<Firing>> {
+                repo.store().refresh()?;
+                process(repo)
+            })();
+            match round {
+                Ok(fired) => {
+                    for f in fired {
+                        events.fired(&f);
+                        all.push(f);
+                    }
+                }
+                // A busy or briefly unavailable store: wait and go on (a
+                // firing is exactly-once through its cursor, so nothing is
+                // lost or repeated).
+                Err(crate::Error::Repo(e)) if crate::transient(&e) && !self.options.once => {
+                    tracing::debug!("trigger loop: {e}; trying again");
+                }
+                Err(e) => return Err(e),
             }
             if self.options.once || stop.load(Ordering::Acquire) {
                 break;

@@ -49,9 +49,8 @@ impl Default for GcOptions {
 
 /// The keyspaces a gc plan is computed from: when none of them changed
 /// between the plan's snapshot and its commit, the plan is still exact.
-const PLAN_KEYSPACES: [&str; 8] = [
+const PLAN_KEYSPACES: [&str; 7] = [
     "objects",
-    "statcache",
     "chunks",
     "refs",
     "tags",
@@ -63,6 +62,22 @@ const PLAN_KEYSPACES: [&str; 8] = [
 /// How often gc plans on a snapshot (writers keep writing meanwhile) before
 /// it plans inside its commit transaction.
 const OPTIMISTIC_PLANS: usize = 3;
+
+/// Deletes every stat cache entry (read inside the commit transaction, so
+/// entries written since the plan's snapshot go too): after objects or
+/// chunks are removed, a cached "unchanged file → file object" answer may
+/// point at what is gone.
+fn drop_stat_cache(kv: &dyn KvRead, b: &mut Batch) -> Result<()> {
+    let mut keys = Vec::new();
+    kv.scan(Cf::StatCache, b"", &mut |k, _| {
+        keys.push(k.to_vec());
+        Ok(true)
+    })?;
+    for k in keys {
+        b.delete(Cf::StatCache, k);
+    }
+    Ok(())
+}
 
 fn plan_counters(kv: &dyn KvRead) -> Result<Vec<u64>> {
     PLAN_KEYSPACES
@@ -450,13 +465,14 @@ impl Store {
             let snap = self.reader();
             let seen = plan_counters(&*snap)?;
             let p = plan(self, &*snap, &opts, &unlocked)?;
-            let (b0, changed, written, new_bytes) = self.gc_writes(&*snap, &p)?;
+            let (b0, changed, written, new_bytes) = self.gc_writes(&p)?;
             let r = self.write_freeing(|kv| {
                 if plan_counters(kv)? != seen {
                     return Ok((Batch::default(), false));
                 }
                 let mut b = b0.clone();
                 if changed {
+                    drop_stat_cache(kv, &mut b)?;
                     Store::bump_gc_generation(kv, &mut b)?;
                 }
                 if !opts.hold_commit.is_zero() {
@@ -495,9 +511,10 @@ impl Store {
                 // the probe and the index scan does not matter here.
                 let unlocked = unlocked_packs(&self.packs_dir())?;
                 let p = plan(self, kv, &opts, &unlocked)?;
-                let (mut b, changed, written, new_bytes) = self.gc_writes(kv, &p)?;
+                let (mut b, changed, written, new_bytes) = self.gc_writes(&p)?;
                 written_packs = written;
                 if changed {
+                    drop_stat_cache(kv, &mut b)?;
                     Store::bump_gc_generation(kv, &mut b)?;
                 }
                 if !opts.hold_commit.is_zero() {
@@ -549,17 +566,13 @@ impl Store {
 }
 
 impl Store {
-    /// The writes of a plan read from `kv` (without the gc generation bump):
-    /// deletes of dead objects, chunks and damaged records, the live chunks
-    /// of rewritten packs copied into new packs (written here), and the stat
-    /// cache dropped when anything changes. Returns the batch, whether it
-    /// changes anything, the new packs and their bytes.
+    /// The writes of a plan (without the gc generation bump and the stat
+    /// cache, added inside the commit): deletes of dead objects, chunks and
+    /// damaged records, and the live chunks of rewritten packs copied into
+    /// new packs (written here). Returns the batch, whether it changes
+    /// anything, the new packs and their bytes.
     #[allow(clippy::type_complexity)]
-    fn gc_writes(
-        &self,
-        kv: &dyn KvRead,
-        p: &Plan,
-    ) -> Result<(Batch, bool, Option<crate::pack::WrittenPacks>, u64)> {
+    fn gc_writes(&self, p: &Plan) -> Result<(Batch, bool, Option<crate::pack::WrittenPacks>, u64)> {
         let mut b = Batch::default();
         for id in &p.dead_objects {
             b.delete(Cf::Objects, id.as_bytes().to_vec());
@@ -586,16 +599,6 @@ impl Store {
         }
         let changed =
             !p.dead_objects.is_empty() || !p.dead_chunks.is_empty() || !p.repack.is_empty();
-        if changed {
-            let mut stat_keys = Vec::new();
-            kv.scan(Cf::StatCache, b"", &mut |k, _| {
-                stat_keys.push(k.to_vec());
-                Ok(true)
-            })?;
-            for k in stat_keys {
-                b.delete(Cf::StatCache, k);
-            }
-        }
         Ok((b, changed, written_packs, new_bytes))
     }
 }

@@ -830,39 +830,55 @@ mod rocks {
         }
 
         fn transact(&self, body: &mut TxnBody<'_>) -> Result<()> {
+            let asked = crate::store::now_ms();
             let lock =
                 crate::lock::WriteLock::acquire(&self.lock_dir, self.lock_timeout, &self.holder)?;
             let start = crate::store::now_ms();
             let w = self.open_rw()?;
             let result = body(&w);
-            let end = crate::store::now_ms();
-            // Nobody could write while this lock was held: record a long hold
-            // so that leases are not judged expired because of it.
-            let stalled = end - start > crate::txn::STALL_MIN_MS;
-            let mut batch = match result {
-                Ok(b) => b,
-                Err(e) => {
-                    if stalled {
-                        let mut b = Batch::default();
-                        if crate::txn::record_stall(&w, &mut b, start, end).is_ok()
-                            && seal(&mut b, &mut |k| crate::txn::counter_in(&w, k)).is_ok()
-                        {
-                            let _ = w.write(b);
-                        }
+            let committed = match result {
+                Ok(mut batch) => {
+                    seal(&mut batch, &mut |k| crate::txn::counter_in(&w, k))?;
+                    if !batch.is_empty() {
+                        // Includes the upkeep after the commit (flush,
+                        // compaction): all of it under the lock.
+                        w.write(batch)?;
                     }
-                    return Err(e);
+                    Ok(())
                 }
+                Err(e) => Err(e),
             };
-            if stalled {
-                crate::txn::record_stall(&w, &mut batch, start, end)?;
+            // Nobody could write while this lock was held: a long hold is
+            // recorded (body, commit and upkeep) so that leases are not
+            // judged expired because of it; so is a long wait for the lock
+            // (writers queued behind others: their renewals were delayed
+            // too). Best effort after a failed body.
+            let end = crate::store::now_ms();
+            let mut stalls = Vec::new();
+            if start - asked > crate::txn::STALL_MIN_MS {
+                stalls.push((asked, start));
             }
-            seal(&mut batch, &mut |k| crate::txn::counter_in(&w, k))?;
-            if !batch.is_empty() {
-                w.write(batch)?;
+            if end - start > crate::txn::STALL_MIN_MS {
+                stalls.push((start, end));
+            }
+            if !stalls.is_empty() {
+                let mut b = Batch::default();
+                let mut recorded = Ok(());
+                for (s, e) in stalls {
+                    if recorded.is_ok() {
+                        recorded = crate::txn::record_stall(&w, &mut b, s, e);
+                    }
+                }
+                let recorded = recorded
+                    .and_then(|()| seal(&mut b, &mut |k| crate::txn::counter_in(&w, k)))
+                    .and_then(|()| w.write(b));
+                if let Err(e) = recorded {
+                    tracing::warn!("cannot record a write stall: {e}");
+                }
             }
             drop(w);
             drop(lock);
-            Ok(())
+            committed
         }
 
         fn change_source(&self) -> Result<Box<dyn ChangeSource>> {

@@ -150,10 +150,17 @@ pub fn record_stall(kv: &dyn KvRead, batch: &mut Batch, start_ms: i64, end_ms: i
     for k in old {
         batch.delete(Cf::Meta, k);
     }
+    // Another stall ending in the same millisecond: keep the longer.
+    let start = match kv.get(Cf::Meta, &stall_key(end_ms))? {
+        Some(v) => <[u8; 8]>::try_from(v.as_slice())
+            .map(i64::from_le_bytes)
+            .map_or(start_ms, |s| s.min(start_ms)),
+        None => start_ms,
+    };
     batch.put(
         Cf::Meta,
         stall_key(end_ms),
-        start_ms.max(0).to_le_bytes().to_vec(),
+        start.max(0).to_le_bytes().to_vec(),
     );
     Ok(())
 }

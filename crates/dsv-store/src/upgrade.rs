@@ -1,12 +1,19 @@
 //! Upgrading a repository of an older format to this build's
 //! ([`Store::upgrade`]).
 //!
-//! Format 1 → 2 in two steps, under the write lock:
+//! Format 1 → 2 in two steps:
 //!
-//! 1. one database batch: the caller's backfill (new keys, indexes) and the
-//!    `meta/format` marker set to 2 — all or nothing;
-//! 2. `config.json` rewritten with `format_version` 2 and the feature flags
-//!    (temp file, fsync, rename, fsync of the folder).
+//! 1. one transaction of the metadata backend: the caller's backfill (new
+//!    keys, indexes) and the `meta/format` marker set to 2 — all or
+//!    nothing; the marker is read inside it, so of two concurrent upgrades
+//!    one backfills and the other finds the step done;
+//! 2. then `config.json` rewritten with `format_version` 2 and the feature
+//!    flags (a per-process temp file, fsync, rename, fsync of the folder;
+//!    two upgraders write the same contents).
+//!
+//! Older dsv processes still running from before the upgrade (an agent, a
+//! watch) do not re-read the format before each write: stop them first
+//! (`dsv upgrade` says so).
 //!
 //! `config.json` is authoritative: the repository is format 2 once it says
 //! so, and every build reads it first. A crash between the two steps leaves

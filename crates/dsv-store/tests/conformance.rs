@@ -445,9 +445,20 @@ fn rocks_long_hold_is_recorded_as_stall() {
         before <= s && e <= after && e - s > txn::STALL_MIN_MS,
         "{stalls:?}"
     );
+    // The stall counts, and for as long again after it ended (the writers
+    // queued behind it drain), clipped to the window asked about.
+    let counted = txn::stalled_ms(&*store.reader(), before, after).unwrap();
+    assert!(
+        e - s <= counted && counted <= after - before,
+        "{counted} {stalls:?}"
+    );
     assert_eq!(
-        txn::stalled_ms(&*store.reader(), before, after).unwrap(),
-        e - s
+        txn::stalled_ms(&*store.reader(), before, e + 100_000).unwrap(),
+        2 * (e - s)
+    );
+    assert_eq!(
+        txn::stalled_ms(&*store.reader(), e + 2 * (e - s), e + 100_000).unwrap(),
+        0
     );
 }
 

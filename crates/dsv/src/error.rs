@@ -125,6 +125,12 @@ impl Parked {
             }
         }
     }
+    /// Forgets the error of an earlier run of the closure: a transaction
+    /// body may run again after a conflict, and only its last run's error
+    /// is the answer.
+    pub(crate) fn reset(&mut self) {
+        self.0 = None;
+    }
     /// The error to report for an engine error.
     pub(crate) fn unpark(&mut self, e: dsv_store::Error) -> Error {
         self.0.take().unwrap_or(Error::Store(e))

@@ -641,7 +641,10 @@ impl Repo {
         mut f: impl FnMut(&dyn KvRead) -> Result<(Batch, T)>,
     ) -> Result<T> {
         let mut parked = Parked::default();
-        let r = self.store.write(|kv| f(kv).map_err(|e| parked.park(e)));
+        let r = self.store.write(|kv| {
+            parked.reset();
+            f(kv).map_err(|e| parked.park(e))
+        });
         r.map_err(|e| parked.unpark(e))
     }
 
@@ -652,9 +655,10 @@ impl Repo {
         mut f: impl FnMut(&dyn KvRead) -> Result<(Batch, T)>,
     ) -> Result<T> {
         let mut parked = Parked::default();
-        let r = self
-            .store
-            .write_freeing(|kv| f(kv).map_err(|e| parked.park(e)));
+        let r = self.store.write_freeing(|kv| {
+            parked.reset();
+            f(kv).map_err(|e| parked.park(e))
+        });
         r.map_err(|e| parked.unpark(e))
     }
 
@@ -1487,6 +1491,8 @@ impl Repo {
         let mut new_version: Option<VersionId> = None;
         let mut extra =
             |kv: &dyn KvRead, v: &dsv_store::Version, b: &mut Batch| -> dsv_store::Result<()> {
+                parked.reset();
+                new_version = None;
                 let r: Result<()> = (|| {
                     let mut ev = EventWriter::new(kv)?;
                     let ds = match dataset_by_name_in(kv, project, name)? {

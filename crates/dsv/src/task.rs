@@ -1212,6 +1212,39 @@ fn model_in(kv: &dyn KvRead, id: &str) -> Result<Model> {
 
 /// Tags `new` `production` and moves the previous production model (if
 /// any) to `previous`, with one model event.
+/// Fails with [`Error::Conflict`] unless the production model of `new`'s
+/// project (other than `new`) is still `old` (`""`: none) — the model a
+/// promotion decision, made outside the write, compared against. Two gates
+/// deciding at once: the second decides again instead of replacing a better
+/// model promoted meanwhile.
+pub(crate) fn ensure_production_is(kv: &dyn KvRead, new: &str, old: &str) -> Result<()> {
+    let m = model_in(kv, new)?;
+    let now: Vec<String> = models_in(kv, Some(&m.project), Some("production"))?
+        .into_iter()
+        .filter(|o| o.id != m.id)
+        .map(|o| o.id)
+        .collect();
+    let expected: Vec<String> = if old.is_empty() {
+        Vec::new()
+    } else {
+        vec![old.to_string()]
+    };
+    if now != expected {
+        return Err(Error::Conflict(format!(
+            "the production model of project '{}' changed since the promotion decision \
+             (now {}, decided against {}); decide again",
+            m.project,
+            if now.is_empty() {
+                "none".to_string()
+            } else {
+                now.join(", ")
+            },
+            if old.is_empty() { "none" } else { old }
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn promote_batch(
     kv: &dyn KvRead,
     b: &mut Batch,

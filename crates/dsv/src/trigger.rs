@@ -404,6 +404,7 @@ impl Repo {
         let (new, old, _) = d;
         let Some(old) = old else { return Ok(false) };
         self.write(|kv| {
+            crate::task::ensure_production_is(kv, new, old)?;
             let mut b = Batch::default();
             let mut ev = EventWriter::new(kv)?;
             crate::task::promote_batch(
@@ -549,6 +550,20 @@ impl Repo {
     }
 
     fn process(&self, name: &str, e: &Event, evaluate: Evaluate<'_>) -> Result<Step> {
+        // A promotion decided against a production model that another gate
+        // replaced meanwhile is decided again (bounded).
+        let mut tries = 0;
+        loop {
+            match self.process_once(name, e, evaluate) {
+                Err(Error::Conflict(why)) if tries < 5 && why.contains("production model") => {
+                    tries += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn process_once(&self, name: &str, e: &Event, evaluate: Evaluate<'_>) -> Result<Step> {
         // Promotion needs models read outside the lock (re-evaluation).
         let mut decision: Option<(String, Option<String>, String)> = None;
         {
@@ -659,6 +674,7 @@ impl Repo {
                     f.model = Some(new_id.clone());
                     f.note = note;
                     if let Some(old) = old {
+                        crate::task::ensure_production_is(kv, &new_id, &old)?;
                         crate::task::promote_batch(
                             kv,
                             &mut b,

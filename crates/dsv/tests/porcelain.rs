@@ -303,7 +303,14 @@ fn promotion_compares_in_the_metric_direction_and_evaluates_what_is_missing() {
     let third = trained(&repo, &inputs, &[("test/accuracy", 0.97)]);
     let stale = (third.clone(), Some(old.clone()), String::new());
     assert!(repo.apply_promotion(&d).unwrap());
-    assert!(repo.apply_promotion(&stale).unwrap());
+    // The stale decision is refused (it would replace `new`, which it never
+    // compared against) and changes nothing; deciding again compares with
+    // `new`.
+    let err = repo.apply_promotion(&stale).unwrap_err();
+    assert!(
+        matches!(&err, dsv::Error::Conflict(w) if w.contains("production model")),
+        "{err}"
+    );
     let production: Vec<String> = repo
         .models(Some("production"))
         .unwrap()
@@ -312,11 +319,16 @@ fn promotion_compares_in_the_metric_direction_and_evaluates_what_is_missing() {
         .collect();
     assert_eq!(
         production,
-        std::slice::from_ref(&third),
-        "one production model per project"
+        std::slice::from_ref(&new),
+        "one production model per project, the one the last valid decision chose"
     );
+    assert!(!repo
+        .model(&third)
+        .unwrap()
+        .tags
+        .contains(&"production".to_string()));
     assert!(repo
-        .model(&new)
+        .model(&old)
         .unwrap()
         .tags
         .contains(&"previous".to_string()));
