@@ -16,7 +16,7 @@ if [ -z "${DSV:-}" ]; then
 fi
 DATA="$(cd "${DSV_OCCUPANCY:-../shared/data/occupancy}" && pwd)"
 WORK="$(mktemp -d)"
-trap 'kill $AGENT 2>/dev/null || true; rm -rf "$WORK"' EXIT
+trap 'kill $AGENT 2>/dev/null && wait $AGENT 2>/dev/null; rm -rf "$WORK"' EXIT
 export DSV_REPO="$WORK/repo"
 "$DSV" init "$WORK/repo" >/dev/null
 j() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
