@@ -858,6 +858,15 @@ mod rocks {
             if start - asked > crate::txn::STALL_MIN_MS {
                 stalls.push((asked, start));
             }
+            // The previous holder died holding the lock: nobody could write
+            // from its start until now (bounded to a day, for a line an old
+            // crash left behind).
+            if let Some(since) = lock.abandoned_since_ms() {
+                let since = since.max(start - 86_400_000);
+                if start - since > crate::txn::STALL_MIN_MS {
+                    stalls.push((since, start));
+                }
+            }
             if end - start > crate::txn::STALL_MIN_MS {
                 stalls.push((start, end));
             }

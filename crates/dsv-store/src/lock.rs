@@ -18,6 +18,15 @@ pub const LOCK_FILE: &str = "lock";
 pub struct WriteLock {
     file: File,
     path: PathBuf,
+    abandoned_since: Option<u64>,
+}
+
+/// The `since unix time N` of a holder line.
+fn holder_since(line: &str) -> Option<u64> {
+    const MARK: &str = "since unix time ";
+    let rest = &line[line.find(MARK)? + MARK.len()..];
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    rest[..digits].parse().ok()
 }
 
 fn now_secs() -> u64 {
@@ -121,15 +130,33 @@ impl WriteLock {
             std::thread::sleep(pause.min(timeout.saturating_sub(start.elapsed())));
             pause = (pause * 2).min(Duration::from_millis(50));
         }
+        // A clean release empties the file: a holder line left in it means
+        // the previous holder died holding the lock (killed mid-commit).
+        let mut left = String::new();
+        let _ = file.seek(SeekFrom::Start(0));
+        let _ = file.read_to_string(&mut left);
+        let now = now_secs();
+        let abandoned_since = holder_since(left.trim()).map(|t| t.min(now));
         let line = format!(
-            "{holder} (pid {}, since unix time {})\n",
+            "{holder} (pid {}, since unix time {now})\n",
             std::process::id(),
-            now_secs()
         );
         let _ = file.set_len(0);
         let _ = file.seek(SeekFrom::Start(0));
         let _ = file.write_all(line.as_bytes());
-        Ok(WriteLock { file, path })
+        Ok(WriteLock {
+            file,
+            path,
+            abandoned_since,
+        })
+    }
+
+    /// When the previous holder took the lock, in ms since the epoch, if it
+    /// died holding it (its holder line was still there): nobody could write
+    /// from then until now.
+    pub fn abandoned_since_ms(&self) -> Option<i64> {
+        self.abandoned_since
+            .map(|s| (s as i64).saturating_mul(1000))
     }
 
     /// The lock file's path.
@@ -158,6 +185,25 @@ mod tests {
         assert_eq!(humanize_holder("odd line", 5), "odd line");
         assert_eq!(utc_iso(0), "1970-01-01T00:00:00Z");
         assert_eq!(utc_iso(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn a_holder_line_left_behind_means_the_holder_died_holding_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // A clean release leaves nothing behind.
+        drop(WriteLock::acquire(dir.path(), Duration::from_millis(10), "a").unwrap());
+        let l = WriteLock::acquire(dir.path(), Duration::from_millis(10), "b").unwrap();
+        assert_eq!(l.abandoned_since_ms(), None);
+        drop(l);
+        // A holder killed while holding it leaves its line.
+        let since = now_secs() - 5;
+        std::fs::write(
+            dir.path().join(LOCK_FILE),
+            format!("dsv gc (pid 4242, since unix time {since})\n"),
+        )
+        .unwrap();
+        let l = WriteLock::acquire(dir.path(), Duration::from_millis(10), "c").unwrap();
+        assert_eq!(l.abandoned_since_ms(), Some(since as i64 * 1000));
     }
 
     #[test]

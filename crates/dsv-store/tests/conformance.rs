@@ -462,6 +462,27 @@ fn rocks_long_hold_is_recorded_as_stall() {
     );
 }
 
+/// A process killed while it held the RocksDB backend (its holder line is
+/// still in the lock file) stalled every writer from its start: the next
+/// transaction records that.
+#[test]
+fn rocks_a_holder_killed_mid_hold_is_recorded_as_stall() {
+    let r = Rocks::new();
+    let store = r.open();
+    let since_s = dsv_store::store::now_ms() / 1000 - 5;
+    std::fs::write(
+        r.path().join(dsv_store::lock::LOCK_FILE),
+        format!("dsv gc (pid 4242, since unix time {since_s})\n"),
+    )
+    .unwrap();
+    store.write(|_| Ok((Batch::default(), ()))).unwrap();
+    store.refresh().unwrap();
+    let stalls = store.stalls_since(since_s * 1000).unwrap();
+    assert_eq!(stalls.len(), 1, "{stalls:?}");
+    assert_eq!(stalls[0].0, since_s * 1000, "{stalls:?}");
+    assert!(stalls[0].1 - stalls[0].0 >= 4_000, "{stalls:?}");
+}
+
 // ---- processes (RocksDB: the embedded backend's multi-process case) ----
 
 const CHILD_ENV: &str = "DSV_CONFORMANCE_CHILD";
