@@ -95,6 +95,7 @@ pub fn keyspace_counter(kv: &dyn KvRead, name: &str) -> Result<u64> {
 }
 
 /// A counter's committed value read from `kv` by its full key.
+#[cfg(feature = "rocksdb")]
 pub(crate) fn counter_in(kv: &dyn KvRead, key: &[u8]) -> Result<u64> {
     Ok(kv
         .get(Cf::Meta, key)?
