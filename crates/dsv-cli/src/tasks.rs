@@ -346,11 +346,7 @@ pub fn task(ctx: &Ctx, cmd: TaskCmd) -> Result<(), CliError> {
             Ok(())
         }
         TaskCmd::Reap(a) => {
-            let reaped = repo.reap_dead_tasks(
-                &dsv_runtime::agent_alive,
-                (a.dead_after as i64).saturating_mul(1000),
-                a.requeue,
-            )?;
+            let reaped = dsv_runtime::reap(&repo, a.requeue, Duration::from_secs(a.dead_after))?;
             if ctx.json {
                 return output::json(&json!({
                     "reaped": reaped.iter().map(task_json).collect::<Vec<_>>()

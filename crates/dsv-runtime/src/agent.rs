@@ -151,11 +151,7 @@ impl Agent {
             // tries again.
             let housekeeping = (|| -> Result<(), dsv::Error> {
                 repo.store().refresh()?;
-                let reaped = repo.reap_dead_tasks(
-                    &agent_alive,
-                    o.dead_after.as_millis() as i64,
-                    o.requeue_dead,
-                )?;
+                let reaped = reap(repo, o.requeue_dead, o.dead_after)?;
                 for t in reaped {
                     events.reaped(&t);
                 }
@@ -249,6 +245,18 @@ fn comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .ok()
         .map(|c| c.trim().to_string())
+}
+
+/// Fails (or with `requeue`, requeues) the running tasks whose lease
+/// expired, using the same-host pid check to reap provably dead agents'
+/// tasks earlier; `dead_after` judges records written before leases. What
+/// every agent's housekeeping and `dsv task reap` do.
+pub fn reap(repo: &Repo, requeue: bool, dead_after: Duration) -> Result<Vec<Task>, dsv::Error> {
+    repo.reap_dead_tasks(
+        &agent_alive,
+        dead_after.as_millis().min(i64::MAX as u128) as i64,
+        requeue,
+    )
 }
 
 /// Whether an agent process lives — only knowable on this host (`None`

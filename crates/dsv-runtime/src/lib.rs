@@ -47,7 +47,8 @@ pub mod wake;
 pub mod watch;
 
 pub use agent::{
-    agent_alive, agent_info, hostname, transient, Agent, AgentEvents, AgentOptions, AgentReport,
+    agent_alive, agent_info, hostname, reap, transient, Agent, AgentEvents, AgentOptions,
+    AgentReport,
 };
 pub use command::CommandExecutor;
 pub use error::{Error, Result};

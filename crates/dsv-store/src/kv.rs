@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::txn::{first_conflict, seal, ChangeSource, Recording};
+use crate::txn::{counter_in, first_conflict, seal, ChangeSource, Recording};
 
 /// Column families. The numeric values are not stored; names are (see `name`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -319,14 +319,7 @@ impl MemKv {
             if batch.is_empty() {
                 return Ok(());
             }
-            seal(&mut batch, &mut |k| {
-                Ok(now
-                    .0
-                    .get(&(Cf::Meta, k.to_vec()))
-                    .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-                    .map(u64::from_le_bytes)
-                    .unwrap_or(0))
-            })?;
+            seal(&mut batch, &mut |k| counter_in(&now, k))?;
             batch
         };
         apply(Arc::make_mut(&mut guard), std::mem::take(&mut batch))?;
@@ -838,7 +831,7 @@ mod rocks {
             let result = body(&w);
             let committed = match result {
                 Ok(mut batch) => {
-                    seal(&mut batch, &mut |k| crate::txn::counter_in(&w, k))?;
+                    seal(&mut batch, &mut |k| counter_in(&w, k))?;
                     if !batch.is_empty() {
                         // Includes the upkeep after the commit (flush,
                         // compaction): all of it under the lock.
@@ -879,7 +872,7 @@ mod rocks {
                     }
                 }
                 let recorded = recorded
-                    .and_then(|()| seal(&mut b, &mut |k| crate::txn::counter_in(&w, k)))
+                    .and_then(|()| seal(&mut b, &mut |k| counter_in(&w, k)))
                     .and_then(|()| w.write(b));
                 if let Err(e) = recorded {
                     tracing::warn!("cannot record a write stall: {e}");

@@ -21,12 +21,20 @@ pub struct WriteLock {
     abandoned_since: Option<u64>,
 }
 
+/// A holder line split around its `since unix time N`: the text before
+/// it, N, and the text after it.
+fn split_since(line: &str) -> Option<(&str, u64, &str)> {
+    const MARK: &str = "since unix time ";
+    let at = line.find(MARK)?;
+    let rest = &line[at + MARK.len()..];
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let since = rest[..digits].parse().ok()?;
+    Some((&line[..at], since, &rest[digits..]))
+}
+
 /// The `since unix time N` of a holder line.
 fn holder_since(line: &str) -> Option<u64> {
-    const MARK: &str = "since unix time ";
-    let rest = &line[line.find(MARK)? + MARK.len()..];
-    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-    rest[..digits].parse().ok()
+    split_since(line).map(|(_, since, _)| since)
 }
 
 fn now_secs() -> u64 {
@@ -72,22 +80,14 @@ fn age(secs: u64) -> String {
 /// Rewrites the lock file's `since unix time T` (kept machine-readable in
 /// the file) as a UTC time and an age for people.
 fn humanize_holder(line: &str, now: u64) -> String {
-    const MARK: &str = "since unix time ";
-    let Some(at) = line.find(MARK) else {
-        return line.to_string();
-    };
-    let rest = &line[at + MARK.len()..];
-    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-    let Ok(since) = rest[..digits].parse::<u64>() else {
-        return line.to_string();
-    };
-    format!(
-        "{}since {} ({} ago){}",
-        &line[..at],
-        utc_iso(since),
-        age(now.saturating_sub(since)),
-        &rest[digits..]
-    )
+    match split_since(line) {
+        Some((before, since, after)) => format!(
+            "{before}since {} ({} ago){after}",
+            utc_iso(since),
+            age(now.saturating_sub(since))
+        ),
+        None => line.to_string(),
+    }
 }
 
 impl WriteLock {

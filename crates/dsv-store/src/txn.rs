@@ -87,15 +87,10 @@ pub fn keyspace_counter_key(name: &str) -> Vec<u8> {
 
 /// A keyspace counter's value in `kv` (0 if never written).
 pub fn keyspace_counter(kv: &dyn KvRead, name: &str) -> Result<u64> {
-    Ok(kv
-        .get(Cf::Meta, &keyspace_counter_key(name))?
-        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-        .map(u64::from_le_bytes)
-        .unwrap_or(0))
+    counter_in(kv, &keyspace_counter_key(name))
 }
 
 /// A counter's committed value read from `kv` by its full key.
-#[cfg(feature = "rocksdb")]
 pub(crate) fn counter_in(kv: &dyn KvRead, key: &[u8]) -> Result<u64> {
     Ok(kv
         .get(Cf::Meta, key)?

@@ -23,7 +23,7 @@
 //! expiry (a late renewal of a lease nobody reaped yet is accepted: the
 //! reaper judges the task again inside its own write, so exactly one of
 //! the two wins). Time during which the store refused every write (a long `gc`)
-//! does not count against a lease ([`stall_overlap_ms`]). A same-host
+//! does not count against a lease ([`dsv_store::txn::stalled_ms`]). A same-host
 //! check that the holder's process is gone may only reap *earlier*; a live
 //! process never keeps an expired lease alive. Expiry is judged with the
 //! reaper's clock against times written with the holder's: clocks of the
@@ -169,18 +169,11 @@ impl Lease {
     }
 
     /// Whether it ran out at `now_ms`, given `stalled_ms` of store stall
-    /// since its renewal (see [`stall_overlap_ms`]): the expiry is pushed
+    /// since its renewal (see [`dsv_store::txn::stalled_ms`]): the expiry is pushed
     /// back by the time nobody could write.
     pub fn expired(&self, stalled_ms: i64, now_ms: i64) -> bool {
         now_ms > self.expires_ms.saturating_add(stalled_ms.max(0))
     }
-}
-
-/// Total time within `[from, to]` covered by the `stalls` intervals
-/// (`(start_ms, end_ms)`, possibly overlapping, in any order): how long the
-/// store refused every write since a lease was renewed.
-pub fn stall_overlap_ms(stalls: &[(i64, i64)], from: i64, to: i64) -> i64 {
-    dsv_store::txn::overlap_ms(stalls, from, to)
 }
 
 /// The lease a running task is judged by: its own, or for a record written
@@ -1379,21 +1372,30 @@ mod tests {
 
     #[test]
     fn stall_overlap_counts_the_union_within_the_window() {
-        assert_eq!(stall_overlap_ms(&[], 0, 100), 0);
+        assert_eq!(dsv_store::txn::overlap_ms(&[], 0, 100), 0);
         // Inside, partly outside, wholly outside.
-        assert_eq!(stall_overlap_ms(&[(10, 20)], 0, 100), 10);
-        assert_eq!(stall_overlap_ms(&[(-50, 30)], 0, 100), 30);
-        assert_eq!(stall_overlap_ms(&[(90, 500)], 0, 100), 10);
-        assert_eq!(stall_overlap_ms(&[(200, 300), (-9, -1)], 0, 100), 0);
+        assert_eq!(dsv_store::txn::overlap_ms(&[(10, 20)], 0, 100), 10);
+        assert_eq!(dsv_store::txn::overlap_ms(&[(-50, 30)], 0, 100), 30);
+        assert_eq!(dsv_store::txn::overlap_ms(&[(90, 500)], 0, 100), 10);
+        assert_eq!(
+            dsv_store::txn::overlap_ms(&[(200, 300), (-9, -1)], 0, 100),
+            0
+        );
         // Overlapping and nested intervals count once, in any order.
         assert_eq!(
-            stall_overlap_ms(&[(40, 60), (10, 50), (20, 30)], 0, 100),
+            dsv_store::txn::overlap_ms(&[(40, 60), (10, 50), (20, 30)], 0, 100),
             50
         );
-        assert_eq!(stall_overlap_ms(&[(10, 20), (20, 30)], 0, 100), 20);
-        assert_eq!(stall_overlap_ms(&[(10, 20), (30, 40)], 0, 100), 20);
+        assert_eq!(
+            dsv_store::txn::overlap_ms(&[(10, 20), (20, 30)], 0, 100),
+            20
+        );
+        assert_eq!(
+            dsv_store::txn::overlap_ms(&[(10, 20), (30, 40)], 0, 100),
+            20
+        );
         // Empty or reversed intervals count nothing.
-        assert_eq!(stall_overlap_ms(&[(50, 50), (60, 40)], 0, 100), 0);
+        assert_eq!(dsv_store::txn::overlap_ms(&[(50, 50), (60, 40)], 0, 100), 0);
     }
 
     #[test]
@@ -1406,15 +1408,21 @@ mod tests {
         // 60 s longer.
         let stalls = [(5_000, 65_000)];
         let now = 80_000;
-        let stalled = stall_overlap_ms(&stalls, l.renewed_ms, now);
+        let stalled = dsv_store::txn::overlap_ms(&stalls, l.renewed_ms, now);
         assert_eq!(stalled, 60_000);
         assert!(!l.expired(stalled, now));
         assert!(!l.expired(stalled, 91_000));
-        assert!(l.expired(stall_overlap_ms(&stalls, l.renewed_ms, 91_001), 91_001));
+        assert!(l.expired(
+            dsv_store::txn::overlap_ms(&stalls, l.renewed_ms, 91_001),
+            91_001
+        ));
         // A stall before the renewal does not count.
         l.renew(70_000);
         assert_eq!(l.expires_ms, 100_000);
-        assert_eq!(stall_overlap_ms(&stalls, l.renewed_ms, 100_001), 0);
+        assert_eq!(
+            dsv_store::txn::overlap_ms(&stalls, l.renewed_ms, 100_001),
+            0
+        );
         assert!(l.expired(0, 100_001));
         // A slower clock never moves a renewal back.
         l.renew(69_000);

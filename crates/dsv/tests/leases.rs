@@ -910,7 +910,7 @@ fn a_store_stall_does_not_count_against_a_lease() {
     // The store's stall records, as the store would report them.
     let records: Arc<std::sync::Mutex<Vec<(i64, i64)>>> = Default::default();
     let stalls = |from: i64, to: i64| -> dsv::Result<i64> {
-        Ok(dsv::task::stall_overlap_ms(
+        Ok(dsv_store::txn::overlap_ms(
             &records.lock().unwrap(),
             from,
             to,
