@@ -202,6 +202,15 @@ pub enum Error {
     /// down, a connection lost). Retryable.
     #[error("metadata store unavailable: {0}")]
     Unavailable(String),
+    /// Pack storage (object storage, a remote) refused or failed a
+    /// request: `what` names the object or bucket, `reason` says why.
+    #[error("{what}: {reason}")]
+    Storage {
+        /// The object, bucket or URL.
+        what: String,
+        /// Why (denied, missing bucket, unreachable endpoint …).
+        reason: String,
+    },
     /// An injected failure (crash tests).
     #[error("injected failure at {0}")]
     Injected(&'static str),
@@ -261,6 +270,7 @@ impl Error {
                 | Error::ConcurrentGc(_)
                 | Error::Conflict { .. }
                 | Error::Unavailable(_)
+                | Error::Storage { .. }
                 | Error::Injected(_)
         )
     }

@@ -17,6 +17,7 @@
 //!
 //! This crate never prints and never reads the environment.
 
+pub mod bundle;
 pub mod chunker;
 pub mod codec;
 pub mod compress;
@@ -25,6 +26,7 @@ pub mod diff;
 pub mod error;
 pub mod gc;
 pub mod id;
+pub mod import;
 pub mod ingest;
 pub mod kv;
 pub mod lock;
@@ -32,6 +34,7 @@ pub mod object;
 pub mod pack;
 pub mod schema;
 pub mod stats;
+pub mod storage;
 pub mod store;
 pub mod tree;
 pub mod txn;
@@ -48,6 +51,7 @@ pub use ingest::{CommitOutcome, IngestOptions, StageMode};
 pub use kv::{Batch, Cf, KvRead};
 pub use object::{Delta, Entry, EntryTarget, FileObject, VersionObject};
 pub use stats::Stats;
+pub use storage::{ChunkSource, FetchedChunk, LocalDir, PackStorage, PutMode, PutOutcome};
 pub use store::{Draft, NoProgress, Progress, StageReport, Store, StoreOptions, Version};
 pub use tree::Change;
 pub use txn::Subscription;

@@ -118,6 +118,9 @@ pub struct Store {
     /// Unknown `ro_compat` features of the repository: writes are refused
     /// while there are any.
     read_only: Vec<String>,
+    /// Where chunks missing from the packs come from (a lazy clone's
+    /// remote); none by default.
+    source: RwLock<Option<Arc<dyn crate::storage::ChunkSource>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -286,6 +289,7 @@ impl Store {
             reader: RwLock::new(reader),
             stale: std::sync::atomic::AtomicBool::new(false),
             opts,
+            source: RwLock::new(None),
         })
     }
 
@@ -498,9 +502,73 @@ impl Store {
         }
     }
 
+    /// Sets where chunks missing from this repository's packs are read
+    /// from (a lazy clone's remote). Every chunk a source returns is
+    /// checked against its id before it is used.
+    pub fn set_chunk_source(&self, source: Option<Arc<dyn crate::storage::ChunkSource>>) {
+        *self.source.write().unwrap_or_else(|e| e.into_inner()) = source;
+    }
+
+    fn chunk_source(&self) -> Option<Arc<dyn crate::storage::ChunkSource>> {
+        self.source
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether the chunk is in this repository's packs.
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        self.reader().contains(Cf::Chunks, id.as_bytes())
+    }
+
+    /// Asks the chunk source (if any) for those of `ids` the packs lack,
+    /// in one batch, so that a file read from a remote costs a few
+    /// coalesced requests instead of one per chunk. The source keeps what
+    /// it fetched in its cache; reads then find it there.
+    pub fn prefetch_missing(&self, ids: &[ChunkId]) -> Result<()> {
+        let Some(src) = self.chunk_source() else {
+            return Ok(());
+        };
+        let kv = self.reader();
+        let mut missing = Vec::new();
+        for id in ids {
+            if !kv.contains(Cf::Chunks, id.as_bytes())? {
+                missing.push(*id);
+            }
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            src.fetch(&*kv, &missing)?;
+        }
+        Ok(())
+    }
+
+    /// Reads a chunk from the chunk source; `Ok(None)` when there is none
+    /// or it does not know the chunk.
+    fn read_remote_chunk(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        let Some(src) = self.chunk_source() else {
+            return Ok(None);
+        };
+        let kv = self.reader();
+        match src.fetch(&*kv, std::slice::from_ref(id))?.pop().flatten() {
+            Some(c) => crate::compress::decode_chunk(id, c.codec, &c.stored, c.raw_len).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Reads a chunk's bytes, checking its hash.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let loc = self.chunk_loc(id)?;
+        let loc = match self.chunk_loc(id) {
+            Ok(loc) => loc,
+            Err(e @ Error::NotFound { .. }) => {
+                return match self.read_remote_chunk(id)? {
+                    Some(data) => Ok(data),
+                    None => Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         let stored = match self.packs.read_stored(id, &loc) {
             Ok(s) => s,
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
@@ -529,6 +597,10 @@ impl Store {
     /// Streams a file's bytes into `out`; returns the bytes written.
     pub fn read_file_to(&self, file: &ObjectId, out: &mut dyn std::io::Write) -> Result<u64> {
         let f = self.file_object(file)?;
+        if self.chunk_source().is_some() {
+            let ids: Vec<ChunkId> = f.chunks.iter().map(|(c, _)| *c).collect();
+            self.prefetch_missing(&ids)?;
+        }
         let mut n = 0;
         for (cid, len) in &f.chunks {
             let data = self.read_listed_chunk(cid, *len).map_err(|e| match e {
@@ -556,6 +628,18 @@ impl Store {
     pub fn read_file_range(&self, file: &FileObject, offset: u64, len: usize) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(len.min(file.size.saturating_sub(offset) as usize));
         let end = offset.saturating_add(len as u64).min(file.size);
+        if self.chunk_source().is_some() {
+            let mut pos = 0u64;
+            let mut ids = Vec::new();
+            for (cid, clen) in &file.chunks {
+                let cend = pos + *clen as u64;
+                if cend > offset && pos < end {
+                    ids.push(*cid);
+                }
+                pos = cend;
+            }
+            self.prefetch_missing(&ids)?;
+        }
         let mut pos = 0u64;
         for (cid, clen) in &file.chunks {
             let cend = pos + *clen as u64;

@@ -579,6 +579,9 @@ fn rel(base: &Path, p: &[u8]) -> PathBuf {
 fn write_stored(store: &Store, fo: &FileObject, out: &mut File, what: &Path) -> Result<u64> {
     let mut n = 0u64;
     const RUN: usize = 16;
+    // A lazy clone fetches the file's missing chunks in one batch first.
+    let ids: Vec<dsv_store::ChunkId> = fo.chunks.iter().map(|(c, _)| *c).collect();
+    store.prefetch_missing(&ids)?;
     if fo.chunks.len() <= 2 {
         for (cid, _) in &fo.chunks {
             let data = store.read_chunk(cid)?;

@@ -34,6 +34,10 @@ pub enum EventKind {
     ModelCreated,
     /// A model's tags changed (`extra.model`; `tags`, `tags_added`, `tags_removed`).
     ModelTagged,
+    /// A pull placed versions of this repository that the remote did not
+    /// have after the versions it brought (their finalize order moved,
+    /// and a version string the remote had taken was renumbered).
+    VersionRebased,
 }
 
 /// One event.

@@ -25,6 +25,7 @@
 pub mod cache;
 pub mod error;
 pub mod events;
+pub mod exchange;
 pub mod index;
 pub mod keys;
 pub mod mount;

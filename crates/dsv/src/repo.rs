@@ -359,7 +359,7 @@ impl PathPattern {
     }
 }
 
-fn dataset_version(
+pub(crate) fn dataset_version(
     dataset: Dataset,
     id: VersionId,
     info: VersionInfo,
@@ -386,7 +386,7 @@ fn dataset_version(
 
 // ---- record access on a KV handle ---------------------------------------
 
-fn dataset_in(kv: &dyn KvRead, id: &DatasetId) -> Result<Dataset> {
+pub(crate) fn dataset_in(kv: &dyn KvRead, id: &DatasetId) -> Result<Dataset> {
     let v = kv
         .get(Cf::App, &keys::dataset(id))?
         .ok_or_else(|| Error::corrupted(format!("dataset {id}"), "record missing"))?;
@@ -399,7 +399,7 @@ fn dataset_in(kv: &dyn KvRead, id: &DatasetId) -> Result<Dataset> {
     })
 }
 
-fn dataset_by_name_in(kv: &dyn KvRead, project: &str, name: &str) -> Result<Option<Dataset>> {
+pub(crate) fn dataset_by_name_in(kv: &dyn KvRead, project: &str, name: &str) -> Result<Option<Dataset>> {
     match kv.get(Cf::App, &keys::dataset_name(project, name))? {
         None => Ok(None),
         Some(v) => {
@@ -411,7 +411,7 @@ fn dataset_by_name_in(kv: &dyn KvRead, project: &str, name: &str) -> Result<Opti
 }
 
 /// Every version of a dataset as (id, info), oldest first.
-fn versions_in(kv: &dyn KvRead, ds: &DatasetId) -> Result<Vec<(VersionId, VersionInfo)>> {
+pub(crate) fn versions_in(kv: &dyn KvRead, ds: &DatasetId) -> Result<Vec<(VersionId, VersionInfo)>> {
     let prefix = keys::dataset_versions(ds);
     let mut out = Vec::new();
     let mut err = None;
@@ -451,7 +451,7 @@ pub(crate) fn is_latest_in(kv: &dyn KvRead, v: &DatasetVersion) -> Result<bool> 
 
 /// The next patch above the dataset's highest semantic version (so an
 /// assigned number never collides with an explicit one); `1.0.0` first.
-fn next_version(vs: &[(VersionId, VersionInfo)]) -> String {
+pub(crate) fn next_version(vs: &[(VersionId, VersionInfo)]) -> String {
     vs.iter()
         .filter_map(|(_, i)| semver_of(&i.version))
         .max()
@@ -474,7 +474,7 @@ fn check_version_free(ds: &Dataset, vs: &[(VersionId, VersionInfo)], wanted: &st
     }
 }
 
-fn version_meta_in(kv: &dyn KvRead, id: &VersionId) -> Result<VersionMeta> {
+pub(crate) fn version_meta_in(kv: &dyn KvRead, id: &VersionId) -> Result<VersionMeta> {
     match kv.get(Cf::App, &keys::version_meta(id))? {
         None => Ok(VersionMeta::default()),
         Some(v) => from_json(&v, &format!("metadata of {id}")),
@@ -525,7 +525,7 @@ fn check_version_string(v: &str) -> Result<()> {
 
 /// Writes the index records of a new version of `ds`; `seq` is the
 /// sequence number of its `version_finalized` event (its finalize order).
-fn index_version_batch(
+pub(crate) fn index_version_batch(
     b: &mut Batch,
     ds: &DatasetId,
     v: &dsv_store::Version,
@@ -582,7 +582,7 @@ fn new_dataset_batch(
     }
 }
 
-fn version_event(
+pub(crate) fn version_event(
     kind: EventKind,
     ds: &Dataset,
     id: &VersionId,

@@ -1,0 +1,72 @@
+//! The remote layout's names and documents (specified in `docs/FORMAT.md`):
+//!
+//! ```text
+//! dsv-remote.json                 manifest: {"format": 1, "features": [], "created_ms": …}
+//! packs/HASH.pack                 self-describing packs (chunks and objects), named by BLAKE3
+//! datasets/DATASET-ID.json        one document per dataset: its header and versions, in order
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use dsv::exchange::{DatasetHeader, VersionHeader};
+use dsv::DatasetId;
+
+/// The manifest's name.
+pub const MANIFEST: &str = "dsv-remote.json";
+/// The layout format this build writes and reads.
+pub const FORMAT: u32 = 1;
+/// Layout features this build knows (none yet).
+pub const KNOWN_FEATURES: &[&str] = &[];
+
+/// The manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Layout format.
+    pub format: u32,
+    /// Layout features in use.
+    #[serde(default)]
+    pub features: Vec<String>,
+    /// When the remote was first written, ms.
+    #[serde(default)]
+    pub created_ms: i64,
+}
+
+/// One dataset on a remote.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetDoc {
+    /// Layout format.
+    pub format: u32,
+    /// The dataset.
+    pub dataset: DatasetHeader,
+    /// Its versions, oldest first (the order they reached the remote).
+    pub versions: Vec<VersionHeader>,
+    /// Last written, ms.
+    #[serde(default)]
+    pub updated_ms: i64,
+}
+
+/// A dataset document as last seen, with its entity tag.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tracking {
+    /// Entity tag the remote gave it.
+    #[serde(default)]
+    pub etag: Option<String>,
+    /// The document.
+    pub doc: DatasetDoc,
+}
+
+/// A pack's object name.
+pub fn pack_name(hash: &str) -> String {
+    format!("packs/{hash}.pack")
+}
+
+/// The pack hash in a pack's object name.
+pub fn pack_hash(name: &str) -> Option<&str> {
+    let h = name.strip_prefix("packs/")?.strip_suffix(".pack")?;
+    (h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())).then_some(h)
+}
+
+/// A dataset document's object name.
+pub fn dataset_doc(id: &DatasetId) -> String {
+    format!("datasets/{id}.json")
+}

@@ -1,0 +1,1108 @@
+//! The operations: remotes, push, fetch (and pull), prefetch.
+//!
+//! **Push** sends what the remote lacks and then publishes it. It reads the
+//! remote's pack indexes it has not seen (one listing, one ranged read per
+//! new pack), walks the versions to send down to their chunks, skipping
+//! every object and chunk the remote holds (an object on the remote implies
+//! everything below it is there: packs of chunks are uploaded before packs
+//! of the objects that use them, and child objects before parents), uploads
+//! new packs (chunks first, several at once; then objects, in order), and
+//! finally replaces the dataset's document with a conditional write. A push
+//! killed at any point leaves at worst packs no document names yet; the
+//! next push finds them (their names are content hashes) and does not
+//! upload them again.
+//!
+//! **Fetch** reads new pack indexes and every dataset document, downloads
+//! the metadata objects of versions this repository lacks (breadth-first,
+//! coalesced ranged reads), checks each against its id, and imports them
+//! in one write per dataset. Chunks stay on the remote (read on demand) —
+//! **pull** also downloads them.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use dsv::exchange::{DatasetHeader, VersionHeader};
+use dsv::{Dataset, DatasetId, Repo};
+use dsv_store::bundle::{BundleBuilder, EntryKind, IndexEntry, TRAILER_LEN};
+use dsv_store::import::references;
+use dsv_store::storage::{FetchedChunk, PackStorage, PutMode, PutOutcome};
+use dsv_store::{Batch, Cf, ChunkId, KvRead, ObjectId, VersionId};
+use serde::Serialize;
+
+use crate::doc::{self, DatasetDoc, Manifest, Tracking};
+use crate::error::{Error, Result};
+use crate::keys::{self, RemoteLoc, RemoteRecord};
+use crate::open::{open_storage, Connect};
+use crate::source::fetch_records;
+
+/// Target size of the packs a push writes.
+pub const PACK_TARGET: u64 = 32 << 20;
+/// Bytes of ranged reads per download batch.
+const DOWNLOAD_BATCH: u64 = 64 << 20;
+/// How much of a pack's end is read to find its index in one request.
+const TAIL_READ: u64 = 64 << 10;
+/// Conditional-write attempts on a dataset document before giving up.
+const DOC_TRIES: u32 = 20;
+
+/// Progress of a transfer (the CLI draws bars from it).
+pub trait Progress: Sync {
+    /// A phase starts: what, and its size in bytes when known.
+    fn phase(&self, _what: &str, _total_bytes: Option<u64>) {}
+    /// Bytes moved.
+    fn bytes(&self, _n: u64) {}
+    /// The phase ended.
+    fn finish_phase(&self) {}
+}
+
+/// No progress reporting.
+#[derive(Debug, Default)]
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+fn invalid(msg: String) -> Error {
+    Error::Repo(dsv::Error::Invalid(msg))
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+// ---- remote records ---------------------------------------------------------
+
+/// Every configured remote, by name.
+pub fn remotes(repo: &Repo) -> Result<Vec<(String, RemoteRecord)>> {
+    let kv = repo.store().reader();
+    let mut out = Vec::new();
+    let mut err = None;
+    kv.scan(Cf::App, keys::REMOTE, &mut |k, v| {
+        let name = String::from_utf8_lossy(&k[keys::REMOTE.len()..]).into_owned();
+        match serde_json::from_slice::<RemoteRecord>(v) {
+            Ok(r) => out.push((name, r)),
+            Err(e) => {
+                err = Some(Error::Repo(dsv::Error::Store(dsv_store::Error::corrupted(
+                    format!("remote record {name}"),
+                    e.to_string(),
+                ))));
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    err.map_or(Ok(out), Err)
+}
+
+/// One remote's record.
+pub fn get_remote(repo: &Repo, name: &str) -> Result<RemoteRecord> {
+    remotes(repo)?
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, r)| r)
+        .ok_or_else(|| Error::NoSuchRemote(name.to_string()))
+}
+
+/// Reads and checks a remote's manifest; `None` for an empty remote.
+pub fn read_manifest(storage: &dyn PackStorage) -> Result<Option<Manifest>> {
+    let Some(got) = storage.get(doc::MANIFEST)? else {
+        return Ok(None);
+    };
+    let location = format!("{}/{}", storage.location(), doc::MANIFEST);
+    let m: Manifest = serde_json::from_slice(&got.data).map_err(|e| Error::BadRemote {
+        location: location.clone(),
+        reason: format!("not a dsv remote manifest: {e}"),
+    })?;
+    let unknown: Vec<String> = m
+        .features
+        .iter()
+        .filter(|f| !doc::KNOWN_FEATURES.contains(&f.as_str()))
+        .cloned()
+        .collect();
+    if m.format > doc::FORMAT || !unknown.is_empty() {
+        return Err(Error::NewerFormat {
+            location: storage.location(),
+            found: m.format,
+            features: unknown,
+            supported: doc::FORMAT,
+        });
+    }
+    Ok(Some(m))
+}
+
+fn ensure_manifest(storage: &dyn PackStorage) -> Result<()> {
+    if read_manifest(storage)?.is_some() {
+        return Ok(());
+    }
+    let m = Manifest {
+        format: doc::FORMAT,
+        features: Vec::new(),
+        created_ms: dsv_store::store::now_ms(),
+    };
+    match storage.put(doc::MANIFEST, json(&m), PutMode::Create)? {
+        PutOutcome::Written(_) => Ok(()),
+        // Another writer created it first: check what it wrote.
+        _ => read_manifest(storage).map(|_| ()),
+    }
+}
+
+/// Adds a remote. With `check`, first reads the remote's manifest, which
+/// proves the URL, the endpoint, the credentials and the bucket (an empty
+/// remote is fine; a newer one is refused). Returns the manifest.
+pub fn add_remote(
+    repo: &Repo,
+    name: &str,
+    rec: RemoteRecord,
+    connect: &Connect,
+    check: bool,
+) -> Result<Option<Manifest>> {
+    keys::check_name(name)?;
+    crate::open::parse_url(&rec.url)?;
+    if remotes(repo)?.iter().any(|(n, _)| n == name) {
+        return Err(Error::RemoteExists(name.to_string()));
+    }
+    let manifest = if check {
+        let storage = open_storage(&rec, connect)?;
+        read_manifest(&*storage)?
+    } else {
+        None
+    };
+    let mut exists = false;
+    repo.store().write(|kv| {
+        let mut b = Batch::default();
+        exists = kv.get(Cf::App, &keys::remote(name))?.is_some();
+        if !exists {
+            b.put(Cf::App, keys::remote(name), json(&rec));
+        }
+        Ok((b, ()))
+    })?;
+    if exists {
+        return Err(Error::RemoteExists(name.to_string()));
+    }
+    Ok(manifest)
+}
+
+/// Removes a remote and everything recorded about it (its index and
+/// tracking documents). Chunks a lazy clone has not downloaded can no
+/// longer be read.
+pub fn remove_remote(repo: &Repo, name: &str) -> Result<()> {
+    get_remote(repo, name)?;
+    repo.store().write(|kv| {
+        let mut b = Batch::default();
+        b.delete(Cf::App, keys::remote(name));
+        for p in [keys::REMOTE_INDEX, keys::REMOTE_PACK, keys::REMOTE_TRACKING] {
+            kv.scan(Cf::App, &keys::scoped(p, name), &mut |k, _| {
+                b.delete(Cf::App, k.to_vec());
+                Ok(true)
+            })?;
+        }
+        Ok((b, ()))
+    })?;
+    Ok(())
+}
+
+// ---- the remote's index ------------------------------------------------------
+
+fn has(kv: &dyn KvRead, name: &str, id: &[u8; 32]) -> Result<bool> {
+    Ok(kv.contains(Cf::App, &keys::index_entry(name, id))?)
+}
+
+fn loc_of(kv: &dyn KvRead, name: &str, id: &[u8; 32]) -> Result<Option<RemoteLoc>> {
+    match kv.get(Cf::App, &keys::index_entry(name, id))? {
+        Some(v) => Ok(Some(RemoteLoc::decode(&v)?)),
+        None => Ok(None),
+    }
+}
+
+fn record_packs(repo: &Repo, name: &str, packs: &[(String, u64, Vec<IndexEntry>)]) -> Result<()> {
+    if packs.is_empty() {
+        return Ok(());
+    }
+    repo.store().write(|kv| {
+        let mut b = Batch::default();
+        for (hash, size, entries) in packs {
+            let mut raw = [0u8; 32];
+            hex::decode_to_slice(hash, &mut raw).map_err(|_| {
+                dsv_store::Error::corrupted(format!("pack name {hash}"), "not 64 hex digits")
+            })?;
+            b.put(Cf::App, keys::pack(name, hash), size.to_le_bytes().to_vec());
+            for e in entries {
+                let k = keys::index_entry(name, &e.id);
+                if kv.contains(Cf::App, &k)? {
+                    continue;
+                }
+                let loc = RemoteLoc {
+                    pack: raw,
+                    offset: e.offset,
+                    stored_len: e.stored_len,
+                    raw_len: e.raw_len,
+                    codec: e.codec,
+                    kind: match e.kind {
+                        EntryKind::Chunk => 0,
+                        EntryKind::Object => 1,
+                    },
+                };
+                b.put(Cf::App, k, loc.encode());
+            }
+        }
+        Ok((b, ()))
+    })?;
+    Ok(())
+}
+
+/// Reads the indexes of the remote's packs this repository has not read
+/// yet; returns how many.
+pub fn sync_index(repo: &Repo, name: &str, storage: &dyn PackStorage) -> Result<usize> {
+    let listed = storage.list("packs/")?;
+    let kv = repo.store().reader();
+    let mut new = Vec::new();
+    for l in listed {
+        let Some(h) = doc::pack_hash(&l.name) else {
+            continue;
+        };
+        if kv.get(Cf::App, &keys::pack(name, h))?.is_none() {
+            new.push((l.name.clone(), h.to_string(), l.size));
+        }
+    }
+    drop(kv);
+    if new.is_empty() {
+        return Ok(0);
+    }
+    let what = |n: &str| format!("{}/{n}", storage.location());
+    let reqs: Vec<_> = new
+        .iter()
+        .map(|(n, _, size)| (n.clone(), size.saturating_sub(TAIL_READ)..*size))
+        .collect();
+    let tails = storage.get_ranges(&reqs, &|_| {})?;
+    let mut trailers = Vec::with_capacity(new.len());
+    let mut indexes: Vec<Option<Vec<u8>>> = Vec::with_capacity(new.len());
+    let mut second = Vec::new();
+    for (i, ((n, _, size), tail)) in new.iter().zip(&tails).enumerate() {
+        let t = dsv_store::bundle::parse_trailer(tail, *size, &what(n))?;
+        let tail_start = size - tail.len() as u64;
+        if t.index_offset >= tail_start {
+            let from = (t.index_offset - tail_start) as usize;
+            indexes.push(Some(tail[from..tail.len() - TRAILER_LEN as usize].to_vec()));
+        } else {
+            indexes.push(None);
+            second.push((i, (n.clone(), t.index_offset..size - TRAILER_LEN)));
+        }
+        trailers.push(t);
+    }
+    if !second.is_empty() {
+        let reqs: Vec<_> = second.iter().map(|(_, r)| r.clone()).collect();
+        let got = storage.get_ranges(&reqs, &|_| {})?;
+        for ((i, _), idx) in second.iter().zip(got) {
+            indexes[*i] = Some(idx);
+        }
+    }
+    let mut packs = Vec::with_capacity(new.len());
+    for (((n, h, size), t), idx) in new.iter().zip(&trailers).zip(indexes) {
+        let entries =
+            dsv_store::bundle::parse_index(&idx.unwrap_or_default(), t, &what(n))?;
+        packs.push((h.clone(), *size, entries));
+    }
+    record_packs(repo, name, &packs)?;
+    Ok(packs.len())
+}
+
+// ---- documents ------------------------------------------------------------------
+
+fn read_doc(storage: &dyn PackStorage, id: &DatasetId) -> Result<Option<(DatasetDoc, Option<String>)>> {
+    let name = doc::dataset_doc(id);
+    let Some(got) = storage.get(&name)? else {
+        return Ok(None);
+    };
+    parse_doc(storage, &name, &got.data).map(|d| Some((d, got.etag)))
+}
+
+fn parse_doc(storage: &dyn PackStorage, name: &str, data: &[u8]) -> Result<DatasetDoc> {
+    let location = format!("{}/{name}", storage.location());
+    let d: DatasetDoc = serde_json::from_slice(data).map_err(|e| Error::BadRemote {
+        location: location.clone(),
+        reason: format!("not a dataset document: {e}"),
+    })?;
+    if d.format > doc::FORMAT {
+        return Err(Error::NewerFormat {
+            location,
+            found: d.format,
+            features: Vec::new(),
+            supported: doc::FORMAT,
+        });
+    }
+    Ok(d)
+}
+
+fn tracking(repo: &Repo, name: &str, id: &DatasetId) -> Result<Option<Tracking>> {
+    match repo
+        .store()
+        .reader()
+        .get(Cf::App, &keys::tracking(name, id))?
+    {
+        Some(v) => Ok(Some(serde_json::from_slice(&v).map_err(|e| {
+            dsv_store::Error::corrupted(format!("remote tracking of dataset {id}"), e.to_string())
+        })?)),
+        None => Ok(None),
+    }
+}
+
+/// Three-way merge of a version's tags and metadata: `base` as last seen
+/// on the remote, `ours` here, `theirs` on the remote now. `Err(())` when
+/// both changed it differently.
+fn merge_mutable<'a>(
+    base: Option<&'a VersionHeader>,
+    ours: &'a VersionHeader,
+    theirs: &'a VersionHeader,
+) -> std::result::Result<&'a VersionHeader, ()> {
+    if ours.mutable() == theirs.mutable() {
+        return Ok(theirs);
+    }
+    match base {
+        Some(b) if b.mutable() == theirs.mutable() => Ok(ours),
+        Some(b) if b.mutable() == ours.mutable() => Ok(theirs),
+        _ => Err(()),
+    }
+}
+
+// ---- push -------------------------------------------------------------------------
+
+/// What to push.
+#[derive(Debug, Clone)]
+pub enum PushTarget {
+    /// Every version of a dataset.
+    Dataset(Dataset),
+    /// One version (and those of its ancestors in its dataset the remote
+    /// lacks).
+    Version(Dataset, VersionId),
+}
+
+/// One dataset's push.
+#[derive(Debug, Clone, Serialize)]
+pub struct PushedDataset {
+    /// `project/name`.
+    pub dataset: String,
+    /// Dataset id.
+    pub id: String,
+    /// Versions the remote got.
+    pub versions_sent: Vec<String>,
+    /// `pushed` or `up to date`.
+    pub status: String,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PushReport {
+    /// The remote.
+    pub remote: String,
+    /// Per dataset.
+    pub datasets: Vec<PushedDataset>,
+    /// Packs uploaded.
+    pub packs: usize,
+    /// Bytes uploaded in packs.
+    pub uploaded_bytes: u64,
+    /// Chunks sent.
+    pub chunks: usize,
+    /// Metadata objects sent.
+    pub objects: usize,
+}
+
+fn lazy_hint(c: &ChunkId) -> Error {
+    invalid(format!(
+        "chunk {c} is not stored in this repository (a lazy clone reads it from its remote); \
+         run 'dsv dataset prefetch' on the versions to push first"
+    ))
+}
+
+/// Objects (children before parents) and chunks below `roots` that the
+/// remote `name` does not hold.
+fn missing_below(
+    repo: &Repo,
+    name: &str,
+    roots: &[VersionId],
+) -> Result<(Vec<ObjectId>, Vec<ChunkId>)> {
+    let store = repo.store();
+    let kv = store.reader();
+    let mut objs = Vec::new();
+    let mut chunks = Vec::new();
+    let mut seen_o: HashSet<ObjectId> = HashSet::new();
+    let mut seen_c: HashSet<ChunkId> = HashSet::new();
+    let mut stack: Vec<(ObjectId, bool)> = roots.iter().rev().map(|v| (ObjectId(v.0), false)).collect();
+    while let Some((id, expanded)) = stack.pop() {
+        if expanded {
+            objs.push(id);
+            continue;
+        }
+        if !seen_o.insert(id) || has(&*kv, name, id.as_bytes())? {
+            continue;
+        }
+        let obj = store.object(&id)?;
+        let (children, cs) = references(&obj);
+        stack.push((id, true));
+        for c in children.into_iter().rev() {
+            if !seen_o.contains(&c) {
+                stack.push((c, false));
+            }
+        }
+        for c in cs {
+            if seen_c.insert(c) && !has(&*kv, name, c.as_bytes())? {
+                chunks.push(c);
+            }
+        }
+    }
+    Ok((objs, chunks))
+}
+
+type Built = Mutex<Vec<(String, u64, Vec<IndexEntry>)>>;
+
+/// Packs `items` (read by `read`) into bundles of about [`PACK_TARGET`]
+/// bytes, produced lazily for [`PackStorage::put_many`].
+fn bundles<'a, T: Copy + 'a>(
+    items: &'a [T],
+    kind: EntryKind,
+    read: impl Fn(T) -> Result<([u8; 32], u8, u32, Vec<u8>)> + 'a,
+    built: &'a Built,
+) -> impl Iterator<Item = dsv_store::Result<(String, Vec<u8>)>> + 'a {
+    let mut it = items.iter();
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed {
+            return None;
+        }
+        let mut b = BundleBuilder::new();
+        for &item in it.by_ref() {
+            match read(item) {
+                Ok((id, codec, raw_len, data)) => b.add(kind, id, codec, raw_len, &data),
+                Err(e) => {
+                    failed = true;
+                    return Some(Err(match e {
+                        Error::Repo(dsv::Error::Store(s)) => s,
+                        other => dsv_store::Error::Invalid(other.to_string()),
+                    }));
+                }
+            }
+            if b.len() >= PACK_TARGET {
+                break;
+            }
+        }
+        if b.is_empty() {
+            return None;
+        }
+        let p = b.finish();
+        let name = doc::pack_name(&p.hash);
+        built
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((p.hash, p.bytes.len() as u64, p.entries));
+        Some(Ok((name, p.bytes)))
+    })
+}
+
+/// Pushes datasets or versions to the remote `name`.
+pub fn push(
+    repo: &Repo,
+    name: &str,
+    targets: &[PushTarget],
+    connect: &Connect,
+    progress: &dyn Progress,
+) -> Result<PushReport> {
+    let rec = get_remote(repo, name)?;
+    let storage = open_storage(&rec, connect)?;
+    push_to(repo, name, &*storage, targets, progress)
+}
+
+/// [`push`] on an opened storage.
+pub fn push_to(
+    repo: &Repo,
+    name: &str,
+    storage: &dyn PackStorage,
+    targets: &[PushTarget],
+    progress: &dyn Progress,
+) -> Result<PushReport> {
+    ensure_manifest(storage)?;
+    sync_index(repo, name, storage)?;
+    let mut report = PushReport {
+        remote: name.to_string(),
+        ..Default::default()
+    };
+    // What each dataset publishes, and the versions whose content goes up.
+    struct Plan {
+        ds: Dataset,
+        local: Vec<VersionHeader>,
+        publish: HashSet<VersionId>,
+    }
+    let mut plans: Vec<Plan> = Vec::new();
+    for t in targets {
+        let (ds, only) = match t {
+            PushTarget::Dataset(ds) => (ds.clone(), None),
+            PushTarget::Version(ds, v) => (ds.clone(), Some(*v)),
+        };
+        let local = repo.version_headers(&ds)?;
+        let publish: HashSet<VersionId> = match only {
+            None => local.iter().map(|v| v.id).collect(),
+            Some(v) => {
+                // The version and its ancestors in this dataset.
+                let ids: HashSet<VersionId> = local.iter().map(|h| h.id).collect();
+                let mut out = HashSet::new();
+                let mut stack = vec![v];
+                while let Some(x) = stack.pop() {
+                    if ids.contains(&x) && out.insert(x) {
+                        stack.extend(repo.version(&x)?.parents);
+                    }
+                }
+                out
+            }
+        };
+        match plans.iter_mut().find(|p| p.ds.id == ds.id) {
+            Some(p) => p.publish.extend(publish),
+            None => plans.push(Plan { ds, local, publish }),
+        }
+    }
+    // Content first: everything below the published versions the remote lacks.
+    let mut roots: Vec<VersionId> = Vec::new();
+    for p in &plans {
+        for v in &p.local {
+            if p.publish.contains(&v.id) {
+                roots.push(v.id);
+            }
+        }
+    }
+    let (objs, chunks) = missing_below(repo, name, &roots)?;
+    let store = repo.store();
+    if !chunks.is_empty() {
+        progress.phase("uploading chunks", None);
+        let built: Built = Mutex::new(Vec::new());
+        let mut gen = bundles(
+            &chunks,
+            EntryKind::Chunk,
+            |c: ChunkId| {
+                let (loc, data) = store.read_stored_chunk(&c).map_err(|e| match e {
+                    dsv_store::Error::NotFound { .. } => lazy_hint(&c),
+                    e => e.into(),
+                })?;
+                Ok((c.0, loc.codec, loc.raw_len, data))
+            },
+            &built,
+        );
+        let res = storage.put_many(&mut gen, &|n| progress.bytes(n));
+        drop(gen);
+        let built = built.into_inner().unwrap_or_else(|e| e.into_inner());
+        // Record what did go up even when a later upload failed: a retry
+        // skips it.
+        if res.is_ok() {
+            record_packs(repo, name, &built)?;
+        }
+        let n = res?;
+        progress.finish_phase();
+        report.uploaded_bytes += n;
+        report.packs += built.len();
+        report.chunks = chunks.len();
+    }
+    if !objs.is_empty() {
+        progress.phase("uploading metadata", None);
+        let built: Built = Mutex::new(Vec::new());
+        let gen = bundles(
+            &objs,
+            EntryKind::Object,
+            |o: ObjectId| {
+                let r = store.object_record(&o)?;
+                Ok((o.0, r.codec, r.raw_len, r.data))
+            },
+            &built,
+        );
+        // One at a time, in order: children's packs land before parents'.
+        for item in gen {
+            let item = item?;
+            let mut one = std::iter::once(Ok(item));
+            report.uploaded_bytes += storage.put_many(&mut one, &|n| progress.bytes(n))?;
+        }
+        let built = built.into_inner().unwrap_or_else(|e| e.into_inner());
+        record_packs(repo, name, &built)?;
+        progress.finish_phase();
+        report.packs += built.len();
+        report.objects = objs.len();
+    }
+    // Then publish each dataset with a conditional write.
+    for p in &plans {
+        report.datasets.push(publish(repo, name, storage, p.ds.clone(), &p.local, &p.publish)?);
+    }
+    Ok(report)
+}
+
+fn publish(
+    repo: &Repo,
+    name: &str,
+    storage: &dyn PackStorage,
+    ds: Dataset,
+    local: &[VersionHeader],
+    publish: &HashSet<VersionId>,
+) -> Result<PushedDataset> {
+    let header: DatasetHeader = repo.dataset_header(&ds)?;
+    let doc_name = doc::dataset_doc(&ds.id);
+    let base = tracking(repo, name, &ds.id)?;
+    let local_ids: HashSet<VersionId> = local.iter().map(|v| v.id).collect();
+    let by_id: HashMap<VersionId, &VersionHeader> = local.iter().map(|v| (v.id, v)).collect();
+    let reject = |reason: String| Error::Rejected {
+        dataset: ds.full_name(),
+        remote: name.to_string(),
+        reason,
+    };
+    for _ in 0..DOC_TRIES {
+        let current = read_doc(storage, &ds.id)?;
+        let (remote_versions, etag) = match &current {
+            Some((d, e)) => (d.versions.clone(), e.clone()),
+            None => (Vec::new(), None),
+        };
+        let lacking: Vec<&VersionHeader> = remote_versions
+            .iter()
+            .filter(|v| !local_ids.contains(&v.id))
+            .collect();
+        if !lacking.is_empty() {
+            let some: Vec<&str> = lacking.iter().take(3).map(|v| v.version.as_str()).collect();
+            return Err(reject(format!(
+                "the remote has {} version(s) this repository lacks ({}{}); run 'dsv pull {name}' first",
+                lacking.len(),
+                some.join(", "),
+                if lacking.len() > 3 { ", …" } else { "" }
+            )));
+        }
+        let mut versions = Vec::with_capacity(local.len());
+        let mut on_remote = HashSet::new();
+        for theirs in &remote_versions {
+            on_remote.insert(theirs.id);
+            let ours = by_id[&theirs.id];
+            let b = base
+                .as_ref()
+                .and_then(|t| t.doc.versions.iter().find(|v| v.id == theirs.id));
+            match merge_mutable(b, ours, theirs) {
+                Ok(m) => versions.push(m.clone()),
+                Err(()) => {
+                    return Err(reject(format!(
+                        "the tags or metadata of version {} changed both here and on the remote; \
+                         run 'dsv pull {name}' first",
+                        theirs.version
+                    )))
+                }
+            }
+        }
+        let mut sent = Vec::new();
+        for v in local {
+            if publish.contains(&v.id) && !on_remote.contains(&v.id) {
+                versions.push(v.clone());
+                sent.push(v.version.clone());
+            }
+        }
+        let doc = DatasetDoc {
+            format: doc::FORMAT,
+            dataset: header.clone(),
+            versions,
+            updated_ms: dsv_store::store::now_ms(),
+        };
+        let unchanged = current
+            .as_ref()
+            .is_some_and(|(d, _)| d.versions == doc.versions && d.dataset == doc.dataset);
+        if unchanged {
+            save_tracking(repo, name, &ds.id, &Tracking { etag, doc: current.expect("some").0 })?;
+            return Ok(PushedDataset {
+                dataset: ds.full_name(),
+                id: ds.id.to_string(),
+                versions_sent: Vec::new(),
+                status: "up to date".into(),
+            });
+        }
+        let mode = match (&current, etag) {
+            (None, _) => PutMode::Create,
+            (Some(_), Some(e)) => PutMode::Update(e),
+            (Some(_), None) => {
+                return Err(Error::BadRemote {
+                    location: format!("{}/{doc_name}", storage.location()),
+                    reason: "the storage gave no entity tag; conditional writes are impossible".into(),
+                })
+            }
+        };
+        match storage.put(&doc_name, json(&doc), mode)? {
+            PutOutcome::Written(etag) => {
+                save_tracking(repo, name, &ds.id, &Tracking { etag, doc })?;
+                return Ok(PushedDataset {
+                    dataset: ds.full_name(),
+                    id: ds.id.to_string(),
+                    versions_sent: sent,
+                    status: "pushed".into(),
+                });
+            }
+            // Someone wrote it since we read it: read again and re-decide.
+            PutOutcome::Exists | PutOutcome::Changed => continue,
+        }
+    }
+    Err(reject(format!(
+        "the remote's document kept changing ({DOC_TRIES} attempts); run the push again"
+    )))
+}
+
+fn save_tracking(repo: &Repo, name: &str, id: &DatasetId, t: &Tracking) -> Result<()> {
+    repo.store().write(|_| {
+        let mut b = Batch::default();
+        b.put(Cf::App, keys::tracking(name, id), json(t));
+        Ok((b, ()))
+    })?;
+    Ok(())
+}
+
+// ---- fetch / pull -----------------------------------------------------------------
+
+/// How much a fetch downloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchMode {
+    /// Versions and their metadata; chunks are read on demand (and kept in
+    /// the cache) when a file is read.
+    Metadata,
+    /// Also every chunk of the versions fetched (they work offline).
+    Full,
+}
+
+/// One dataset's fetch.
+#[derive(Debug, Clone, Serialize)]
+pub struct FetchedDataset {
+    /// `project/name` here.
+    pub dataset: String,
+    /// Dataset id.
+    pub id: String,
+    /// The dataset was created here.
+    pub created: bool,
+    /// Version strings imported.
+    pub imported: Vec<String>,
+    /// Local versions moved after them: (old, new) version strings.
+    pub rebased: Vec<(String, String)>,
+    /// Versions whose tags or metadata were updated.
+    pub updated: usize,
+    /// Versions whose tags or metadata changed both here and on the remote
+    /// (kept as they are here).
+    pub conflicts: Vec<String>,
+}
+
+/// What a fetch did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FetchReport {
+    /// The remote.
+    pub remote: String,
+    /// The remote holds nothing yet.
+    pub empty_remote: bool,
+    /// Per dataset with news.
+    pub datasets: Vec<FetchedDataset>,
+    /// Pack indexes read.
+    pub packs_indexed: usize,
+    /// Metadata bytes downloaded.
+    pub metadata_bytes: u64,
+    /// Chunks downloaded (pull).
+    pub chunks: u64,
+    /// Chunk bytes downloaded (pull).
+    pub chunk_bytes: u64,
+}
+
+/// Downloads the objects below `roots` this repository lacks.
+fn fetch_objects(
+    repo: &Repo,
+    name: &str,
+    storage: &dyn PackStorage,
+    roots: Vec<ObjectId>,
+    progress: &dyn Progress,
+) -> Result<(Vec<(ObjectId, Vec<u8>)>, u64)> {
+    let store = repo.store();
+    let kv = store.reader();
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut frontier = roots;
+    let mut bytes = 0u64;
+    while !frontier.is_empty() {
+        let mut want = Vec::new();
+        for id in frontier.drain(..) {
+            if !seen.insert(id) || store.has_object(&id)? {
+                continue;
+            }
+            let loc = loc_of(&*kv, name, id.as_bytes())?.ok_or_else(|| Error::BadRemote {
+                location: storage.location(),
+                reason: format!(
+                    "object {id} is in none of the remote's packs (a push that did not finish, or a pack removed)"
+                ),
+            })?;
+            want.push((id.0, loc));
+        }
+        want.sort_by_key(|(_, l)| (l.pack, l.offset));
+        for batch in want.chunks(4096) {
+            let got = fetch_records(storage, batch, &|n| progress.bytes(n))?;
+            for ((id, l), c) in batch.iter().zip(got) {
+                bytes += c.stored.len() as u64;
+                let what = format!("{}/{}", storage.location(), l.pack_name());
+                let canonical =
+                    dsv_store::compress::decode_chunk(&ChunkId(*id), c.codec, &c.stored, c.raw_len)
+                        .map_err(|e| Error::BadRemote {
+                            location: what.clone(),
+                            reason: format!("object {} is damaged: {e}", hex::encode(id)),
+                        })?;
+                let oid = ObjectId(*id);
+                let obj = dsv_store::import::check_object(&oid, &canonical, &what)?;
+                let (children, _) = references(&obj);
+                frontier.extend(children);
+                out.push((oid, canonical));
+            }
+        }
+    }
+    Ok((out, bytes))
+}
+
+/// Fetches every dataset of the remote `name` (or those in `only`).
+pub fn fetch(
+    repo: &Repo,
+    name: &str,
+    mode: FetchMode,
+    only: Option<&[DatasetId]>,
+    connect: &Connect,
+    progress: &dyn Progress,
+) -> Result<FetchReport> {
+    let rec = get_remote(repo, name)?;
+    let storage = open_storage(&rec, connect)?;
+    fetch_from(repo, name, &*storage, mode, only, progress)
+}
+
+/// [`fetch`] on an opened storage.
+pub fn fetch_from(
+    repo: &Repo,
+    name: &str,
+    storage: &dyn PackStorage,
+    mode: FetchMode,
+    only: Option<&[DatasetId]>,
+    progress: &dyn Progress,
+) -> Result<FetchReport> {
+    let mut report = FetchReport {
+        remote: name.to_string(),
+        ..Default::default()
+    };
+    if read_manifest(storage)?.is_none() {
+        report.empty_remote = true;
+        return Ok(report);
+    }
+    progress.phase("reading the remote's index", None);
+    report.packs_indexed = sync_index(repo, name, storage)?;
+    let docs = storage.list("datasets/")?;
+    progress.finish_phase();
+    let mut fetched_versions: Vec<VersionId> = Vec::new();
+    for l in docs {
+        if !l.name.ends_with(".json") {
+            continue;
+        }
+        let Some(got) = storage.get(&l.name)? else {
+            continue;
+        };
+        let d = parse_doc(storage, &l.name, &got.data)?;
+        if only.is_some_and(|o| !o.contains(&d.dataset.id)) {
+            continue;
+        }
+        let local_ds = repo.dataset_by_id(&d.dataset.id)?;
+        let local: Vec<VersionHeader> = match &local_ds {
+            Some(ds) => repo.version_headers(ds)?,
+            None => Vec::new(),
+        };
+        let by_id: HashMap<VersionId, &VersionHeader> = local.iter().map(|v| (v.id, v)).collect();
+        let base = tracking(repo, name, &d.dataset.id)?;
+        let incoming: Vec<VersionId> = d
+            .versions
+            .iter()
+            .filter(|v| !by_id.contains_key(&v.id))
+            .map(|v| v.id)
+            .collect();
+        let mut updates = Vec::new();
+        let mut conflicts = Vec::new();
+        for theirs in &d.versions {
+            let Some(ours) = by_id.get(&theirs.id) else {
+                continue;
+            };
+            let b = base
+                .as_ref()
+                .and_then(|t| t.doc.versions.iter().find(|v| v.id == theirs.id));
+            match merge_mutable(b, ours, theirs) {
+                Ok(m) if m.mutable() != ours.mutable() => updates.push(m.clone()),
+                Ok(_) => {}
+                Err(()) => conflicts.push(ours.version.clone()),
+            }
+        }
+        let t = Tracking {
+            etag: got.etag.clone(),
+            doc: d.clone(),
+        };
+        let extra = vec![(keys::tracking(name, &d.dataset.id), json(&t))];
+        if incoming.is_empty() && updates.is_empty() {
+            save_tracking(repo, name, &d.dataset.id, &t)?;
+            if !conflicts.is_empty() {
+                report.datasets.push(FetchedDataset {
+                    dataset: local_ds.map(|d| d.full_name()).unwrap_or_default(),
+                    id: d.dataset.id.to_string(),
+                    created: false,
+                    imported: Vec::new(),
+                    rebased: Vec::new(),
+                    updated: 0,
+                    conflicts,
+                });
+            }
+            continue;
+        }
+        progress.phase(
+            &format!("fetching {}/{}", d.dataset.project, d.dataset.name),
+            None,
+        );
+        let (objects, bytes) = fetch_objects(
+            repo,
+            name,
+            storage,
+            incoming.iter().map(|v| ObjectId(v.0)).collect(),
+            progress,
+        )?;
+        report.metadata_bytes += bytes;
+        let remote_ids: HashSet<VersionId> = d.versions.iter().map(|v| v.id).collect();
+        let r = repo.import(&d.dataset, &d.versions, &remote_ids, &objects, &updates, &extra)?;
+        progress.finish_phase();
+        let ds_name = match repo.dataset_by_id(&d.dataset.id)? {
+            Some(ds) => ds.full_name(),
+            None => format!("{}/{}", d.dataset.project, d.dataset.name),
+        };
+        fetched_versions.extend(r.imported.iter().map(|(id, _)| *id));
+        report.datasets.push(FetchedDataset {
+            dataset: ds_name,
+            id: d.dataset.id.to_string(),
+            created: r.created_dataset,
+            imported: r.imported.iter().map(|(_, v)| v.clone()).collect(),
+            rebased: r
+                .rebased
+                .iter()
+                .map(|(_, a, b)| (a.clone(), b.clone()))
+                .collect(),
+            updated: r.updated.len(),
+            conflicts,
+        });
+    }
+    if mode == FetchMode::Full {
+        let (n, bytes) = prefetch_with(repo, &[(name.to_string(), storage)], &all_live_versions(repo)?, progress)?;
+        report.chunks = n;
+        report.chunk_bytes = bytes;
+    }
+    let _ = fetched_versions;
+    Ok(report)
+}
+
+fn all_live_versions(repo: &Repo) -> Result<Vec<VersionId>> {
+    let mut out = Vec::new();
+    for ds in repo.datasets()? {
+        out.extend(repo.versions(&ds)?.into_iter().map(|v| v.id));
+    }
+    Ok(out)
+}
+
+/// Downloads every chunk of `versions` this repository lacks (from its
+/// remotes, lazy clones' first) into its own packs; returns the chunks and
+/// bytes downloaded.
+pub fn prefetch(
+    repo: &Repo,
+    versions: &[VersionId],
+    connect: &Connect,
+    progress: &dyn Progress,
+) -> Result<(u64, u64)> {
+    let mut rs = remotes(repo)?;
+    rs.sort_by_key(|(n, r)| (!r.lazy, n.clone()));
+    let opened: Vec<(String, Arc<dyn PackStorage>)> = rs
+        .iter()
+        .map(|(n, r)| Ok((n.clone(), open_storage(r, connect)?)))
+        .collect::<Result<_>>()?;
+    let refs: Vec<(String, &dyn PackStorage)> =
+        opened.iter().map(|(n, s)| (n.clone(), &**s)).collect();
+    prefetch_with(repo, &refs, versions, progress)
+}
+
+fn prefetch_with(
+    repo: &Repo,
+    remotes: &[(String, &dyn PackStorage)],
+    versions: &[VersionId],
+    progress: &dyn Progress,
+) -> Result<(u64, u64)> {
+    let store = repo.store();
+    // Every chunk below the versions that is not stored here.
+    let mut missing: Vec<ChunkId> = Vec::new();
+    let mut seen_o = HashSet::new();
+    let mut seen_c = HashSet::new();
+    let mut stack: Vec<ObjectId> = versions.iter().map(|v| ObjectId(v.0)).collect();
+    while let Some(id) = stack.pop() {
+        if !seen_o.insert(id) {
+            continue;
+        }
+        let (children, cs) = references(&store.object(&id)?);
+        stack.extend(children);
+        for c in cs {
+            if seen_c.insert(c) && !store.has_chunk(&c)? {
+                missing.push(c);
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Ok((0, 0));
+    }
+    let kv = store.reader();
+    // Where each is: the first remote that has it.
+    let mut plan: Vec<(usize, [u8; 32], RemoteLoc)> = Vec::with_capacity(missing.len());
+    for c in &missing {
+        let mut found = None;
+        for (i, (name, _)) in remotes.iter().enumerate() {
+            if let Some(l) = loc_of(&*kv, name, c.as_bytes())? {
+                found = Some((i, c.0, l));
+                break;
+            }
+        }
+        plan.push(found.ok_or_else(|| {
+            invalid(format!(
+                "chunk {c} is stored neither here nor on any remote; it cannot be downloaded"
+            ))
+        })?);
+    }
+    drop(kv);
+    plan.sort_by_key(|(i, _, l)| (*i, l.pack, l.offset));
+    let total: u64 = plan.iter().map(|(_, _, l)| l.stored_len as u64).sum();
+    progress.phase("downloading chunks", Some(total));
+    // Batches of about DOWNLOAD_BATCH bytes, fetched lazily as the store
+    // writes the previous ones into its packs.
+    let mut batches: Vec<&[(usize, [u8; 32], RemoteLoc)]> = Vec::new();
+    let mut start = 0;
+    let mut acc = 0u64;
+    for (k, (i, _, l)) in plan.iter().enumerate() {
+        acc += l.stored_len as u64;
+        let next_remote_differs = plan.get(k + 1).is_some_and(|n| n.0 != *i);
+        if acc >= DOWNLOAD_BATCH || next_remote_differs || k + 1 == plan.len() {
+            batches.push(&plan[start..=k]);
+            start = k + 1;
+            acc = 0;
+        }
+    }
+    let mut pending: std::collections::VecDeque<dsv_store::Result<(ChunkId, FetchedChunk)>> =
+        Default::default();
+    let mut bi = 0;
+    let mut count = 0u64;
+    let mut bytes = 0u64;
+    let mut gen = std::iter::from_fn(|| loop {
+        if let Some(x) = pending.pop_front() {
+            if let Ok((_, c)) = &x {
+                count += 1;
+                bytes += c.stored.len() as u64;
+            }
+            return Some(x);
+        }
+        let batch = batches.get(bi)?;
+        bi += 1;
+        let (ri, _, _) = batch[0];
+        let (_, storage) = &remotes[ri];
+        let pairs: Vec<([u8; 32], RemoteLoc)> = batch.iter().map(|(_, id, l)| (*id, *l)).collect();
+        match fetch_records(*storage, &pairs, &|n| progress.bytes(n)) {
+            Ok(got) => {
+                for ((id, _), c) in pairs.iter().zip(got) {
+                    pending.push_back(Ok((ChunkId(*id), c)));
+                }
+            }
+            Err(e) => pending.push_back(Err(e)),
+        }
+    });
+    store.import_chunks(&mut gen)?;
+    drop(gen);
+    progress.finish_phase();
+    Ok((count, bytes))
+}
