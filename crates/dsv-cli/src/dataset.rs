@@ -14,7 +14,6 @@ use dsv_store::VersionId;
 
 use crate::error::CliError;
 use crate::output::{self, Bar};
-use crate::repo;
 use crate::Ctx;
 
 /// `dsv dataset`.
@@ -66,6 +65,8 @@ pub enum DatasetCmd {
     Delete(DeleteArgs),
     /// Rename or move a dataset (versions keep their ids).
     Rename(RenameArgs),
+    /// Download the data of versions from the remotes (a lazy clone reads it on demand otherwise).
+    Prefetch(crate::remote_cmds::PrefetchArgs),
 }
 
 /// `create`.
@@ -159,6 +160,9 @@ pub struct SyncArgs {
     /// Version string (default: next patch version).
     #[arg(long)]
     version: Option<String>,
+    /// Push the dataset to a remote afterwards (the only one, or origin, when no name is given).
+    #[arg(long, value_name = "REMOTE", num_args = 0..=1, default_missing_value = "")]
+    push: Option<String>,
 }
 
 /// A revision argument.
@@ -321,7 +325,7 @@ pub struct RenameArgs {
 
 /// Opens the repository with dataset semantics.
 pub fn open(ctx: &Ctx) -> Result<Repo, CliError> {
-    Ok(Repo::from_store(repo::open(ctx)?))
+    crate::repo::open_repo(ctx)
 }
 
 /// ISO-8601 UTC from ms since the epoch.
@@ -485,6 +489,7 @@ pub fn run(ctx: &Ctx, cmd: DatasetCmd) -> Result<(), CliError> {
         DatasetCmd::Squash(a) => squash(ctx, a),
         DatasetCmd::Delete(a) => delete(ctx, a),
         DatasetCmd::Rename(a) => rename(ctx, a),
+        DatasetCmd::Prefetch(a) => crate::remote_cmds::prefetch(ctx, a),
     }
 }
 
@@ -668,6 +673,35 @@ fn discard(ctx: &Ctx, a: DiscardArgs) -> Result<(), CliError> {
 fn sync(ctx: &Ctx, a: SyncArgs) -> Result<(), CliError> {
     let repo = open(ctx)?;
     let (project, name) = dsv::rev::parse_dataset_name(&a.dataset)?;
+    // The remote is checked before anything is written.
+    let push_to = match &a.push {
+        None => None,
+        Some(r) => Some(crate::remote_cmds::remote_for_push(&repo, r)?),
+    };
+    let r = sync_inner(ctx, &repo, &project, &name, a);
+    r?;
+    if let Some(remote) = push_to {
+        let ds = repo
+            .dataset(&project, &name)?
+            .ok_or_else(|| CliError::user(format!("dataset not found: {project}/{name}")))?;
+        crate::remote_cmds::push_targets(
+            ctx,
+            &repo,
+            &remote,
+            &[dsv_remote::PushTarget::Dataset(ds)],
+        )?;
+    }
+    Ok(())
+}
+
+fn sync_inner(
+    ctx: &Ctx,
+    repo: &Repo,
+    project: &str,
+    name: &str,
+    a: SyncArgs,
+) -> Result<(), CliError> {
+    let (project, name) = (project.to_string(), name.to_string());
     let bar = Bar::new(ctx.progress);
     let out = repo.sync(
         &project,

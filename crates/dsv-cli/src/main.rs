@@ -10,6 +10,7 @@ mod events_cmd;
 mod output;
 mod plumbing;
 mod readside;
+mod remote_cmds;
 mod repo;
 mod repo_cmds;
 mod tasks;
@@ -77,6 +78,17 @@ enum Command {
     Cache(readside::CacheCmd),
     /// Plumbing: store a folder as a new version on a ref (prints what changed).
     Snapshot(plumbing::SnapshotArgs),
+    /// Remotes (object storage or a folder): add, list, remove.
+    #[command(subcommand)]
+    Remote(remote_cmds::RemoteCmd),
+    /// Send datasets or versions to a remote (only what it lacks).
+    Push(remote_cmds::PushArgs),
+    /// Get a remote's new versions (metadata; data is read on demand).
+    Fetch(remote_cmds::FetchArgs),
+    /// Fetch, then download the data of every version.
+    Pull(remote_cmds::FetchArgs),
+    /// Create a repository from a remote (metadata only unless --full).
+    Clone(remote_cmds::CloneArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(CompletionsArgs),
 }
@@ -134,6 +146,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Trigger(_) => "trigger",
         Command::Events(_) => "events",
         Command::Completions(_) => "completions",
+        Command::Remote(_) => "remote",
+        Command::Push(_) => "push",
+        Command::Fetch(_) => "fetch",
+        Command::Pull(_) => "pull",
+        Command::Clone(_) => "clone",
     };
     let ctx = Ctx {
         repo: cli.repo.clone(),
@@ -157,6 +174,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Trigger(c) => triggers::trigger(&ctx, c),
         Command::Events(a) => events_cmd::events(&ctx, a),
         Command::Completions(a) => completions(&ctx, a),
+        Command::Remote(c) => remote_cmds::remote(&ctx, c),
+        Command::Push(a) => remote_cmds::push(&ctx, a),
+        Command::Fetch(a) => remote_cmds::fetch(&ctx, a, dsv_remote::FetchMode::Metadata),
+        Command::Pull(a) => remote_cmds::fetch(&ctx, a, dsv_remote::FetchMode::Full),
+        Command::Clone(a) => remote_cmds::clone(&ctx, a),
     }
 }
 

@@ -116,7 +116,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 fn open(ctx: &Ctx) -> Result<Repo, CliError> {
-    Ok(Repo::from_store(crate::repo::open(ctx)?))
+    crate::repo::open_repo(ctx)
 }
 
 /// `dsv dataset get`.

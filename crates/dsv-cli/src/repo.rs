@@ -60,3 +60,11 @@ pub fn open(ctx: &Ctx) -> Result<Store, CliError> {
     let dir = locate(ctx)?;
     Ok(Store::open(&dir, options(ctx))?)
 }
+
+/// Opens the repository with dataset semantics; chunks it lacks (a lazy
+/// clone) are read from its remotes.
+pub fn open_repo(ctx: &Ctx) -> Result<dsv::Repo, CliError> {
+    let repo = dsv::Repo::from_store(open(ctx)?);
+    crate::remote_cmds::attach(repo.store())?;
+    Ok(repo)
+}

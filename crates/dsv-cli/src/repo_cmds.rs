@@ -168,6 +168,8 @@ fn repository_folder_above(path: &std::path::Path) -> Option<PathBuf> {
 
 pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
     let store = repo::open(ctx)?;
+    // A lazy clone's chunks on its remote are not missing.
+    crate::remote_cmds::attach(&store)?;
     let bar = Bar::new(ctx.progress);
     let r = store.verify(
         VerifyOptions {
@@ -209,6 +211,7 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
             "versions": r.versions,
             "chunks": r.chunks,
             "bytes_read": r.bytes_read,
+            "remote_chunks": r.remote_chunks,
             "read_data": a.read_data,
             "problems": r.problems,
             "cache": cache,
@@ -239,6 +242,11 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
         } else {
             String::new()
         };
+        let remote = if r.remote_chunks > 0 {
+            format!(" (+{} on the remote, read on demand)", r.remote_chunks)
+        } else {
+            String::new()
+        };
         let cached = match &cache {
             Some(c) if a.read_data => format!(
                 "; {} cached copies ({} of files rehashed)",
@@ -250,7 +258,7 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
         };
         let n = r.problems.len() + cache_problems + index_problems;
         println!(
-            "checked {} objects ({} versions), {} chunks{data}{cached}: {}",
+            "checked {} objects ({} versions), {} chunks{remote}{data}{cached}: {}",
             r.objects,
             r.versions,
             r.chunks,

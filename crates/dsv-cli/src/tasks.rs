@@ -215,7 +215,7 @@ pub struct PredictArgs {
 }
 
 fn open(ctx: &Ctx) -> Result<Repo, CliError> {
-    Ok(Repo::from_store(crate::repo::open(ctx)?))
+    crate::repo::open_repo(ctx)
 }
 
 fn parse_sets(sets: &[String]) -> Result<BTreeMap<String, String>, CliError> {

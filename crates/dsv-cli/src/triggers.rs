@@ -147,7 +147,7 @@ pub struct RunArgs {
 }
 
 fn open(ctx: &Ctx) -> Result<Repo, CliError> {
-    Ok(Repo::from_store(crate::repo::open(ctx)?))
+    crate::repo::open_repo(ctx)
 }
 
 fn clone_action(f: &CloneFlags) -> Result<Action, CliError> {

@@ -29,6 +29,10 @@ pub struct Manifest {
     /// When the remote was first written, ms.
     #[serde(default)]
     pub created_ms: i64,
+    /// Chunking of the repository that first pushed (a clone uses the same,
+    /// so that what it syncs later deduplicates against the remote).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunking: Option<dsv_store::ChunkerParams>,
 }
 
 /// One dataset on a remote.

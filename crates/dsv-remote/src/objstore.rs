@@ -217,10 +217,7 @@ impl ObjectStorage {
             mode: OsPutMode::Create,
             ..Default::default()
         };
-        match store
-            .put_opts(&path, PutPayload::from(data), opts)
-            .await
-        {
+        match store.put_opts(&path, PutPayload::from(data), opts).await {
             Ok(_) => Ok(len),
             Err(object_store::Error::AlreadyExists { .. })
             | Err(object_store::Error::Precondition { .. }) => Ok(len),
@@ -486,7 +483,10 @@ mod tests {
 
     #[test]
     fn coalesces_near_ranges_only() {
-        assert_eq!(coalesce(&[0..10, 12..20, 100..110], 5), vec![0..20, 100..110]);
+        assert_eq!(
+            coalesce(&[0..10, 12..20, 100..110], 5),
+            vec![0..20, 100..110]
+        );
         assert_eq!(coalesce(&[50..60, 0..10], 0), vec![0..10, 50..60]);
     }
 
@@ -498,13 +498,15 @@ mod tests {
             "memory:///pre".into(),
         )
         .unwrap();
-        let PutOutcome::Written(Some(etag)) =
-            s.put("refs/x.json", b"a".to_vec(), PutMode::Create).unwrap()
+        let PutOutcome::Written(Some(etag)) = s
+            .put("refs/x.json", b"a".to_vec(), PutMode::Create)
+            .unwrap()
         else {
             panic!("no etag")
         };
         assert_eq!(
-            s.put("refs/x.json", b"b".to_vec(), PutMode::Create).unwrap(),
+            s.put("refs/x.json", b"b".to_vec(), PutMode::Create)
+                .unwrap(),
             PutOutcome::Exists
         );
         assert_eq!(
@@ -534,7 +536,9 @@ mod tests {
             )
             .unwrap();
         assert_eq!(got, vec![vec![5, 5], vec![1, 1, 1], vec![5]]);
-        assert!(s.get_ranges(&[("packs/missing".into(), 0..1)], &|_| {}).is_err());
+        assert!(s
+            .get_ranges(&[("packs/missing".into(), 0..1)], &|_| {})
+            .is_err());
         assert_eq!(s.get("refs/x.json").unwrap().unwrap().data, b"d");
         assert_eq!(s.list("refs/").unwrap().len(), 1);
     }

@@ -55,9 +55,7 @@ pub fn parse_url(s: &str) -> Result<Target> {
     })?;
     match u.scheme() {
         "file" => {
-            let p = u
-                .to_file_path()
-                .map_err(|_| bad("not a local path"))?;
+            let p = u.to_file_path().map_err(|_| bad("not a local path"))?;
             Ok(Target::Folder(p))
         }
         "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure" | "adl" => {
@@ -108,12 +106,11 @@ pub fn open_storage(rec: &RemoteRecord, connect: &Connect) -> Result<Arc<dyn Pac
                     region.unwrap_or_else(|| "us-east-1".into()),
                 ));
             }
-            let (store, prefix) = object_store::parse_url_opts(&u, opts).map_err(|e| {
-                Error::BadUrl {
+            let (store, prefix) =
+                object_store::parse_url_opts(&u, opts).map_err(|e| Error::BadUrl {
                     url: rec.url.clone(),
                     reason: e.to_string(),
-                }
-            })?;
+                })?;
             let loc = rec.url.trim_end_matches('/').to_string();
             Ok(Arc::new(ObjectStorage::new(Arc::from(store), prefix, loc)?))
         }
@@ -127,9 +124,18 @@ mod tests {
     #[test]
     fn urls() {
         assert!(matches!(parse_url("/tmp/x").unwrap(), Target::Folder(_)));
-        assert!(matches!(parse_url("file:///tmp/x").unwrap(), Target::Folder(_)));
+        assert!(matches!(
+            parse_url("file:///tmp/x").unwrap(),
+            Target::Folder(_)
+        ));
         assert!(matches!(parse_url("s3://b/p").unwrap(), Target::Objects(_)));
-        for bad in ["relative/path", "http://x/y", "s3:///nobucket", "ftp://h/p", ""] {
+        for bad in [
+            "relative/path",
+            "http://x/y",
+            "s3:///nobucket",
+            "ftp://h/p",
+            "",
+        ] {
             let e = parse_url(bad).unwrap_err().to_string();
             assert!(e.contains("invalid remote URL"), "{bad}: {e}");
         }

@@ -71,7 +71,12 @@ fn json<T: Serialize>(v: &T) -> Vec<u8> {
 
 /// Every configured remote, by name.
 pub fn remotes(repo: &Repo) -> Result<Vec<(String, RemoteRecord)>> {
-    let kv = repo.store().reader();
+    remotes_of(repo.store())
+}
+
+/// [`remotes`] of an engine handle.
+pub fn remotes_of(store: &dsv_store::Store) -> Result<Vec<(String, RemoteRecord)>> {
+    let kv = store.reader();
     let mut out = Vec::new();
     let mut err = None;
     kv.scan(Cf::App, keys::REMOTE, &mut |k, v| {
@@ -127,7 +132,7 @@ pub fn read_manifest(storage: &dyn PackStorage) -> Result<Option<Manifest>> {
     Ok(Some(m))
 }
 
-fn ensure_manifest(storage: &dyn PackStorage) -> Result<()> {
+fn ensure_manifest(repo: &Repo, storage: &dyn PackStorage) -> Result<()> {
     if read_manifest(storage)?.is_some() {
         return Ok(());
     }
@@ -135,6 +140,7 @@ fn ensure_manifest(storage: &dyn PackStorage) -> Result<()> {
         format: doc::FORMAT,
         features: Vec::new(),
         created_ms: dsv_store::store::now_ms(),
+        chunking: Some(repo.store().config().chunking),
     };
     match storage.put(doc::MANIFEST, json(&m), PutMode::Create)? {
         PutOutcome::Written(_) => Ok(()),
@@ -295,8 +301,7 @@ pub fn sync_index(repo: &Repo, name: &str, storage: &dyn PackStorage) -> Result<
     }
     let mut packs = Vec::with_capacity(new.len());
     for (((n, h, size), t), idx) in new.iter().zip(&trailers).zip(indexes) {
-        let entries =
-            dsv_store::bundle::parse_index(&idx.unwrap_or_default(), t, &what(n))?;
+        let entries = dsv_store::bundle::parse_index(&idx.unwrap_or_default(), t, &what(n))?;
         packs.push((h.clone(), *size, entries));
     }
     record_packs(repo, name, &packs)?;
@@ -305,7 +310,10 @@ pub fn sync_index(repo: &Repo, name: &str, storage: &dyn PackStorage) -> Result<
 
 // ---- documents ------------------------------------------------------------------
 
-fn read_doc(storage: &dyn PackStorage, id: &DatasetId) -> Result<Option<(DatasetDoc, Option<String>)>> {
+fn read_doc(
+    storage: &dyn PackStorage,
+    id: &DatasetId,
+) -> Result<Option<(DatasetDoc, Option<String>)>> {
     let name = doc::dataset_doc(id);
     let Some(got) = storage.get(&name)? else {
         return Ok(None);
@@ -423,7 +431,8 @@ fn missing_below(
     let mut chunks = Vec::new();
     let mut seen_o: HashSet<ObjectId> = HashSet::new();
     let mut seen_c: HashSet<ChunkId> = HashSet::new();
-    let mut stack: Vec<(ObjectId, bool)> = roots.iter().rev().map(|v| (ObjectId(v.0), false)).collect();
+    let mut stack: Vec<(ObjectId, bool)> =
+        roots.iter().rev().map(|v| (ObjectId(v.0), false)).collect();
     while let Some((id, expanded)) = stack.pop() {
         if expanded {
             objs.push(id);
@@ -486,10 +495,11 @@ fn bundles<'a, T: Copy + 'a>(
         }
         let p = b.finish();
         let name = doc::pack_name(&p.hash);
-        built
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((p.hash, p.bytes.len() as u64, p.entries));
+        built.lock().unwrap_or_else(|e| e.into_inner()).push((
+            p.hash,
+            p.bytes.len() as u64,
+            p.entries,
+        ));
         Some(Ok((name, p.bytes)))
     })
 }
@@ -515,7 +525,7 @@ pub fn push_to(
     targets: &[PushTarget],
     progress: &dyn Progress,
 ) -> Result<PushReport> {
-    ensure_manifest(storage)?;
+    ensure_manifest(repo, storage)?;
     sync_index(repo, name, storage)?;
     let mut report = PushReport {
         remote: name.to_string(),
@@ -620,7 +630,14 @@ pub fn push_to(
     }
     // Then publish each dataset with a conditional write.
     for p in &plans {
-        report.datasets.push(publish(repo, name, storage, p.ds.clone(), &p.local, &p.publish)?);
+        report.datasets.push(publish(
+            repo,
+            name,
+            storage,
+            p.ds.clone(),
+            &p.local,
+            &p.publish,
+        )?);
     }
     Ok(report)
 }
@@ -698,7 +715,15 @@ fn publish(
             .as_ref()
             .is_some_and(|(d, _)| d.versions == doc.versions && d.dataset == doc.dataset);
         if unchanged {
-            save_tracking(repo, name, &ds.id, &Tracking { etag, doc: current.expect("some").0 })?;
+            save_tracking(
+                repo,
+                name,
+                &ds.id,
+                &Tracking {
+                    etag,
+                    doc: current.expect("some").0,
+                },
+            )?;
             return Ok(PushedDataset {
                 dataset: ds.full_name(),
                 id: ds.id.to_string(),
@@ -712,7 +737,8 @@ fn publish(
             (Some(_), None) => {
                 return Err(Error::BadRemote {
                     location: format!("{}/{doc_name}", storage.location()),
-                    reason: "the storage gave no entity tag; conditional writes are impossible".into(),
+                    reason: "the storage gave no entity tag; conditional writes are impossible"
+                        .into(),
                 })
             }
         };
@@ -954,7 +980,14 @@ pub fn fetch_from(
         )?;
         report.metadata_bytes += bytes;
         let remote_ids: HashSet<VersionId> = d.versions.iter().map(|v| v.id).collect();
-        let r = repo.import(&d.dataset, &d.versions, &remote_ids, &objects, &updates, &extra)?;
+        let r = repo.import(
+            &d.dataset,
+            &d.versions,
+            &remote_ids,
+            &objects,
+            &updates,
+            &extra,
+        )?;
         progress.finish_phase();
         let ds_name = match repo.dataset_by_id(&d.dataset.id)? {
             Some(ds) => ds.full_name(),
@@ -976,7 +1009,12 @@ pub fn fetch_from(
         });
     }
     if mode == FetchMode::Full {
-        let (n, bytes) = prefetch_with(repo, &[(name.to_string(), storage)], &all_live_versions(repo)?, progress)?;
+        let (n, bytes) = prefetch_with(
+            repo,
+            &[(name.to_string(), storage)],
+            &all_live_versions(repo)?,
+            progress,
+        )?;
         report.chunks = n;
         report.chunk_bytes = bytes;
     }

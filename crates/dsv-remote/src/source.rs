@@ -13,7 +13,11 @@ use crate::open::{open_storage, Connect};
 
 /// Reads missing chunks from the repository's remotes (through the cache).
 pub struct RemoteSource {
-    remotes: Vec<(String, RemoteRecord, OnceLock<std::result::Result<Arc<dyn PackStorage>, String>>)>,
+    remotes: Vec<(
+        String,
+        RemoteRecord,
+        OnceLock<std::result::Result<Arc<dyn PackStorage>, String>>,
+    )>,
     connect: Connect,
     cache: ChunkCache,
 }
@@ -21,7 +25,10 @@ pub struct RemoteSource {
 impl std::fmt::Debug for RemoteSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteSource")
-            .field("remotes", &self.remotes.iter().map(|r| &r.0).collect::<Vec<_>>())
+            .field(
+                "remotes",
+                &self.remotes.iter().map(|r| &r.0).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -45,8 +52,10 @@ pub fn fetch_records(
     wanted: &[([u8; 32], RemoteLoc)],
     on_bytes: dsv_store::storage::OnBytes<'_>,
 ) -> dsv_store::Result<Vec<FetchedChunk>> {
-    let reqs: Vec<(String, std::ops::Range<u64>)> =
-        wanted.iter().map(|(_, l)| (l.pack_name(), l.range())).collect();
+    let reqs: Vec<(String, std::ops::Range<u64>)> = wanted
+        .iter()
+        .map(|(_, l)| (l.pack_name(), l.range()))
+        .collect();
     let got = storage.get_ranges(&reqs, on_bytes)?;
     wanted
         .iter()
@@ -64,6 +73,15 @@ pub fn fetch_records(
 }
 
 impl ChunkSource for RemoteSource {
+    fn has(&self, kv: &dyn KvRead, id: &ChunkId) -> dsv_store::Result<bool> {
+        for (name, _, _) in &self.remotes {
+            if kv.contains(Cf::App, &keys::index_entry(name, id.as_bytes()))? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     fn fetch(
         &self,
         kv: &dyn KvRead,
@@ -97,7 +115,10 @@ impl ChunkSource for RemoteSource {
                 match kv.get(Cf::App, &keys::index_entry(name, ids[i].as_bytes()))? {
                     Some(v) => {
                         let loc = RemoteLoc::decode(&v).map_err(|e| {
-                            dsv_store::Error::corrupted(format!("remote index of {}", ids[i]), e.to_string())
+                            dsv_store::Error::corrupted(
+                                format!("remote index of {}", ids[i]),
+                                e.to_string(),
+                            )
                         })?;
                         wanted.push((i, *ids[i].as_bytes(), loc));
                     }
@@ -110,7 +131,8 @@ impl ChunkSource for RemoteSource {
             // Pack order, then offset: neighbours coalesce into one request.
             wanted.sort_by_key(|(_, _, l)| (l.pack, l.offset));
             let storage = self.storage(r)?;
-            let pairs: Vec<([u8; 32], RemoteLoc)> = wanted.iter().map(|(_, id, l)| (*id, *l)).collect();
+            let pairs: Vec<([u8; 32], RemoteLoc)> =
+                wanted.iter().map(|(_, id, l)| (*id, *l)).collect();
             let got = fetch_records(&*storage, &pairs, &|_| {})?;
             for ((i, _, _), c) in wanted.iter().zip(got) {
                 let id = &ids[*i];
@@ -138,16 +160,16 @@ fn wanted_pack(pairs: &[([u8; 32], RemoteLoc)], id: &ChunkId) -> String {
         .unwrap_or_default()
 }
 
-/// Makes `repo` read chunks it lacks from its remotes (in name order;
+/// Makes `store` read chunks it lacks from its remotes (in name order;
 /// lazy clones' remotes first), keeping them in `cache_dir` up to
 /// `cache_budget` bytes. A no-op for a repository without remotes.
 pub fn attach(
-    repo: &dsv::Repo,
+    store: &dsv_store::Store,
     connect: &Connect,
     cache_dir: std::path::PathBuf,
     cache_budget: u64,
 ) -> crate::Result<()> {
-    let mut remotes = crate::ops::remotes(repo)?;
+    let mut remotes = crate::ops::remotes_of(store)?;
     if remotes.is_empty() {
         return Ok(());
     }
@@ -160,12 +182,14 @@ pub fn attach(
         connect: connect.clone(),
         cache: ChunkCache::new(cache_dir, cache_budget),
     };
-    repo.store().set_chunk_source(Some(Arc::new(src)));
+    store.set_chunk_source(Some(Arc::new(src)));
     Ok(())
 }
 
 /// Groups `(id, loc)` by pack (for batched reads).
-pub fn by_pack(items: Vec<([u8; 32], RemoteLoc)>) -> BTreeMap<[u8; 32], Vec<([u8; 32], RemoteLoc)>> {
+pub fn by_pack(
+    items: Vec<([u8; 32], RemoteLoc)>,
+) -> BTreeMap<[u8; 32], Vec<([u8; 32], RemoteLoc)>> {
     let mut m: BTreeMap<[u8; 32], Vec<([u8; 32], RemoteLoc)>> = BTreeMap::new();
     for (id, l) in items {
         m.entry(l.pack).or_default().push((id, l));

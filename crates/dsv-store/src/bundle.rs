@@ -226,7 +226,10 @@ pub fn parse_trailer(tail: &[u8], size: u64, what: &str) -> Result<Trailer> {
 /// Parses and checks a pack's index bytes against its trailer.
 pub fn parse_index(index: &[u8], t: &Trailer, what: &str) -> Result<Vec<IndexEntry>> {
     if index.len() != t.count as usize * ENTRY_LEN {
-        return Err(Error::corrupted(what, "index length disagrees with its trailer"));
+        return Err(Error::corrupted(
+            what,
+            "index length disagrees with its trailer",
+        ));
     }
     if blake3::hash(index).as_bytes() != &t.index_hash {
         return Err(Error::corrupted(what, "index does not match its checksum"));

@@ -37,7 +37,9 @@ pub fn references(obj: &Object) -> (Vec<ObjectId>, Vec<ChunkId>) {
             }
             (objs, Vec::new())
         }
-        Object::Tree(TreeNode::Shard(s)) => (s.children.iter().map(|(_, id)| *id).collect(), Vec::new()),
+        Object::Tree(TreeNode::Shard(s)) => {
+            (s.children.iter().map(|(_, id)| *id).collect(), Vec::new())
+        }
         Object::Version(v) => (vec![v.root], Vec::new()),
     }
 }

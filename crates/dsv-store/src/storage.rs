@@ -94,8 +94,11 @@ pub trait PackStorage: Send + Sync + std::fmt::Debug {
     fn get(&self, name: &str) -> Result<Option<Got>>;
     /// Reads byte ranges, several at once; answers in request order. A
     /// missing object or a range past its end is an error naming it.
-    fn get_ranges(&self, reqs: &[(String, Range<u64>)], on_bytes: OnBytes<'_>)
-        -> Result<Vec<Vec<u8>>>;
+    fn get_ranges(
+        &self,
+        reqs: &[(String, Range<u64>)],
+        on_bytes: OnBytes<'_>,
+    ) -> Result<Vec<Vec<u8>>>;
     /// The object's size; `None` when there is none.
     fn size(&self, name: &str) -> Result<Option<u64>>;
     /// Every object whose name starts with `prefix`, sorted by name.
@@ -121,12 +124,18 @@ pub trait ChunkSource: Send + Sync {
     /// not know. `kv` is the store's current read view. The store checks
     /// every returned chunk against its id.
     fn fetch(&self, kv: &dyn KvRead, ids: &[ChunkId]) -> Result<Vec<Option<FetchedChunk>>>;
+    /// Whether the source can supply the chunk (without fetching it).
+    fn has(&self, kv: &dyn KvRead, id: &ChunkId) -> Result<bool>;
 }
 
 /// Checks an object name: relative, `/`-separated, no empty, `.` or `..`
 /// segment, printable.
 pub fn check_name(name: &str) -> Result<()> {
-    let bad = |why: &str| Err(Error::Invalid(format!("invalid object name '{name}': {why}")));
+    let bad = |why: &str| {
+        Err(Error::Invalid(format!(
+            "invalid object name '{name}': {why}"
+        )))
+    };
     if name.is_empty() || name.len() > 1024 {
         return bad("empty or longer than 1024 bytes");
     }
@@ -180,7 +189,9 @@ impl LocalDir {
         let rnd = crate::id::random_bytes::<8>()?;
         let tmp = dir.join(format!(
             ".{}.{}.tmp",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("object"),
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("object"),
             hex::encode(rnd)
         ));
         let mut f = OpenOptions::new()
@@ -241,7 +252,9 @@ impl PackStorage for LocalDir {
             PutMode::Update(want) => {
                 let lock_path = path.with_file_name(format!(
                     "{}.lock",
-                    path.file_name().and_then(|n| n.to_str()).unwrap_or("object")
+                    path.file_name()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or("object")
                 ));
                 let lock = OpenOptions::new()
                     .create(true)
@@ -406,12 +419,15 @@ mod tests {
     fn create_is_exclusive_and_update_compares() {
         let d = tempfile::tempdir().unwrap();
         let s = LocalDir::new(d.path());
-        let w = s.put("refs/a.json", b"1".to_vec(), PutMode::Create).unwrap();
+        let w = s
+            .put("refs/a.json", b"1".to_vec(), PutMode::Create)
+            .unwrap();
         let PutOutcome::Written(Some(e1)) = w else {
             panic!("{w:?}")
         };
         assert_eq!(
-            s.put("refs/a.json", b"2".to_vec(), PutMode::Create).unwrap(),
+            s.put("refs/a.json", b"2".to_vec(), PutMode::Create)
+                .unwrap(),
             PutOutcome::Exists
         );
         assert_eq!(
@@ -426,7 +442,8 @@ mod tests {
         ));
         // The old tag no longer matches.
         assert_eq!(
-            s.put("refs/a.json", b"5".to_vec(), PutMode::Update(e1)).unwrap(),
+            s.put("refs/a.json", b"5".to_vec(), PutMode::Update(e1))
+                .unwrap(),
             PutOutcome::Changed
         );
         assert_eq!(s.get("refs/a.json").unwrap().unwrap().data, b"4");
@@ -441,7 +458,9 @@ mod tests {
             .get_ranges(&[("refs/a.json".into(), 0..1)], &|_| {})
             .unwrap();
         assert_eq!(r, vec![b"4".to_vec()]);
-        assert!(s.get_ranges(&[("refs/a.json".into(), 0..9)], &|_| {}).is_err());
+        assert!(s
+            .get_ranges(&[("refs/a.json".into(), 0..9)], &|_| {})
+            .is_err());
         s.delete("refs/a.json").unwrap();
         assert!(s.get("refs/a.json").unwrap().is_none());
         assert!(s.put("../x", vec![], PutMode::Create).is_err());

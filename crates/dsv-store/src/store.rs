@@ -509,7 +509,7 @@ impl Store {
         *self.source.write().unwrap_or_else(|e| e.into_inner()) = source;
     }
 
-    fn chunk_source(&self) -> Option<Arc<dyn crate::storage::ChunkSource>> {
+    pub(crate) fn chunk_source(&self) -> Option<Arc<dyn crate::storage::ChunkSource>> {
         self.source
             .read()
             .unwrap_or_else(|e| e.into_inner())

@@ -46,6 +46,10 @@ pub struct VerifyReport {
     pub chunks: u64,
     /// Chunk bytes read and rehashed (with `read_data`).
     pub bytes_read: u64,
+    /// Chunks used by versions that are not stored here but on a remote
+    /// this repository reads them from (a lazy clone); not read by
+    /// `read_data`.
+    pub remote_chunks: u64,
     /// Everything wrong.
     pub problems: Vec<Problem>,
     /// Chunks whose stored copy cannot be read back intact, with the index
@@ -273,8 +277,15 @@ impl Store {
             }
         }
         let mut damaged_refs: HashSet<ChunkId> = HashSet::new();
+        let source = self.chunk_source();
         for (c, user) in &chunk_refs {
             if !indexed.contains(c) {
+                if let Some(src) = &source {
+                    if src.has(&*kv, c)? {
+                        report.remote_chunks += 1;
+                        continue;
+                    }
+                }
                 match kv.get(Cf::Meta, &schema::damaged_key(c))? {
                     Some(_) => {
                         damaged_refs.insert(*c);

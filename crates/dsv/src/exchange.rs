@@ -224,20 +224,14 @@ impl Repo {
                     }
                     None => dsv_store::store::version_in(kv, &v.id)?.object,
                 };
-                if kv
-                    .get(Cf::App, &keys::version_index(&v.id))?
-                    .is_some()
-                {
+                if kv.get(Cf::App, &keys::version_index(&v.id))?.is_some() {
                     return Err(Error::Invalid(format!(
                         "version {} of {} belongs to another dataset here",
                         v.id.short(12),
                         ds.full_name()
                     )));
                 }
-                let version = dsv_store::Version {
-                    id: v.id,
-                    object,
-                };
+                let version = dsv_store::Version { id: v.id, object };
                 let seq = ev.push(
                     &mut b,
                     version_event(EventKind::VersionFinalized, &ds, &v.id, &v.version, &v.tags),
@@ -299,12 +293,14 @@ impl Repo {
                 }
             }
             for u in updates {
-                let exists = here.contains(&u.id) || report.imported.iter().any(|(i, _)| i == &u.id);
+                let exists =
+                    here.contains(&u.id) || report.imported.iter().any(|(i, _)| i == &u.id);
                 if !exists || report.imported.iter().any(|(i, _)| i == &u.id) {
                     continue;
                 }
-                let before: BTreeSet<String> =
-                    dsv_store::store::tags_of_in(kv, &u.id)?.into_iter().collect();
+                let before: BTreeSet<String> = dsv_store::store::tags_of_in(kv, &u.id)?
+                    .into_iter()
+                    .collect();
                 let after: BTreeSet<String> = u.tags.iter().cloned().collect();
                 for t in before.difference(&after) {
                     remove_tag_batch(&u.id, t, &mut b);

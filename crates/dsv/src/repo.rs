@@ -399,7 +399,11 @@ pub(crate) fn dataset_in(kv: &dyn KvRead, id: &DatasetId) -> Result<Dataset> {
     })
 }
 
-pub(crate) fn dataset_by_name_in(kv: &dyn KvRead, project: &str, name: &str) -> Result<Option<Dataset>> {
+pub(crate) fn dataset_by_name_in(
+    kv: &dyn KvRead,
+    project: &str,
+    name: &str,
+) -> Result<Option<Dataset>> {
     match kv.get(Cf::App, &keys::dataset_name(project, name))? {
         None => Ok(None),
         Some(v) => {
@@ -411,7 +415,10 @@ pub(crate) fn dataset_by_name_in(kv: &dyn KvRead, project: &str, name: &str) -> 
 }
 
 /// Every version of a dataset as (id, info), oldest first.
-pub(crate) fn versions_in(kv: &dyn KvRead, ds: &DatasetId) -> Result<Vec<(VersionId, VersionInfo)>> {
+pub(crate) fn versions_in(
+    kv: &dyn KvRead,
+    ds: &DatasetId,
+) -> Result<Vec<(VersionId, VersionInfo)>> {
     let prefix = keys::dataset_versions(ds);
     let mut out = Vec::new();
     let mut err = None;
