@@ -222,3 +222,212 @@ pub fn open_to_everyone(dir: &Path) {
         .success();
     assert!(ok, "chmod -R a+rwX {}", dir.display());
 }
+
+/// A free TCP port on the loopback interface.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Waits until something accepts connections on `port` (at most `limit`).
+pub fn wait_for_port(port: u16, limit: std::time::Duration) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+/// A real S3-compatible server for the tests: moto's standalone server
+/// (`pip install 'moto[server]'`, installed by `.ci/run`), started on a free
+/// loopback port and stopped when dropped. `$DSV_MOTO_SERVER` names the
+/// program when it is not `moto_server` on the PATH.
+pub struct S3Server {
+    child: std::process::Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl S3Server {
+    /// Starts the server.
+    pub fn start() -> Self {
+        let prog = std::env::var("DSV_MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
+        let port = free_port();
+        let child = Command::new(&prog)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {prog} ({e}): install it with pip install 'moto[server]' (.ci/run does)")
+            });
+        let mut s = Self { child, port };
+        assert!(
+            wait_for_port(port, std::time::Duration::from_secs(60)),
+            "{prog} did not listen on 127.0.0.1:{port}"
+        );
+        // Reachable is not ready: wait for an answer to a request.
+        let start = std::time::Instant::now();
+        while s.request("GET", "/", b"").is_none() {
+            assert!(start.elapsed().as_secs() < 60, "{prog} does not answer");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            if let Ok(Some(st)) = s.child.try_wait() {
+                panic!("{prog} exited: {st}");
+            }
+        }
+        s
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// One plain HTTP request; the status code and body.
+    pub fn request(&self, method: &str, path: &str, body: &[u8]) -> Option<(u16, Vec<u8>)> {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.port,
+            body.len()
+        );
+        c.write_all(head.as_bytes()).ok()?;
+        c.write_all(body).ok()?;
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).ok()?;
+        let text = String::from_utf8_lossy(&out);
+        let code = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body_at = out.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+        Some((code, out[body_at..].to_vec()))
+    }
+
+    /// Creates a bucket.
+    pub fn bucket(&self, name: &str) {
+        let r = self.request("PUT", &format!("/{name}"), b"");
+        assert!(
+            matches!(r, Some((200, _))),
+            "cannot create bucket {name}: {r:?}"
+        );
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP proxy on a free loopback port in front of `target_port` that
+/// breaks every `every`-th connection after relaying `after` bytes of the
+/// server's answer (a connection dropped mid-transfer). Counts the drops.
+pub struct FaultProxy {
+    /// Its port.
+    pub port: u16,
+    /// Connections broken so far.
+    pub dropped: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultProxy {
+    /// Starts the proxy.
+    pub fn start(target_port: u16, every: usize, after: usize) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, st) = (dropped.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0usize;
+            while !st.load(Ordering::SeqCst) {
+                let (client, _) = match listener.accept() {
+                    Ok(c) => c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                        continue;
+                    }
+                    Err(_) => break,
+                };
+                let _ = client.set_nonblocking(false);
+                n += 1;
+                let faulty = every > 0 && n % every == 0;
+                let d = d.clone();
+                std::thread::spawn(move || relay(client, target_port, faulty.then_some(after), &d));
+            }
+        });
+        Self {
+            port,
+            dropped,
+            stop,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn relay(
+    client: std::net::TcpStream,
+    target: u16,
+    cut_after: Option<usize>,
+    dropped: &std::sync::atomic::AtomicUsize,
+) {
+    use std::io::{Read, Write};
+    let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+        return;
+    };
+    let (mut c_in, mut s_out) = (
+        client.try_clone().expect("clone"),
+        server.try_clone().expect("clone"),
+    );
+    let up = std::thread::spawn(move || {
+        let mut buf = [0u8; 64 << 10];
+        while let Ok(n) = c_in.read(&mut buf) {
+            if n == 0 || s_out.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = s_out.shutdown(std::net::Shutdown::Write);
+    });
+    let (mut s_in, mut c_out) = (server, client);
+    let mut sent = 0usize;
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        let n = match s_in.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(limit) = cut_after {
+            if sent + n > limit {
+                let _ = c_out.write_all(&buf[..limit.saturating_sub(sent)]);
+                dropped.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = c_out.shutdown(std::net::Shutdown::Both);
+                let _ = s_in.shutdown(std::net::Shutdown::Both);
+                break;
+            }
+        }
+        if c_out.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        sent += n;
+    }
+    let _ = c_out.shutdown(std::net::Shutdown::Both);
+    let _ = up.join();
+}

@@ -58,6 +58,9 @@ pub struct PushArgs {
     /// [REMOTE] then datasets (PROJECT/NAME) or versions (REV); default:
     /// the only remote (or origin), every dataset.
     args: Vec<String>,
+    /// Crash tests: abort the process after this many uploads.
+    #[arg(long, hide = true)]
+    abort_after_uploads: Option<u32>,
 }
 
 /// `dsv fetch` / `dsv pull`.
@@ -322,6 +325,14 @@ fn pick_remote(repo: &Repo, args: &[String]) -> Result<(String, Vec<String>), Cl
         if rs.iter().any(|(n, _)| n == first) {
             return Ok((first.clone(), args[1..].to_vec()));
         }
+        // A plain word that is neither PROJECT/NAME, REV nor an id prefix
+        // was meant as a remote.
+        let id_like = first.len() >= 6 && first.bytes().all(|b| b.is_ascii_hexdigit());
+        if !first.contains('/') && !first.contains('@') && !id_like {
+            return Err(CliError::from(dsv_remote::Error::NoSuchRemote(
+                first.clone(),
+            )));
+        }
     }
     let name = match rs.len() {
         0 => {
@@ -422,7 +433,30 @@ pub fn push(ctx: &Ctx, a: PushArgs) -> Result<(), CliError> {
         let v = repo.resolve(t)?;
         targets.push(PushTarget::Version(v.dataset.clone(), v.id));
     }
-    push_targets(ctx, &repo, &name, &targets)
+    push_with(ctx, &repo, &name, &targets, a.abort_after_uploads)
+}
+
+/// Aborts the process after `after` uploads (crash tests).
+struct AbortAfter<'a> {
+    inner: &'a Bars,
+    after: u32,
+    count: std::sync::atomic::AtomicU32,
+}
+
+impl dsv_remote::Progress for AbortAfter<'_> {
+    fn phase(&self, what: &str, total: Option<u64>) {
+        self.inner.phase(what, total)
+    }
+    fn bytes(&self, n: u64) {
+        self.inner.bytes(n);
+        let c = self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if c >= self.after {
+            std::process::abort();
+        }
+    }
+    fn finish_phase(&self) {
+        self.inner.finish_phase()
+    }
 }
 
 /// Pushes and reports (also `dataset sync --push`).
@@ -432,9 +466,28 @@ pub fn push_targets(
     name: &str,
     targets: &[PushTarget],
 ) -> Result<(), CliError> {
+    push_with(ctx, repo, name, targets, None)
+}
+
+fn push_with(
+    ctx: &Ctx,
+    repo: &Repo,
+    name: &str,
+    targets: &[PushTarget],
+    abort_after: Option<u32>,
+) -> Result<(), CliError> {
     let bars = Bars::new(ctx.progress);
     let started = std::time::Instant::now();
-    let r = dsv_remote::push(repo, name, targets, &connect_from_env(), &bars)?;
+    let aborting = abort_after.map(|after| AbortAfter {
+        inner: &bars,
+        after,
+        count: Default::default(),
+    });
+    let progress: &dyn dsv_remote::Progress = match &aborting {
+        Some(a) => a,
+        None => &bars,
+    };
+    let r = dsv_remote::push(repo, name, targets, &connect_from_env(), progress)?;
     let secs = started.elapsed().as_secs_f64();
     if ctx.json {
         let mut v = serde_json::to_value(&r).unwrap_or_default();
@@ -570,7 +623,7 @@ pub fn clone(ctx: &Ctx, a: CloneArgs) -> Result<(), CliError> {
     };
     // Check the remote before creating anything.
     let storage = dsv_remote::open_storage(&rec, &connect)?;
-    let manifest = dsv_remote::ops::read_manifest(&*storage)?.ok_or_else(|| {
+    let manifest = dsv_remote::ops::probe(&*storage)?.ok_or_else(|| {
         CliError::user(format!(
             "{} holds no dsv remote (no {})",
             storage.location(),

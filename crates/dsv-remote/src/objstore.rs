@@ -87,6 +87,11 @@ pub fn map_err(what: &str, e: object_store::Error) -> Error {
                 || low.contains("timed out")
                 || low.contains("retry")
                 || low.contains("dns")
+                || low.contains("body")
+                || low.contains("reset")
+                || low.contains("broken pipe")
+                || low.contains("eof")
+                || low.contains("incomplete")
             {
                 Error::Unavailable(format!("{what}: {}", clip(&msg)))
             } else {
@@ -131,6 +136,30 @@ fn clip(s: &str) -> String {
         format!("{}…", &s[..end])
     } else {
         s
+    }
+}
+
+/// Attempts of one request whose failure looks transient (on top of the
+/// client's own retries, which do not cover a response that broke off).
+const ATTEMPTS: u32 = 4;
+
+/// Runs `f` again (after 100, 200, 400 ms) while it fails with an error
+/// that may pass ([`Error::Unavailable`]).
+pub async fn retrying<T, F, Fut>(mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        match f().await {
+            Err(Error::Unavailable(why)) if attempt + 1 < ATTEMPTS => {
+                tracing::debug!("transient storage failure, retrying: {why}");
+                tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
+                attempt += 1;
+            }
+            r => return r,
+        }
     }
 }
 
@@ -217,12 +246,17 @@ impl ObjectStorage {
             mode: OsPutMode::Create,
             ..Default::default()
         };
-        match store.put_opts(&path, PutPayload::from(data), opts).await {
-            Ok(_) => Ok(len),
-            Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => Ok(len),
-            Err(e) => Err(map_err(&what, e)),
-        }
+        let payload = PutPayload::from(Bytes::from(data));
+        retrying(|| async {
+            match store.put_opts(&path, payload.clone(), opts.clone()).await {
+                Ok(_) => Ok(len),
+                // Names are content hashes: an object already there is this one.
+                Err(object_store::Error::AlreadyExists { .. })
+                | Err(object_store::Error::Precondition { .. }) => Ok(len),
+                Err(e) => Err(map_err(&what, e)),
+            }
+        })
+        .await
     }
 }
 
@@ -243,6 +277,7 @@ impl PackStorage for ObjectStorage {
             }),
         };
         let store = self.store.clone();
+        let is_update = matches!(mode, OsPutMode::Update(_));
         self.rt.block_on(async move {
             let opts = PutOptions {
                 mode,
@@ -253,7 +288,11 @@ impl PackStorage for ObjectStorage {
                 Err(object_store::Error::AlreadyExists { .. }) => Ok(PutOutcome::Exists),
                 Err(object_store::Error::Precondition { .. }) => Ok(PutOutcome::Changed),
                 // An update of an object that is gone.
-                Err(object_store::Error::NotFound { .. }) => Ok(PutOutcome::Changed),
+                Err(object_store::Error::NotFound { .. }) if is_update => Ok(PutOutcome::Changed),
+                Err(object_store::Error::NotFound { .. }) => Err(Error::Storage {
+                    what,
+                    reason: "the bucket does not exist".into(),
+                }),
                 Err(e) => Err(map_err(&what, e)),
             }
         })
@@ -315,7 +354,7 @@ impl PackStorage for ObjectStorage {
         let path = self.path(name)?;
         let what = self.what(name);
         let store = self.store.clone();
-        self.rt.block_on(async move {
+        self.rt.block_on(retrying(|| async {
             match store.get_opts(&path, GetOptions::default()).await {
                 Ok(r) => {
                     let etag = r.meta.e_tag.clone();
@@ -328,7 +367,7 @@ impl PackStorage for ObjectStorage {
                 Err(object_store::Error::NotFound { .. }) => Ok(None),
                 Err(e) => Err(map_err(&what, e)),
             }
-        })
+        }))
     }
 
     fn get_ranges(
@@ -356,15 +395,18 @@ impl PackStorage for ObjectStorage {
             let what = self.what(&name);
             async move {
                 let path = path?;
-                let opts = GetOptions {
-                    range: Some(GetRange::Bounded(r.clone())),
-                    ..Default::default()
-                };
-                let got = store
-                    .get_opts(&path, opts)
-                    .await
-                    .map_err(|e| map_err(&what, e))?;
-                let bytes = got.bytes().await.map_err(|e| map_err(&what, e))?;
+                let bytes = retrying(|| async {
+                    let opts = GetOptions {
+                        range: Some(GetRange::Bounded(r.clone())),
+                        ..Default::default()
+                    };
+                    let got = store
+                        .get_opts(&path, opts)
+                        .await
+                        .map_err(|e| map_err(&what, e))?;
+                    got.bytes().await.map_err(|e| map_err(&what, e))
+                })
+                .await?;
                 if bytes.len() as u64 != r.end - r.start {
                     return Err(Error::corrupted(
                         what,
@@ -439,7 +481,14 @@ impl PackStorage for ObjectStorage {
         let mut out: Vec<Listed> = self.rt.block_on(async move {
             store
                 .list(Some(&list_at))
-                .map_err(|e| map_err(&what, e))
+                .map_err(|e| match e {
+                    // Listing a prefix never finds "no object": the bucket is missing.
+                    object_store::Error::NotFound { .. } => Error::Storage {
+                        what: what.clone(),
+                        reason: "the bucket does not exist".into(),
+                    },
+                    e => map_err(&what, e),
+                })
                 .try_filter_map(|m| {
                     let full = m.location.to_string();
                     let rel = if base_s.is_empty() {

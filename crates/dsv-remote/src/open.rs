@@ -91,7 +91,7 @@ pub fn open_storage(rec: &RemoteRecord, connect: &Connect) -> Result<Arc<dyn Pac
                 opts.retain(|(k, _)| k != "aws_endpoint" && k != "aws_endpoint_url");
                 opts.push(("aws_endpoint".into(), ep.clone()));
                 if ep.starts_with("http://") {
-                    opts.push(("allow_http".into(), "true".into()));
+                    opts.push(("aws_allow_http".into(), "true".into()));
                 }
             }
             if is_s3 {
@@ -106,15 +106,56 @@ pub fn open_storage(rec: &RemoteRecord, connect: &Connect) -> Result<Arc<dyn Pac
                     region.unwrap_or_else(|| "us-east-1".into()),
                 ));
             }
-            let (store, prefix) =
-                object_store::parse_url_opts(&u, opts).map_err(|e| Error::BadUrl {
-                    url: rec.url.clone(),
-                    reason: e.to_string(),
-                })?;
+            let (store, prefix) = build_store(&u, &opts).map_err(|e| Error::BadUrl {
+                url: rec.url.clone(),
+                reason: e.to_string(),
+            })?;
             let loc = rec.url.trim_end_matches('/').to_string();
             Ok(Arc::new(ObjectStorage::new(Arc::from(store), prefix, loc)?))
         }
     }
+}
+
+/// Retries of one request inside the client: transient failures
+/// (connection refused or reset, timeouts, 5xx, throttling) are retried
+/// with exponential backoff from 100 ms, at most 5 times within 30 s;
+/// [`crate::objstore`] also retries a request whose response broke off.
+pub fn retry_config() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: std::time::Duration::from_millis(100),
+            max_backoff: std::time::Duration::from_secs(5),
+            base: 2.0,
+        },
+        max_retries: 5,
+        retry_timeout: std::time::Duration::from_secs(30),
+    }
+}
+
+type Built = (Box<dyn object_store::ObjectStore>, object_store::path::Path);
+
+fn build_store(u: &url::Url, opts: &[(String, String)]) -> object_store::Result<Built> {
+    use object_store::ObjectStoreScheme as S;
+    let (scheme, path) = S::parse(u)?;
+    let path = object_store::path::Path::parse(path)?;
+    macro_rules! build {
+        ($builder:ty) => {{
+            let mut b = <$builder>::new().with_url(u.as_str());
+            for (k, v) in opts {
+                if let Ok(key) = k.parse() {
+                    b = b.with_config(key, v.clone());
+                }
+            }
+            Box::new(b.with_retry(retry_config()).build()?) as Box<dyn object_store::ObjectStore>
+        }};
+    }
+    let store = match scheme {
+        S::AmazonS3 => build!(object_store::aws::AmazonS3Builder),
+        S::GoogleCloudStorage => build!(object_store::gcp::GoogleCloudStorageBuilder),
+        S::MicrosoftAzure => build!(object_store::azure::MicrosoftAzureBuilder),
+        _ => return object_store::parse_url_opts(u, opts.iter().cloned()),
+    };
+    Ok((store, path))
 }
 
 #[cfg(test)]

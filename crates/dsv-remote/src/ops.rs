@@ -132,6 +132,14 @@ pub fn read_manifest(storage: &dyn PackStorage) -> Result<Option<Manifest>> {
     Ok(Some(m))
 }
 
+/// Checks that a remote can be reached and read (URL, endpoint, bucket,
+/// credentials: a listing fails on each) and returns its manifest; `None`
+/// for an empty remote.
+pub fn probe(storage: &dyn PackStorage) -> Result<Option<Manifest>> {
+    storage.list(doc::MANIFEST)?;
+    read_manifest(storage)
+}
+
 fn ensure_manifest(repo: &Repo, storage: &dyn PackStorage) -> Result<()> {
     if read_manifest(storage)?.is_some() {
         return Ok(());
@@ -166,10 +174,12 @@ pub fn add_remote(
     }
     let manifest = if check {
         let storage = open_storage(&rec, connect)?;
-        read_manifest(&*storage)?
+        probe(&*storage)?
     } else {
         None
     };
+    repo.store()
+        .enable_ro_compat_feature(dsv_store::config::FEATURE_REMOTES)?;
     let mut exists = false;
     repo.store().write(|kv| {
         let mut b = Batch::default();

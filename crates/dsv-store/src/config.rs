@@ -26,6 +26,10 @@ pub const FEATURE_LEASES: &str = "leases";
 /// optimistic plan check): a writer without them would make gc trust a stale
 /// plan.
 pub const FEATURE_KEYSPACE_COUNTERS: &str = "keyspace-counters";
+/// `ro_compat`: remotes (`app` keys `rm/`, `rx/`, `rp/`, `rt/`, the
+/// `version_rebased` event kind, `.dsv/remote-cache/`); set by `init` and
+/// by the first `remote add` (or `clone`).
+pub const FEATURE_REMOTES: &str = "remotes";
 
 /// Features this build understands, by class (what a repository it creates
 /// or upgrades records).
@@ -35,6 +39,7 @@ pub const KNOWN_RO_COMPAT: &[&str] = &[
     FEATURE_TASK_INDEXES,
     FEATURE_LEASES,
     FEATURE_KEYSPACE_COUNTERS,
+    FEATURE_REMOTES,
 ];
 /// See [`KNOWN_INCOMPAT`].
 pub const KNOWN_COMPAT: &[&str] = &[];

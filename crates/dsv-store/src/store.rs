@@ -502,6 +502,23 @@ impl Store {
         }
     }
 
+    /// Records a `ro_compat` feature this build knows in `config.json` when
+    /// the repository does not list it yet (a repository made before the
+    /// feature existed starts using it): builds that do not know it then
+    /// open the repository read-only.
+    pub fn enable_ro_compat_feature(&self, name: &str) -> Result<()> {
+        if !crate::config::KNOWN_RO_COMPAT.contains(&name) {
+            return Err(Error::Invalid(format!("unknown feature {name}")));
+        }
+        let mut cfg = RepoConfig::load(&self.dir)?;
+        let features = cfg.features.get_or_insert_with(Default::default);
+        if features.ro_compat.iter().any(|f| f == name) {
+            return Ok(());
+        }
+        features.ro_compat.push(name.to_string());
+        cfg.save(&self.dir)
+    }
+
     /// Sets where chunks missing from this repository's packs are read
     /// from (a lazy clone's remote). Every chunk a source returns is
     /// checked against its id before it is used.

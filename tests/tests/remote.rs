@@ -1,0 +1,542 @@
+//! Remotes end to end: two repositories on one machine play two machines
+//! around a real S3-compatible server (moto's, on a free loopback port) or
+//! a folder: push, clone (lazy), pull, concurrent pushes, a killed push,
+//! damaged and missing objects on the remote, dropped connections, and
+//! bad input.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use dsv_tests::{copy_files, occupancy_dir, stderr, stdout, FaultProxy, S3Server, Sandbox};
+
+/// Runs dsv in `s` with test credentials (moto accepts any) and a HOME
+/// without profile files.
+fn run(s: &Sandbox, args: &[&str]) -> Output {
+    s.cmd(args)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("HOME", s.dir.path())
+        .env_remove("AWS_PROFILE")
+        .output()
+        .expect("dsv runs")
+}
+
+fn ok(s: &Sandbox, args: &[&str]) -> String {
+    let out = run(s, args);
+    assert!(
+        out.status.success(),
+        "dsv {args:?} failed ({:?}): {}{}",
+        out.status.code(),
+        stderr(&out),
+        stdout(&out)
+    );
+    stdout(&out)
+}
+
+fn json(s: &Sandbox, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&ok(s, &all)).expect("JSON")
+}
+
+/// A sandbox whose repository is a clone of `url` (made in `sandbox/repo`).
+fn clone(url: &str, endpoint: Option<&str>, full: bool) -> Sandbox {
+    let s = Sandbox::empty();
+    let repo = s.repo();
+    let mut args = vec!["clone", url, repo.to_str().unwrap()];
+    if let Some(e) = endpoint {
+        args.extend(["--endpoint", e]);
+    }
+    if full {
+        args.push("--full");
+    }
+    ok(&s, &args);
+    s
+}
+
+fn version_ids(s: &Sandbox, ds: &str) -> BTreeSet<String> {
+    json(s, &["dataset", "list", ds])
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn fsck_json(s: &Sandbox, read_data: bool) -> serde_json::Value {
+    let mut args = vec!["--json", "fsck"];
+    if read_data {
+        args.push("--read-data");
+    }
+    let out = run(s, &args);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fsck JSON");
+    assert!(
+        out.status.success() && v["ok"] == true,
+        "fsck: {v} {}",
+        stderr(&out)
+    );
+    v
+}
+
+/// Deterministic incompressible bytes.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn push_clone_and_pull_through_s3_give_byte_identical_data() {
+    let s3 = S3Server::start();
+    s3.bucket("team");
+    let ep = s3.endpoint();
+    let url = "s3://team/datasets";
+
+    // A: the labeling machine.
+    let a = Sandbox::new();
+    let data = a.path("data");
+    copy_files(&occupancy_dir(), &data);
+    ok(
+        &a,
+        &[
+            "dataset",
+            "sync",
+            "lab/occupancy",
+            data.to_str().unwrap(),
+            "-m",
+            "v1",
+        ],
+    );
+    let add = json(&a, &["remote", "add", "origin", url, "--endpoint", &ep]);
+    assert_eq!(add["empty"], true, "{add}");
+    let p1 = json(&a, &["push"]);
+    assert_eq!(p1["datasets"][0]["status"], "pushed", "{p1}");
+    let stored = json(&a, &["stats"]);
+    let first_upload = p1["uploaded_bytes"].as_u64().unwrap();
+    assert!(first_upload > 0, "{p1}");
+
+    // B clones: metadata only; reads fetch what they need.
+    let b = clone(url, Some(&ep), false);
+    assert_eq!(
+        version_ids(&a, "lab/occupancy"),
+        version_ids(&b, "lab/occupancy")
+    );
+    let f = fsck_json(&b, false);
+    assert!(f["remote_chunks"].as_u64().unwrap() > 0, "{f}");
+    for (name, bytes) in files_of(&data) {
+        let out = run(&b, &["dataset", "cat", "lab/occupancy", &name]);
+        assert!(out.status.success(), "cat {name}: {}", stderr(&out));
+        assert_eq!(out.stdout, bytes, "{name} differs after the clone");
+    }
+    // A read-only copy of the whole version, materialized from the remote.
+    let got = ok(&b, &["dataset", "get", "lab/occupancy"]);
+    assert_eq!(files_of(Path::new(got.trim())), files_of(&data));
+
+    // B adds a version (an edit) and pushes: only the new bytes go up.
+    let bdata = b.path("data");
+    copy_files(&occupancy_dir(), &bdata);
+    let mut t = std::fs::read(bdata.join("datatest.txt")).unwrap();
+    t.extend_from_slice(b"\"9999\",\"2015-02-10 00:00:00\",21,27,0,500,0.004,1\n");
+    std::fs::write(bdata.join("datatest.txt"), &t).unwrap();
+    ok(
+        &b,
+        &[
+            "dataset",
+            "sync",
+            "lab/occupancy",
+            bdata.to_str().unwrap(),
+            "-m",
+            "v2",
+        ],
+    );
+    let p2 = json(&b, &["push"]);
+    assert_eq!(
+        p2["datasets"][0]["versions_sent"].as_array().unwrap().len(),
+        1,
+        "{p2}"
+    );
+    let small = p2["uploaded_bytes"].as_u64().unwrap();
+    assert!(
+        small < first_upload / 4,
+        "an appended line uploaded {small} bytes (first push {first_upload}; stats {stored})"
+    );
+
+    // A pulls and gets B's version with its data.
+    let pulled = json(&a, &["pull"]);
+    assert_eq!(
+        pulled["datasets"][0]["imported"].as_array().unwrap().len(),
+        1,
+        "{pulled}"
+    );
+    assert_eq!(
+        version_ids(&a, "lab/occupancy"),
+        version_ids(&b, "lab/occupancy")
+    );
+    let out = run(&a, &["dataset", "cat", "lab/occupancy", "datatest.txt"]);
+    assert_eq!(out.stdout, t);
+
+    // B downloads everything; both pass a full check.
+    let v = json(
+        &b,
+        &[
+            "dataset",
+            "prefetch",
+            "lab/occupancy@1.0.0",
+            "lab/occupancy",
+        ],
+    );
+    assert!(v["chunks"].as_u64().unwrap() > 0, "{v}");
+    let fb = fsck_json(&b, true);
+    assert_eq!(fb["remote_chunks"], 0, "{fb}");
+    fsck_json(&a, true);
+}
+
+#[test]
+fn concurrent_pushes_to_one_dataset_lose_nothing_and_a_clone_from_the_bucket_lists_every_version() {
+    let s3 = S3Server::start();
+    s3.bucket("race");
+    let ep = s3.endpoint();
+    let url = "s3://race/r";
+    let a = Sandbox::new();
+    let seed = a.path("seed");
+    std::fs::create_dir_all(&seed).unwrap();
+    std::fs::write(seed.join("base.csv"), b"a,b\n1,2\n").unwrap();
+    ok(&a, &["dataset", "sync", "p/d", seed.to_str().unwrap()]);
+    ok(&a, &["remote", "add", "origin", url, "--endpoint", &ep]);
+    ok(&a, &["push"]);
+    let b = clone(url, Some(&ep), false);
+
+    const ROUNDS: usize = 20;
+    let push_until_accepted = |s: &Sandbox, who: &str, round: usize| {
+        let folder = s.path(&format!("{who}{round}"));
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(
+            folder.join(format!("{who}.csv")),
+            format!("{who},{round}\n"),
+        )
+        .unwrap();
+        ok(
+            s,
+            &[
+                "dataset",
+                "sync",
+                "p/d",
+                folder.to_str().unwrap(),
+                "--dataset-path",
+                &format!("{who}/{round}"),
+            ],
+        );
+        for attempt in 0..10 {
+            let out = run(s, &["push"]);
+            if out.status.success() {
+                return attempt;
+            }
+            let err = stderr(&out);
+            assert!(
+                err.contains("rejected") && err.contains("pull"),
+                "{who} push: {err}"
+            );
+            ok(s, &["fetch"]);
+        }
+        panic!("{who} could not push round {round} in 10 attempts");
+    };
+    let mut rejections = 0;
+    for round in 0..ROUNDS {
+        let (ra, rb) = std::thread::scope(|sc| {
+            let ha = sc.spawn(|| push_until_accepted(&a, "a", round));
+            let hb = sc.spawn(|| push_until_accepted(&b, "b", round));
+            (ha.join().unwrap(), hb.join().unwrap())
+        });
+        rejections += ra + rb;
+    }
+    ok(&a, &["fetch"]);
+    ok(&b, &["fetch"]);
+    let ids_a = version_ids(&a, "p/d");
+    assert_eq!(ids_a.len(), 1 + 2 * ROUNDS, "versions on A");
+    assert_eq!(ids_a, version_ids(&b, "p/d"));
+    // Version strings stayed unique through the rebases.
+    let strings: BTreeSet<String> = json(&a, &["dataset", "list", "p/d"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(strings.len(), 1 + 2 * ROUNDS);
+    // A repository rebuilt from the bucket alone lists every version.
+    let c = clone(url, Some(&ep), false);
+    assert_eq!(version_ids(&c, "p/d"), ids_a);
+    // And every round's file is readable from it.
+    for round in [0, ROUNDS / 2, ROUNDS - 1] {
+        for who in ["a", "b"] {
+            let p = format!("{who}/{round}/{who}.csv");
+            let versions = json(&c, &["dataset", "list", "p/d"]);
+            let holder = versions
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| {
+                    run(&c, &["dataset", "cat", v["id"].as_str().unwrap(), &p])
+                        .status
+                        .success()
+                })
+                .unwrap_or_else(|| panic!("no version holds {p}"));
+            let out = run(&c, &["dataset", "cat", holder["id"].as_str().unwrap(), &p]);
+            assert_eq!(stdout(&out), format!("{who},{round}\n"));
+        }
+    }
+    fsck_json(&c, false);
+    eprintln!("{ROUNDS} rounds, {rejections} pushes rejected and retried after a fetch");
+}
+
+#[test]
+fn a_killed_push_leaves_no_half_version_and_the_next_push_resumes() {
+    let a = Sandbox::new();
+    let remote = a.path("remote");
+    let data = a.path("big");
+    std::fs::create_dir_all(&data).unwrap();
+    // About 100 MB of incompressible data: several packs.
+    for i in 0..5u64 {
+        std::fs::write(data.join(format!("f{i}.bin")), noise(i + 1, 20 << 20)).unwrap();
+    }
+    ok(&a, &["dataset", "sync", "p/big", data.to_str().unwrap()]);
+    ok(&a, &["remote", "add", "origin", remote.to_str().unwrap()]);
+    // Killed after its second upload.
+    let out = run(&a, &["push", "--abort-after-uploads", "2"]);
+    assert!(!out.status.success(), "the push was not aborted");
+    let packs_after_kill = std::fs::read_dir(remote.join("packs")).unwrap().count();
+    assert!(packs_after_kill >= 2, "{packs_after_kill} packs");
+    // Nobody sees a version: no dataset document was written.
+    let c = clone(remote.to_str().unwrap(), None, false);
+    assert!(json(&c, &["dataset", "list"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // The next push completes and does not upload what is there.
+    let p = json(&a, &["push"]);
+    assert_eq!(p["datasets"][0]["status"], "pushed", "{p}");
+    let total: u64 = files_of(&data).iter().map(|(_, b)| b.len() as u64).sum();
+    let sent = p["uploaded_bytes"].as_u64().unwrap();
+    assert!(
+        sent < total - (20 << 20),
+        "resumed push sent {sent} of {total} bytes"
+    );
+    let c = clone(remote.to_str().unwrap(), None, true);
+    for (name, bytes) in files_of(&data) {
+        let out = run(&c, &["dataset", "cat", "p/big", &name]);
+        assert_eq!(out.stdout, bytes, "{name}");
+    }
+    fsck_json(&c, true);
+}
+
+/// The largest pack on a folder remote.
+fn largest_pack(remote: &Path) -> PathBuf {
+    std::fs::read_dir(remote.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap()
+}
+
+#[test]
+fn damaged_or_missing_objects_on_the_remote_are_named_and_never_served() {
+    let a = Sandbox::new();
+    let remote = a.path("remote");
+    let data = a.path("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let content = noise(7, 3 << 20);
+    std::fs::write(data.join("x.bin"), &content).unwrap();
+    ok(&a, &["dataset", "sync", "p/x", data.to_str().unwrap()]);
+    ok(&a, &["remote", "add", "origin", remote.to_str().unwrap()]);
+    ok(&a, &["push"]);
+    let b = clone(remote.to_str().unwrap(), None, false);
+
+    // Flip one byte inside the chunk data of the largest pack.
+    let pack = largest_pack(&remote);
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[1000] ^= 0x40;
+    std::fs::write(&pack, &bytes).unwrap();
+    let out = run(&b, &["dataset", "cat", "p/x", "x.bin"]);
+    assert!(!out.status.success(), "a damaged chunk was served");
+    let name = pack.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(stderr(&out).contains(&name), "{}", stderr(&out));
+    assert!(stderr(&out).contains("damaged"), "{}", stderr(&out));
+    assert!(
+        content.starts_with(&out.stdout),
+        "wrong bytes were written out"
+    );
+
+    // A missing pack is named too.
+    std::fs::remove_file(&pack).unwrap();
+    let out = run(&b, &["dataset", "cat", "p/x", "x.bin"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(&name), "{}", stderr(&out));
+
+    // A truncated pack fails a fetch, naming it; nothing is imported.
+    bytes[1000] ^= 0x40;
+    let short = &bytes[..bytes.len() - 10];
+    let other = remote
+        .join("packs")
+        .join(format!("{}.pack", "ab".repeat(32)));
+    std::fs::write(&other, short).unwrap();
+    let before = version_ids(&b, "p/x");
+    let out = run(&b, &["fetch"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(&"ab".repeat(32)), "{}", stderr(&out));
+    assert_eq!(version_ids(&b, "p/x"), before);
+}
+
+#[test]
+fn dropped_connections_are_retried() {
+    let s3 = S3Server::start();
+    s3.bucket("flaky");
+    // Every third connection breaks after 2 KiB of the server's answer.
+    let proxy = FaultProxy::start(s3.port, 3, 2048);
+    let ep = proxy.endpoint();
+    let a = Sandbox::new();
+    let data = a.path("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..4u64 {
+        std::fs::write(data.join(format!("f{i}.bin")), noise(i + 100, 1 << 20)).unwrap();
+    }
+    ok(&a, &["dataset", "sync", "p/f", data.to_str().unwrap()]);
+    ok(
+        &a,
+        &["remote", "add", "origin", "s3://flaky/x", "--endpoint", &ep],
+    );
+    ok(&a, &["push"]);
+    let b = clone("s3://flaky/x", Some(&ep), false);
+    for (name, bytes) in files_of(&data) {
+        let out = run(&b, &["dataset", "cat", "p/f", &name]);
+        assert!(out.status.success(), "cat {name}: {}", stderr(&out));
+        assert_eq!(out.stdout, bytes, "{name}");
+    }
+    let drops = proxy.dropped.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        drops > 0,
+        "the proxy dropped nothing: the test tested nothing"
+    );
+}
+
+#[test]
+fn bad_input_is_refused_clearly_and_changes_nothing() {
+    let s3 = S3Server::start();
+    s3.bucket("exists");
+    let ep = s3.endpoint();
+    let a = Sandbox::new();
+    let data = a.path("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("a.txt"), b"a\n").unwrap();
+    ok(&a, &["dataset", "sync", "p/a", data.to_str().unwrap()]);
+    let remotes = || json(&a, &["remote", "list"]);
+
+    let out = run(&a, &["push", "nope"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no remote named 'nope'"),
+        "{}",
+        stderr(&out)
+    );
+
+    for url in ["ftp://host/x", "s3:///nobucket", "not a url:"] {
+        let out = run(&a, &["remote", "add", "x", url]);
+        assert_eq!(out.status.code(), Some(1), "{url}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("invalid remote URL"),
+            "{url}: {}",
+            stderr(&out)
+        );
+    }
+    let out = run(
+        &a,
+        &["remote", "add", "x", "s3://missing/p", "--endpoint", &ep],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("bucket does not exist"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("s3://missing/p"), "{}", stderr(&out));
+    let out = run(
+        &a,
+        &[
+            "remote",
+            "add",
+            "x",
+            "s3://exists/p",
+            "--endpoint",
+            "http://127.0.0.1:1",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("s3://exists/p"), "{}", stderr(&out));
+    assert_eq!(remotes(), serde_json::json!([]));
+
+    // A remote written by a newer dsv: refused on add and on fetch.
+    let newer = a.path("newer");
+    std::fs::create_dir_all(&newer).unwrap();
+    std::fs::write(
+        newer.join("dsv-remote.json"),
+        br#"{"format": 99, "features": ["x"]}"#,
+    )
+    .unwrap();
+    let out = run(&a, &["remote", "add", "n", newer.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("newer dsv"), "{}", stderr(&out));
+    ok(
+        &a,
+        &["remote", "add", "n", newer.to_str().unwrap(), "--no-check"],
+    );
+    let before = json(&a, &["dataset", "list"]);
+    for cmd in ["fetch", "push"] {
+        let out = run(&a, &[cmd, "n"]);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("newer dsv"),
+            "{cmd}: {}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(json(&a, &["dataset", "list"]), before);
+    assert!(!newer.join("packs").exists(), "a refused push wrote packs");
+
+    // Clone of a URL with nothing there creates nothing.
+    let target = a.path("clone-target");
+    let out = run(
+        &a,
+        &[
+            "clone",
+            "s3://exists/empty",
+            target.to_str().unwrap(),
+            "--endpoint",
+            &ep,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(!target.exists());
+}
