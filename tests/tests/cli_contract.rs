@@ -355,6 +355,26 @@ fn every_command_prints_one_json_document_with_json() {
     json_ok(&s, c, "trigger remove", &["trigger", "remove", "tm"]);
     json_ok(&s, c, "events", &["events"]);
 
+    // Remotes (a folder remote: no server needed).
+    let remote = s.path("remote");
+    let remote = remote.to_str().unwrap();
+    json_ok(&s, c, "remote add", &["remote", "add", "origin", remote]);
+    json_ok(&s, c, "remote list", &["remote", "list"]);
+    let pushed = json_ok(&s, c, "push", &["push"]);
+    assert!(pushed["uploaded_bytes"].as_u64().unwrap() > 0, "{pushed}");
+    json_ok(&s, c, "fetch", &["fetch"]);
+    json_ok(&s, c, "pull", &["pull", "origin"]);
+    json_ok(
+        &s,
+        c,
+        "dataset prefetch",
+        &["dataset", "prefetch", "p/small"],
+    );
+    let cloned = s.path("cloned");
+    let cl = json_ok(&s, c, "clone", &["clone", remote, cloned.to_str().unwrap()]);
+    assert!(!cl["datasets"].as_array().unwrap().is_empty(), "{cl}");
+    json_ok(&s, c, "remote remove", &["remote", "remove", "origin"]);
+
     // Cache and repository.
     json_ok(&s, c, "cache list", &["cache", "list"]);
     json_ok(&s, c, "cache size", &["cache", "size"]);

@@ -831,6 +831,9 @@ pub struct FetchReport {
     pub chunk_bytes: u64,
 }
 
+/// Objects with their canonical encodings.
+type Objects = Vec<(ObjectId, Vec<u8>)>;
+
 /// Downloads the objects below `roots` this repository lacks.
 fn fetch_objects(
     repo: &Repo,
@@ -838,7 +841,7 @@ fn fetch_objects(
     storage: &dyn PackStorage,
     roots: Vec<ObjectId>,
     progress: &dyn Progress,
-) -> Result<(Vec<(ObjectId, Vec<u8>)>, u64)> {
+) -> Result<(Objects, u64)> {
     let store = repo.store();
     let kv = store.reader();
     let mut out = Vec::new();
@@ -1127,30 +1130,32 @@ fn prefetch_with(
     let mut bi = 0;
     let mut count = 0u64;
     let mut bytes = 0u64;
-    let mut gen = std::iter::from_fn(|| loop {
-        if let Some(x) = pending.pop_front() {
-            if let Ok((_, c)) = &x {
-                count += 1;
-                bytes += c.stored.len() as u64;
-            }
-            return Some(x);
-        }
-        let batch = batches.get(bi)?;
-        bi += 1;
-        let (ri, _, _) = batch[0];
-        let (_, storage) = &remotes[ri];
-        let pairs: Vec<([u8; 32], RemoteLoc)> = batch.iter().map(|(_, id, l)| (*id, *l)).collect();
-        match fetch_records(*storage, &pairs, &|n| progress.bytes(n)) {
-            Ok(got) => {
-                for ((id, _), c) in pairs.iter().zip(got) {
-                    pending.push_back(Ok((ChunkId(*id), c)));
+    {
+        let mut gen = std::iter::from_fn(|| loop {
+            if let Some(x) = pending.pop_front() {
+                if let Ok((_, c)) = &x {
+                    count += 1;
+                    bytes += c.stored.len() as u64;
                 }
+                return Some(x);
             }
-            Err(e) => pending.push_back(Err(e)),
-        }
-    });
-    store.import_chunks(&mut gen)?;
-    drop(gen);
+            let batch = batches.get(bi)?;
+            bi += 1;
+            let (ri, _, _) = batch[0];
+            let (_, storage) = &remotes[ri];
+            let pairs: Vec<([u8; 32], RemoteLoc)> =
+                batch.iter().map(|(_, id, l)| (*id, *l)).collect();
+            match fetch_records(*storage, &pairs, &|n| progress.bytes(n)) {
+                Ok(got) => {
+                    for ((id, _), c) in pairs.iter().zip(got) {
+                        pending.push_back(Ok((ChunkId(*id), c)));
+                    }
+                }
+                Err(e) => pending.push_back(Err(e)),
+            }
+        });
+        store.import_chunks(&mut gen)?;
+    }
     progress.finish_phase();
     Ok((count, bytes))
 }

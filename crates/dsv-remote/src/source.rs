@@ -11,13 +11,12 @@ use crate::cache::ChunkCache;
 use crate::keys::{self, RemoteLoc, RemoteRecord};
 use crate::open::{open_storage, Connect};
 
+/// A remote's storage, opened on first use (the error as text).
+type Lazy = OnceLock<std::result::Result<Arc<dyn PackStorage>, String>>;
+
 /// Reads missing chunks from the repository's remotes (through the cache).
 pub struct RemoteSource {
-    remotes: Vec<(
-        String,
-        RemoteRecord,
-        OnceLock<std::result::Result<Arc<dyn PackStorage>, String>>,
-    )>,
+    remotes: Vec<(String, RemoteRecord, Lazy)>,
     connect: Connect,
     cache: ChunkCache,
 }
