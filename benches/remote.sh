@@ -27,6 +27,8 @@ DSV="${DSV:-$TARGET/release/dsv}"
 GEN="${GEN:-$TARGET/release/dsv-gen}"
 DSV="$(realpath "$DSV")"; GEN="$(realpath "$GEN")"
 mkdir -p "$WORK"
+# Local plain-HTTP endpoints: a CA bundle from the environment only trips the peers.
+unset AWS_CA_BUNDLE
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_DEFAULT_REGION=us-east-1 RESTIC_PASSWORD=bench
 have() { command -v "$1" >/dev/null 2>&1; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

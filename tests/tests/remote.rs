@@ -540,3 +540,55 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(!target.exists());
 }
+
+#[test]
+fn a_lazy_clone_reads_for_root_and_for_an_unprivileged_user_and_sync_push_uploads_in_one_step() {
+    let a = Sandbox::new();
+    let remote = a.path("remote");
+    let data = a.path("data");
+    copy_files(&occupancy_dir(), &data);
+    ok(&a, &["remote", "add", "origin", remote.to_str().unwrap()]);
+    // The "upload" button: one command stores the version and pushes it.
+    let v = json(
+        &a,
+        &[
+            "dataset",
+            "sync",
+            "lab/occ",
+            data.to_str().unwrap(),
+            "--push",
+        ],
+    );
+    assert_eq!(v["changed"], true, "{v}");
+    let b = clone(remote.to_str().unwrap(), None, false);
+    let want = std::fs::read(data.join("datatraining.txt")).unwrap();
+    // As root (the cache is written) …
+    let out = run(&b, &["dataset", "cat", "lab/occ", "datatraining.txt"]);
+    assert_eq!(out.stdout, want);
+    // … and as an unprivileged user on a repository it may read but whose
+    // cache it may not write: still served, checked, nothing written.
+    let c = clone(remote.to_str().unwrap(), None, false);
+    if dsv_tests::is_root() {
+        // The repository is open to everyone; its cache folder is not.
+        dsv_tests::open_to_everyone(c.dir.path());
+        dsv_tests::open_to_everyone(&remote);
+        let cache = c.repo().join(".dsv/remote-cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        let ok = std::process::Command::new("chmod")
+            .args(["0755"])
+            .arg(&cache)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let before = std::fs::read_dir(&cache).map(|d| d.count()).unwrap_or(0);
+        let out = dsv_tests::dsv_unprivileged(
+            &c.repo(),
+            &["dataset", "cat", "lab/occ", "datatraining.txt"],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(out.stdout, want);
+        let after = std::fs::read_dir(&cache).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(before, after, "an unprivileged read wrote the cache");
+    }
+}

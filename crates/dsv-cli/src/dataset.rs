@@ -678,29 +678,39 @@ fn sync(ctx: &Ctx, a: SyncArgs) -> Result<(), CliError> {
         None => None,
         Some(r) => Some(crate::remote_cmds::remote_for_push(&repo, r)?),
     };
-    let r = sync_inner(ctx, &repo, &project, &name, a);
-    r?;
-    if let Some(remote) = push_to {
-        let ds = repo
-            .dataset(&project, &name)?
-            .ok_or_else(|| CliError::user(format!("dataset not found: {project}/{name}")))?;
-        crate::remote_cmds::push_targets(
-            ctx,
-            &repo,
-            &remote,
-            &[dsv_remote::PushTarget::Dataset(ds)],
-        )?;
+    let doc = sync_inner(ctx, &repo, &project, &name, a)?;
+    let pushed = match push_to {
+        Some(remote) => {
+            let ds = repo
+                .dataset(&project, &name)?
+                .ok_or_else(|| CliError::user(format!("dataset not found: {project}/{name}")))?;
+            crate::remote_cmds::push_targets(
+                ctx,
+                &repo,
+                &remote,
+                &[dsv_remote::PushTarget::Dataset(ds)],
+            )?
+        }
+        None => None,
+    };
+    // One JSON document: the sync's, with the push's report in it.
+    if let Some(mut doc) = doc {
+        if let Some(p) = pushed {
+            doc["push"] = p;
+        }
+        return output::json(&doc);
     }
     Ok(())
 }
 
+/// Syncs and prints; with `--json` returns the document instead.
 fn sync_inner(
     ctx: &Ctx,
     repo: &Repo,
     project: &str,
     name: &str,
     a: SyncArgs,
-) -> Result<(), CliError> {
+) -> Result<Option<serde_json::Value>, CliError> {
     let (project, name) = (project.to_string(), name.to_string());
     let bar = Bar::new(ctx.progress);
     let out = repo.sync(
@@ -721,19 +731,19 @@ fn sync_inner(
                 let mut doc = version_json(&v);
                 doc["changed"] = json!(true);
                 doc["changes"] = changes_json(&out.report);
-                return output::json(&doc);
+                return Ok(Some(doc));
             }
             print_report(&out.report, 50);
             print_version_line(&v);
         }
         None => {
             if ctx.json {
-                return output::json(&json!({
+                return Ok(Some(json!({
                     "changed": false,
                     "id": out.unchanged_from,
                     "unchanged": out.report.unchanged,
                     "stored_bytes": out.report.stored_bytes,
-                }));
+                })));
             }
             // Bytes stored without a new version: chunks `fsck --repair`
             // had marked damaged, stored again (every version using them is
@@ -752,7 +762,7 @@ fn sync_inner(
             );
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn show(ctx: &Ctx, a: RevArg) -> Result<(), CliError> {

@@ -403,12 +403,17 @@ impl dsv_remote::Progress for Bars {
 }
 
 /// The remote `dataset sync --push [REMOTE]` pushes to ("" = the default).
+/// The remote is reached (and its format checked) before anything is written.
 pub fn remote_for_push(repo: &Repo, given: &str) -> Result<String, CliError> {
-    if given.is_empty() {
-        return Ok(pick_remote(repo, &[])?.0);
-    }
-    dsv_remote::get_remote(repo, given)?;
-    Ok(given.to_string())
+    let name = if given.is_empty() {
+        pick_remote(repo, &[])?.0
+    } else {
+        given.to_string()
+    };
+    let rec = dsv_remote::get_remote(repo, &name)?;
+    let storage = dsv_remote::open_storage(&rec, &connect_from_env())?;
+    dsv_remote::ops::probe(&*storage)?;
+    Ok(name)
 }
 
 /// `dsv push`.
@@ -433,7 +438,10 @@ pub fn push(ctx: &Ctx, a: PushArgs) -> Result<(), CliError> {
         let v = repo.resolve(t)?;
         targets.push(PushTarget::Version(v.dataset.clone(), v.id));
     }
-    push_with(ctx, &repo, &name, &targets, a.abort_after_uploads)
+    if let Some(doc) = push_with(ctx, &repo, &name, &targets, a.abort_after_uploads)? {
+        output::json(&doc)?;
+    }
+    Ok(())
 }
 
 /// Aborts the process after `after` uploads (crash tests).
@@ -459,13 +467,14 @@ impl dsv_remote::Progress for AbortAfter<'_> {
     }
 }
 
-/// Pushes and reports (also `dataset sync --push`).
+/// Pushes and prints the report (also for `dataset sync --push`); with
+/// `--json` returns it instead, for the caller's one document.
 pub fn push_targets(
     ctx: &Ctx,
     repo: &Repo,
     name: &str,
     targets: &[PushTarget],
-) -> Result<(), CliError> {
+) -> Result<Option<serde_json::Value>, CliError> {
     push_with(ctx, repo, name, targets, None)
 }
 
@@ -475,7 +484,7 @@ fn push_with(
     name: &str,
     targets: &[PushTarget],
     abort_after: Option<u32>,
-) -> Result<(), CliError> {
+) -> Result<Option<serde_json::Value>, CliError> {
     let bars = Bars::new(ctx.progress);
     let started = std::time::Instant::now();
     let aborting = abort_after.map(|after| AbortAfter {
@@ -492,7 +501,7 @@ fn push_with(
     if ctx.json {
         let mut v = serde_json::to_value(&r).unwrap_or_default();
         v["seconds"] = json!(secs);
-        return output::json(&v);
+        return Ok(Some(v));
     }
     for d in &r.datasets {
         match d.status.as_str() {
@@ -512,7 +521,7 @@ fn push_with(
         r.chunks,
         r.objects
     );
-    Ok(())
+    Ok(None)
 }
 
 fn dataset_filter(repo: &Repo, rest: &[String]) -> Result<Option<Vec<dsv::DatasetId>>, CliError> {

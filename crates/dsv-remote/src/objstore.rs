@@ -26,7 +26,7 @@ use dsv_store::{Error, Result};
 /// Uploads and downloads in flight at once.
 pub const CONCURRENCY: usize = 8;
 /// Objects larger than this are uploaded in parts.
-pub const MULTIPART_ABOVE: usize = 32 << 20;
+pub const MULTIPART_ABOVE: usize = 64 << 20;
 /// Part size of multipart uploads.
 pub const PART_SIZE: usize = 8 << 20;
 /// Ranges closer than this are read with one request.
@@ -590,5 +590,15 @@ mod tests {
             .is_err());
         assert_eq!(s.get("refs/x.json").unwrap().unwrap().data, b"d");
         assert_eq!(s.list("refs/").unwrap().len(), 1);
+        // An object above the multipart threshold goes up in parts and
+        // reads back whole; a second upload of the name is skipped.
+        let big: Vec<u8> = (0..MULTIPART_ABOVE + 3 * PART_SIZE / 2)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        for _ in 0..2 {
+            let mut one = std::iter::once(Ok(("packs/big.pack".to_string(), big.clone())));
+            assert_eq!(s.put_many(&mut one, &|_| {}).unwrap(), big.len() as u64);
+        }
+        assert_eq!(s.get("packs/big.pack").unwrap().unwrap().data, big);
     }
 }

@@ -231,7 +231,7 @@ fn record_packs(repo: &Repo, name: &str, packs: &[(String, u64, Vec<IndexEntry>)
     if packs.is_empty() {
         return Ok(());
     }
-    repo.store().write(|kv| {
+    repo.store().write(|_| {
         let mut b = Batch::default();
         for (hash, size, entries) in packs {
             let mut raw = [0u8; 32];
@@ -240,10 +240,8 @@ fn record_packs(repo: &Repo, name: &str, packs: &[(String, u64, Vec<IndexEntry>)
             })?;
             b.put(Cf::App, keys::pack(name, hash), size.to_le_bytes().to_vec());
             for e in entries {
+                // A later pack holding the same record is as good a place.
                 let k = keys::index_entry(name, &e.id);
-                if kv.contains(Cf::App, &k)? {
-                    continue;
-                }
                 let loc = RemoteLoc {
                     pack: raw,
                     offset: e.offset,
@@ -428,30 +426,55 @@ fn lazy_hint(c: &ChunkId) -> Error {
     ))
 }
 
+/// What a push sends: objects with their records (children before
+/// parents) and chunks with their locations here.
+type Missing = (
+    Vec<(ObjectId, dsv_store::import::ObjectRecord)>,
+    Vec<(ChunkId, dsv_store::schema::ChunkLoc)>,
+);
+
 /// Objects (children before parents) and chunks below `roots` that the
-/// remote `name` does not hold.
-fn missing_below(
-    repo: &Repo,
-    name: &str,
-    roots: &[VersionId],
-) -> Result<(Vec<ObjectId>, Vec<ChunkId>)> {
+/// remote `name` does not hold; each object and chunk index entry is read
+/// once.
+fn missing_below(repo: &Repo, name: &str, roots: &[VersionId]) -> Result<Missing> {
     let store = repo.store();
     let kv = store.reader();
+    // A remote this repository knows nothing of (a first push) holds
+    // nothing of ours: no lookups.
+    let mut any = false;
+    kv.scan(
+        Cf::App,
+        &keys::scoped(keys::REMOTE_INDEX, name),
+        &mut |_, _| {
+            any = true;
+            Ok(false)
+        },
+    )?;
+    let has = |kv: &dyn KvRead, name: &str, id: &[u8; 32]| -> Result<bool> {
+        if any {
+            has(kv, name, id)
+        } else {
+            Ok(false)
+        }
+    };
     let mut objs = Vec::new();
     let mut chunks = Vec::new();
     let mut seen_o: HashSet<ObjectId> = HashSet::new();
     let mut seen_c: HashSet<ChunkId> = HashSet::new();
+    let mut pending: HashMap<ObjectId, dsv_store::import::ObjectRecord> = HashMap::new();
     let mut stack: Vec<(ObjectId, bool)> =
         roots.iter().rev().map(|v| (ObjectId(v.0), false)).collect();
     while let Some((id, expanded)) = stack.pop() {
         if expanded {
-            objs.push(id);
+            let rec = pending.remove(&id).expect("read when expanded");
+            objs.push((id, rec));
             continue;
         }
         if !seen_o.insert(id) || has(&*kv, name, id.as_bytes())? {
             continue;
         }
-        let obj = store.object(&id)?;
+        let (obj, rec) = store.object_with_record(&id)?;
+        pending.insert(id, rec);
         let (children, cs) = references(&obj);
         stack.push((id, true));
         for c in children.into_iter().rev() {
@@ -461,7 +484,11 @@ fn missing_below(
         }
         for c in cs {
             if seen_c.insert(c) && !has(&*kv, name, c.as_bytes())? {
-                chunks.push(c);
+                let loc = store.chunk_loc(&c).map_err(|e| match e {
+                    dsv_store::Error::NotFound { .. } => lazy_hint(&c),
+                    e => e.into(),
+                })?;
+                chunks.push((c, loc));
             }
         }
     }
@@ -472,10 +499,10 @@ type Built = Mutex<Vec<(String, u64, Vec<IndexEntry>)>>;
 
 /// Packs `items` (read by `read`) into bundles of about [`PACK_TARGET`]
 /// bytes, produced lazily for [`PackStorage::put_many`].
-fn bundles<'a, T: Copy + 'a>(
+fn bundles<'a, T: 'a>(
     items: &'a [T],
     kind: EntryKind,
-    read: impl Fn(T) -> Result<([u8; 32], u8, u32, Vec<u8>)> + 'a,
+    read: impl Fn(&'a T) -> Result<([u8; 32], u8, u32, Vec<u8>)> + 'a,
     built: &'a Built,
 ) -> impl Iterator<Item = dsv_store::Result<(String, Vec<u8>)>> + 'a {
     let mut it = items.iter();
@@ -485,7 +512,7 @@ fn bundles<'a, T: Copy + 'a>(
             return None;
         }
         let mut b = BundleBuilder::new();
-        for &item in it.by_ref() {
+        for item in it.by_ref() {
             match read(item) {
                 Ok((id, codec, raw_len, data)) => b.add(kind, id, codec, raw_len, &data),
                 Err(e) => {
@@ -512,6 +539,37 @@ fn bundles<'a, T: Copy + 'a>(
         ));
         Some(Ok((name, p.bytes)))
     })
+}
+
+/// The labeling tool's "upload" button in one call: makes
+/// `project/name`'s newest version match `folder` (see [`Repo::sync`]) and
+/// pushes the dataset to the remote `remote`. The remote is checked before
+/// anything is written here.
+pub fn sync_and_push(
+    repo: &Repo,
+    remote: &str,
+    project: &str,
+    dataset: &str,
+    folder: &std::path::Path,
+    opts: &dsv::repo::SyncOptions<'_>,
+    connect: &Connect,
+    progress: &dyn Progress,
+) -> Result<(dsv::repo::SyncOutcome, PushReport)> {
+    let rec = get_remote(repo, remote)?;
+    let storage = open_storage(&rec, connect)?;
+    probe(&*storage)?;
+    let out = repo.sync(project, dataset, folder, opts)?;
+    let ds = repo
+        .dataset(project, dataset)?
+        .ok_or_else(|| invalid(format!("dataset not found: {project}/{dataset}")))?;
+    let report = push_to(
+        repo,
+        remote,
+        &*storage,
+        &[PushTarget::Dataset(ds)],
+        progress,
+    )?;
+    Ok((out, report))
 }
 
 /// Pushes datasets or versions to the remote `name`.
@@ -586,16 +644,18 @@ pub fn push_to(
     let (objs, chunks) = missing_below(repo, name, &roots)?;
     let store = repo.store();
     if !chunks.is_empty() {
-        progress.phase("uploading chunks", None);
+        // The bar's total: the chunks' stored bytes and record headers.
+        let total: u64 = chunks
+            .iter()
+            .map(|(_, l)| l.stored_len as u64 + dsv_store::pack::RECORD_HEADER_LEN)
+            .sum();
+        progress.phase("uploading chunks", Some(total));
         let built: Built = Mutex::new(Vec::new());
         let mut gen = bundles(
             &chunks,
             EntryKind::Chunk,
-            |c: ChunkId| {
-                let (loc, data) = store.read_stored_chunk(&c).map_err(|e| match e {
-                    dsv_store::Error::NotFound { .. } => lazy_hint(&c),
-                    e => e.into(),
-                })?;
+            |(c, loc): &(ChunkId, dsv_store::schema::ChunkLoc)| {
+                let data = store.read_stored_at(c, loc)?;
                 Ok((c.0, loc.codec, loc.raw_len, data))
             },
             &built,
@@ -620,9 +680,8 @@ pub fn push_to(
         let gen = bundles(
             &objs,
             EntryKind::Object,
-            |o: ObjectId| {
-                let r = store.object_record(&o)?;
-                Ok((o.0, r.codec, r.raw_len, r.data))
+            |(o, r): &(ObjectId, dsv_store::import::ObjectRecord)| {
+                Ok((o.0, r.codec, r.raw_len, r.data.clone()))
             },
             &built,
         );

@@ -64,6 +64,23 @@ impl Store {
         Ok((loc, data))
     }
 
+    /// The stored bytes of a chunk at a location read before (one index
+    /// lookup fewer than [`Store::read_stored_chunk`]).
+    pub fn read_stored_at(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>> {
+        self.pack_reader().read_stored(id, loc)
+    }
+
+    /// An object decoded, and as a pack record carries it — one read.
+    pub fn object_with_record(&self, id: &ObjectId) -> Result<(Object, ObjectRecord)> {
+        let v = self
+            .reader()
+            .get(Cf::Objects, id.as_bytes())?
+            .ok_or_else(|| Error::not_found(crate::error::Kind::Object, id.to_hex()))?;
+        let what = format!("object {id}");
+        let obj = Object::decode(&stored::unwrap(&v, &what)?, &what)?;
+        Ok((obj, record_of(v, &what)?))
+    }
+
     /// An object as a pack record carries it (its stored form, unwrapped
     /// into codec, canonical length and data; nothing is recompressed).
     pub fn object_record(&self, id: &ObjectId) -> Result<ObjectRecord> {
@@ -71,22 +88,27 @@ impl Store {
             .reader()
             .get(Cf::Objects, id.as_bytes())?
             .ok_or_else(|| Error::not_found(crate::error::Kind::Object, id.to_hex()))?;
-        let what = format!("object {id}");
-        match v.first() {
-            Some(&stored::CODEC_RAW) => Ok(ObjectRecord {
-                codec: 0,
-                raw_len: (v.len() - 1) as u32,
-                data: v[1..].to_vec(),
-            }),
-            Some(&stored::CODEC_ZSTD) if v.len() >= 5 => Ok(ObjectRecord {
-                codec: 1,
-                raw_len: u32::from_le_bytes(v[1..5].try_into().expect("4 bytes")),
-                data: v[5..].to_vec(),
-            }),
-            _ => Err(Error::corrupted(what, "unknown object codec")),
-        }
+        record_of(v, &format!("object {id}"))
     }
+}
 
+fn record_of(v: Vec<u8>, what: &str) -> Result<ObjectRecord> {
+    match v.first() {
+        Some(&stored::CODEC_RAW) => Ok(ObjectRecord {
+            codec: 0,
+            raw_len: (v.len() - 1) as u32,
+            data: v[1..].to_vec(),
+        }),
+        Some(&stored::CODEC_ZSTD) if v.len() >= 5 => Ok(ObjectRecord {
+            codec: 1,
+            raw_len: u32::from_le_bytes(v[1..5].try_into().expect("4 bytes")),
+            data: v[5..].to_vec(),
+        }),
+        _ => Err(Error::corrupted(what, "unknown object codec")),
+    }
+}
+
+impl Store {
     /// Whether an object is stored here.
     pub fn has_object(&self, id: &ObjectId) -> Result<bool> {
         self.reader().contains(Cf::Objects, id.as_bytes())
