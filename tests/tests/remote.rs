@@ -592,3 +592,46 @@ fn a_lazy_clone_reads_for_root_and_for_an_unprivileged_user_and_sync_push_upload
         assert_eq!(before, after, "an unprivileged read wrote the cache");
     }
 }
+
+#[test]
+fn a_wiped_remote_gets_everything_again_and_a_chunk_damaged_here_is_never_pushed() {
+    let a = Sandbox::new();
+    let remote = a.path("remote");
+    let data = a.path("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let content = noise(11, 2 << 20);
+    std::fs::write(data.join("x.bin"), &content).unwrap();
+    ok(&a, &["dataset", "sync", "p/x", data.to_str().unwrap()]);
+    ok(&a, &["remote", "add", "origin", remote.to_str().unwrap()]);
+    ok(&a, &["push"]);
+    // The bucket is emptied: this repository's record of it is stale, and
+    // the next push notices and sends everything again.
+    std::fs::remove_dir_all(&remote).unwrap();
+    let p = json(&a, &["push"]);
+    assert!(
+        p["uploaded_bytes"].as_u64().unwrap() > content.len() as u64 / 2,
+        "{p}"
+    );
+    let c = clone(remote.to_str().unwrap(), None, true);
+    assert_eq!(run(&c, &["dataset", "cat", "p/x", "x.bin"]).stdout, content);
+
+    // A stored chunk rots here: a push refuses to send it, naming it.
+    std::fs::remove_dir_all(&remote).unwrap();
+    let packs = a.repo().join(".dsv/packs");
+    let pack = std::fs::read_dir(&packs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[5000] ^= 0x10;
+    std::fs::write(&pack, &bytes).unwrap();
+    let out = run(&a, &["push"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("chunk"), "{}", stderr(&out));
+    let docs = remote.join("datasets");
+    assert!(
+        !docs.exists() || std::fs::read_dir(&docs).unwrap().next().is_none(),
+        "a dataset document was published over damaged content"
+    );
+}

@@ -74,15 +74,20 @@ impl ChunkCache {
         let _ = std::fs::remove_file(self.path(id));
     }
 
-    /// Keeps a chunk (best effort).
-    pub fn put(&self, id: &ChunkId, c: &FetchedChunk) {
+    /// The byte budget.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Keeps a chunk (best effort); whether it was kept.
+    pub fn put(&self, id: &ChunkId, c: &FetchedChunk) -> bool {
         if self.budget == 0 {
-            return;
+            return false;
         }
         let p = self.path(id);
-        let Some(dir) = p.parent() else { return };
+        let Some(dir) = p.parent() else { return false };
         if std::fs::create_dir_all(dir).is_err() {
-            return;
+            return false;
         }
         let tmp = dir.join(format!(".{}.{}", id.to_hex(), std::process::id()));
         let mut v = Vec::with_capacity(5 + c.stored.len());
@@ -91,13 +96,14 @@ impl ChunkCache {
         v.extend_from_slice(&c.stored);
         if std::fs::write(&tmp, &v).is_err() || std::fs::rename(&tmp, &p).is_err() {
             let _ = std::fs::remove_file(&tmp);
-            return;
+            return false;
         }
         self.ensure_scanned();
         let used = self.used.fetch_add(v.len() as u64, Ordering::Relaxed) + v.len() as u64;
         if used > self.budget {
             self.evict();
         }
+        true
     }
 
     fn ensure_scanned(&self) {

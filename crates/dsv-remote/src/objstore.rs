@@ -2,7 +2,8 @@
 //! GCS, Azure, memory) through the `object_store` crate.
 //!
 //! The requests run on this storage's own tokio runtime (two I/O threads),
-//! never on the caller's compute pool: a batch call hands its requests to
+//! never on the caller's compute pool (so its blocking calls must not be
+//! made from inside another tokio runtime's task; use `spawn_blocking`): a batch call hands its requests to
 //! the runtime and waits for them; uploads overlap with the caller
 //! producing the next pack. Transient failures (connection resets,
 //! timeouts, 5xx, throttling) are retried by the client with exponential
@@ -163,6 +164,28 @@ where
     }
 }
 
+/// The opaque entity tag callers keep: the object's ETag, and its version
+/// where the store has one (GCS generations), joined by a newline.
+fn token(e_tag: Option<String>, version: Option<String>) -> Option<String> {
+    match (e_tag, version) {
+        (e, None) => e,
+        (e, Some(v)) => Some(format!("{}\n{v}", e.unwrap_or_default())),
+    }
+}
+
+fn untoken(t: String) -> UpdateVersion {
+    match t.split_once('\n') {
+        Some((e, v)) => UpdateVersion {
+            e_tag: (!e.is_empty()).then(|| e.to_string()),
+            version: Some(v.to_string()),
+        },
+        None => UpdateVersion {
+            e_tag: Some(t),
+            version: None,
+        },
+    }
+}
+
 /// Merges sorted ranges of one object that are closer than `gap`.
 pub fn coalesce(ranges: &[Range<u64>], gap: u64) -> Vec<Range<u64>> {
     let mut sorted: Vec<Range<u64>> = ranges.to_vec();
@@ -271,10 +294,7 @@ impl PackStorage for ObjectStorage {
         let mode = match mode {
             PutMode::Create => OsPutMode::Create,
             PutMode::Overwrite => OsPutMode::Overwrite,
-            PutMode::Update(etag) => OsPutMode::Update(UpdateVersion {
-                e_tag: Some(etag),
-                version: None,
-            }),
+            PutMode::Update(etag) => OsPutMode::Update(untoken(etag)),
         };
         let store = self.store.clone();
         let is_update = matches!(mode, OsPutMode::Update(_));
@@ -284,7 +304,7 @@ impl PackStorage for ObjectStorage {
                 ..Default::default()
             };
             match store.put_opts(&path, PutPayload::from(data), opts).await {
-                Ok(r) => Ok(PutOutcome::Written(r.e_tag)),
+                Ok(r) => Ok(PutOutcome::Written(token(r.e_tag, r.version))),
                 Err(object_store::Error::AlreadyExists { .. }) => Ok(PutOutcome::Exists),
                 Err(object_store::Error::Precondition { .. }) => Ok(PutOutcome::Changed),
                 // An update of an object that is gone.
@@ -357,7 +377,7 @@ impl PackStorage for ObjectStorage {
         self.rt.block_on(retrying(|| async {
             match store.get_opts(&path, GetOptions::default()).await {
                 Ok(r) => {
-                    let etag = r.meta.e_tag.clone();
+                    let etag = token(r.meta.e_tag.clone(), r.meta.version.clone());
                     let data = r.bytes().await.map_err(|e| map_err(&what, e))?;
                     Ok(Some(Got {
                         data: data.to_vec(),
@@ -511,6 +531,22 @@ impl PackStorage for ObjectStorage {
         })?;
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    fn check(&self) -> Result<()> {
+        let store = self.store.clone();
+        let prefix = self.prefix.clone();
+        let what = self.location.clone();
+        self.rt.block_on(retrying(|| async {
+            match store.list_with_delimiter(Some(&prefix)).await {
+                Ok(_) => Ok(()),
+                Err(object_store::Error::NotFound { .. }) => Err(Error::Storage {
+                    what: what.clone(),
+                    reason: "the bucket does not exist".into(),
+                }),
+                Err(e) => Err(map_err(&what, e)),
+            }
+        }))
     }
 
     fn delete(&self, name: &str) -> Result<()> {

@@ -136,7 +136,7 @@ pub fn read_manifest(storage: &dyn PackStorage) -> Result<Option<Manifest>> {
 /// credentials: a listing fails on each) and returns its manifest; `None`
 /// for an empty remote.
 pub fn probe(storage: &dyn PackStorage) -> Result<Option<Manifest>> {
-    storage.list(doc::MANIFEST)?;
+    storage.check()?;
     read_manifest(storage)
 }
 
@@ -266,19 +266,68 @@ fn record_packs(repo: &Repo, name: &str, packs: &[(String, u64, Vec<IndexEntry>)
 pub fn sync_index(repo: &Repo, name: &str, storage: &dyn PackStorage) -> Result<usize> {
     let listed = storage.list("packs/")?;
     let kv = repo.store().reader();
+    let mut known: HashSet<String> = HashSet::new();
+    let scope = keys::scoped(keys::REMOTE_PACK, name);
+    kv.scan(Cf::App, &scope, &mut |k, _| {
+        known.insert(String::from_utf8_lossy(&k[scope.len()..]).into_owned());
+        Ok(true)
+    })?;
+    let mut present: HashSet<&str> = HashSet::new();
     let mut new = Vec::new();
-    for l in listed {
+    for l in &listed {
         let Some(h) = doc::pack_hash(&l.name) else {
             continue;
         };
-        if kv.get(Cf::App, &keys::pack(name, h))?.is_none() {
+        present.insert(h);
+        if !known.contains(h) {
             new.push((l.name.clone(), h.to_string(), l.size));
         }
     }
     drop(kv);
-    if new.is_empty() {
-        return Ok(0);
+    // Packs that are gone (a bucket emptied or recreated at the same URL):
+    // forget what they held, so that a push sends it again.
+    let gone: HashSet<[u8; 32]> = known
+        .iter()
+        .filter(|h| !present.contains(h.as_str()))
+        .filter_map(|h| {
+            let mut raw = [0u8; 32];
+            hex::decode_to_slice(h, &mut raw).ok().map(|()| raw)
+        })
+        .collect();
+    if !gone.is_empty() {
+        repo.store().write(|kv| {
+            let mut b = Batch::default();
+            for h in &gone {
+                b.delete(Cf::App, keys::pack(name, &hex::encode(h)));
+            }
+            kv.scan(
+                Cf::App,
+                &keys::scoped(keys::REMOTE_INDEX, name),
+                &mut |k, v| {
+                    if v.len() == 50 && gone.contains(&v[..32]) {
+                        b.delete(Cf::App, k.to_vec());
+                    }
+                    Ok(true)
+                },
+            )?;
+            Ok((b, ()))
+        })?;
     }
+    // New packs' indexes, a thousand packs per round (bounded memory; each
+    // round is recorded).
+    let mut total = 0;
+    for batch in new.chunks(1000) {
+        total += index_packs(repo, name, storage, batch)?;
+    }
+    Ok(total)
+}
+
+fn index_packs(
+    repo: &Repo,
+    name: &str,
+    storage: &dyn PackStorage,
+    new: &[(String, String, u64)],
+) -> Result<usize> {
     let what = |n: &str| format!("{}/{n}", storage.location());
     let reqs: Vec<_> = new
         .iter()
@@ -541,27 +590,27 @@ fn bundles<'a, T: 'a>(
     })
 }
 
-/// The labeling tool's "upload" button in one call: makes
-/// `project/name`'s newest version match `folder` (see [`Repo::sync`]) and
-/// pushes the dataset to the remote `remote`. The remote is checked before
-/// anything is written here.
+/// The labeling tool's "upload" button in one call: makes `dataset`
+/// (`PROJECT/NAME`)'s newest version match `folder` (see [`Repo::sync`])
+/// and pushes the dataset to the remote `remote`. The remote is checked
+/// before anything is written here.
 pub fn sync_and_push(
     repo: &Repo,
     remote: &str,
-    project: &str,
     dataset: &str,
     folder: &std::path::Path,
     opts: &dsv::repo::SyncOptions<'_>,
     connect: &Connect,
     progress: &dyn Progress,
 ) -> Result<(dsv::repo::SyncOutcome, PushReport)> {
+    let (project, name) = dsv::rev::parse_dataset_name(dataset)?;
     let rec = get_remote(repo, remote)?;
     let storage = open_storage(&rec, connect)?;
     probe(&*storage)?;
-    let out = repo.sync(project, dataset, folder, opts)?;
+    let out = repo.sync(&project, &name, folder, opts)?;
     let ds = repo
-        .dataset(project, dataset)?
-        .ok_or_else(|| invalid(format!("dataset not found: {project}/{dataset}")))?;
+        .dataset(&project, &name)?
+        .ok_or_else(|| invalid(format!("dataset not found: {dataset}")))?;
     let report = push_to(
         repo,
         remote,
@@ -570,6 +619,64 @@ pub fn sync_and_push(
         progress,
     )?;
     Ok((out, report))
+}
+
+/// Packs of about [`PACK_TARGET`] bytes of the chunks to push, produced
+/// lazily: each pack's chunks are read front to back from the local packs
+/// and checked against their ids in parallel first, so a chunk damaged here
+/// never reaches the remote (where every other repository would trust it).
+fn chunk_bundles<'a>(
+    store: &'a dsv_store::Store,
+    chunks: &'a [(ChunkId, dsv_store::schema::ChunkLoc)],
+    built: &'a Built,
+) -> impl Iterator<Item = dsv_store::Result<(String, Vec<u8>)>> + 'a {
+    use rayon::prelude::*;
+    let mut at = 0;
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed || at >= chunks.len() {
+            return None;
+        }
+        let start = at;
+        let mut size = 0u64;
+        while at < chunks.len() && size < PACK_TARGET {
+            size += chunks[at].1.stored_len as u64 + dsv_store::pack::RECORD_HEADER_LEN;
+            at += 1;
+        }
+        let group = &chunks[start..at];
+        let datas: dsv_store::Result<Vec<Vec<u8>>> = group
+            .iter()
+            .map(|(c, l)| store.read_stored_at(c, l))
+            .collect();
+        let checked = datas.and_then(|datas| {
+            group
+                .par_iter()
+                .zip(datas.par_iter())
+                .try_for_each(|((c, l), d)| {
+                    dsv_store::compress::decode_chunk(c, l.codec, d, l.raw_len).map(|_| ())
+                })
+                .map(|()| datas)
+        });
+        let datas = match checked {
+            Ok(d) => d,
+            Err(e) => {
+                failed = true;
+                return Some(Err(e));
+            }
+        };
+        let mut b = BundleBuilder::new();
+        for ((c, l), d) in group.iter().zip(&datas) {
+            b.add(EntryKind::Chunk, c.0, l.codec, l.raw_len, d);
+        }
+        let p = b.finish();
+        let name = doc::pack_name(&p.hash);
+        built.lock().unwrap_or_else(|e| e.into_inner()).push((
+            p.hash,
+            p.bytes.len() as u64,
+            p.entries,
+        ));
+        Some(Ok((name, p.bytes)))
+    })
 }
 
 /// Pushes datasets or versions to the remote `name`.
@@ -641,7 +748,10 @@ pub fn push_to(
             }
         }
     }
-    let (objs, chunks) = missing_below(repo, name, &roots)?;
+    let (objs, mut chunks) = missing_below(repo, name, &roots)?;
+    // Read the local packs front to back (the kernel reads ahead); files
+    // stay contiguous, as ingest wrote them.
+    chunks.sort_by_key(|(_, l)| (l.pack, l.offset));
     let store = repo.store();
     if !chunks.is_empty() {
         // The bar's total: the chunks' stored bytes and record headers.
@@ -651,20 +761,13 @@ pub fn push_to(
             .sum();
         progress.phase("uploading chunks", Some(total));
         let built: Built = Mutex::new(Vec::new());
-        let mut gen = bundles(
-            &chunks,
-            EntryKind::Chunk,
-            |(c, loc): &(ChunkId, dsv_store::schema::ChunkLoc)| {
-                let data = store.read_stored_at(c, loc)?;
-                Ok((c.0, loc.codec, loc.raw_len, data))
-            },
-            &built,
-        );
+        let mut gen = chunk_bundles(store, &chunks, &built);
         let res = storage.put_many(&mut gen, &|n| progress.bytes(n));
         drop(gen);
         let built = built.into_inner().unwrap_or_else(|e| e.into_inner());
-        // Record what did go up even when a later upload failed: a retry
-        // skips it.
+        // Recorded once every upload succeeded; after a failure the next
+        // push finds the packs that did go up by listing (their names are
+        // content hashes) and reads their indexes.
         if res.is_ok() {
             record_packs(repo, name, &built)?;
         }
@@ -927,12 +1030,16 @@ fn fetch_objects(
             for ((id, l), c) in batch.iter().zip(got) {
                 bytes += c.stored.len() as u64;
                 let what = format!("{}/{}", storage.location(), l.pack_name());
-                let canonical =
-                    dsv_store::compress::decode_chunk(&ChunkId(*id), c.codec, &c.stored, c.raw_len)
-                        .map_err(|e| Error::BadRemote {
-                            location: what.clone(),
-                            reason: format!("object {} is damaged: {e}", hex::encode(id)),
-                        })?;
+                let canonical = dsv_store::import::decode_object_record(
+                    c.codec,
+                    &c.stored,
+                    c.raw_len,
+                    &format!("object {} in {what}", hex::encode(id)),
+                )
+                .map_err(|e| Error::BadRemote {
+                    location: what.clone(),
+                    reason: format!("object {} is damaged: {e}", hex::encode(id)),
+                })?;
                 let oid = ObjectId(*id);
                 let obj = dsv_store::import::check_object(&oid, &canonical, &what)?;
                 let (children, _) = references(&obj);
@@ -1019,9 +1126,37 @@ pub fn fetch_from(
                 Err(()) => conflicts.push(ours.version.clone()),
             }
         }
+        // The copy last seen keeps the old state of versions in conflict,
+        // so that a push still sees both sides changed (and is refused)
+        // rather than overwriting the remote's.
+        let mut seen_doc = d.clone();
+        if !conflicts.is_empty() {
+            let in_conflict: HashSet<VersionId> = d
+                .versions
+                .iter()
+                .filter(|v| {
+                    by_id
+                        .get(&v.id)
+                        .is_some_and(|o| conflicts.contains(&o.version))
+                })
+                .map(|v| v.id)
+                .collect();
+            seen_doc.versions = d
+                .versions
+                .iter()
+                .filter_map(|v| {
+                    if !in_conflict.contains(&v.id) {
+                        return Some(v.clone());
+                    }
+                    base.as_ref()
+                        .and_then(|t| t.doc.versions.iter().find(|b| b.id == v.id))
+                        .cloned()
+                })
+                .collect();
+        }
         let t = Tracking {
             etag: got.etag.clone(),
-            doc: d.clone(),
+            doc: seen_doc,
         };
         let extra = vec![(keys::tracking(name, &d.dataset.id), json(&t))];
         if incoming.is_empty() && updates.is_empty() {

@@ -19,7 +19,13 @@ pub struct RemoteSource {
     remotes: Vec<(String, RemoteRecord, Lazy)>,
     connect: Connect,
     cache: ChunkCache,
+    /// Cleared when the cache cannot be written (a read-only repository):
+    /// prefetching would then download every chunk twice.
+    cache_writable: std::sync::atomic::AtomicBool,
 }
+
+/// Chunks per prefetch request batch.
+const PREFETCH_BATCH: usize = 256;
 
 impl std::fmt::Debug for RemoteSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -72,6 +78,25 @@ pub fn fetch_records(
 }
 
 impl ChunkSource for RemoteSource {
+    fn prefetch(&self, kv: &dyn KvRead, ids: &[ChunkId]) -> dsv_store::Result<()> {
+        // Batches of bounded memory, and no more than half the cache (what
+        // is fetched must still be there when it is read).
+        let mut fetched = 0u64;
+        for batch in ids.chunks(PREFETCH_BATCH) {
+            if !self
+                .cache_writable
+                .load(std::sync::atomic::Ordering::Relaxed)
+                || fetched > self.cache.budget() / 2
+            {
+                break;
+            }
+            for c in self.fetch(kv, batch)?.into_iter().flatten() {
+                fetched += c.stored.len() as u64;
+            }
+        }
+        Ok(())
+    }
+
     fn has(&self, kv: &dyn KvRead, id: &ChunkId) -> dsv_store::Result<bool> {
         for (name, _, _) in &self.remotes {
             if kv.contains(Cf::App, &keys::index_entry(name, id.as_bytes()))? {
@@ -142,7 +167,10 @@ impl ChunkSource for RemoteSource {
                         reason: format!("chunk {id} is damaged on the remote: {e}"),
                     },
                 )?;
-                self.cache.put(id, &c);
+                if !self.cache.put(id, &c) {
+                    self.cache_writable
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                }
                 out[*i] = Some(c);
             }
             todo = rest;
@@ -180,6 +208,7 @@ pub fn attach(
             .collect(),
         connect: connect.clone(),
         cache: ChunkCache::new(cache_dir, cache_budget),
+        cache_writable: std::sync::atomic::AtomicBool::new(cache_budget > 0),
     };
     store.set_chunk_source(Some(Arc::new(src)));
     Ok(())

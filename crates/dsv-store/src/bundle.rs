@@ -77,7 +77,10 @@ pub struct IndexEntry {
 impl IndexEntry {
     /// The byte range of the whole record (header and data).
     pub fn record_range(&self) -> std::ops::Range<u64> {
-        self.offset..self.offset + RECORD_HEADER_LEN + self.stored_len as u64
+        self.offset
+            ..self
+                .offset
+                .saturating_add(RECORD_HEADER_LEN + self.stored_len as u64)
     }
 
     fn encode_into(&self, e: &mut Enc) {
@@ -254,7 +257,10 @@ pub fn parse_index(index: &[u8], t: &Trailer, what: &str) -> Result<Vec<IndexEnt
                 format!("unknown codec {}", ent.codec),
             ));
         }
-        if ent.offset < PACK_HEADER_LEN || ent.record_range().end > t.index_offset {
+        let end = ent
+            .offset
+            .checked_add(RECORD_HEADER_LEN + ent.stored_len as u64);
+        if ent.offset < PACK_HEADER_LEN || end.is_none_or(|e| e > t.index_offset) {
             return Err(Error::corrupted(
                 what,
                 format!("entry at offset {} lies outside the records", ent.offset),

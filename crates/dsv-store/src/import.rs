@@ -44,6 +44,30 @@ pub fn references(obj: &Object) -> (Vec<ObjectId>, Vec<ChunkId>) {
     }
 }
 
+/// The canonical bytes of an object record (codec 0 raw, 1 zstd), at most
+/// the size objects may have; the caller checks them against the id.
+pub fn decode_object_record(codec: u8, stored: &[u8], raw_len: u32, what: &str) -> Result<Vec<u8>> {
+    if raw_len as usize > stored::MAX_OBJECT {
+        return Err(Error::corrupted(
+            what,
+            format!("declared size {raw_len} exceeds {}", stored::MAX_OBJECT),
+        ));
+    }
+    let out = match codec {
+        0 => stored.to_vec(),
+        1 => zstd::bulk::decompress(stored, raw_len as usize)
+            .map_err(|e| Error::corrupted(what, format!("zstd: {e}")))?,
+        c => return Err(Error::corrupted(what, format!("unknown codec {c}"))),
+    };
+    if out.len() != raw_len as usize {
+        return Err(Error::corrupted(
+            what,
+            "decoded length differs from the record's",
+        ));
+    }
+    Ok(out)
+}
+
 /// Decodes an object's canonical bytes after checking them against `id`.
 pub fn check_object(id: &ObjectId, canonical: &[u8], what: &str) -> Result<Object> {
     let got = hash(canonical);
@@ -77,7 +101,8 @@ impl Store {
             .get(Cf::Objects, id.as_bytes())?
             .ok_or_else(|| Error::not_found(crate::error::Kind::Object, id.to_hex()))?;
         let what = format!("object {id}");
-        let obj = Object::decode(&stored::unwrap(&v, &what)?, &what)?;
+        // Checked against its id: a damaged object never leaves.
+        let obj = check_object(id, &stored::unwrap(&v, &what)?, &what)?;
         Ok((obj, record_of(v, &what)?))
     }
 
@@ -153,12 +178,28 @@ impl Store {
         chunks: &mut dyn Iterator<Item = Result<(ChunkId, FetchedChunk)>>,
     ) -> Result<u64> {
         self.check_writable()?;
+        let mut chunks = chunks.peekable();
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0u64;
+        // Indexed every IMPORT_COMMIT bytes: a download that fails late keeps
+        // what it stored before.
+        while chunks.peek().is_some() {
+            total += self.import_some(&mut chunks, &mut seen)?;
+        }
+        Ok(total)
+    }
+
+    fn import_some(
+        &self,
+        chunks: &mut dyn Iterator<Item = Result<(ChunkId, FetchedChunk)>>,
+        seen: &mut std::collections::HashSet<ChunkId>,
+    ) -> Result<u64> {
+        const IMPORT_COMMIT: u64 = 256 << 20;
         let writer = PackWriter::new(self.packs_dir(), self.config().pack_target_size);
         let mut new = Vec::new();
         let mut bytes = 0u64;
-        let mut seen = std::collections::HashSet::new();
         let mut failed = None;
-        for item in chunks {
+        for item in &mut *chunks {
             let (id, c) = match item {
                 Ok(x) => x,
                 Err(e) => {
@@ -183,30 +224,37 @@ impl Store {
                     break;
                 }
             }
+            if bytes >= IMPORT_COMMIT {
+                break;
+            }
         }
         let packs = writer.finish();
-        if let Some(e) = failed {
-            if let Ok(p) = packs {
-                p.discard();
-            }
-            return Err(e);
-        }
-        let packs = packs?;
-        if new.is_empty() {
-            packs.discard();
-            return Ok(0);
-        }
-        self.write(|kv| {
-            let mut b = Batch::default();
-            for (id, loc) in &new {
-                if !kv.contains(Cf::Chunks, id.as_bytes())? {
-                    b.put(Cf::Chunks, id.as_bytes().to_vec(), loc.encode());
-                    b.delete(Cf::Meta, schema::damaged_key(id));
+        let packs = match packs {
+            Ok(p) => p,
+            Err(e) => return Err(failed.unwrap_or(e)),
+        };
+        if !new.is_empty() {
+            let r = self.write(|kv| {
+                let mut b = Batch::default();
+                for (id, loc) in &new {
+                    if !kv.contains(Cf::Chunks, id.as_bytes())? {
+                        b.put(Cf::Chunks, id.as_bytes().to_vec(), loc.encode());
+                        b.delete(Cf::Meta, schema::damaged_key(id));
+                    }
                 }
+                Ok((b, ()))
+            });
+            if let Err(e) = r {
+                packs.discard();
+                return Err(e);
             }
-            Ok((b, ()))
-        })?;
-        drop(packs);
-        Ok(bytes)
+            drop(packs);
+        } else {
+            packs.discard();
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(bytes),
+        }
     }
 }

@@ -105,6 +105,9 @@ pub trait PackStorage: Send + Sync + std::fmt::Debug {
     fn list(&self, prefix: &str) -> Result<Vec<Listed>>;
     /// Deletes an object (no error when there is none).
     fn delete(&self, name: &str) -> Result<()>;
+    /// Checks that the storage can be reached and listed (the bucket
+    /// exists, the credentials are accepted) with one small request.
+    fn check(&self) -> Result<()>;
 }
 
 /// A chunk's stored bytes as a source returns them.
@@ -126,6 +129,13 @@ pub trait ChunkSource: Send + Sync {
     fn fetch(&self, kv: &dyn KvRead, ids: &[ChunkId]) -> Result<Vec<Option<FetchedChunk>>>;
     /// Whether the source can supply the chunk (without fetching it).
     fn has(&self, kv: &dyn KvRead, id: &ChunkId) -> Result<bool>;
+    /// Fetches chunks ahead of their reads into the source's cache, in
+    /// bounded batches; a no-op when the source keeps nothing (then each
+    /// read fetches its chunk).
+    fn prefetch(&self, kv: &dyn KvRead, ids: &[ChunkId]) -> Result<()> {
+        let _ = (kv, ids);
+        Ok(())
+    }
 }
 
 /// Checks an object name: relative, `/`-separated, no empty, `.` or `..`
@@ -256,21 +266,25 @@ impl PackStorage for LocalDir {
                         .and_then(|n| n.to_str())
                         .unwrap_or("object")
                 ));
-                let lock = OpenOptions::new()
+                let lock = match OpenOptions::new()
                     .create(true)
                     .truncate(false)
                     .write(true)
                     .open(&lock_path)
-                    .map_err(|e| Error::io("open", &lock_path, e))?;
-                fs4::fs_std::FileExt::lock_exclusive(&lock)
-                    .map_err(|e| Error::io("lock", &lock_path, e))?;
-                let cur = Self::read_whole(&path)?;
-                let r = match cur {
-                    Some(c) if Self::etag(&c) == want => match std::fs::rename(&tmp, &path) {
+                {
+                    Ok(l) => l,
+                    Err(e) => return done(Err(Error::io("open", &lock_path, e))),
+                };
+                if let Err(e) = fs4::fs_std::FileExt::lock_exclusive(&lock) {
+                    return done(Err(Error::io("lock", &lock_path, e)));
+                }
+                let r = match Self::read_whole(&path) {
+                    Ok(Some(c)) if Self::etag(&c) == want => match std::fs::rename(&tmp, &path) {
                         Ok(()) => Ok(PutOutcome::Written(Some(etag))),
                         Err(e) => Err(Error::io("replace", &path, e)),
                     },
-                    _ => Ok(PutOutcome::Changed),
+                    Ok(_) => Ok(PutOutcome::Changed),
+                    Err(e) => Err(e),
                 };
                 let r = done(r);
                 let _ = fs4::fs_std::FileExt::unlock(&lock);
@@ -384,6 +398,19 @@ impl PackStorage for LocalDir {
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    fn check(&self) -> Result<()> {
+        match std::fs::metadata(&self.root) {
+            Ok(m) if m.is_dir() => Ok(()),
+            Ok(_) => Err(Error::Storage {
+                what: self.location(),
+                reason: "not a folder".into(),
+            }),
+            // Created by the first push.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("stat", &self.root, e)),
+        }
     }
 
     fn delete(&self, name: &str) -> Result<()> {

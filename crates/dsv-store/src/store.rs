@@ -556,7 +556,7 @@ impl Store {
         missing.sort_unstable();
         missing.dedup();
         if !missing.is_empty() {
-            src.fetch(&*kv, &missing)?;
+            src.prefetch(&*kv, &missing)?;
         }
         Ok(())
     }

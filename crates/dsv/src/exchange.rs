@@ -147,6 +147,28 @@ impl Repo {
         updates: &[VersionHeader],
         extra: &[(Vec<u8>, Vec<u8>)],
     ) -> Result<ImportReport> {
+        // Remote input is untrusted: names and version strings must be ones
+        // this repository could have made.
+        crate::rev::parse_dataset_name(&format!("{}/{}", header.project, header.name))?;
+        for v in incoming {
+            if v.version.is_empty()
+                || v.version.len() > 100
+                || v.version
+                    .chars()
+                    .any(|c| c.is_control() || c == '@' || c == '/')
+            {
+                return Err(Error::Invalid(format!(
+                    "the remote's version {} of {}/{} has an invalid version string {:?}",
+                    v.id.short(12),
+                    header.project,
+                    header.name,
+                    v.version
+                )));
+            }
+            for t in &v.tags {
+                crate::rev::validate_tag(t)?;
+            }
+        }
         let decoded: HashMap<ObjectId, Object> = objects
             .iter()
             .map(|(id, c)| {
@@ -205,7 +227,8 @@ impl Repo {
             self.store().import_objects_batch(kv, objects, &mut b)?;
             let mut local = versions_in(kv, &ds.id)?;
             local.sort_by_key(|(id, i)| (i.finalize_order(), *id.as_bytes()));
-            let here: HashSet<VersionId> = local.iter().map(|(id, _)| *id).collect();
+            let mut here: HashSet<VersionId> = local.iter().map(|(id, _)| *id).collect();
+            let existing = here.clone();
             // Version strings the remote's versions hold.
             let mut taken: Vec<(VersionId, VersionInfo)> = local
                 .iter()
@@ -213,7 +236,11 @@ impl Repo {
                 .cloned()
                 .collect();
             let mut any_new = false;
-            for v in incoming.iter().filter(|v| !here.contains(&v.id)) {
+            for v in incoming {
+                // A document listing an id twice imports it once.
+                if !here.insert(v.id) {
+                    continue;
+                }
                 let object = match decoded.get(&ObjectId(v.id.0)) {
                     Some(Object::Version(o)) => o.clone(),
                     Some(_) => {
@@ -293,9 +320,7 @@ impl Repo {
                 }
             }
             for u in updates {
-                let exists =
-                    here.contains(&u.id) || report.imported.iter().any(|(i, _)| i == &u.id);
-                if !exists || report.imported.iter().any(|(i, _)| i == &u.id) {
+                if !existing.contains(&u.id) {
                     continue;
                 }
                 let before: BTreeSet<String> = dsv_store::store::tags_of_in(kv, &u.id)?
@@ -317,26 +342,31 @@ impl Repo {
                     b.put(Cf::App, keys::version_meta(&u.id), to_json(&meta));
                 }
                 if before != after || meta != old_meta {
-                    let info = local
+                    let version = local
                         .iter()
                         .find(|(i, _)| i == &u.id)
                         .map(|(_, i)| i.version.clone())
                         .unwrap_or_default();
                     let after_v: Vec<String> = after.iter().cloned().collect();
-                    let mut e = version_event(
-                        if before != after {
-                            EventKind::VersionTagged
-                        } else {
-                            EventKind::VersionMetadata
-                        },
-                        &ds,
-                        &u.id,
-                        &info,
-                        &after_v,
-                    );
-                    e.tags_added = after.difference(&before).cloned().collect();
-                    e.tags_removed = before.difference(&after).cloned().collect();
-                    ev.push(&mut b, e);
+                    if before != after {
+                        let mut e =
+                            version_event(EventKind::VersionTagged, &ds, &u.id, &version, &after_v);
+                        e.tags_added = after.difference(&before).cloned().collect();
+                        e.tags_removed = before.difference(&after).cloned().collect();
+                        ev.push(&mut b, e);
+                    }
+                    if meta != old_meta {
+                        ev.push(
+                            &mut b,
+                            version_event(
+                                EventKind::VersionMetadata,
+                                &ds,
+                                &u.id,
+                                &version,
+                                &after_v,
+                            ),
+                        );
+                    }
                     report.updated.push(u.id);
                 }
             }
