@@ -31,7 +31,7 @@ pub const MULTIPART_ABOVE: usize = 64 << 20;
 /// Part size of multipart uploads.
 pub const PART_SIZE: usize = 8 << 20;
 /// Ranges closer than this are read with one request.
-pub const COALESCE_GAP: u64 = 1 << 20;
+pub const COALESCE_GAP: u64 = 256 << 10;
 
 /// Object storage behind the seam.
 pub struct ObjectStorage {

@@ -622,7 +622,7 @@ pub fn sync_and_push(
 }
 
 /// Packs of about [`PACK_TARGET`] bytes of the chunks to push, produced
-/// lazily: each pack's chunks are read front to back from the local packs
+/// lazily: each pack's chunks are read from the local packs
 /// and checked against their ids in parallel first, so a chunk damaged here
 /// never reaches the remote (where every other repository would trust it).
 fn chunk_bundles<'a>(
@@ -748,10 +748,10 @@ pub fn push_to(
             }
         }
     }
-    let (objs, mut chunks) = missing_below(repo, name, &roots)?;
-    // Read the local packs front to back (the kernel reads ahead); files
-    // stay contiguous, as ingest wrote them.
-    chunks.sort_by_key(|(_, l)| (l.pack, l.offset));
+    // Chunks in walk order, file by file: each file's chunks lie together in
+    // the remote's packs, so a lazy read of a file is a few coalesced ranges
+    // (local packs interleave files that were ingested in parallel).
+    let (objs, chunks) = missing_below(repo, name, &roots)?;
     let store = repo.store();
     if !chunks.is_empty() {
         // The bar's total: the chunks' stored bytes and record headers.

@@ -547,14 +547,15 @@ impl Store {
             return Ok(());
         };
         let kv = self.reader();
+        // In the file's order (its chunks lie together on a remote, so
+        // batches of them are a few coalesced ranges), each chunk once.
         let mut missing = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for id in ids {
-            if !kv.contains(Cf::Chunks, id.as_bytes())? {
+            if seen.insert(*id) && !kv.contains(Cf::Chunks, id.as_bytes())? {
                 missing.push(*id);
             }
         }
-        missing.sort_unstable();
-        missing.dedup();
         if !missing.is_empty() {
             src.prefetch(&*kv, &missing)?;
         }
