@@ -140,10 +140,48 @@ pub fn probe(storage: &dyn PackStorage) -> Result<Option<Manifest>> {
     read_manifest(storage)
 }
 
+/// Checks that the storage honours conditional writes, which keep
+/// concurrent pushes from losing versions: a second create-only write of
+/// one name must be refused, and so must a write conditional on a wrong
+/// entity tag. Writes (and removes) one small probe object; a storage that
+/// refuses writes altogether (read-only credentials) passes, since it
+/// cannot be pushed to anyway.
+pub fn check_conditional_writes(storage: &dyn PackStorage) -> Result<()> {
+    let rnd = dsv_store::id::random_bytes::<8>()?;
+    let name = format!("probe/{}", hex::encode(rnd));
+    let bad = |what: &str| Error::BadRemote {
+        location: storage.location(),
+        reason: format!(
+            "the storage ignores {what}: two pushes at once could lose a version; use a server \
+             that supports conditional writes (AWS S3, GCS, Azure, MinIO, R2, moto)"
+        ),
+    };
+    match storage.put(&name, b"1".to_vec(), PutMode::Create) {
+        Ok(PutOutcome::Written(_)) => {}
+        Ok(_) => return Err(bad("If-None-Match (a fresh name reported as existing)")),
+        Err(dsv_store::Error::Storage { reason, .. }) if reason.contains("denied") => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    let r = (|| {
+        if storage.put(&name, b"2".to_vec(), PutMode::Create)? != PutOutcome::Exists {
+            return Err(bad("If-None-Match"));
+        }
+        let wrong = PutMode::Update("\"dsv-probe-no-such-tag\"".into());
+        if storage.put(&name, b"3".to_vec(), wrong)? != PutOutcome::Changed {
+            return Err(bad("If-Match"));
+        }
+        Ok(())
+    })();
+    let _ = storage.delete(&name);
+    r
+}
+
 fn ensure_manifest(repo: &Repo, storage: &dyn PackStorage) -> Result<()> {
     if read_manifest(storage)?.is_some() {
         return Ok(());
     }
+    // A new remote: make sure its writes can be conditional before relying on it.
+    check_conditional_writes(storage)?;
     let m = Manifest {
         format: doc::FORMAT,
         features: Vec::new(),
@@ -174,7 +212,9 @@ pub fn add_remote(
     }
     let manifest = if check {
         let storage = open_storage(&rec, connect)?;
-        probe(&*storage)?
+        let m = probe(&*storage)?;
+        check_conditional_writes(&*storage)?;
+        m
     } else {
         None
     };
@@ -1352,4 +1392,68 @@ fn prefetch_with(
     }
     progress.finish_phase();
     Ok((count, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dsv_store::storage::{Got, Listed, LocalDir, OnBytes};
+
+    /// A storage that ignores write conditions (as some S3-compatible
+    /// servers do).
+    #[derive(Debug)]
+    struct Unconditional(LocalDir);
+
+    impl PackStorage for Unconditional {
+        fn location(&self) -> String {
+            self.0.location()
+        }
+        fn put(&self, name: &str, data: Vec<u8>, _: PutMode) -> dsv_store::Result<PutOutcome> {
+            self.0.put(name, data, PutMode::Overwrite)
+        }
+        fn put_many(
+            &self,
+            items: &mut dyn Iterator<Item = dsv_store::Result<(String, Vec<u8>)>>,
+            on_bytes: OnBytes<'_>,
+        ) -> dsv_store::Result<u64> {
+            self.0.put_many(items, on_bytes)
+        }
+        fn get(&self, name: &str) -> dsv_store::Result<Option<Got>> {
+            self.0.get(name)
+        }
+        fn get_ranges(
+            &self,
+            reqs: &[(String, std::ops::Range<u64>)],
+            on_bytes: OnBytes<'_>,
+        ) -> dsv_store::Result<Vec<Vec<u8>>> {
+            self.0.get_ranges(reqs, on_bytes)
+        }
+        fn size(&self, name: &str) -> dsv_store::Result<Option<u64>> {
+            self.0.size(name)
+        }
+        fn list(&self, prefix: &str) -> dsv_store::Result<Vec<Listed>> {
+            self.0.list(prefix)
+        }
+        fn delete(&self, name: &str) -> dsv_store::Result<()> {
+            self.0.delete(name)
+        }
+        fn check(&self) -> dsv_store::Result<()> {
+            self.0.check()
+        }
+    }
+
+    #[test]
+    fn storage_that_ignores_write_conditions_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        check_conditional_writes(&LocalDir::new(d.path())).unwrap();
+        let e = check_conditional_writes(&Unconditional(LocalDir::new(d.path())))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("If-None-Match") && e.contains("lose a version"),
+            "{e}"
+        );
+        // The probe object is gone either way.
+        assert!(LocalDir::new(d.path()).list("probe/").unwrap().is_empty());
+    }
 }
