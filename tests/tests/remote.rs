@@ -635,3 +635,70 @@ fn a_wiped_remote_gets_everything_again_and_a_chunk_damaged_here_is_never_pushed
         "a dataset document was published over damaged content"
     );
 }
+
+#[test]
+fn a_training_task_runs_in_a_lazy_clone_reading_only_what_it_needs() {
+    let a = Sandbox::new();
+    let remote = a.path("remote");
+    for (ds, file) in [
+        ("occ/train", "datatraining.txt"),
+        ("occ/test", "datatest.txt"),
+    ] {
+        let d = a.path(ds);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(occupancy_dir().join(file), d.join(file)).unwrap();
+        ok(&a, &["dataset", "sync", ds, d.to_str().unwrap()]);
+    }
+    // A third dataset the task does not read.
+    let other = a.path("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("big.bin"), noise(3, 4 << 20)).unwrap();
+    ok(
+        &a,
+        &["dataset", "sync", "occ/unused", other.to_str().unwrap()],
+    );
+    ok(&a, &["remote", "add", "origin", remote.to_str().unwrap()]);
+    ok(&a, &["push"]);
+
+    let b = clone(remote.to_str().unwrap(), None, false);
+    let t = json(
+        &b,
+        &[
+            "task",
+            "create",
+            "occ/model",
+            "--trainer",
+            "logistic",
+            "--set",
+            "General/dataset_id=occ/train",
+            "--set",
+            "General/test_dataset_id=occ/test",
+            "--set",
+            "General/label=Occupancy",
+            "--set",
+            "General/features=Temperature,Light,CO2",
+        ],
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(&b, &["task", "run", &t]);
+    let shown = json(&b, &["task", "show", &t]);
+    assert_eq!(shown["status"], "completed", "{shown}");
+    let acc = shown["metrics"]["test/accuracy"]
+        .as_f64()
+        .or_else(|| shown["last_metrics"]["test/accuracy"].as_f64());
+    assert!(acc.is_some_and(|a| a > 0.9), "{shown}");
+    // What it read came from the remote into the cache; the dataset it
+    // did not read did not.
+    let cache = b.repo().join(".dsv/remote-cache");
+    let cached: u64 = files_of(&cache).iter().map(|(_, d)| d.len() as u64).sum();
+    let train = std::fs::metadata(occupancy_dir().join("datatraining.txt"))
+        .unwrap()
+        .len();
+    assert!(cached > 0, "nothing was read from the remote");
+    assert!(
+        cached < train + (4 << 20) / 2,
+        "{cached} bytes cached: the unused dataset was fetched"
+    );
+}
