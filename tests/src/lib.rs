@@ -431,3 +431,65 @@ fn relay(
     let _ = c_out.shutdown(std::net::Shutdown::Both);
     let _ = up.join();
 }
+
+/// Whether `path` is a mount point (from /proc/mounts).
+pub fn mounted(path: &Path) -> bool {
+    let canon = path.canonicalize().unwrap_or(path.to_path_buf());
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(canon.to_str().unwrap()))
+}
+
+/// Starts `dsv dataset mount` (with `s`'s environment); returns once the mount is serving.
+pub fn start_mount(s: &Sandbox, rev: &str, at: &Path) -> std::process::Child {
+    std::fs::create_dir_all(at).unwrap();
+    let mut child = s
+        .cmd(&["--json", "dataset", "mount", rev, at.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The JSON document is printed once the file system is mounted.
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut text = String::new();
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        if n == 0 {
+            let o = child.wait_with_output().unwrap();
+            panic!("mount exited early: {}", stderr(&o));
+        }
+        text.push_str(&line);
+        if line.starts_with('}') {
+            break;
+        }
+    }
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["pid"], child.id());
+    assert!(mounted(at), "{} is not mounted", at.display());
+    child
+}
+
+/// Stops a mount started by [`start_mount`] (SIGTERM) and checks that it
+/// exited cleanly and unmounted.
+pub fn stop_mount(child: std::process::Child, at: &Path) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "mount exited with {:?}: {}",
+        out.status,
+        stderr(&out)
+    );
+    assert!(
+        !mounted(at),
+        "{} is still mounted after SIGTERM",
+        at.display()
+    );
+}

@@ -3,13 +3,13 @@
 //! deleted versions' copies, and a real read-only FUSE mount.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use dsv_tests::{
-    dsv_bin, is_root, occupancy_dir, open_to_everyone, run_unprivileged, stderr, Sandbox,
+    dsv_bin, is_root, occupancy_dir, open_to_everyone, run_unprivileged, start_mount, stderr,
+    stop_mount, Sandbox,
 };
 use serde_json::Value;
 
@@ -479,65 +479,6 @@ fn a_copy_in_use_is_not_evicted_and_gc_frees_deleted_versions() {
     let left = names(&s.json(&["cache", "list"]));
     assert!(!left.contains(&ids[2]));
     assert!(left.contains(&ids[0]));
-}
-
-fn mounted(path: &Path) -> bool {
-    let canon = path.canonicalize().unwrap_or(path.to_path_buf());
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(1) == Some(canon.to_str().unwrap()))
-}
-
-/// Starts `dsv dataset mount`; returns once the mount is serving.
-fn start_mount(s: &Sandbox, rev: &str, at: &Path) -> std::process::Child {
-    std::fs::create_dir_all(at).unwrap();
-    let mut child = s
-        .cmd(&["--json", "dataset", "mount", rev, at.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The JSON document is printed once the file system is mounted.
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut text = String::new();
-    loop {
-        let mut line = String::new();
-        let n = out.read_line(&mut line).unwrap();
-        if n == 0 {
-            let o = child.wait_with_output().unwrap();
-            panic!("mount exited early: {}", stderr(&o));
-        }
-        text.push_str(&line);
-        if line.starts_with('}') {
-            break;
-        }
-    }
-    let v: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(v["pid"], child.id());
-    assert!(mounted(at), "{} is not mounted", at.display());
-    child
-}
-
-fn stop_mount(child: std::process::Child, at: &Path) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "mount exited with {:?}: {}",
-        out.status,
-        stderr(&out)
-    );
-    assert!(
-        !mounted(at),
-        "{} is still mounted after SIGTERM",
-        at.display()
-    );
 }
 
 #[test]

@@ -702,3 +702,21 @@ fn a_training_task_runs_in_a_lazy_clone_reading_only_what_it_needs() {
         "{cached} bytes cached: the unused dataset was fetched"
     );
 }
+
+#[test]
+fn a_mount_of_a_lazy_clone_serves_byte_identical_files() {
+    let a = Sandbox::new();
+    let remote = a.path("remote");
+    let data = a.path("data");
+    copy_files(&occupancy_dir(), &data);
+    std::fs::write(data.join("big.bin"), noise(21, 12 << 20)).unwrap();
+    ok(&a, &["dataset", "sync", "lab/occ", data.to_str().unwrap()]);
+    ok(&a, &["remote", "add", "origin", remote.to_str().unwrap()]);
+    ok(&a, &["push"]);
+    let b = clone(remote.to_str().unwrap(), None, false);
+    let at = b.path("mnt");
+    let child = dsv_tests::start_mount(&b, "lab/occ", &at);
+    let served = files_of(&at);
+    dsv_tests::stop_mount(child, &at);
+    assert_eq!(served, files_of(&data));
+}

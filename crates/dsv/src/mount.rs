@@ -26,6 +26,8 @@ use crate::repo::{DatasetVersion, Repo};
 
 const TTL: Duration = Duration::from_secs(3600);
 const BLOCK: u32 = 4096;
+/// Bytes of a file fetched ahead when a read finds its chunk on a remote.
+const READ_AHEAD: u64 = 8 << 20;
 
 /// Mount settings.
 #[derive(Debug, Clone)]
@@ -319,6 +321,23 @@ impl VersionFs {
             Ok(i) => i,
             Err(i) => i - 1,
         };
+        // A chunk that is neither in memory nor stored here (a lazy clone):
+        // fetch it and the next READ_AHEAD bytes of the file in one batch
+        // rather than one request per chunk.
+        let first = &f.fo.chunks[i].0;
+        if self.chunks.get(first).is_none()
+            && !self.repo.store().has_chunk(first).map_err(|e| err_of(&e))?
+        {
+            let ahead = end.max(offset.saturating_add(READ_AHEAD));
+            let ids: Vec<ChunkId> = (i..f.fo.chunks.len())
+                .take_while(|&k| f.starts[k] < ahead)
+                .map(|k| f.fo.chunks[k].0)
+                .collect();
+            self.repo
+                .store()
+                .prefetch_missing(&ids)
+                .map_err(|e| err_of(&e))?;
+        }
         while i < f.fo.chunks.len() && f.starts[i] < end {
             let data = self.chunk(&f.fo.chunks[i].0)?;
             let s = f.starts[i];
