@@ -39,19 +39,6 @@ fn files_equal(a: &Path, b: &Path) {
     }
 }
 
-/// Deterministic pseudo-random bytes (distinct per seed, incompressible).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 fn names(v: &Value) -> Vec<String> {
     v.as_array()
         .unwrap()
@@ -257,7 +244,7 @@ fn concurrent_gets_of_one_version_agree() {
     for i in 0..40 {
         std::fs::write(
             s.path(&format!("data/blob-{i}.bin")),
-            noise(100 + i, 50_000),
+            dsv_tests::noise(100 + i, 50_000),
         )
         .unwrap();
     }
@@ -289,7 +276,7 @@ fn concurrent_gets_of_one_version_agree() {
         for i in 0..40 {
             assert_eq!(
                 std::fs::read(p.join(format!("blob-{i}.bin"))).unwrap(),
-                noise(100 + i, 50_000)
+                dsv_tests::noise(100 + i, 50_000)
             );
         }
         // No half-built folders or stray temporary files are left behind.
@@ -367,7 +354,7 @@ fn four_versions(s: &Sandbox) -> Vec<String> {
         .map(|i| {
             let dir = s.path(&format!("v{i}"));
             std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join("blob.bin"), noise(i + 1, 3_000_000)).unwrap();
+            std::fs::write(dir.join("blob.bin"), dsv_tests::noise(i + 1, 3_000_000)).unwrap();
             let v = s.json(&["dataset", "sync", &format!("p/d{i}"), dir.to_str().unwrap()]);
             v["id"].as_str().unwrap().to_string()
         })
@@ -623,7 +610,7 @@ fn blob_repo(files: u64, size: usize) -> (Sandbox, String) {
         } else {
             d.join(format!("sub/b{i}.bin"))
         };
-        std::fs::write(at, noise(500 + i, size)).unwrap();
+        std::fs::write(at, dsv_tests::noise(500 + i, size)).unwrap();
     }
     let v = s.json(&["dataset", "sync", "big/blobs", d.to_str().unwrap()]);
     (s, v["id"].as_str().unwrap().to_string())
@@ -732,7 +719,7 @@ fn destructive_targets_inside_or_above_the_repository_are_refused() {
 fn changed_cached_copies_are_detected_and_rebuilt() {
     let (s, v1) = blob_repo(6, 100_000);
     // v2 shares every file but one with v1.
-    std::fs::write(s.path("blobs/extra.bin"), noise(9, 1000)).unwrap();
+    std::fs::write(s.path("blobs/extra.bin"), dsv_tests::noise(9, 1000)).unwrap();
     let v2 = s.json(&["dataset", "sync", "big/blobs", "blobs"])["id"]
         .as_str()
         .unwrap()
@@ -792,7 +779,7 @@ fn changed_cached_copies_are_detected_and_rebuilt() {
                 format!("sub/b{i}.bin")
             };
             assert!(
-                std::fs::read(p2.join(&f)).unwrap() == noise(500 + i, 100_000),
+                std::fs::read(p2.join(&f)).unwrap() == dsv_tests::noise(500 + i, 100_000),
                 "{what}: {f} of the other version is wrong"
             );
         }

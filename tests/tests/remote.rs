@@ -8,7 +8,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use dsv_tests::{copy_files, occupancy_dir, stderr, stdout, FaultProxy, S3Server, Sandbox};
+use dsv_tests::{
+    copy_files, files_under, noise, occupancy_dir, stderr, stdout, FaultProxy, S3Server, Sandbox,
+};
 
 /// Runs dsv in `s` with test credentials (moto accepts any) and a HOME
 /// without profile files.
@@ -64,24 +66,6 @@ fn version_ids(s: &Sandbox, ds: &str) -> BTreeSet<String> {
         .collect()
 }
 
-fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
-                out.push((rel, std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 fn fsck_json(s: &Sandbox, read_data: bool) -> serde_json::Value {
     let mut args = vec!["--json", "fsck"];
     if read_data {
@@ -95,19 +79,6 @@ fn fsck_json(s: &Sandbox, read_data: bool) -> serde_json::Value {
         stderr(&out)
     );
     v
-}
-
-/// Deterministic incompressible bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[test]
@@ -148,14 +119,14 @@ fn push_clone_and_pull_through_s3_give_byte_identical_data() {
     );
     let f = fsck_json(&b, false);
     assert!(f["remote_chunks"].as_u64().unwrap() > 0, "{f}");
-    for (name, bytes) in files_of(&data) {
+    for (name, bytes) in files_under(&data) {
         let out = run(&b, &["dataset", "cat", "lab/occupancy", &name]);
         assert!(out.status.success(), "cat {name}: {}", stderr(&out));
         assert_eq!(out.stdout, bytes, "{name} differs after the clone");
     }
     // A read-only copy of the whole version, materialized from the remote.
     let got = ok(&b, &["dataset", "get", "lab/occupancy"]);
-    assert_eq!(files_of(Path::new(got.trim())), files_of(&data));
+    assert_eq!(files_under(Path::new(got.trim())), files_under(&data));
 
     // B adds a version (an edit) and pushes: only the new bytes go up.
     let bdata = b.path("data");
@@ -339,14 +310,14 @@ fn a_killed_push_leaves_no_half_version_and_the_next_push_resumes() {
     // The next push completes and does not upload what is there.
     let p = json(&a, &["push"]);
     assert_eq!(p["datasets"][0]["status"], "pushed", "{p}");
-    let total: u64 = files_of(&data).iter().map(|(_, b)| b.len() as u64).sum();
+    let total: u64 = files_under(&data).iter().map(|(_, b)| b.len() as u64).sum();
     let sent = p["uploaded_bytes"].as_u64().unwrap();
     assert!(
         sent < total - (20 << 20),
         "resumed push sent {sent} of {total} bytes"
     );
     let c = clone(remote.to_str().unwrap(), None, true);
-    for (name, bytes) in files_of(&data) {
+    for (name, bytes) in files_under(&data) {
         let out = run(&c, &["dataset", "cat", "p/big", &name]);
         assert_eq!(out.stdout, bytes, "{name}");
     }
@@ -430,7 +401,7 @@ fn dropped_connections_are_retried() {
     );
     ok(&a, &["push"]);
     let b = clone("s3://flaky/x", Some(&ep), false);
-    for (name, bytes) in files_of(&data) {
+    for (name, bytes) in files_under(&data) {
         let out = run(&b, &["dataset", "cat", "p/f", &name]);
         assert!(out.status.success(), "cat {name}: {}", stderr(&out));
         assert_eq!(out.stdout, bytes, "{name}");
@@ -565,6 +536,18 @@ fn a_lazy_clone_reads_for_root_and_for_an_unprivileged_user_and_sync_push_upload
     // As root (the cache is written) …
     let out = run(&b, &["dataset", "cat", "lab/occ", "datatraining.txt"]);
     assert_eq!(out.stdout, want);
+    // Every cached chunk damaged: the next read drops and refetches them.
+    let cache = b.repo().join(".dsv/remote-cache");
+    let damaged = files_under(&cache);
+    assert!(!damaged.is_empty());
+    for (rel, mut bytes) in damaged {
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        std::fs::write(cache.join(&rel), bytes).unwrap();
+    }
+    let out = run(&b, &["dataset", "cat", "lab/occ", "datatraining.txt"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout, want, "a damaged cache entry was served");
     // … and as an unprivileged user on a repository it may read but whose
     // cache it may not write: still served, checked, nothing written.
     let c = clone(remote.to_str().unwrap(), None, false);
@@ -692,7 +675,10 @@ fn a_training_task_runs_in_a_lazy_clone_reading_only_what_it_needs() {
     // What it read came from the remote into the cache; the dataset it
     // did not read did not.
     let cache = b.repo().join(".dsv/remote-cache");
-    let cached: u64 = files_of(&cache).iter().map(|(_, d)| d.len() as u64).sum();
+    let cached: u64 = files_under(&cache)
+        .iter()
+        .map(|(_, d)| d.len() as u64)
+        .sum();
     let train = std::fs::metadata(occupancy_dir().join("datatraining.txt"))
         .unwrap()
         .len();
@@ -716,7 +702,7 @@ fn a_mount_of_a_lazy_clone_serves_byte_identical_files() {
     let b = clone(remote.to_str().unwrap(), None, false);
     let at = b.path("mnt");
     let child = dsv_tests::start_mount(&b, "lab/occ", &at);
-    let served = files_of(&at);
+    let served = files_under(&at);
     dsv_tests::stop_mount(child, &at);
-    assert_eq!(served, files_of(&data));
+    assert_eq!(served, files_under(&data));
 }

@@ -206,20 +206,6 @@ fn an_unreadable_file_aborts_the_snapshot_naming_it() {
     assert_eq!(doc["chunks"], 0, "nothing was indexed");
 }
 
-/// `len` bytes of incompressible data from `seed` (xorshift).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn pack_files(s: &Sandbox) -> Vec<std::path::PathBuf> {
     std::fs::read_dir(s.repo().join(".dsv/packs"))
         .unwrap()
@@ -308,7 +294,11 @@ fn a_killed_sync_leaves_orphans_that_dry_run_stats_and_gc_see_at_once() {
     let big = s.path("big");
     std::fs::create_dir_all(&big).unwrap();
     for i in 0..4u64 {
-        std::fs::write(big.join(format!("part{i}.bin")), noise(i + 1, 32 << 20)).unwrap();
+        std::fs::write(
+            big.join(format!("part{i}.bin")),
+            dsv_tests::noise(i + 1, 32 << 20),
+        )
+        .unwrap();
     }
     let mut child = s
         .cmd(&["dataset", "sync", "big/data", big.to_str().unwrap()])
@@ -366,7 +356,8 @@ fn syncs_succeed_while_gc_runs_and_collects_concurrently() {
             let mut round = 0u64;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 round += 1;
-                std::fs::write(junk.join("j.bin"), noise(1000 + round, 1 << 20)).unwrap();
+                std::fs::write(junk.join("j.bin"), dsv_tests::noise(1000 + round, 1 << 20))
+                    .unwrap();
                 for args in [
                     vec!["dataset", "sync", "junk/j", junk.to_str().unwrap()],
                     vec!["dataset", "delete", "junk/j"],
@@ -388,7 +379,7 @@ fn syncs_succeed_while_gc_runs_and_collects_concurrently() {
     for i in 0..30u64 {
         let dir = s.path(&format!("d{i}"));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("x.bin"), noise(i + 1, 2 << 20)).unwrap();
+        std::fs::write(dir.join("x.bin"), dsv_tests::noise(i + 1, 2 << 20)).unwrap();
         let name = if i % 2 == 0 {
             format!("p/new{i}")
         } else {
@@ -469,8 +460,8 @@ fn on_a_full_disk_dataset_delete_and_gc_free_space() {
     let (big, small) = (outer.path().join("big"), outer.path().join("small"));
     std::fs::create_dir_all(&big).unwrap();
     std::fs::create_dir_all(&small).unwrap();
-    std::fs::write(big.join("b.bin"), noise(7, 24 << 20)).unwrap();
-    std::fs::write(small.join("s.bin"), noise(8, 1 << 20)).unwrap();
+    std::fs::write(big.join("b.bin"), dsv_tests::noise(7, 24 << 20)).unwrap();
+    std::fs::write(small.join("s.bin"), dsv_tests::noise(8, 1 << 20)).unwrap();
     for (name, dir) in [("t/big", &big), ("t/small", &small)] {
         let out = dsv(&["dataset", "sync", name, dir.to_str().unwrap()]);
         assert!(out.status.success(), "{}", stderr(&out));
@@ -499,5 +490,5 @@ fn on_a_full_disk_dataset_delete_and_gc_free_space() {
     assert!(out.status.success(), "{}", stdout(&out));
     let cat = dsv(&["dataset", "cat", "t/small", "s.bin"]);
     assert!(cat.status.success(), "{}", stderr(&cat));
-    assert!(cat.stdout == noise(8, 1 << 20));
+    assert!(cat.stdout == dsv_tests::noise(8, 1 << 20));
 }

@@ -3,7 +3,7 @@
 //! then reads back byte-identical and takes new writes; unknown features in
 //! `config.json` are refused by class.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use dsv_tests::{dsv_unprivileged, is_root, stderr, stdout, Sandbox};
@@ -45,23 +45,6 @@ fn cat(s: &Sandbox, rev: &str, path: &str) -> Vec<u8> {
     out.stdout
 }
 
-fn tree_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push((p.clone(), std::fs::read(&p).unwrap_or_default()));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 #[test]
 fn a_format1_repository_is_refused_until_upgraded_then_reads_back_and_takes_writes() {
     let s = format1_sandbox();
@@ -82,7 +65,7 @@ fn a_format1_repository_is_refused_until_upgraded_then_reads_back_and_takes_writ
     // An ordinary user who may read but not write the repository gets the
     // same message, and cannot upgrade it halfway.
     if is_root() {
-        let before = tree_bytes(&repo.join(".dsv"));
+        let before = dsv_tests::files_under(&repo.join(".dsv"));
         let ok = Command::new("chmod")
             .arg("a+rx")
             .arg(s.dir.path())
@@ -101,7 +84,7 @@ fn a_format1_repository_is_refused_until_upgraded_then_reads_back_and_takes_writ
             stderr(&out)
         );
         assert_eq!(
-            tree_bytes(&repo.join(".dsv")),
+            dsv_tests::files_under(&repo.join(".dsv")),
             before,
             "a refused upgrade changed nothing"
         );

@@ -673,28 +673,23 @@ fn discard(ctx: &Ctx, a: DiscardArgs) -> Result<(), CliError> {
 fn sync(ctx: &Ctx, a: SyncArgs) -> Result<(), CliError> {
     let repo = open(ctx)?;
     let (project, name) = dsv::rev::parse_dataset_name(&a.dataset)?;
-    // The remote is checked before anything is written.
-    let push_to = match &a.push {
-        None => None,
-        Some(r) => Some(crate::remote_cmds::remote_for_push(&repo, r)?),
+    let bar = Bar::new(ctx.progress);
+    let opts = SyncOptions {
+        dataset_path: a.dataset_path,
+        tags: a.tags,
+        message: a.message,
+        version: a.version,
+        progress: Some(&bar),
     };
-    let doc = sync_inner(ctx, &repo, &project, &name, a)?;
-    let pushed = match push_to {
-        Some(remote) => {
-            let ds = repo
-                .dataset(&project, &name)?
-                .ok_or_else(|| CliError::user(format!("dataset not found: {project}/{name}")))?;
-            crate::remote_cmds::push_targets(
-                ctx,
-                &repo,
-                &remote,
-                &[dsv_remote::PushTarget::Dataset(ds)],
-            )?
+    let (out, pushed) = match &a.push {
+        None => (repo.sync(&project, &name, &a.folder, &opts)?, None),
+        Some(r) => {
+            let remote = crate::remote_cmds::remote_for_push(&repo, r)?;
+            crate::remote_cmds::sync_and_push(ctx, &repo, &remote, &a.dataset, &a.folder, &opts)?
         }
-        None => None,
     };
     // One JSON document: the sync's, with the push's report in it.
-    if let Some(mut doc) = doc {
+    if let Some(mut doc) = render_sync(ctx, &project, &name, &out) {
         if let Some(p) = pushed {
             doc["push"] = p;
         }
@@ -703,47 +698,32 @@ fn sync(ctx: &Ctx, a: SyncArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Syncs and prints; with `--json` returns the document instead.
-fn sync_inner(
+/// Prints what a sync did; with `--json` returns the document instead.
+fn render_sync(
     ctx: &Ctx,
-    repo: &Repo,
     project: &str,
     name: &str,
-    a: SyncArgs,
-) -> Result<Option<serde_json::Value>, CliError> {
-    let (project, name) = (project.to_string(), name.to_string());
-    let bar = Bar::new(ctx.progress);
-    let out = repo.sync(
-        &project,
-        &name,
-        &a.folder,
-        &SyncOptions {
-            dataset_path: a.dataset_path,
-            tags: a.tags,
-            message: a.message,
-            version: a.version,
-            progress: Some(&bar),
-        },
-    )?;
-    match out.version {
+    out: &dsv::SyncOutcome,
+) -> Option<serde_json::Value> {
+    match &out.version {
         Some(v) => {
             if ctx.json {
-                let mut doc = version_json(&v);
+                let mut doc = version_json(v);
                 doc["changed"] = json!(true);
                 doc["changes"] = changes_json(&out.report);
-                return Ok(Some(doc));
+                return Some(doc);
             }
             print_report(&out.report, 50);
-            print_version_line(&v);
+            print_version_line(v);
         }
         None => {
             if ctx.json {
-                return Ok(Some(json!({
+                return Some(json!({
                     "changed": false,
                     "id": out.unchanged_from,
                     "unchanged": out.report.unchanged,
                     "stored_bytes": out.report.stored_bytes,
-                })));
+                }));
             }
             // Bytes stored without a new version: chunks `fsck --repair`
             // had marked damaged, stored again (every version using them is
@@ -762,7 +742,7 @@ fn sync_inner(
             );
         }
     }
-    Ok(None)
+    None
 }
 
 fn show(ctx: &Ctx, a: RevArg) -> Result<(), CliError> {

@@ -13,7 +13,7 @@ use dsv_remote::{Connect, FetchMode, PushTarget, RemoteRecord};
 
 use crate::error::CliError;
 use crate::output;
-use crate::repo::{self, DOT_DSV};
+use crate::repo;
 use crate::Ctx;
 
 /// `dsv remote …`.
@@ -219,6 +219,13 @@ impl From<dsv_remote::Error> for CliError {
                         .into(),
                 ),
             },
+            E::EmptyRemote(_) => CliError {
+                code,
+                message: e.to_string(),
+                hint: Some(
+                    "'dsv remote add origin URL' and 'dsv push' in a repository create it".into(),
+                ),
+            },
             E::Rejected { .. } => CliError {
                 code,
                 message: e.to_string(),
@@ -403,17 +410,39 @@ impl dsv_remote::Progress for Bars {
 }
 
 /// The remote `dataset sync --push [REMOTE]` pushes to ("" = the default).
-/// The remote is reached (and its format checked) before anything is written.
+/// The remote `dataset sync --push [REMOTE]` pushes to ("" = the only
+/// remote, or origin).
 pub fn remote_for_push(repo: &Repo, given: &str) -> Result<String, CliError> {
-    let name = if given.is_empty() {
-        pick_remote(repo, &[])?.0
-    } else {
-        given.to_string()
-    };
-    let rec = dsv_remote::get_remote(repo, &name)?;
-    let storage = dsv_remote::open_storage(&rec, &connect_from_env())?;
-    dsv_remote::ops::probe(&*storage)?;
-    Ok(name)
+    if given.is_empty() {
+        return Ok(pick_remote(repo, &[])?.0);
+    }
+    dsv_remote::get_remote(repo, given)?;
+    Ok(given.to_string())
+}
+
+/// `dataset sync --push`: the library's sync-and-push (the remote is
+/// checked before anything is written); returns the sync's outcome and the
+/// push's rendering (its JSON document with `--json`).
+pub fn sync_and_push(
+    ctx: &Ctx,
+    repo: &Repo,
+    remote: &str,
+    dataset: &str,
+    folder: &std::path::Path,
+    opts: &dsv::SyncOptions<'_>,
+) -> Result<(dsv::SyncOutcome, Option<serde_json::Value>), CliError> {
+    let bars = Bars::new(ctx.progress);
+    let started = std::time::Instant::now();
+    let (out, r) = dsv_remote::sync_and_push(
+        repo,
+        remote,
+        dataset,
+        folder,
+        opts,
+        &connect_from_env(),
+        &bars,
+    )?;
+    Ok((out, render_push(ctx, remote, &r, started)))
 }
 
 /// `dsv push`.
@@ -467,17 +496,7 @@ impl dsv_remote::Progress for AbortAfter<'_> {
     }
 }
 
-/// Pushes and prints the report (also for `dataset sync --push`); with
-/// `--json` returns it instead, for the caller's one document.
-pub fn push_targets(
-    ctx: &Ctx,
-    repo: &Repo,
-    name: &str,
-    targets: &[PushTarget],
-) -> Result<Option<serde_json::Value>, CliError> {
-    push_with(ctx, repo, name, targets, None)
-}
-
+/// Pushes and prints the report; with `--json` returns it instead.
 fn push_with(
     ctx: &Ctx,
     repo: &Repo,
@@ -497,11 +516,22 @@ fn push_with(
         None => &bars,
     };
     let r = dsv_remote::push(repo, name, targets, &connect_from_env(), progress)?;
+    Ok(render_push(ctx, name, &r, started))
+}
+
+/// Prints a push report; with `--json` returns it instead (for the
+/// caller's one document).
+fn render_push(
+    ctx: &Ctx,
+    name: &str,
+    r: &dsv_remote::PushReport,
+    started: std::time::Instant,
+) -> Option<serde_json::Value> {
     let secs = started.elapsed().as_secs_f64();
     if ctx.json {
-        let mut v = serde_json::to_value(&r).unwrap_or_default();
+        let mut v = serde_json::to_value(r).unwrap_or_default();
         v["seconds"] = json!(secs);
-        return Ok(Some(v));
+        return Some(v);
     }
     for d in &r.datasets {
         match d.status.as_str() {
@@ -521,7 +551,7 @@ fn push_with(
         r.chunks,
         r.objects
     );
-    Ok(None)
+    None
 }
 
 fn dataset_filter(repo: &Repo, rest: &[String]) -> Result<Option<Vec<dsv::DatasetId>>, CliError> {
@@ -561,9 +591,19 @@ fn fetch_and_report(
     let bars = Bars::new(ctx.progress);
     let started = std::time::Instant::now();
     let r = dsv_remote::fetch(repo, name, mode, only, &connect_from_env(), &bars)?;
+    render_fetch(ctx, name, mode, &r, started)
+}
+
+fn render_fetch(
+    ctx: &Ctx,
+    name: &str,
+    mode: FetchMode,
+    r: &dsv_remote::FetchReport,
+    started: std::time::Instant,
+) -> Result<(), CliError> {
     let secs = started.elapsed().as_secs_f64();
     if ctx.json {
-        let mut v = serde_json::to_value(&r).unwrap_or_default();
+        let mut v = serde_json::to_value(r).unwrap_or_default();
         v["seconds"] = json!(secs);
         return output::json(&v);
     }
@@ -622,25 +662,6 @@ fn fetch_and_report(
 /// `dsv clone URL [DIR]`.
 pub fn clone(ctx: &Ctx, a: CloneArgs) -> Result<(), CliError> {
     let url = normalize_url(&a.url)?;
-    let connect = connect_from_env();
-    let rec = RemoteRecord {
-        url: url.clone(),
-        endpoint: a.endpoint.clone(),
-        region: a.region.clone(),
-        lazy: !a.full,
-        added_ms: dsv_store::store::now_ms(),
-    };
-    // Check the remote before creating anything.
-    let storage = dsv_remote::open_storage(&rec, &connect)?;
-    let manifest = dsv_remote::ops::probe(&*storage)?.ok_or_else(|| {
-        CliError::user(format!(
-            "{} holds no dsv remote (no {})",
-            storage.location(),
-            dsv_remote::doc::MANIFEST
-        ))
-        .hint("push to it first ('dsv remote add origin URL' and 'dsv push' in a repository)")
-    })?;
-    drop(storage);
     let base = match a.dir {
         Some(d) => d,
         None => {
@@ -653,47 +674,29 @@ pub fn clone(ctx: &Ctx, a: CloneArgs) -> Result<(), CliError> {
             std::env::current_dir()?.join(last)
         }
     };
-    if base.join(DOT_DSV).exists() {
-        return Err(CliError::user(format!(
-            "{} already holds a dsv repository",
-            base.display()
-        )));
-    }
-    let created_base = !base.exists();
-    std::fs::create_dir_all(&base)
-        .map_err(|e| CliError::user(format!("cannot create {}: {e}", base.display())))?;
-    let cleanup = || {
-        let _ = std::fs::remove_dir_all(base.join(DOT_DSV));
-        if created_base {
-            let _ = std::fs::remove_dir(&base);
-        }
+    let rec = RemoteRecord {
+        url: url.clone(),
+        endpoint: a.endpoint,
+        region: a.region,
+        lazy: !a.full,
+        added_ms: dsv_store::store::now_ms(),
     };
-    let run = || -> Result<(), CliError> {
-        let mut config = dsv_store::RepoConfig::default();
-        if let Some(c) = manifest.chunking {
-            config.chunking = c;
-        }
-        let store = dsv_store::Store::init(&base.join(DOT_DSV), config, repo::options(ctx))?;
-        let repo = Repo::from_store(store);
-        dsv_remote::add_remote(&repo, "origin", rec.clone(), &connect, false)?;
-        attach(repo.store())?;
-        let mode = if a.full {
+    let opts = dsv_remote::CloneOptions {
+        store: repo::options(ctx),
+        mode: if a.full {
             FetchMode::Full
         } else {
             FetchMode::Metadata
-        };
-        if !ctx.json {
-            println!("Cloning {url} into {}", base.display());
-        }
-        fetch_and_report(ctx, &repo, "origin", mode, None)
+        },
+        cache_budget: cache_budget(),
     };
-    match run() {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            cleanup();
-            Err(e)
-        }
+    let bars = Bars::new(ctx.progress);
+    let started = std::time::Instant::now();
+    let (_, r) = dsv_remote::clone_into(&base, rec, &connect_from_env(), &opts, &bars)?;
+    if !ctx.json {
+        println!("Cloned {url} into {}", base.display());
     }
+    render_fetch(ctx, "origin", opts.mode, &r, started)
 }
 
 /// `dsv dataset prefetch REV…`.

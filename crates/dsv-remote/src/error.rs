@@ -46,6 +46,12 @@ pub enum Error {
         /// What this build reads.
         supported: u32,
     },
+    /// `clone` of a location that holds no dsv remote.
+    #[error("{0} holds no dsv remote (no dsv-remote.json); push to it first")]
+    EmptyRemote(String),
+    /// `clone` into a folder that holds a repository.
+    #[error("{0} already holds a dsv repository")]
+    TargetExists(std::path::PathBuf),
     /// Something on the remote that is not what it must be.
     #[error("{location}: {reason}")]
     BadRemote {

@@ -30,7 +30,8 @@ pub use error::{Error, Result};
 pub use keys::RemoteRecord;
 pub use open::{open_storage, Connect};
 pub use ops::{
-    add_remote, fetch, get_remote, prefetch, push, remotes, remove_remote, sync_and_push,
-    FetchMode, FetchReport, NoProgress, Progress, PushReport, PushTarget,
+    add_remote, clone_into, fetch, get_remote, prefetch, push, remotes, remove_remote,
+    sync_and_push, CloneOptions, FetchMode, FetchReport, NoProgress, Progress, PushReport,
+    PushTarget,
 };
 pub use source::attach;

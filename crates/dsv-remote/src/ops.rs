@@ -586,47 +586,35 @@ fn missing_below(repo: &Repo, name: &str, roots: &[VersionId]) -> Result<Missing
 
 type Built = Mutex<Vec<(String, u64, Vec<IndexEntry>)>>;
 
-/// Packs `items` (read by `read`) into bundles of about [`PACK_TARGET`]
-/// bytes, produced lazily for [`PackStorage::put_many`].
-fn bundles<'a, T: 'a>(
-    items: &'a [T],
-    kind: EntryKind,
-    read: impl Fn(&'a T) -> Result<([u8; 32], u8, u32, Vec<u8>)> + 'a,
+/// Finishes a pack: names it, records its index in `built`, returns it
+/// for upload.
+fn seal(b: BundleBuilder, built: &Built) -> (String, Vec<u8>) {
+    let p = b.finish();
+    let name = doc::pack_name(&p.hash);
+    built
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((p.hash, p.bytes.len() as u64, p.entries));
+    (name, p.bytes)
+}
+
+/// Packs of about [`PACK_TARGET`] bytes of the objects to push (read
+/// already, children before parents), in order.
+fn object_bundles<'a>(
+    objs: &'a [(ObjectId, dsv_store::import::ObjectRecord)],
     built: &'a Built,
-) -> impl Iterator<Item = dsv_store::Result<(String, Vec<u8>)>> + 'a {
-    let mut it = items.iter();
-    let mut failed = false;
+) -> impl Iterator<Item = (String, Vec<u8>)> + 'a {
+    let mut it = objs.iter().peekable();
     std::iter::from_fn(move || {
-        if failed {
-            return None;
-        }
+        it.peek()?;
         let mut b = BundleBuilder::new();
-        for item in it.by_ref() {
-            match read(item) {
-                Ok((id, codec, raw_len, data)) => b.add(kind, id, codec, raw_len, &data),
-                Err(e) => {
-                    failed = true;
-                    return Some(Err(match e {
-                        Error::Repo(dsv::Error::Store(s)) => s,
-                        other => dsv_store::Error::Invalid(other.to_string()),
-                    }));
-                }
-            }
+        for (o, r) in it.by_ref() {
+            b.add(EntryKind::Object, o.0, r.codec, r.raw_len, &r.data);
             if b.len() >= PACK_TARGET {
                 break;
             }
         }
-        if b.is_empty() {
-            return None;
-        }
-        let p = b.finish();
-        let name = doc::pack_name(&p.hash);
-        built.lock().unwrap_or_else(|e| e.into_inner()).push((
-            p.hash,
-            p.bytes.len() as u64,
-            p.entries,
-        ));
-        Some(Ok((name, p.bytes)))
+        Some(seal(b, built))
     })
 }
 
@@ -708,14 +696,7 @@ fn chunk_bundles<'a>(
         for ((c, l), d) in group.iter().zip(&datas) {
             b.add(EntryKind::Chunk, c.0, l.codec, l.raw_len, d);
         }
-        let p = b.finish();
-        let name = doc::pack_name(&p.hash);
-        built.lock().unwrap_or_else(|e| e.into_inner()).push((
-            p.hash,
-            p.bytes.len() as u64,
-            p.entries,
-        ));
-        Some(Ok((name, p.bytes)))
+        Some(Ok(seal(b, built)))
     })
 }
 
@@ -820,17 +801,8 @@ pub fn push_to(
     if !objs.is_empty() {
         progress.phase("uploading metadata", None);
         let built: Built = Mutex::new(Vec::new());
-        let gen = bundles(
-            &objs,
-            EntryKind::Object,
-            |(o, r): &(ObjectId, dsv_store::import::ObjectRecord)| {
-                Ok((o.0, r.codec, r.raw_len, r.data.clone()))
-            },
-            &built,
-        );
         // One at a time, in order: children's packs land before parents'.
-        for item in gen {
-            let item = item?;
+        for item in object_bundles(&objs, &built) {
             let mut one = std::iter::once(Ok(item));
             report.uploaded_bytes += storage.put_many(&mut one, &|n| progress.bytes(n))?;
         }
@@ -1267,6 +1239,64 @@ pub fn fetch_from(
     }
     let _ = fetched_versions;
     Ok(report)
+}
+
+/// What [`clone_into`] needs besides the remote.
+#[derive(Debug, Clone)]
+pub struct CloneOptions {
+    /// How the new repository's store is opened (lock wait, holder name).
+    pub store: dsv_store::StoreOptions,
+    /// Metadata only (chunks read on demand) or every chunk.
+    pub mode: FetchMode,
+    /// Byte budget of the chunk cache of a lazy clone.
+    pub cache_budget: u64,
+}
+
+/// Creates a repository in `base/.dsv` from the remote `rec` (named
+/// `origin`): checks the remote first (nothing is created when it cannot be
+/// read or holds no dsv remote), uses the remote's chunking, fetches (and
+/// with [`FetchMode::Full`] downloads every chunk). On failure, what it
+/// created is removed.
+pub fn clone_into(
+    base: &std::path::Path,
+    mut rec: RemoteRecord,
+    connect: &Connect,
+    opts: &CloneOptions,
+    progress: &dyn Progress,
+) -> Result<(Repo, FetchReport)> {
+    rec.lazy = opts.mode == FetchMode::Metadata;
+    let storage = open_storage(&rec, connect)?;
+    let manifest = probe(&*storage)?.ok_or_else(|| Error::EmptyRemote(storage.location()))?;
+    drop(storage);
+    let dot = base.join(".dsv");
+    if dot.exists() {
+        return Err(Error::TargetExists(base.to_path_buf()));
+    }
+    let created_base = !base.exists();
+    std::fs::create_dir_all(base).map_err(|e| dsv_store::Error::io("create folder", base, e))?;
+    let run = || -> Result<(Repo, FetchReport)> {
+        let mut config = dsv_store::RepoConfig::default();
+        if let Some(c) = manifest.chunking {
+            config.chunking = c;
+        }
+        let store = dsv_store::Store::init(&dot, config, opts.store.clone())?;
+        let repo = Repo::from_store(store);
+        add_remote(&repo, "origin", rec.clone(), connect, false)?;
+        crate::source::attach(
+            repo.store(),
+            connect,
+            dot.join("remote-cache"),
+            opts.cache_budget,
+        )?;
+        let report = fetch(&repo, "origin", opts.mode, None, connect, progress)?;
+        Ok((repo, report))
+    };
+    run().inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&dot);
+        if created_base {
+            let _ = std::fs::remove_dir(base);
+        }
+    })
 }
 
 fn all_live_versions(repo: &Repo) -> Result<Vec<VersionId>> {

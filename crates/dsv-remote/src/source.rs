@@ -78,6 +78,10 @@ pub fn fetch_records(
 }
 
 impl ChunkSource for RemoteSource {
+    fn forget(&self, id: &ChunkId) {
+        self.cache.remove(id);
+    }
+
     fn prefetch(&self, kv: &dyn KvRead, ids: &[ChunkId]) -> dsv_store::Result<()> {
         // Batches of bounded memory, and no more than half the cache (what
         // is fetched must still be there when it is read).
@@ -114,17 +118,10 @@ impl ChunkSource for RemoteSource {
         let mut out: Vec<Option<FetchedChunk>> = vec![None; ids.len()];
         let mut todo: Vec<usize> = Vec::new();
         for (i, id) in ids.iter().enumerate() {
+            // Kept copies are checked by the store when it uses them (and
+            // forgotten if damaged): not decoded twice on every read.
             match self.cache.get(id) {
-                Some(c)
-                    if dsv_store::compress::decode_chunk(id, c.codec, &c.stored, c.raw_len)
-                        .is_ok() =>
-                {
-                    out[i] = Some(c)
-                }
-                Some(_) => {
-                    self.cache.remove(id);
-                    todo.push(i);
-                }
+                Some(c) => out[i] = Some(c),
                 None => todo.push(i),
             }
         }

@@ -129,6 +129,11 @@ pub trait ChunkSource: Send + Sync {
     fn fetch(&self, kv: &dyn KvRead, ids: &[ChunkId]) -> Result<Vec<Option<FetchedChunk>>>;
     /// Whether the source can supply the chunk (without fetching it).
     fn has(&self, kv: &dyn KvRead, id: &ChunkId) -> Result<bool>;
+    /// Drops whatever the source kept of a chunk whose bytes did not hash
+    /// to its id (a damaged cache entry); the store then asks once more.
+    fn forget(&self, id: &ChunkId) {
+        let _ = id;
+    }
     /// Fetches chunks ahead of their reads into the source's cache, in
     /// bounded batches; a no-op when the source keeps nothing (then each
     /// read fetches its chunk).

@@ -569,10 +569,19 @@ impl Store {
             return Ok(None);
         };
         let kv = self.reader();
-        match src.fetch(&*kv, std::slice::from_ref(id))?.pop().flatten() {
-            Some(c) => crate::compress::decode_chunk(id, c.codec, &c.stored, c.raw_len).map(Some),
-            None => Ok(None),
+        // Checked here, once: a kept copy that fails the check is dropped
+        // and fetched again (from the remote, where the source checks it).
+        for attempt in 0..2 {
+            let Some(c) = src.fetch(&*kv, std::slice::from_ref(id))?.pop().flatten() else {
+                return Ok(None);
+            };
+            match crate::compress::decode_chunk(id, c.codec, &c.stored, c.raw_len) {
+                Ok(data) => return Ok(Some(data)),
+                Err(e) if attempt == 1 => return Err(e),
+                Err(_) => src.forget(id),
+            }
         }
+        unreachable!("the second attempt returns")
     }
 
     /// Reads a chunk's bytes, checking its hash.

@@ -169,8 +169,12 @@ impl Repo {
                 crate::rev::validate_tag(t)?;
             }
         }
+        // The version objects among them, decoded (every object is checked
+        // against its id by the engine when the batch is built).
+        let wanted: HashSet<ObjectId> = incoming.iter().map(|v| ObjectId(v.id.0)).collect();
         let decoded: HashMap<ObjectId, Object> = objects
             .iter()
+            .filter(|(id, _)| wanted.contains(id))
             .map(|(id, c)| {
                 dsv_store::import::check_object(id, c, &format!("object {id}")).map(|o| (*id, o))
             })
