@@ -288,12 +288,15 @@ impl S3Server {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// One plain HTTP request; the status code and body.
+    /// One plain HTTP request (with a placeholder signature: moto checks
+    /// none unless told to); the status code and body.
     pub fn request(&self, method: &str, path: &str, body: &[u8]) -> Option<(u16, Vec<u8>)> {
         use std::io::{Read, Write};
         let mut c = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\
+             Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, \
+             SignedHeaders=host, Signature=0\r\n\r\n",
             self.port,
             body.len()
         );
@@ -305,6 +308,14 @@ impl S3Server {
         let code = text.split_whitespace().nth(1)?.parse().ok()?;
         let body_at = out.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
         Some((code, out[body_at..].to_vec()))
+    }
+
+    /// From now on the server checks every request's signature against
+    /// the IAM users it knows (none: every key is refused, as a wrong
+    /// key would be by AWS).
+    pub fn enforce_auth(&self) {
+        let r = self.request("POST", "/moto-api/reset-auth", b"0");
+        assert!(matches!(r, Some((200, _))), "cannot enforce auth: {r:?}");
     }
 
     /// Creates a bucket.

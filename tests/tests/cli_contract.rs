@@ -373,6 +373,7 @@ fn every_command_prints_one_json_document_with_json() {
     let cloned = s.path("cloned");
     let cl = json_ok(&s, c, "clone", &["clone", remote, cloned.to_str().unwrap()]);
     assert!(!cl["datasets"].as_array().unwrap().is_empty(), "{cl}");
+    json_ok(&s, c, "remote gc", &["remote", "gc", "--dry-run"]);
     json_ok(&s, c, "remote remove", &["remote", "remove", "origin"]);
 
     // Cache and repository.

@@ -706,3 +706,196 @@ fn a_mount_of_a_lazy_clone_serves_byte_identical_files() {
     dsv_tests::stop_mount(child, &at);
     assert_eq!(served, files_under(&data));
 }
+
+/// Object names under `prefix` in a moto bucket.
+fn bucket_keys(s3: &S3Server, bucket: &str, prefix: &str) -> Vec<String> {
+    let (code, body) = s3
+        .request(
+            "GET",
+            &format!("/{bucket}?list-type=2&prefix={prefix}"),
+            b"",
+        )
+        .expect("listing");
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let text = String::from_utf8_lossy(&body);
+    text.split("<Key>")
+        .skip(1)
+        .map(|p| p.split("</Key>").next().unwrap().to_string())
+        .collect()
+}
+
+fn put_lease(s3: &S3Server, key: &str, kind: &str, ttl_ms: u64) {
+    let body = format!(
+        r#"{{"kind":"{kind}","holder":"feed","host":"other-machine","pid":1,"ttl_ms":{ttl_ms}}}"#
+    );
+    let r = s3.request("PUT", &format!("/gcb/r/leases/{key}"), body.as_bytes());
+    assert!(matches!(r, Some((200, _))), "{r:?}");
+}
+
+#[test]
+fn a_remote_gc_deletes_only_what_interrupted_pushes_left_and_never_runs_beside_a_push() {
+    let s3 = S3Server::start();
+    s3.bucket("gcb");
+    let ep = s3.endpoint();
+    let url = "s3://gcb/r";
+    // A pushes a dataset.
+    let a = Sandbox::new();
+    let data_a = a.path("a");
+    std::fs::create_dir_all(&data_a).unwrap();
+    for i in 0..3u64 {
+        std::fs::write(data_a.join(format!("a{i}.bin")), noise(100 + i, 4 << 20)).unwrap();
+    }
+    ok(&a, &["dataset", "sync", "p/a", data_a.to_str().unwrap()]);
+    ok(&a, &["remote", "add", "origin", url, "--endpoint", &ep]);
+    ok(&a, &["push"]);
+    let packs_a = bucket_keys(&s3, "gcb", "r/packs/");
+    // B's push of other data is killed after its first upload: an
+    // unreferenced pack on the remote.
+    let b = Sandbox::new();
+    let data_b = b.path("b");
+    std::fs::create_dir_all(&data_b).unwrap();
+    for i in 0..3u64 {
+        std::fs::write(data_b.join(format!("b{i}.bin")), noise(200 + i, 4 << 20)).unwrap();
+    }
+    ok(&b, &["dataset", "sync", "p/b", data_b.to_str().unwrap()]);
+    ok(&b, &["remote", "add", "origin", url, "--endpoint", &ep]);
+    let out = run(&b, &["push", "--abort-after-uploads", "1"]);
+    assert!(!out.status.success(), "the push was not aborted");
+    let all = bucket_keys(&s3, "gcb", "r/packs/");
+    let orphans: Vec<&String> = all.iter().filter(|k| !packs_a.contains(k)).collect();
+    assert!(!orphans.is_empty(), "the killed push uploaded nothing");
+
+    // A dry run names them and deletes nothing; the default grace keeps them.
+    let dry = json(&a, &["remote", "gc", "--grace", "0", "--dry-run"]);
+    assert_eq!(dry["deleted_packs"], orphans.len(), "{dry}");
+    assert_eq!(bucket_keys(&s3, "gcb", "r/packs/"), all);
+    let kept = json(&a, &["remote", "gc"]);
+    assert_eq!(kept["deleted_packs"], 0, "{kept}");
+    assert_eq!(kept["young_packs"], orphans.len(), "{kept}");
+    assert_eq!(bucket_keys(&s3, "gcb", "r/packs/"), all);
+
+    // A live push lease of another machine stops a gc; a live gc lease
+    // stops a push, which then publishes nothing.
+    put_lease(&s3, "push-feed.json", "push", 600_000);
+    let out = run(&a, &["remote", "gc", "--grace", "0"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("a push by other-machine (pid 1) is running"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(bucket_keys(&s3, "gcb", "r/packs/"), all);
+    assert!(s3
+        .request("DELETE", "/gcb/r/leases/push-feed.json", b"")
+        .is_some());
+    put_lease(&s3, "gc-feed.json", "gc", 600_000);
+    std::fs::write(data_a.join("a9.bin"), noise(109, 1 << 20)).unwrap();
+    ok(&a, &["dataset", "sync", "p/a", data_a.to_str().unwrap()]);
+    let out = run(&a, &["push"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("a gc by other-machine (pid 1) is running"),
+        "{}",
+        stderr(&out)
+    );
+    let c = clone(url, Some(&ep), false);
+    assert_eq!(version_ids(&c, "p/a").len(), 1, "a refused push published");
+    // An expired lease holds nothing up.
+    put_lease(&s3, "gc-feed.json", "gc", 0);
+    ok(&a, &["push"]);
+
+    // Now the gc deletes exactly the killed push's packs (and the expired
+    // lease), and everything pushed stays readable.
+    let done = json(&a, &["remote", "gc", "--grace", "0"]);
+    assert_eq!(done["deleted_packs"], orphans.len(), "{done}");
+    assert!(done["expired_leases"].as_u64().unwrap() >= 1, "{done}");
+    let left = bucket_keys(&s3, "gcb", "r/packs/");
+    for o in &orphans {
+        assert!(!left.contains(o), "{o} survived");
+    }
+    assert!(bucket_keys(&s3, "gcb", "r/leases/").is_empty());
+    let again = json(&a, &["remote", "gc", "--grace", "0"]);
+    assert_eq!(again["deleted_packs"], 0, "{again}");
+    // B, whose view of the remote still lists the deleted pack, pushes
+    // again and sends what is gone.
+    ok(&b, &["push"]);
+    let c = clone(url, Some(&ep), true);
+    assert_eq!(version_ids(&c, "p/a").len(), 2);
+    for (ds, dir) in [("p/a", &data_a), ("p/b", &data_b)] {
+        for (name, bytes) in files_under(dir) {
+            let out = run(&c, &["dataset", "cat", ds, &name]);
+            assert_eq!(out.stdout, bytes, "{ds} {name}");
+        }
+    }
+    fsck_json(&c, true);
+}
+
+#[test]
+fn wrong_credentials_are_named_and_change_nothing() {
+    let s3 = S3Server::start();
+    s3.bucket("creds");
+    let ep = s3.endpoint();
+    let a = Sandbox::new();
+    let data = a.path("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("a.txt"), b"a\n").unwrap();
+    ok(&a, &["dataset", "sync", "p/a", data.to_str().unwrap()]);
+    ok(
+        &a,
+        &["remote", "add", "origin", "s3://creds/p", "--endpoint", &ep],
+    );
+    ok(&a, &["push"]);
+    let before = json(&a, &["dataset", "list", "p/a"]);
+    // The server now refuses the key dsv signs with.
+    s3.enforce_auth();
+    let out = run(
+        &a,
+        &["remote", "add", "again", "s3://creds/p", "--endpoint", &ep],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("s3://creds/p") && err.contains("credentials were refused"),
+        "{err}"
+    );
+    assert!(!err.contains("testing"), "a secret was printed: {err}");
+    let names: Vec<String> = json(&a, &["remote", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["origin"]);
+    std::fs::write(data.join("b.txt"), b"b\n").unwrap();
+    ok(&a, &["dataset", "sync", "p/a", data.to_str().unwrap()]);
+    let after_sync = json(&a, &["dataset", "list", "p/a"]);
+    for cmd in ["push", "fetch", "pull"] {
+        let out = run(&a, &[cmd]);
+        assert!(!out.status.success(), "{cmd} succeeded");
+        assert!(
+            stderr(&out).contains("credentials were refused"),
+            "{cmd}: {}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(json(&a, &["dataset", "list", "p/a"]), after_sync);
+    assert_ne!(after_sync, before);
+    let target = a.path("c");
+    let out = run(
+        &a,
+        &[
+            "clone",
+            "s3://creds/p",
+            target.to_str().unwrap(),
+            "--endpoint",
+            &ep,
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("credentials were refused"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!target.exists(), "a refused clone left a folder");
+}

@@ -25,6 +25,43 @@ pub enum RemoteCmd {
     List,
     /// Remove a remote and what this repository knows about it.
     Remove(NameArg),
+    /// Delete the remote's packs no dataset refers to (left by interrupted
+    /// pushes); never runs at the same time as a push.
+    Gc(GcArgs),
+}
+
+/// `remote gc`.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Remote name (default: the only remote, or origin).
+    name: Option<String>,
+    /// Keep unreferenced packs written less than this long ago: 30s, 10m,
+    /// 1h, 2d, 0.
+    #[arg(long, default_value = "1h", value_parser = parse_age)]
+    grace: u64,
+    /// Report what would be deleted; delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// `30s`, `10m`, `1h`, `2d`, `0` → milliseconds.
+fn parse_age(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (like 30s, 10m, 1h, 2d)"))?;
+    let ms = match unit {
+        "" if n == 0 => 0,
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("'{s}' is not a duration (like 30s, 10m, 1h, 2d)")),
+    };
+    n.checked_mul(ms)
+        .ok_or_else(|| format!("'{s}' is too long"))
 }
 
 /// `remote add`.
@@ -295,6 +332,43 @@ pub fn remote(ctx: &Ctx, c: RemoteCmd) -> Result<(), CliError> {
                 };
                 println!("{n}\t{}{extra}", r.url);
             }
+            Ok(())
+        }
+        RemoteCmd::Gc(a) => {
+            let args: Vec<String> = a.name.into_iter().collect();
+            let (name, _) = pick_remote(&repo, &args)?;
+            let rec = dsv_remote::get_remote(&repo, &name)?;
+            let storage = dsv_remote::open_storage(&rec, &connect_from_env())?;
+            let bars = Bars::new(ctx.progress);
+            let opts = dsv_remote::gc::GcOptions {
+                grace_ms: a.grace.min(i64::MAX as u64) as i64,
+                dry_run: a.dry_run,
+            };
+            let r = dsv_remote::gc::gc_remote(&repo, &name, &*storage, &opts, &bars)?;
+            if ctx.json {
+                return output::json(&serde_json::to_value(&r).unwrap_or_default());
+            }
+            println!(
+                "{name}: {} dataset(s), {} version(s); {} pack(s), {}; live: {} object(s), {} chunk(s)",
+                r.datasets,
+                r.versions,
+                r.packs,
+                output::bytes(r.bytes),
+                r.live_objects,
+                r.live_chunks
+            );
+            let verb = if r.dry_run { "would delete" } else { "deleted" };
+            println!(
+                "{verb} {} unreferenced pack(s), {}; kept {} younger than --grace{}",
+                r.deleted_packs,
+                output::bytes(r.deleted_bytes),
+                r.young_packs,
+                if r.expired_leases > 0 {
+                    format!("; removed {} expired lease(s)", r.expired_leases)
+                } else {
+                    String::new()
+                }
+            );
             Ok(())
         }
         RemoteCmd::Remove(a) => {

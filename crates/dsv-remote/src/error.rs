@@ -52,6 +52,14 @@ pub enum Error {
     /// `clone` into a folder that holds a repository.
     #[error("{0} already holds a dsv repository")]
     TargetExists(std::path::PathBuf),
+    /// Another process holds a lease the operation cannot run beside.
+    #[error("{location}: {reason}")]
+    Busy {
+        /// The remote.
+        location: String,
+        /// Who holds it and what to do.
+        reason: String,
+    },
     /// Something on the remote that is not what it must be.
     #[error("{location}: {reason}")]
     BadRemote {
@@ -83,6 +91,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Repo(dsv::Error::Store(e)) => e.is_retryable(),
+            Error::Busy { .. } => true,
             _ => false,
         }
     }

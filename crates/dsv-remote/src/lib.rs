@@ -20,7 +20,9 @@
 pub mod cache;
 pub mod doc;
 pub mod error;
+pub mod gc;
 pub mod keys;
+pub mod lease;
 pub mod objstore;
 pub mod open;
 pub mod ops;

@@ -57,10 +57,20 @@ pub fn map_err(what: &str, e: object_store::Error) -> Error {
             what: what.to_string(),
             reason: "not found".into(),
         },
-        E::PermissionDenied { source, .. } => Error::Storage {
-            what: what.to_string(),
-            reason: format!("access denied: {}", short(&*source)),
-        },
+        E::PermissionDenied { source, .. } => {
+            let msg = chain(&*source).to_ascii_lowercase();
+            let why = if msg.contains("invalidaccesskeyid") {
+                "the credentials were refused: the storage knows no such access key id"
+            } else if msg.contains("signaturedoesnotmatch") {
+                "the credentials were refused: the secret key does not match the access key id"
+            } else {
+                "access denied: the credentials lack permission for this bucket or prefix"
+            };
+            Error::Storage {
+                what: what.to_string(),
+                reason: format!("{why} ({})", short(&*source)),
+            }
+        }
         E::Unauthenticated { source, .. } => Error::Storage {
             what: what.to_string(),
             reason: format!("the credentials were refused: {}", short(&*source)),
@@ -73,9 +83,12 @@ pub fn map_err(what: &str, e: object_store::Error) -> Error {
                     what: what.to_string(),
                     reason: "the bucket does not exist".into(),
                 }
-            } else if low.contains("invalidaccesskeyid")
-                || low.contains("signaturedoesnotmatch")
-                || low.contains("accessdenied")
+            } else if low.contains("invalidaccesskeyid") || low.contains("signaturedoesnotmatch") {
+                Error::Storage {
+                    what: what.to_string(),
+                    reason: format!("the credentials were refused: {}", clip(&msg)),
+                }
+            } else if low.contains("accessdenied")
                 || low.contains("forbidden")
                 || low.contains("403")
             {
@@ -523,6 +536,7 @@ impl PackStorage for ObjectStorage {
                         Ok(keep.then_some(Listed {
                             name: rel,
                             size: m.size,
+                            modified_ms: m.last_modified.timestamp_millis(),
                         }))
                     }
                 })

@@ -368,16 +368,33 @@ fn index_packs(
     storage: &dyn PackStorage,
     new: &[(String, String, u64)],
 ) -> Result<usize> {
-    let what = |n: &str| format!("{}/{n}", storage.location());
-    let reqs: Vec<_> = new
+    let sized: Vec<(String, u64)> = new.iter().map(|(n, _, size)| (n.clone(), *size)).collect();
+    let indexes = read_indexes(storage, &sized)?;
+    let packs: Vec<_> = new
         .iter()
-        .map(|(n, _, size)| (n.clone(), size.saturating_sub(TAIL_READ)..*size))
+        .zip(indexes)
+        .map(|((_, h, size), entries)| (h.clone(), *size, entries))
+        .collect();
+    record_packs(repo, name, &packs)?;
+    Ok(packs.len())
+}
+
+/// Reads the indexes of packs `(object name, size)`: one ranged read of
+/// each pack's tail, a second for an index longer than the tail.
+pub(crate) fn read_indexes(
+    storage: &dyn PackStorage,
+    packs: &[(String, u64)],
+) -> Result<Vec<Vec<IndexEntry>>> {
+    let what = |n: &str| format!("{}/{n}", storage.location());
+    let reqs: Vec<_> = packs
+        .iter()
+        .map(|(n, size)| (n.clone(), size.saturating_sub(TAIL_READ)..*size))
         .collect();
     let tails = storage.get_ranges(&reqs, &|_| {})?;
-    let mut trailers = Vec::with_capacity(new.len());
-    let mut indexes: Vec<Option<Vec<u8>>> = Vec::with_capacity(new.len());
+    let mut trailers = Vec::with_capacity(packs.len());
+    let mut indexes: Vec<Option<Vec<u8>>> = Vec::with_capacity(packs.len());
     let mut second = Vec::new();
-    for (i, ((n, _, size), tail)) in new.iter().zip(&tails).enumerate() {
+    for (i, ((n, size), tail)) in packs.iter().zip(&tails).enumerate() {
         let t = dsv_store::bundle::parse_trailer(tail, *size, &what(n))?;
         let tail_start = size - tail.len() as u64;
         if t.index_offset >= tail_start {
@@ -396,13 +413,18 @@ fn index_packs(
             indexes[*i] = Some(idx);
         }
     }
-    let mut packs = Vec::with_capacity(new.len());
-    for (((n, h, size), t), idx) in new.iter().zip(&trailers).zip(indexes) {
-        let entries = dsv_store::bundle::parse_index(&idx.unwrap_or_default(), t, &what(n))?;
-        packs.push((h.clone(), *size, entries));
-    }
-    record_packs(repo, name, &packs)?;
-    Ok(packs.len())
+    packs
+        .iter()
+        .zip(&trailers)
+        .zip(indexes)
+        .map(|(((n, _), t), idx)| {
+            Ok(dsv_store::bundle::parse_index(
+                &idx.unwrap_or_default(),
+                t,
+                &what(n),
+            )?)
+        })
+        .collect()
 }
 
 // ---- documents ------------------------------------------------------------------
@@ -418,7 +440,7 @@ fn read_doc(
     parse_doc(storage, &name, &got.data).map(|d| Some((d, got.etag)))
 }
 
-fn parse_doc(storage: &dyn PackStorage, name: &str, data: &[u8]) -> Result<DatasetDoc> {
+pub(crate) fn parse_doc(storage: &dyn PackStorage, name: &str, data: &[u8]) -> Result<DatasetDoc> {
     let location = format!("{}/{name}", storage.location());
     let d: DatasetDoc = serde_json::from_slice(data).map_err(|e| Error::BadRemote {
         location: location.clone(),
@@ -713,7 +735,8 @@ pub fn push(
     push_to(repo, name, &*storage, targets, progress)
 }
 
-/// [`push`] on an opened storage.
+/// [`push`] on an opened storage: under a push lease (see [`crate::lease`]),
+/// so that no remote gc runs meanwhile.
 pub fn push_to(
     repo: &Repo,
     name: &str,
@@ -722,6 +745,18 @@ pub fn push_to(
     progress: &dyn Progress,
 ) -> Result<PushReport> {
     ensure_manifest(repo, storage)?;
+    crate::lease::with_lease(storage, crate::lease::LeaseKind::Push, |_| {
+        push_leased(repo, name, storage, targets, progress)
+    })
+}
+
+fn push_leased(
+    repo: &Repo,
+    name: &str,
+    storage: &dyn PackStorage,
+    targets: &[PushTarget],
+    progress: &dyn Progress,
+) -> Result<PushReport> {
     sync_index(repo, name, storage)?;
     let mut report = PushReport {
         remote: name.to_string(),

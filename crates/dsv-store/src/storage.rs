@@ -61,6 +61,9 @@ pub struct Listed {
     pub name: String,
     /// Its size in bytes.
     pub size: u64,
+    /// When it was last written, ms since the epoch, by the storage's clock
+    /// (S3's `Last-Modified`, a file's mtime).
+    pub modified_ms: i64,
 }
 
 /// A whole-object read: the bytes and the entity tag to update it with.
@@ -393,10 +396,11 @@ impl PackStorage for LocalDir {
                         stack.push(p);
                     }
                 } else if ft.is_file() && rel.starts_with(prefix) {
-                    let len = ent.metadata().map_err(|e| Error::io("stat", &p, e))?.len();
+                    let md = ent.metadata().map_err(|e| Error::io("stat", &p, e))?;
                     out.push(Listed {
                         name: rel,
-                        size: len,
+                        size: md.len(),
+                        modified_ms: mtime_ms(&md),
                     });
                 }
             }
@@ -426,6 +430,14 @@ impl PackStorage for LocalDir {
             Err(e) => Err(Error::io("delete", &path, e)),
         }
     }
+}
+
+/// A file's mtime, ms since the epoch.
+pub fn mtime_ms(md: &std::fs::Metadata) -> i64 {
+    md.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Reads the last `len` bytes of a local file (used by tests and tools).
@@ -483,7 +495,8 @@ mod tests {
             s.list("refs/").unwrap(),
             vec![Listed {
                 name: "refs/a.json".into(),
-                size: 1
+                size: 1,
+                modified_ms: s.list("refs/").unwrap()[0].modified_ms,
             }]
         );
         let r = s
