@@ -492,3 +492,51 @@ fn on_a_full_disk_dataset_delete_and_gc_free_space() {
     assert!(cat.status.success(), "{}", stderr(&cat));
     assert!(cat.stdout == dsv_tests::noise(8, 1 << 20));
 }
+
+#[test]
+fn fsck_rebuild_index_puts_an_intact_copy_back_in_service_and_rereads_the_remotes() {
+    let (s, data) = occupancy_sandbox();
+    let v1 = s.json(&["dataset", "sync", "sensors/occ", data.to_str().unwrap()]);
+    let rev = format!("sensors/occ@{}", v1["version"].as_str().unwrap());
+    let remote = s.path("remote");
+    s.json(&["remote", "add", "origin", remote.to_str().unwrap()]);
+    s.json(&["push"]);
+    // An intact copy of the pack under another name (a pack the index
+    // does not know), then one byte of the original damaged and the
+    // damaged chunk taken out of service.
+    let pack = pack_files(&s).pop().unwrap();
+    let mut bytes = std::fs::read(&pack).unwrap();
+    std::fs::write(pack.with_file_name("00000000ffffffff.pack"), &bytes).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xFF;
+    std::fs::write(&pack, &bytes).unwrap();
+    let out = s.dsv(&["--json", "fsck", "--read-data", "--repair"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        doc["repair"]["marked"].as_array().unwrap().len(),
+        1,
+        "{doc}"
+    );
+
+    let out = s.dsv(&["--json", "fsck", "--rebuild-index", "--read-data"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{doc} {}", stderr(&out));
+    assert_eq!(doc["ok"], true, "{doc}");
+    let chunks = &doc["rebuilt"]["chunks"];
+    assert_eq!(chunks["restored"], 1, "{doc}");
+    assert_eq!(chunks["added"], 1, "{doc}");
+    assert_eq!(chunks["damaged_records"], 1, "{doc}");
+    let remotes = doc["rebuilt"]["remotes"].as_array().unwrap();
+    assert_eq!(remotes.len(), 1, "{doc}");
+    let on_remote = std::fs::read_dir(remote.join("packs")).unwrap().count();
+    assert_eq!(remotes[0]["packs"], on_remote, "{doc}");
+    assert!(remotes[0]["dropped_entries"].as_u64().unwrap() > 0, "{doc}");
+    for f in std::fs::read_dir(&data).unwrap() {
+        let f = f.unwrap().path();
+        let name = f.file_name().unwrap().to_str().unwrap();
+        let cat = s.dsv(&["dataset", "cat", &rev, name]);
+        assert_eq!(cat.status.code(), Some(0), "{name}: {}", stderr(&cat));
+        assert!(cat.stdout == std::fs::read(&f).unwrap(), "{name} exact");
+    }
+}

@@ -382,6 +382,24 @@ pub fn remote(ctx: &Ctx, c: RemoteCmd) -> Result<(), CliError> {
     }
 }
 
+/// `fsck --rebuild-index` for every remote of the repository.
+pub fn rebuild_remote_indexes(
+    ctx: &Ctx,
+    repo: &Repo,
+) -> Result<Vec<dsv_remote::ops::ReindexReport>, CliError> {
+    let mut out = Vec::new();
+    for (name, _) in dsv_remote::remotes(repo)? {
+        let bars = Bars::new(ctx.progress);
+        out.push(dsv_remote::ops::rebuild_index(
+            repo,
+            &name,
+            &connect_from_env(),
+            &bars,
+        )?);
+    }
+    Ok(out)
+}
+
 /// A path given as a remote URL becomes absolute (`remote add origin ../b`).
 fn normalize_url(u: &str) -> Result<String, CliError> {
     if u.contains("://") || u.starts_with('/') {

@@ -47,6 +47,12 @@ pub struct FsckArgs {
     /// them again and heals every version that uses them.
     #[arg(long)]
     repair: bool,
+    /// Rebuild the indexes from what is stored before checking: the chunk
+    /// index from the pack files (every record rehashed), and for each
+    /// remote, its pack indexes read again and every dataset's metadata
+    /// fetched (what this repository lost comes back from the remote).
+    #[arg(long)]
+    rebuild_index: bool,
 }
 
 /// `dsv gc`.
@@ -168,8 +174,20 @@ fn repository_folder_above(path: &std::path::Path) -> Option<PathBuf> {
 
 pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
     let store = repo::open(ctx)?;
+    let rebuilt_chunks = if a.rebuild_index {
+        Some(store.rebuild_chunk_index(&Bar::new(ctx.progress))?)
+    } else {
+        None
+    };
     // A lazy clone's chunks on its remote are not missing.
     crate::remote_cmds::attach(&store)?;
+    let repo = dsv::Repo::from_store(store);
+    let reindexed = if a.rebuild_index {
+        crate::remote_cmds::rebuild_remote_indexes(ctx, &repo)?
+    } else {
+        Vec::new()
+    };
+    let store = repo.store();
     let bar = Bar::new(ctx.progress);
     let r = store.verify(
         VerifyOptions {
@@ -185,7 +203,6 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
         None
     };
     let dir = store.dir().to_path_buf();
-    let repo = dsv::Repo::from_store(store);
     // The secondary indexes of tasks and models against their records;
     // `--repair` rebuilds them from the records.
     let index = repo.index_problems()?;
@@ -216,8 +233,42 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
             "problems": r.problems,
             "cache": cache,
             "repair": fixed,
+            "rebuilt": rebuilt_chunks.as_ref().map(|c| json!({"chunks": c, "remotes": reindexed})),
         }))?;
     } else {
+        if let Some(c) = &rebuilt_chunks {
+            println!(
+                "rebuild: {} pack(s), {} record(s) rehashed: {} chunk(s) added to the index                  ({} back in service), {} repointed, {} damaged record(s) skipped{}{}",
+                c.packs,
+                c.records,
+                c.added,
+                c.restored,
+                c.repointed,
+                c.damaged_records,
+                if c.busy_packs > 0 {
+                    format!(", {} pack(s) being written skipped", c.busy_packs)
+                } else {
+                    String::new()
+                },
+                if c.unreadable.is_empty() {
+                    String::new()
+                } else {
+                    format!("; damaged packs: {}", c.unreadable.join("; "))
+                }
+            );
+        }
+        for r in &reindexed {
+            println!(
+                "rebuild: remote {}: {} pack index(es) read again, {} version(s) fetched",
+                r.remote,
+                r.packs,
+                r.fetch
+                    .datasets
+                    .iter()
+                    .map(|d| d.imported.len())
+                    .sum::<usize>()
+            );
+        }
         for p in &r.problems {
             println!("{}: {} — {}", p.kind, p.what, p.detail);
         }

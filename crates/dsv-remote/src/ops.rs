@@ -1112,6 +1112,64 @@ pub fn fetch(
     fetch_from(repo, name, &*storage, mode, only, progress)
 }
 
+/// What [`rebuild_index`] did for one remote.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReindexReport {
+    /// The remote.
+    pub remote: String,
+    /// Index entries of the remote dropped before reading it again.
+    pub dropped_entries: u64,
+    /// Packs whose index was read.
+    pub packs: usize,
+    /// What the fetch of every dataset on the remote brought.
+    pub fetch: FetchReport,
+}
+
+/// `fsck --rebuild-index` for a remote: forgets what this repository knew
+/// of the remote's packs, reads every pack index again, then fetches the
+/// metadata of every dataset on the remote (versions this repository lost
+/// or never had come back; data stays lazy).
+pub fn rebuild_index(
+    repo: &Repo,
+    name: &str,
+    connect: &Connect,
+    progress: &dyn Progress,
+) -> Result<ReindexReport> {
+    let rec = get_remote(repo, name)?;
+    let storage = open_storage(&rec, connect)?;
+    let mut report = ReindexReport {
+        remote: name.to_string(),
+        ..Default::default()
+    };
+    // Dropped a batch at a time (bounded memory on a large remote).
+    for prefix in [keys::REMOTE_INDEX, keys::REMOTE_PACK] {
+        let scope = keys::scoped(prefix, name);
+        loop {
+            let n = repo.store().write(|kv| {
+                let mut b = Batch::default();
+                let mut n = 0u64;
+                kv.scan(Cf::App, &scope, &mut |k, _| {
+                    b.delete(Cf::App, k.to_vec());
+                    n += 1;
+                    Ok(n < 100_000)
+                })?;
+                Ok((b, n))
+            })?;
+            if prefix == keys::REMOTE_INDEX {
+                report.dropped_entries += n;
+            }
+            if n < 100_000 {
+                break;
+            }
+        }
+    }
+    progress.phase("reading every pack index of the remote", None);
+    report.packs = sync_index(repo, name, &*storage)?;
+    progress.finish_phase();
+    report.fetch = fetch_from(repo, name, &*storage, FetchMode::Metadata, None, progress)?;
+    Ok(report)
+}
+
 /// [`fetch`] on an opened storage.
 pub fn fetch_from(
     repo: &Repo,

@@ -1585,3 +1585,83 @@ fn unknown_features_refuse_opening_or_writing_by_class() {
         Err(Error::Corrupted { .. })
     ));
 }
+
+#[test]
+fn rebuild_index_restores_lost_entries_and_an_intact_copy_of_a_damaged_chunk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let files: BTreeMap<String, Vec<u8>> = [
+        ("a.bin".to_string(), content(11, 60_000)),
+        ("b.bin".to_string(), content(12, 60_000)),
+    ]
+    .into();
+    write_tree(&data, &files);
+    let store = mem_store(tmp.path(), MemKv::new(), small_config());
+    let v = snapshot(&store, &data);
+    let file_id = |name: &[u8]| match store.lookup(&v.object.root, name).unwrap().unwrap().target {
+        EntryTarget::File(f) => f,
+        _ => panic!("file expected"),
+    };
+    // a.bin's index entries are lost.
+    let lost: Vec<dsv_store::ChunkId> = store
+        .file_object(&file_id(b"a.bin"))
+        .unwrap()
+        .chunks
+        .iter()
+        .map(|(c, _)| *c)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    store
+        .write(|_| {
+            let mut b = dsv_store::Batch::default();
+            for c in &lost {
+                b.delete(dsv_store::Cf::Chunks, c.as_bytes().to_vec());
+            }
+            Ok((b, ()))
+        })
+        .unwrap();
+    // One of b.bin's chunks is damaged and taken out of service, while an
+    // intact copy of its record sits in another pack.
+    let (chunk, _) = store.file_object(&file_id(b"b.bin")).unwrap().chunks[2];
+    let loc = store.chunk_loc(&chunk).unwrap();
+    let packs = store.packs_dir();
+    let path = dsv_store::pack::pack_path(&packs, loc.pack);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let rec_len = dsv_store::pack::RECORD_HEADER_LEN as usize + loc.stored_len as usize;
+    let record = bytes[loc.offset as usize..loc.offset as usize + rec_len].to_vec();
+    let mut copy = dsv_store::pack::PACK_MAGIC.to_vec();
+    copy.extend_from_slice(&dsv_store::pack::PACK_FORMAT.to_le_bytes());
+    copy.extend_from_slice(&0u32.to_le_bytes());
+    copy.extend_from_slice(&record);
+    std::fs::write(dsv_store::pack::pack_path(&packs, 0xfeed), copy).unwrap();
+    let at = loc.offset as usize + rec_len - 1;
+    bytes[at] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+    let checked = store
+        .verify(VerifyOptions { read_data: true }, &NoProgress)
+        .unwrap();
+    assert!(!checked.ok());
+    assert_eq!(store.repair(&checked).unwrap().marked, vec![chunk.to_hex()]);
+    assert!(store
+        .read_file_to(&file_id(b"a.bin"), &mut Vec::new())
+        .is_err());
+    assert!(store
+        .read_file_to(&file_id(b"b.bin"), &mut Vec::new())
+        .is_err());
+
+    let r = store.rebuild_chunk_index(&NoProgress).unwrap();
+    assert_eq!(r.added, lost.len() as u64 + 1, "{r:?}");
+    assert_eq!(r.restored, 1, "{r:?}");
+    assert_eq!(r.damaged_records, 1, "{r:?}");
+    assert_eq!(r.repointed, 0, "{r:?}");
+    assert!(r.unreadable.is_empty(), "{r:?}");
+    assert!(store
+        .verify(VerifyOptions { read_data: true }, &NoProgress)
+        .unwrap()
+        .ok());
+    assert_eq!(read_back(&store, &v.object.root), files);
+    // Idempotent.
+    let again = store.rebuild_chunk_index(&NoProgress).unwrap();
+    assert_eq!((again.added, again.repointed, again.restored), (0, 0, 0));
+}

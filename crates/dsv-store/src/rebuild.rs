@@ -1,0 +1,169 @@
+//! `fsck --rebuild-index`: the chunk index rebuilt from the pack files.
+//!
+//! Every record of every pack is read, decoded and hashed; a record whose
+//! bytes hash to its id is a good copy of that chunk. The index gains each
+//! good chunk it lacks (an entry lost with a damaged database, or taken out
+//! of service by `fsck --repair` while an intact copy sat in another pack),
+//! and an entry pointing into a pack that is gone or too short is pointed
+//! at a good copy. Entries that point at existing records are left alone
+//! (`fsck --read-data` judges their bytes). A pack a writer still holds
+//! (its `flock`) is skipped: its writer indexes it. Each pack is indexed
+//! in its own transaction while this holds the pack's lock, so a `gc`
+//! cannot delete it between the read and the commit.
+
+use std::collections::HashMap;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::gc::pack_files;
+use crate::id::ChunkId;
+use crate::kv::{Batch, Cf};
+use crate::pack::{parse_pack, RECORD_HEADER_LEN};
+use crate::schema::{self, ChunkLoc};
+use crate::store::{Progress, Store};
+
+/// What a rebuild found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RebuildReport {
+    /// Packs read.
+    pub packs: usize,
+    /// Records in them.
+    pub records: u64,
+    /// Records whose bytes do not hash to their id (not indexed).
+    pub damaged_records: u64,
+    /// Index entries added for chunks the index lacked.
+    pub added: u64,
+    /// Of those, chunks `fsck --repair` had taken out of service that are
+    /// back in service from an intact copy.
+    pub restored: u64,
+    /// Entries that pointed into a missing or short pack, now pointing at
+    /// a good copy.
+    pub repointed: u64,
+    /// Packs a writer holds (skipped: their writer indexes them).
+    pub busy_packs: usize,
+    /// Packs that could not be parsed to the end, with the reason (the
+    /// records before the damage are used).
+    pub unreadable: Vec<String>,
+}
+
+impl Store {
+    /// Rebuilds the chunk index from the pack files (see the module
+    /// documentation).
+    pub fn rebuild_chunk_index(&self, progress: &dyn Progress) -> Result<RebuildReport> {
+        let dir = self.packs_dir();
+        let mut files = pack_files(&dir)?;
+        files.sort_unstable_by_key(|(id, _, _)| *id);
+        let sizes: HashMap<u64, u64> = files.iter().map(|(id, _, len)| (*id, *len)).collect();
+        let mut report = RebuildReport::default();
+        progress.start(
+            "rebuilding the chunk index",
+            files.iter().map(|f| f.2).sum(),
+        );
+        for (pack, path, len) in &files {
+            // The pack's lock: held by a writer until its commit (skip), and
+            // by us until ours (a gc deletes only packs it can lock).
+            let lock = match std::fs::File::open(path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("open", path, e)),
+            };
+            if !matches!(fs4::fs_std::FileExt::try_lock_exclusive(&lock), Ok(true)) {
+                report.busy_packs += 1;
+                progress.advance(*len);
+                continue;
+            }
+            let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+            let what = path.to_string_lossy().into_owned();
+            let records = match parse_pack(&bytes, &what) {
+                Ok(r) => r,
+                Err(e) => {
+                    report.unreadable.push(format!("{what}: {e}"));
+                    parse_prefix(&bytes, &what)
+                }
+            };
+            report.packs += 1;
+            report.records += records.len() as u64;
+            let good: Vec<(ChunkId, ChunkLoc)> = records
+                .par_iter()
+                .filter_map(|r| {
+                    crate::compress::decode_chunk(&r.id, r.codec, r.data, r.raw_len)
+                        .ok()
+                        .map(|_| {
+                            (
+                                r.id,
+                                ChunkLoc {
+                                    pack: *pack,
+                                    offset: r.offset,
+                                    stored_len: r.data.len() as u32,
+                                    raw_len: r.raw_len,
+                                    codec: r.codec,
+                                },
+                            )
+                        })
+                })
+                .collect();
+            report.damaged_records += (records.len() - good.len()) as u64;
+            let (added, restored, repointed) = self.write(|kv| {
+                let mut b = Batch::default();
+                let (mut added, mut restored, mut repointed) = (0u64, 0u64, 0u64);
+                let mut seen: std::collections::HashSet<ChunkId> = Default::default();
+                for (id, loc) in &good {
+                    if !seen.insert(*id) {
+                        continue;
+                    }
+                    match kv.get(Cf::Chunks, id.as_bytes())? {
+                        None => {
+                            b.put(Cf::Chunks, id.as_bytes().to_vec(), loc.encode());
+                            added += 1;
+                            let dk = schema::damaged_key(id);
+                            if kv.get(Cf::Meta, &dk)?.is_some() {
+                                b.delete(Cf::Meta, dk);
+                                restored += 1;
+                            }
+                        }
+                        Some(v) => {
+                            let ok = ChunkLoc::decode(&v, id).is_ok_and(|cur| {
+                                sizes.get(&cur.pack).is_some_and(|&l| {
+                                    cur.offset + RECORD_HEADER_LEN + cur.stored_len as u64 <= l
+                                })
+                            });
+                            if !ok {
+                                b.put(Cf::Chunks, id.as_bytes().to_vec(), loc.encode());
+                                repointed += 1;
+                            }
+                        }
+                    }
+                }
+                Ok((b, (added, restored, repointed)))
+            })?;
+            drop(lock);
+            report.added += added;
+            report.restored += restored;
+            report.repointed += repointed;
+            progress.advance(*len);
+        }
+        progress.finish();
+        self.pack_reader().reset();
+        Ok(report)
+    }
+}
+
+/// The records of a pack before the first damaged header.
+fn parse_prefix<'a>(bytes: &'a [u8], what: &str) -> Vec<crate::pack::Record<'a>> {
+    // Cut the image at successively earlier record boundaries until it
+    // parses: walk the headers by hand, stopping at the first bad one.
+    let mut end = crate::pack::PACK_HEADER_LEN as usize;
+    let mut last_good = end;
+    while end + RECORD_HEADER_LEN as usize <= bytes.len() {
+        let stored = u32::from_le_bytes(bytes[end + 5..end + 9].try_into().expect("4")) as usize;
+        let next = end + RECORD_HEADER_LEN as usize + stored;
+        if next > bytes.len() || bytes[end] > 1 {
+            break;
+        }
+        end = next;
+        last_good = end;
+    }
+    parse_pack(&bytes[..last_good], what).unwrap_or_default()
+}
