@@ -526,7 +526,11 @@ fn fsck_rebuild_index_puts_an_intact_copy_back_in_service_and_rereads_the_remote
     let chunks = &doc["rebuilt"]["chunks"];
     assert_eq!(chunks["restored"], 1, "{doc}");
     assert_eq!(chunks["added"], 1, "{doc}");
-    assert_eq!(chunks["damaged_records"], 1, "{doc}");
+    // The flipped byte lies in a record's data (a damaged record) or,
+    // rarely, in a record header (the pack parsed up to it).
+    let damaged = chunks["damaged_records"].as_u64().unwrap()
+        + chunks["unreadable"].as_array().unwrap().len() as u64;
+    assert_eq!(damaged, 1, "{doc}");
     let remotes = doc["rebuilt"]["remotes"].as_array().unwrap();
     assert_eq!(remotes.len(), 1, "{doc}");
     let on_remote = std::fs::read_dir(remote.join("packs")).unwrap().count();

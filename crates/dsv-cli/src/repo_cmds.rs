@@ -238,7 +238,7 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
     } else {
         if let Some(c) = &rebuilt_chunks {
             println!(
-                "rebuild: {} pack(s), {} record(s) rehashed: {} chunk(s) added to the index                  ({} back in service), {} repointed, {} damaged record(s) skipped{}{}",
+                "rebuild: {} pack(s), {} record(s) rehashed: {} chunk(s) added to the index ({} back in service), {} repointed, {} damaged record(s) skipped{}{}",
                 c.packs,
                 c.records,
                 c.added,

@@ -62,7 +62,7 @@ pub struct GcReport {
     pub packs: usize,
     /// Bytes in them.
     pub bytes: u64,
-    /// Live objects and chunks.
+    /// Live objects.
     pub live_objects: usize,
     /// Live chunks.
     pub live_chunks: usize,

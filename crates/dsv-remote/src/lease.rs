@@ -65,6 +65,10 @@ pub struct LeaseDoc {
     pub host: String,
     /// The holder's process id (for messages).
     pub pid: u32,
+    /// The holder's boot id and pid namespace: a holder is judged gone by
+    /// its pid only from the same boot and pid namespace.
+    #[serde(default)]
+    pub boot: String,
     /// Time to live after each renewal, ms.
     pub ttl_ms: i64,
 }
@@ -94,7 +98,10 @@ impl SeenLease {
 
     fn holder_gone_here(&self) -> bool {
         self.doc.as_ref().is_some_and(|d| {
-            d.host == hostname()
+            let here = boot_and_pidns();
+            !here.is_empty()
+                && d.boot == here
+                && d.host == hostname()
                 && d.pid != std::process::id()
                 && !std::path::Path::new(&format!("/proc/{}", d.pid)).exists()
         })
@@ -106,6 +113,21 @@ impl SeenLease {
             Some(d) => format!("a {} by {} (pid {})", d.kind.as_str(), d.host, d.pid),
             None => format!("the lease {}", self.name),
         }
+    }
+}
+
+/// `BOOT-ID/PID-NAMESPACE`, or empty when either is unknown.
+fn boot_and_pidns() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let ns = std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if boot.is_empty() || ns.is_empty() {
+        String::new()
+    } else {
+        format!("{boot}/{ns}")
     }
 }
 
@@ -131,6 +153,36 @@ pub struct Held {
 }
 
 impl Held {
+    /// Before a step that makes earlier work visible (a push publishing
+    /// its documents): the lease is healthy, and no live gc lease is listed
+    /// (judged against this lease's last write, on the storage's clock).
+    pub fn check_still_alone(&self, storage: &dyn PackStorage) -> Result<()> {
+        let seen = list_leases(storage)?;
+        let now = seen
+            .iter()
+            .find(|l| l.name == self.name)
+            .map(|l| l.modified_ms);
+        let gc_live = |now: i64| {
+            seen.iter().any(|l| {
+                l.name != self.name && l.name.starts_with(&format!("{LEASES}gc-")) && l.live(now)
+            })
+        };
+        let alone = match now {
+            Some(now) => !gc_live(now),
+            // Our lease is gone: a gc judged it expired.
+            None => false,
+        };
+        if !self.healthy() || !alone {
+            return Err(Error::Busy {
+                location: storage.location(),
+                reason: "this push's lease lapsed or a gc started meanwhile; nothing was \
+                         published — run the push again (what it uploaded is reused)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
     /// Whether the lease is surely still live: renewed within half its ttl
     /// and never failed to renew. Work that deletes checks it before each
     /// deletion.
@@ -178,9 +230,14 @@ pub fn with_lease<R>(
         host: hostname(),
         pid: std::process::id(),
         ttl_ms: TTL_MS,
+        boot: boot_and_pidns(),
     };
     let body = serde_json::to_vec_pretty(&doc).expect("a lease serializes");
-    storage.put(&name, body.clone(), PutMode::Overwrite)?;
+    let first = storage.put(&name, body.clone(), PutMode::Overwrite)?;
+    let etag = match first {
+        dsv_store::storage::PutOutcome::Written(e) => e,
+        _ => None,
+    };
     let epoch = Instant::now();
     let outcome = (|| {
         let seen = list_leases(storage)?;
@@ -233,6 +290,14 @@ pub fn with_lease<R>(
                 ),
             });
         }
+        // The others were judged against our lease's first write: that
+        // judgement only holds while our lease is surely still live.
+        if epoch.elapsed().as_millis() as i64 >= TTL_MS / 2 {
+            return Err(Error::Busy {
+                location: storage.location(),
+                reason: "listing the leases took longer than half a lease's life; try again".into(),
+            });
+        }
         let held = Held {
             name: name.clone(),
             started_ms: now,
@@ -244,21 +309,39 @@ pub fn with_lease<R>(
         };
         let (stop, stopped) = channel::<()>();
         std::thread::scope(|s| {
+            // Dropped when the work ends, also by a panic: the renewer stops.
+            let stop = stop;
             let held = &held;
             let body = &body;
             let name = &name;
+            let mut etag = etag;
             s.spawn(move || {
                 let every = Duration::from_millis((TTL_MS / 3) as u64);
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
                     let at = held.epoch.elapsed().as_millis() as i64;
-                    match storage.put(name, body.clone(), PutMode::Overwrite) {
-                        Ok(_) => held.renewed.store(at, Ordering::Release),
-                        Err(_) => held.lost.store(true, Ordering::Release),
+                    // Only our own lease is renewed: one a gc removed as
+                    // expired stays lost (the work must not go on as if
+                    // it had been live all along).
+                    let mode = match &etag {
+                        Some(e) => PutMode::Update(e.clone()),
+                        None => PutMode::Overwrite,
+                    };
+                    match storage.put(name, body.clone(), mode) {
+                        Ok(dsv_store::storage::PutOutcome::Written(e)) => {
+                            if e.is_some() {
+                                etag = e;
+                            }
+                            held.renewed.store(at, Ordering::Release);
+                        }
+                        _ => {
+                            held.lost.store(true, Ordering::Release);
+                            break;
+                        }
                     }
                 }
             });
             let r = work(held);
-            let _ = stop.send(());
+            drop(stop);
             r
         })
     })();

@@ -745,8 +745,8 @@ pub fn push_to(
     progress: &dyn Progress,
 ) -> Result<PushReport> {
     ensure_manifest(repo, storage)?;
-    crate::lease::with_lease(storage, crate::lease::LeaseKind::Push, |_| {
-        push_leased(repo, name, storage, targets, progress)
+    crate::lease::with_lease(storage, crate::lease::LeaseKind::Push, |held| {
+        push_leased(repo, name, storage, targets, progress, held)
     })
 }
 
@@ -756,6 +756,7 @@ fn push_leased(
     storage: &dyn PackStorage,
     targets: &[PushTarget],
     progress: &dyn Progress,
+    held: &crate::lease::Held,
 ) -> Result<PushReport> {
     sync_index(repo, name, storage)?;
     let mut report = PushReport {
@@ -847,7 +848,12 @@ fn push_leased(
         report.packs += built.len();
         report.objects = objs.len();
     }
-    // Then publish each dataset with a conditional write.
+    // Then publish each dataset with a conditional write — only while
+    // this push's lease held all along (no gc can have deleted what it
+    // skipped as already on the remote).
+    if !plans.is_empty() {
+        held.check_still_alone(storage)?;
+    }
     for p in &plans {
         report.datasets.push(publish(
             repo,
@@ -1137,6 +1143,11 @@ pub fn rebuild_index(
 ) -> Result<ReindexReport> {
     let rec = get_remote(repo, name)?;
     let storage = open_storage(&rec, connect)?;
+    // Reachable and readable before anything known of it is dropped.
+    storage.check()?;
+    if read_manifest(&*storage)?.is_none() {
+        return Err(Error::EmptyRemote(storage.location()));
+    }
     let mut report = ReindexReport {
         remote: name.to_string(),
         ..Default::default()

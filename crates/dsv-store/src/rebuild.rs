@@ -8,8 +8,10 @@
 //! at a good copy. Entries that point at existing records are left alone
 //! (`fsck --read-data` judges their bytes). A pack a writer still holds
 //! (its `flock`) is skipped: its writer indexes it. Each pack is indexed
-//! in its own transaction while this holds the pack's lock, so a `gc`
-//! cannot delete it between the read and the commit.
+//! in its own transaction while this holds the pack's lock (a `gc` deletes
+//! an unindexed pack only under its lock), and only if no `gc` committed
+//! since the pack was read (`gc_generation`); otherwise it is judged again
+//! against the index as the gc left it.
 
 use std::collections::HashMap;
 
@@ -74,6 +76,10 @@ impl Store {
                 progress.advance(*len);
                 continue;
             }
+            // A gc that commits after this read may have moved or dropped
+            // what the pack holds: then the write below is not applied and
+            // the pack is judged again.
+            let generation = Store::gc_generation(&*self.reader())?;
             let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
             let what = path.to_string_lossy().into_owned();
             let records = match parse_pack(&bytes, &what) {
@@ -105,40 +111,29 @@ impl Store {
                 })
                 .collect();
             report.damaged_records += (records.len() - good.len()) as u64;
-            let (added, restored, repointed) = self.write(|kv| {
-                let mut b = Batch::default();
-                let (mut added, mut restored, mut repointed) = (0u64, 0u64, 0u64);
-                let mut seen: std::collections::HashSet<ChunkId> = Default::default();
-                for (id, loc) in &good {
-                    if !seen.insert(*id) {
-                        continue;
+            let mut pending = Some(generation);
+            let mut outcome = (0u64, 0u64, 0u64);
+            for _ in 0..8 {
+                let Some(generation) = pending.take() else {
+                    break;
+                };
+                let done = self.write(|kv| {
+                    let now = Store::gc_generation(kv)?;
+                    if now != generation {
+                        return Ok((Batch::default(), Err(now)));
                     }
-                    match kv.get(Cf::Chunks, id.as_bytes())? {
-                        None => {
-                            b.put(Cf::Chunks, id.as_bytes().to_vec(), loc.encode());
-                            added += 1;
-                            let dk = schema::damaged_key(id);
-                            if kv.get(Cf::Meta, &dk)?.is_some() {
-                                b.delete(Cf::Meta, dk);
-                                restored += 1;
-                            }
-                        }
-                        Some(v) => {
-                            let ok = ChunkLoc::decode(&v, id).is_ok_and(|cur| {
-                                sizes.get(&cur.pack).is_some_and(|&l| {
-                                    cur.offset + RECORD_HEADER_LEN + cur.stored_len as u64 <= l
-                                })
-                            });
-                            if !ok {
-                                b.put(Cf::Chunks, id.as_bytes().to_vec(), loc.encode());
-                                repointed += 1;
-                            }
-                        }
-                    }
+                    self.index_good(kv, &good, &sizes).map(|(b, r)| (b, Ok(r)))
+                })?;
+                match done {
+                    Ok(r) => outcome = r,
+                    // Still there after that gc? Then index it against the
+                    // index as it is now.
+                    Err(now) if path.exists() => pending = Some(now),
+                    Err(_) => {}
                 }
-                Ok((b, (added, restored, repointed)))
-            })?;
+            }
             drop(lock);
+            let (added, restored, repointed) = outcome;
             report.added += added;
             report.restored += restored;
             report.repointed += repointed;
@@ -148,12 +143,65 @@ impl Store {
         self.pack_reader().reset();
         Ok(report)
     }
+
+    /// The batch indexing `good` records against the index in `kv`.
+    fn index_good(
+        &self,
+        kv: &dyn crate::kv::KvRead,
+        good: &[(ChunkId, ChunkLoc)],
+        sizes: &HashMap<u64, u64>,
+    ) -> Result<(Batch, (u64, u64, u64))> {
+        let dir = self.packs_dir();
+        let pack_len = |pack: u64| -> Option<u64> {
+            sizes.get(&pack).copied().or_else(|| {
+                // A pack made after the listing (a writer's, a repack).
+                std::fs::metadata(crate::pack::pack_path(&dir, pack))
+                    .ok()
+                    .map(|m| m.len())
+            })
+        };
+        let mut b = Batch::default();
+        let (mut added, mut restored, mut repointed) = (0u64, 0u64, 0u64);
+        let mut seen: std::collections::HashSet<ChunkId> = Default::default();
+        for (id, loc) in good {
+            if !seen.insert(*id) {
+                continue;
+            }
+            match kv.get(Cf::Chunks, id.as_bytes())? {
+                None => {
+                    b.put(Cf::Chunks, id.as_bytes().to_vec(), loc.encode());
+                    added += 1;
+                    let dk = schema::damaged_key(id);
+                    if kv.get(Cf::Meta, &dk)?.is_some() {
+                        b.delete(Cf::Meta, dk);
+                        restored += 1;
+                    }
+                }
+                Some(v) => {
+                    let ok = ChunkLoc::decode(&v, id).is_ok_and(|cur| {
+                        let end = cur
+                            .offset
+                            .checked_add(RECORD_HEADER_LEN + cur.stored_len as u64);
+                        matches!((end, pack_len(cur.pack)), (Some(e), Some(l)) if e <= l)
+                    });
+                    if !ok {
+                        b.put(Cf::Chunks, id.as_bytes().to_vec(), loc.encode());
+                        repointed += 1;
+                    }
+                }
+            }
+        }
+        Ok((b, (added, restored, repointed)))
+    }
 }
 
 /// The records of a pack before the first damaged header.
 fn parse_prefix<'a>(bytes: &'a [u8], what: &str) -> Vec<crate::pack::Record<'a>> {
     // Cut the image at successively earlier record boundaries until it
     // parses: walk the headers by hand, stopping at the first bad one.
+    if bytes.len() < crate::pack::PACK_HEADER_LEN as usize {
+        return Vec::new();
+    }
     let mut end = crate::pack::PACK_HEADER_LEN as usize;
     let mut last_good = end;
     while end + RECORD_HEADER_LEN as usize <= bytes.len() {
