@@ -619,8 +619,35 @@ fn a_wiped_remote_gets_everything_again_and_a_chunk_damaged_here_is_never_pushed
     );
 }
 
+/// Creates and runs the occupancy logistic task in `s`; returns its id.
+fn train_occupancy(s: &Sandbox) -> String {
+    let t = json(
+        s,
+        &[
+            "task",
+            "create",
+            "occ/model",
+            "--trainer",
+            "logistic",
+            "--set",
+            "General/dataset_id=occ/train",
+            "--set",
+            "General/test_dataset_id=occ/test",
+            "--set",
+            "General/label=Occupancy",
+            "--set",
+            "General/features=Temperature,Light,CO2",
+        ],
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(s, &["task", "run", &t]);
+    t
+}
+
 #[test]
-fn a_training_task_runs_in_a_lazy_clone_reading_only_what_it_needs() {
+fn a_training_task_runs_in_a_lazy_clone_and_its_model_travels_with_push_and_pull() {
     let a = Sandbox::new();
     let remote = a.path("remote");
     for (ds, file) in [
@@ -644,28 +671,7 @@ fn a_training_task_runs_in_a_lazy_clone_reading_only_what_it_needs() {
     ok(&a, &["push"]);
 
     let b = clone(remote.to_str().unwrap(), None, false);
-    let t = json(
-        &b,
-        &[
-            "task",
-            "create",
-            "occ/model",
-            "--trainer",
-            "logistic",
-            "--set",
-            "General/dataset_id=occ/train",
-            "--set",
-            "General/test_dataset_id=occ/test",
-            "--set",
-            "General/label=Occupancy",
-            "--set",
-            "General/features=Temperature,Light,CO2",
-        ],
-    )["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    ok(&b, &["task", "run", &t]);
+    let t = train_occupancy(&b);
     let shown = json(&b, &["task", "show", &t]);
     assert_eq!(shown["status"], "completed", "{shown}");
     let acc = shown["metrics"]["test/accuracy"]
@@ -687,6 +693,55 @@ fn a_training_task_runs_in_a_lazy_clone_reading_only_what_it_needs() {
         cached < train + (4 << 20) / 2,
         "{cached} bytes cached: the unused dataset was fetched"
     );
+    // The model goes with a push (record and body) and comes with a pull;
+    // a production model here keeps its tag against the remote's.
+    let model_b = json(&b, &["model", "list"])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(&b, &["model", "tag", &model_b, "--add", "production"]);
+    let pushed = json(&b, &["push"]);
+    assert_eq!(pushed["models"], 1, "{pushed}");
+    train_occupancy(&a);
+    let model_a = json(&a, &["model", "list"])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(model_a, model_b);
+    ok(&a, &["model", "tag", &model_a, "--add", "production"]);
+    let pulled = json(&a, &["pull"]);
+    let models = pulled["models"].as_array().unwrap();
+    assert_eq!(models.len(), 1, "{pulled}");
+    assert_eq!(models[0]["id"], model_b.as_str(), "{pulled}");
+    assert_eq!(
+        models[0]["dropped_tags"],
+        serde_json::json!(["production"]),
+        "{pulled}"
+    );
+    let shown_a = json(&a, &["model", "show", &model_b]);
+    let shown_b = json(&b, &["model", "show", &model_b]);
+    assert!(
+        shown_a["metrics"]
+            .as_object()
+            .is_some_and(|m| !m.is_empty()),
+        "{shown_a}"
+    );
+    assert_eq!(shown_a["metrics"], shown_b["metrics"]);
+    assert_eq!(shown_a["datasets"], shown_b["datasets"]);
+    assert_eq!(
+        json(&a, &["model", "show", "occ/model@production"])["id"],
+        model_a.as_str()
+    );
+    let csv = occupancy_dir().join("datatest2.txt");
+    let csv = csv.to_str().unwrap();
+    assert_eq!(
+        ok(&a, &["model", "predict", &model_b, csv]),
+        ok(&b, &["model", "predict", &model_b, csv]),
+        "the imported model predicts differently"
+    );
+    // A second pull imports nothing; a second push sends no model.
+    assert!(json(&a, &["pull"])["models"].as_array().unwrap().is_empty());
+    assert_eq!(json(&b, &["push"])["models"], 0);
 }
 
 #[test]

@@ -636,6 +636,16 @@ fn render_push(
             ),
         }
     }
+    if r.models > 0 {
+        println!("{} model(s) pushed", r.models);
+    }
+    if r.models_held_back > 0 {
+        println!(
+            "{} model(s) not pushed: a dataset version they were trained on is not on {name} \
+             (push those datasets too)",
+            r.models_held_back
+        );
+    }
     println!(
         "to {name}: {} packs, {} uploaded ({} chunks, {} objects) in {secs:.2} s",
         r.packs,
@@ -733,9 +743,30 @@ fn render_fetch(
             );
         }
     }
+    for m in &r.models {
+        println!(
+            "model {} of {} imported{}{}",
+            &m.id[..12.min(m.id.len())],
+            m.line,
+            if m.tags.is_empty() {
+                String::new()
+            } else {
+                format!(" (tags: {})", m.tags.join(", "))
+            },
+            if m.dropped_tags.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; kept this repository's {} (a model here holds it)",
+                    m.dropped_tags.join(", ")
+                )
+            }
+        );
+    }
     if r.datasets
         .iter()
         .all(|d| d.imported.is_empty() && d.updated == 0)
+        && r.models.is_empty()
     {
         println!("up to date with {name}");
     }

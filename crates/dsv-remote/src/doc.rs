@@ -4,6 +4,8 @@
 //! dsv-remote.json                 manifest: {"format": 1, "features": [], "created_ms": …}
 //! packs/HASH.pack                 self-describing packs (chunks and objects), named by BLAKE3
 //! datasets/DATASET-ID.json        one document per dataset: its header and versions, in order
+//! models/MODEL-ID.body            a model's body (written once)
+//! models/MODEL-ID.json            its record and the body's BLAKE3 (written once, after the body)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -73,4 +75,33 @@ pub fn pack_hash(name: &str) -> Option<&str> {
 /// A dataset document's object name.
 pub fn dataset_doc(id: &DatasetId) -> String {
     format!("datasets/{id}.json")
+}
+
+/// A model on a remote: its record and where its body is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelDoc {
+    /// Layout format.
+    pub format: u32,
+    /// The model's record as the pushing repository had it.
+    pub model: dsv::Model,
+    /// BLAKE3 of the body, 64 hex.
+    pub body_blake3: String,
+    /// The body's length.
+    pub body_len: u64,
+}
+
+/// A model document's object name.
+pub fn model_doc(id: &str) -> String {
+    format!("models/{id}.json")
+}
+
+/// A model body's object name.
+pub fn model_body(id: &str) -> String {
+    format!("models/{id}.body")
+}
+
+/// The model id in a model document's name.
+pub fn model_id(name: &str) -> Option<&str> {
+    let id = name.strip_prefix("models/")?.strip_suffix(".json")?;
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
 }

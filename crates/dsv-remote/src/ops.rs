@@ -528,6 +528,11 @@ pub struct PushReport {
     pub chunks: usize,
     /// Metadata objects sent.
     pub objects: usize,
+    /// Models sent (record and body).
+    pub models: usize,
+    /// Models not sent because a dataset version they were trained on is
+    /// not on the remote (push those datasets too).
+    pub models_held_back: usize,
 }
 
 fn lazy_hint(c: &ChunkId) -> Error {
@@ -864,7 +869,147 @@ fn push_leased(
             &p.publish,
         )?);
     }
+    push_models(repo, name, storage, &mut report)?;
     Ok(report)
+}
+
+/// Sends the models the remote lacks whose training datasets are all on it:
+/// the body first, then the document, both create-only.
+fn push_models(
+    repo: &Repo,
+    name: &str,
+    storage: &dyn PackStorage,
+    report: &mut PushReport,
+) -> Result<()> {
+    let local = repo.models(None)?;
+    if local.is_empty() {
+        return Ok(());
+    }
+    let on_remote: HashSet<String> = storage
+        .list("models/")?
+        .iter()
+        .filter_map(|l| doc::model_id(&l.name).map(str::to_string))
+        .collect();
+    let kv = repo.store().reader();
+    for m in local {
+        if on_remote.contains(&m.id) {
+            continue;
+        }
+        let mut all_there = true;
+        for d in &m.datasets {
+            let mut raw = [0u8; 32];
+            if hex::decode_to_slice(d, &mut raw).is_err() || !has(&*kv, name, &raw)? {
+                all_there = false;
+                break;
+            }
+        }
+        if !all_there {
+            report.models_held_back += 1;
+            continue;
+        }
+        let body = repo.model_body(&m)?;
+        let d = doc::ModelDoc {
+            format: doc::FORMAT,
+            body_blake3: blake3::hash(&body).to_hex().to_string(),
+            body_len: body.len() as u64,
+            model: m.clone(),
+        };
+        let n = body.len() as u64;
+        storage.put(&doc::model_body(&m.id), body, PutMode::Create)?;
+        storage.put(&doc::model_doc(&m.id), json(&d), PutMode::Create)?;
+        report.models += 1;
+        report.uploaded_bytes += n;
+    }
+    Ok(())
+}
+
+/// A model imported by a fetch.
+#[derive(Debug, Clone, Serialize)]
+pub struct FetchedModel {
+    /// Its id.
+    pub id: String,
+    /// PROJECT/NAME.
+    pub line: String,
+    /// Its tags here.
+    pub tags: Vec<String>,
+    /// Exclusive tags (`production`, `canary`) it had on the remote that a
+    /// model here holds: not taken over.
+    pub dropped_tags: Vec<String>,
+}
+
+/// Imports the remote's models this repository lacks; each body is checked
+/// against the BLAKE3 its document names.
+fn fetch_models(repo: &Repo, name: &str, storage: &dyn PackStorage) -> Result<Vec<FetchedModel>> {
+    let mut out = Vec::new();
+    let listed = storage.list("models/")?;
+    for l in &listed {
+        let Some(id) = doc::model_id(&l.name) else {
+            continue;
+        };
+        if repo.model(id).is_ok_and(|m| m.id == id) {
+            continue;
+        }
+        let location = format!("{}/{}", storage.location(), l.name);
+        let Some(got) = storage.get(&l.name)? else {
+            continue;
+        };
+        let d: doc::ModelDoc = serde_json::from_slice(&got.data).map_err(|e| Error::BadRemote {
+            location: location.clone(),
+            reason: format!("not a model document: {e}"),
+        })?;
+        if d.format > doc::FORMAT {
+            return Err(Error::NewerFormat {
+                location,
+                found: d.format,
+                features: Vec::new(),
+                supported: doc::FORMAT,
+            });
+        }
+        if d.model.id != id {
+            return Err(Error::BadRemote {
+                location,
+                reason: format!("names model {} under the name of {id}", d.model.id),
+            });
+        }
+        let body_name = doc::model_body(id);
+        let body_loc = format!("{}/{body_name}", storage.location());
+        let body = storage
+            .get(&body_name)?
+            .ok_or_else(|| Error::BadRemote {
+                location: body_loc.clone(),
+                reason: "the model's body is missing".into(),
+            })?
+            .data;
+        if body.len() as u64 != d.body_len || blake3::hash(&body).to_hex().as_str() != d.body_blake3
+        {
+            return Err(Error::BadRemote {
+                location: body_loc,
+                reason: format!(
+                    "damaged: {} bytes hashing to {}, the document says {} bytes hashing to {}",
+                    body.len(),
+                    blake3::hash(&body).to_hex(),
+                    d.body_len,
+                    d.body_blake3
+                ),
+            });
+        }
+        if let Some(dropped) = repo.import_model(&d.model, &body, name)? {
+            let tags = d
+                .model
+                .tags
+                .iter()
+                .filter(|t| !dropped.contains(t))
+                .cloned()
+                .collect();
+            out.push(FetchedModel {
+                id: id.to_string(),
+                line: format!("{}/{}", d.model.project, d.model.name),
+                tags,
+                dropped_tags: dropped,
+            });
+        }
+    }
+    Ok(out)
 }
 
 fn publish(
@@ -1044,6 +1189,8 @@ pub struct FetchReport {
     pub chunks: u64,
     /// Chunk bytes downloaded (pull).
     pub chunk_bytes: u64,
+    /// Models imported.
+    pub models: Vec<FetchedModel>,
 }
 
 /// Objects with their canonical encodings.
@@ -1330,6 +1477,11 @@ pub fn fetch_from(
             updated: r.updated.len(),
             conflicts,
         });
+    }
+    // Models come with a fetch of everything (a fetch of named datasets
+    // leaves them).
+    if only.is_none() {
+        report.models = fetch_models(repo, name, storage)?;
     }
     if mode == FetchMode::Full {
         let (n, bytes) = prefetch_with(

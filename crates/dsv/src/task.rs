@@ -1082,6 +1082,62 @@ impl Repo {
             .ok_or_else(|| Error::corrupted(format!("model {}", m.id), "its body is missing"))
     }
 
+    /// Imports a model made elsewhere (a remote's): its record and body,
+    /// with a `model_created` event (`extra.remote`). Nothing happens when
+    /// a model with its id exists. The exclusive tags `production` and
+    /// `canary` are kept only if no model of the same project here holds
+    /// them (this repository's decision stands); the tags dropped are
+    /// returned.
+    pub fn import_model(
+        &self,
+        m: &Model,
+        body: &[u8],
+        remote: &str,
+    ) -> Result<Option<Vec<String>>> {
+        if m.id.len() != 32 || !m.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::Invalid(format!(
+                "model id '{}' is not 32 hex digits",
+                m.id
+            )));
+        }
+        crate::rev::parse_dataset_name(&format!("{}/{}", m.project, m.name))?;
+        for t in &m.tags {
+            dsv_store::store::validate_label(t, "tag")?;
+        }
+        self.write(|kv| {
+            let mut b = Batch::default();
+            if kv.get(Cf::App, &model_key(&m.id))?.is_some() {
+                return Ok((b, None));
+            }
+            let mut m = m.clone();
+            let mut dropped = Vec::new();
+            for t in ["production", "canary"] {
+                if m.tags.iter().any(|x| x == t)
+                    && models_in(kv, Some(&m.project), Some(t))?
+                        .iter()
+                        .any(|o| o.project == m.project)
+                {
+                    m.tags.retain(|x| x != t);
+                    dropped.push(t.to_string());
+                }
+            }
+            put_model(&mut b, None, &m);
+            b.put(Cf::App, model_body_key(&m.id), body.to_vec());
+            let mut ev = EventWriter::new(kv)?;
+            let mut e = Event::new(EventKind::ModelCreated);
+            e.project = m.project.clone();
+            e.name = m.name.clone();
+            e.tags = m.tags.clone();
+            e.extra.insert("model".into(), serde_json::json!(m.id));
+            e.extra.insert("task".into(), serde_json::json!(m.task));
+            e.extra
+                .insert("metrics".into(), serde_json::json!(m.metrics));
+            e.extra.insert("remote".into(), serde_json::json!(remote));
+            ev.push(&mut b, e);
+            Ok((b, Some(dropped)))
+        })
+    }
+
     /// Adds and removes model tags (one write, one event).
     pub fn tag_model(&self, spec: &str, add: &[String], remove: &[String]) -> Result<Model> {
         let id = self.model(spec)?.id;
