@@ -144,6 +144,19 @@ fn every_command_prints_one_json_document_with_json() {
     // Repository commands.
     let other = s.path("other");
     json_ok(&s, c, "init", &["init", other.to_str().unwrap()]);
+    let objrepo = s.path("objrepo");
+    let objbucket = s.path("objbucket");
+    json_ok(
+        &s,
+        c,
+        "init --objects",
+        &[
+            "init",
+            objrepo.to_str().unwrap(),
+            "--objects",
+            objbucket.to_str().unwrap(),
+        ],
+    );
     json_ok(&s, c, "snapshot", &["snapshot", rootp]);
     let v1 = id(&json_ok(
         &s,

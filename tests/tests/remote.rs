@@ -954,3 +954,155 @@ fn wrong_credentials_are_named_and_change_nothing() {
     );
     assert!(!target.exists(), "a refused clone left a folder");
 }
+
+fn local_pack_bytes(s: &Sandbox) -> u64 {
+    files_under(&s.repo().join(".dsv/packs"))
+        .iter()
+        .map(|(_, b)| b.len() as u64)
+        .sum()
+}
+
+#[test]
+fn a_repository_whose_packs_live_on_object_storage_keeps_only_metadata_here() {
+    let s3 = S3Server::start();
+    s3.bucket("objs");
+    let ep = s3.endpoint();
+    let a = Sandbox::empty();
+    let repo = a.repo();
+    let init = json(
+        &a,
+        &[
+            "init",
+            repo.to_str().unwrap(),
+            "--objects",
+            "s3://objs/team",
+            "--endpoint",
+            &ep,
+        ],
+    );
+    assert_eq!(init["objects"], "s3://objs/team", "{init}");
+    for (ds, file) in [
+        ("occ/train", "datatraining.txt"),
+        ("occ/test", "datatest.txt"),
+    ] {
+        let d = a.path(ds);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(occupancy_dir().join(file), d.join(file)).unwrap();
+        ok(&a, &["dataset", "sync", ds, d.to_str().unwrap()]);
+    }
+    // The data went to the bucket; the local packs were evicted.
+    assert_eq!(local_pack_bytes(&a), 0);
+    assert!(!bucket_keys(&s3, "objs", "team/packs/").is_empty());
+    let stats = json(&a, &["stats"]);
+    assert_eq!(stats["chunks"], 0, "{stats}");
+    // Reads come back through the cache, byte-identical.
+    let out = run(&a, &["dataset", "cat", "occ/train", "datatraining.txt"]);
+    assert_eq!(
+        out.stdout,
+        std::fs::read(occupancy_dir().join("datatraining.txt")).unwrap()
+    );
+    // A task trains from it; its model goes to the bucket too.
+    train_occupancy(&a);
+    assert_eq!(bucket_keys(&s3, "objs", "team/models/").len(), 2);
+    assert_eq!(local_pack_bytes(&a), 0);
+    fsck_json(&a, true);
+    // The objects remote cannot be removed.
+    let out = run(&a, &["remote", "remove", "objects"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("holds this repository's packs"),
+        "{}",
+        stderr(&out)
+    );
+    // A second machine: init on the same bucket lists what is there.
+    let b = Sandbox::empty();
+    let init_b = json(
+        &b,
+        &[
+            "init",
+            b.repo().to_str().unwrap(),
+            "--objects",
+            "s3://objs/team",
+            "--endpoint",
+            &ep,
+        ],
+    );
+    assert_eq!(init_b["fetched"], 2, "{init_b}");
+    assert_eq!(version_ids(&b, "occ/train"), version_ids(&a, "occ/train"));
+    assert_eq!(json(&b, &["model", "list"]).as_array().unwrap().len(), 1);
+    let out = run(&b, &["dataset", "cat", "occ/test", "datatest.txt"]);
+    assert_eq!(
+        out.stdout,
+        std::fs::read(occupancy_dir().join("datatest.txt")).unwrap()
+    );
+    // A missing bucket creates nothing.
+    let c = Sandbox::empty();
+    let out = run(
+        &c,
+        &[
+            "init",
+            c.repo().to_str().unwrap(),
+            "--objects",
+            "s3://nobucket/x",
+            "--endpoint",
+            &ep,
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("bucket does not exist"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!c.repo().join(".dsv").exists());
+}
+
+#[test]
+fn an_object_store_that_cannot_be_reached_loses_nothing_and_the_next_command_sends_it() {
+    let a = Sandbox::empty();
+    let bucket = a.path("bucket");
+    let repo = a.repo();
+    ok(
+        &a,
+        &[
+            "init",
+            repo.to_str().unwrap(),
+            "--objects",
+            bucket.to_str().unwrap(),
+        ],
+    );
+    let data = a.path("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("a.bin"), noise(7, 3 << 20)).unwrap();
+    ok(&a, &["dataset", "sync", "p/d", data.to_str().unwrap()]);
+    assert_eq!(local_pack_bytes(&a), 0);
+    // The store breaks (a file where its folder was): the sync keeps the
+    // version and its data here and says so.
+    let away = a.path("bucket-away");
+    std::fs::rename(&bucket, &away).unwrap();
+    std::fs::write(&bucket, b"not a folder").unwrap();
+    std::fs::write(data.join("b.bin"), noise(8, 3 << 20)).unwrap();
+    let out = run(&a, &["dataset", "sync", "p/d", data.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("stored here, but not sent to the object store")
+            && stderr(&out).contains("nothing is lost"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(version_ids(&a, "p/d").len(), 2);
+    assert!(local_pack_bytes(&a) >= 3 << 20);
+    let out = run(&a, &["dataset", "cat", "p/d", "b.bin"]);
+    assert_eq!(out.stdout, noise(8, 3 << 20));
+    // Back: the next push sends it and evicts the local packs.
+    std::fs::remove_file(&bucket).unwrap();
+    std::fs::rename(&away, &bucket).unwrap();
+    ok(&a, &["dataset", "sync", "p/d", data.to_str().unwrap()]);
+    assert_eq!(local_pack_bytes(&a), 0);
+    let c = clone(bucket.to_str().unwrap(), None, true);
+    for (name, bytes) in files_under(&data) {
+        let out = run(&c, &["dataset", "cat", "p/d", &name]);
+        assert_eq!(out.stdout, bytes, "{name}");
+    }
+    fsck_json(&c, true);
+}

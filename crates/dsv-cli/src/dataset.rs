@@ -580,6 +580,7 @@ fn finalize(ctx: &Ctx, a: FinalizeArgs) -> Result<(), CliError> {
     let repo = open(ctx)?;
     let d = repo.resolve_draft(&a.id)?;
     let v = repo.finalize(&d)?;
+    crate::remote_cmds::flush_objects(ctx, &repo)?;
     if ctx.json {
         return output::json(&version_json(&v));
     }
@@ -688,6 +689,7 @@ fn sync(ctx: &Ctx, a: SyncArgs) -> Result<(), CliError> {
             crate::remote_cmds::sync_and_push(ctx, &repo, &remote, &a.dataset, &a.folder, &opts)?
         }
     };
+    crate::remote_cmds::flush_objects(ctx, &repo)?;
     // One JSON document: the sync's, with the push's report in it.
     if let Some(mut doc) = render_sync(ctx, &project, &name, &out) {
         if let Some(p) = pushed {
@@ -1179,6 +1181,7 @@ fn squash(ctx: &Ctx, a: SquashArgs) -> Result<(), CliError> {
         .map(|r| repo.resolve(r))
         .collect::<Result<Vec<_>, _>>()?;
     let v = repo.squash(&project, &name, &sources, a.version.as_deref(), &a.message)?;
+    crate::remote_cmds::flush_objects(ctx, &repo)?;
     if ctx.json {
         return output::json(&version_json(&v));
     }

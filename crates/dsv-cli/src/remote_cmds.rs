@@ -288,6 +288,7 @@ pub fn remote(ctx: &Ctx, c: RemoteCmd) -> Result<(), CliError> {
                 endpoint: a.endpoint,
                 region: a.region,
                 lazy: false,
+                primary: false,
                 added_ms: dsv_store::store::now_ms(),
             };
             let m = dsv_remote::add_remote(&repo, &a.name, rec, &connect_from_env(), !a.no_check)?;
@@ -382,6 +383,44 @@ pub fn remote(ctx: &Ctx, c: RemoteCmd) -> Result<(), CliError> {
     }
 }
 
+/// After a command that wrote data: in a repository whose packs live on
+/// object storage (`init --objects`), pushes what is new and evicts the
+/// local packs the object store now holds. A failure loses nothing (the
+/// data is stored here) and is reported with what to do.
+pub fn flush_objects(ctx: &Ctx, repo: &Repo) -> Result<(), CliError> {
+    if dsv_remote::objects::primary(repo)?.is_none() {
+        return Ok(());
+    }
+    let bars = Bars::new(ctx.progress);
+    match dsv_remote::objects::flush(repo, &connect_from_env(), &bars) {
+        Ok(Some(r)) => {
+            if !ctx.json && (r.push.uploaded_bytes > 0 || r.evicted.packs > 0) {
+                eprintln!(
+                    "objects: {} uploaded to {}, {} local pack(s) evicted ({})",
+                    output::bytes(r.push.uploaded_bytes),
+                    r.remote,
+                    r.evicted.packs,
+                    output::bytes(r.evicted.bytes)
+                );
+            }
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) => {
+            let mut c = CliError::from(e);
+            c.message = format!(
+                "stored here, but not sent to the object store: {}",
+                c.message
+            );
+            c.hint = Some(
+                "nothing is lost: the next command that writes data (or 'dsv push objects') sends it"
+                    .into(),
+            );
+            Err(c)
+        }
+    }
+}
+
 /// `fsck --rebuild-index` for every remote of the repository.
 pub fn rebuild_remote_indexes(
     ctx: &Ctx,
@@ -401,7 +440,7 @@ pub fn rebuild_remote_indexes(
 }
 
 /// A path given as a remote URL becomes absolute (`remote add origin ../b`).
-fn normalize_url(u: &str) -> Result<String, CliError> {
+pub fn normalize_url(u: &str) -> Result<String, CliError> {
     if u.contains("://") || u.starts_with('/') {
         return Ok(u.to_string());
     }
@@ -802,6 +841,7 @@ pub fn clone(ctx: &Ctx, a: CloneArgs) -> Result<(), CliError> {
         endpoint: a.endpoint,
         region: a.region,
         lazy: !a.full,
+        primary: false,
         added_ms: dsv_store::store::now_ms(),
     };
     let opts = dsv_remote::CloneOptions {

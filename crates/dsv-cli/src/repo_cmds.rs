@@ -29,6 +29,17 @@ pub struct InitArgs {
     /// zstd level (1..=19).
     #[arg(long, default_value_t = 3)]
     compression_level: i32,
+    /// Keep the packs on object storage (s3://BUCKET/PREFIX, gs://…, az://…,
+    /// or a folder): data is staged here, sent after each command that
+    /// writes it, and read back on demand through a bounded cache.
+    #[arg(long, value_name = "URL")]
+    objects: Option<String>,
+    /// Endpoint of an S3-compatible server (with --objects).
+    #[arg(long, requires = "objects")]
+    endpoint: Option<String>,
+    /// Region (with --objects).
+    #[arg(long, requires = "objects")]
+    region: Option<String>,
 }
 
 /// `dsv fsck`.
@@ -83,7 +94,7 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> Result<(), CliError> {
     std::fs::create_dir_all(&base)
         .map_err(|e| CliError::user(format!("cannot create {}: {e}", base.display())))?;
     let dir = base.join(DOT_DSV);
-    let config = RepoConfig {
+    let mut config = RepoConfig {
         chunking: ChunkerParams {
             min_size: a.chunk_min,
             avg_size: a.chunk_avg,
@@ -92,12 +103,75 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> Result<(), CliError> {
         compression_level: a.compression_level,
         ..RepoConfig::default()
     };
+    // An object store is checked before anything is created; one that
+    // holds a remote already lends its chunking (so that what is synced
+    // here deduplicates against it).
+    let objects = match &a.objects {
+        Some(url) => {
+            let rec = dsv_remote::RemoteRecord {
+                url: crate::remote_cmds::normalize_url(url)?,
+                endpoint: a.endpoint.clone(),
+                region: a.region.clone(),
+                lazy: true,
+                primary: true,
+                added_ms: dsv_store::store::now_ms(),
+            };
+            let connect = crate::remote_cmds::connect_from_env();
+            let m = dsv_remote::objects::probe_objects(&rec, &connect)?;
+            if let Some(c) = m.as_ref().and_then(|m| m.chunking) {
+                config.chunking = c;
+            }
+            Some((rec, connect, m.is_some()))
+        }
+        None => None,
+    };
     let store = Store::init(&dir, config, repo::options(ctx))?;
     let dir = std::fs::canonicalize(store.dir()).unwrap_or_else(|_| store.dir().to_path_buf());
+    let config = store.config().clone();
+    let mut fetched = None;
+    if let Some((rec, connect, existing)) = objects {
+        let repo = dsv::Repo::from_store(store);
+        let made = (|| -> Result<Option<dsv_remote::FetchReport>, CliError> {
+            dsv_remote::objects::init_objects(&repo, rec, &connect)?;
+            if existing {
+                return Ok(Some(dsv_remote::fetch(
+                    &repo,
+                    dsv_remote::objects::PRIMARY,
+                    dsv_remote::FetchMode::Metadata,
+                    None,
+                    &connect,
+                    &dsv_remote::NoProgress,
+                )?));
+            }
+            Ok(None)
+        })();
+        match made {
+            Ok(f) => fetched = f,
+            Err(e) => {
+                // Nothing half-made stays behind.
+                drop(repo);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        }
+    }
     if ctx.json {
-        output::json(&json!({ "path": dir, "config": store.config() }))
+        output::json(&json!({
+            "path": dir, "config": config, "objects": a.objects,
+            "fetched": fetched.as_ref().map(|f| f.datasets.len()),
+        }))
     } else {
         println!("Initialized empty dsv repository in {}", dir.display());
+        if let Some(url) = &a.objects {
+            println!("packs live in {url} (remote 'objects'); data is read back on demand");
+        }
+        if let Some(f) = &fetched {
+            println!(
+                "{url} already held {} dataset(s): their versions are listed here",
+                f.datasets.len(),
+                url = a.objects.as_deref().unwrap_or_default()
+            );
+        }
         Ok(())
     }
 }

@@ -319,9 +319,13 @@ pub fn task(ctx: &Ctx, cmd: TaskCmd) -> Result<(), CliError> {
                 &a.id,
                 &dsv_runtime::agent_info(None)?,
                 &AtomicBool::new(false),
-                &AgentOutput { json: ctx.json },
+                &AgentOutput {
+                    json: ctx.json,
+                    flush: None,
+                },
             )?;
             report_done(ctx.json, &done)?;
+            crate::remote_cmds::flush_objects(ctx, &repo)?;
             if done.status == TaskStatus::Completed {
                 Ok(())
             } else {
@@ -504,11 +508,14 @@ fn fmt_value(v: f64) -> String {
 
 /// How `dsv agent` and `dsv task run` show what an agent does: on stderr,
 /// quiet where `--json` prints one document at the end.
-struct AgentOutput {
+struct AgentOutput<'a> {
     json: bool,
+    /// `init --objects` repositories: each task's outputs are sent to the
+    /// object store when it ends.
+    flush: Option<(&'a Ctx, &'a dsv::Repo)>,
 }
 
-impl AgentEvents for AgentOutput {
+impl AgentEvents for AgentOutput<'_> {
     fn serving(&self, me: &AgentInfo, queues: &[String]) {
         if !self.json {
             eprintln!("{} serving {:?}", me.name, queues);
@@ -540,6 +547,12 @@ impl AgentEvents for AgentOutput {
         if !self.json {
             let _ = report_done(false, t);
         }
+        if let Some((ctx, repo)) = self.flush {
+            // A failure leaves the outputs here; the next flush sends them.
+            if let Err(e) = crate::remote_cmds::flush_objects(ctx, repo) {
+                eprintln!("{}: {}", short(&t.id), e.message);
+            }
+        }
     }
 }
 
@@ -549,6 +562,7 @@ impl AgentEvents for AgentOutput {
 pub fn agent(ctx: &Ctx, a: AgentArgs) -> Result<(), CliError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let repo = Arc::new(open(ctx)?);
+    let flush_repo = repo.clone();
     let stop = Arc::new(AtomicBool::new(false));
     for s in [SIGINT, SIGTERM] {
         signal_hook::flag::register(s, stop.clone())
@@ -567,7 +581,13 @@ pub fn agent(ctx: &Ctx, a: AgentArgs) -> Result<(), CliError> {
             ..Default::default()
         },
     )?;
-    let report = agent.run(&stop, &AgentOutput { json: ctx.json })?;
+    let report = agent.run(
+        &stop,
+        &AgentOutput {
+            json: ctx.json,
+            flush: Some((ctx, &flush_repo)),
+        },
+    )?;
     if ctx.json {
         output::json(&json!({"agent": report.agent.name, "ran": report.ran}))?;
     }

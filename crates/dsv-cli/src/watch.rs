@@ -108,6 +108,7 @@ pub fn watch(ctx: &Ctx, a: WatchArgs) -> Result<(), CliError> {
         );
     }
     let out = watcher.run(&WatchOutput { json: ctx.json })?;
+    crate::remote_cmds::flush_objects(ctx, &repo)?;
     let Some(v) = out.version else {
         if ctx.json {
             return output::json(&json!({"changed": false, "signal": out.signal}));

@@ -38,6 +38,10 @@ pub struct RemoteRecord {
     /// clone made without `--full`).
     #[serde(default)]
     pub lazy: bool,
+    /// The repository's packs live here (`init --objects`): its local
+    /// packs are evicted once pushed, and it cannot be removed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub primary: bool,
     /// When it was added, ms.
     pub added_ms: i64,
 }

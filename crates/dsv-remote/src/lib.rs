@@ -23,6 +23,7 @@ pub mod error;
 pub mod gc;
 pub mod keys;
 pub mod lease;
+pub mod objects;
 pub mod objstore;
 pub mod open;
 pub mod ops;

@@ -239,6 +239,11 @@ pub fn add_remote(
 /// tracking documents). Chunks a lazy clone has not downloaded can no
 /// longer be read.
 pub fn remove_remote(repo: &Repo, name: &str) -> Result<()> {
+    if get_remote(repo, name)?.primary {
+        return Err(invalid(format!(
+            "'{name}' holds this repository's packs (init --objects); it cannot be removed"
+        )));
+    }
     get_remote(repo, name)?;
     repo.store().write(|kv| {
         let mut b = Batch::default();

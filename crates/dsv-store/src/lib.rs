@@ -51,7 +51,7 @@ pub use id::{ChunkId, DraftId, HexPrefix, ObjectId, VersionId};
 pub use ingest::{CommitOutcome, IngestOptions, StageMode};
 pub use kv::{Batch, Cf, KvRead};
 pub use object::{Delta, Entry, EntryTarget, FileObject, VersionObject};
-pub use rebuild::RebuildReport;
+pub use rebuild::{EvictReport, RebuildReport};
 pub use stats::Stats;
 pub use storage::{ChunkSource, FetchedChunk, LocalDir, PackStorage, PutMode, PutOutcome};
 pub use store::{Draft, NoProgress, Progress, StageReport, Store, StoreOptions, Version};

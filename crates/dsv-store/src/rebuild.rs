@@ -215,3 +215,101 @@ fn parse_prefix<'a>(bytes: &'a [u8], what: &str) -> Vec<crate::pack::Record<'a>>
     }
     parse_pack(&bytes[..last_good], what).unwrap_or_default()
 }
+
+/// What [`Store::evict_packs`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct EvictReport {
+    /// Local packs deleted.
+    pub packs: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Chunk index entries dropped (the chunks are read from the remote).
+    pub chunks: u64,
+}
+
+impl Store {
+    /// Deletes the local packs whose every indexed chunk `elsewhere` says
+    /// is stored elsewhere (a repository whose packs live on object
+    /// storage: once pushed, its local packs are only a staging copy). In
+    /// one write their index entries go (reads then go to the chunk source)
+    /// and the gc generation moves (a writer that deduplicated against them
+    /// stores its chunks again); then the files go, each under its `flock`
+    /// (a pack a writer holds is kept).
+    pub fn evict_packs(
+        &self,
+        elsewhere: &(dyn Fn(&dyn crate::kv::KvRead, &ChunkId) -> Result<bool> + Sync),
+    ) -> Result<EvictReport> {
+        let dir = self.packs_dir();
+        let mut files = pack_files(&dir)?;
+        files.sort_unstable_by_key(|(id, _, _)| *id);
+        // Lock the candidates first: no writer can be indexing them.
+        let mut locked: HashMap<u64, (std::fs::File, std::path::PathBuf, u64)> = HashMap::new();
+        for (pack, path, len) in files {
+            if let Ok(f) = std::fs::File::open(&path) {
+                if matches!(fs4::fs_std::FileExt::try_lock_exclusive(&f), Ok(true)) {
+                    locked.insert(pack, (f, path, len));
+                }
+            }
+        }
+        if locked.is_empty() {
+            return Ok(EvictReport::default());
+        }
+        let (gone, chunks) = self.write(|kv| {
+            let mut per_pack: HashMap<u64, (bool, Vec<ChunkId>)> = HashMap::new();
+            kv.scan(Cf::Chunks, b"", &mut |k, v| {
+                let Some(id) = ChunkId::from_slice(k) else {
+                    return Ok(true);
+                };
+                let loc = ChunkLoc::decode(v, &id)?;
+                if locked.contains_key(&loc.pack) {
+                    let e = per_pack.entry(loc.pack).or_insert((true, Vec::new()));
+                    if e.0 {
+                        if elsewhere(kv, &id)? {
+                            e.1.push(id);
+                        } else {
+                            e.0 = false;
+                            e.1.clear();
+                        }
+                    }
+                }
+                Ok(true)
+            })?;
+            let mut b = Batch::default();
+            let mut gone = Vec::new();
+            let mut n = 0u64;
+            for (pack, (all, ids)) in per_pack {
+                if !all {
+                    continue;
+                }
+                for id in &ids {
+                    b.delete(Cf::Chunks, id.as_bytes().to_vec());
+                }
+                n += ids.len() as u64;
+                gone.push(pack);
+            }
+            if !gone.is_empty() {
+                Store::bump_gc_generation(kv, &mut b)?;
+            }
+            Ok((b, (gone, n)))
+        })?;
+        let mut report = EvictReport {
+            chunks,
+            ..Default::default()
+        };
+        for pack in gone {
+            if let Some((_f, path, len)) = locked.get(&pack) {
+                match std::fs::remove_file(path) {
+                    Ok(()) => {
+                        report.packs += 1;
+                        report.bytes += len;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io("delete", path, e)),
+                }
+            }
+        }
+        drop(locked);
+        self.pack_reader().reset();
+        Ok(report)
+    }
+}

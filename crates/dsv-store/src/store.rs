@@ -599,10 +599,23 @@ impl Store {
         let stored = match self.packs.read_stored(id, &loc) {
             Ok(s) => s,
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                // A gc may have repacked the chunk since our read view was opened.
+                // A gc may have repacked the chunk since our read view was
+                // opened, or its pack was evicted (its chunks are read from
+                // the chunk source now).
                 self.refresh()?;
-                let loc = self.chunk_loc(id)?;
-                self.packs.read_stored(id, &loc)?
+                match self.chunk_loc(id) {
+                    Ok(loc) => {
+                        let stored = self.packs.read_stored(id, &loc)?;
+                        return crate::compress::decode_chunk(id, loc.codec, &stored, loc.raw_len);
+                    }
+                    Err(e @ Error::NotFound { .. }) => {
+                        return match self.read_remote_chunk(id)? {
+                            Some(data) => Ok(data),
+                            None => Err(e),
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             Err(e) => return Err(e),
         };
