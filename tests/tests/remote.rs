@@ -1105,4 +1105,30 @@ fn an_object_store_that_cannot_be_reached_loses_nothing_and_the_next_command_sen
         assert_eq!(out.stdout, bytes, "{name}");
     }
     fsck_json(&c, true);
+    // fsck --read-data --remote downloads and rehashes what lives in the
+    // bucket (not the cached copies)…
+    let checked = json(&a, &["fsck", "--read-data", "--remote"]);
+    assert!(
+        checked["remote"]["chunks"].as_u64().unwrap() > 0,
+        "{checked}"
+    );
+    assert!(
+        checked["remote"]["bytes"].as_u64().unwrap() >= 6 << 20,
+        "{checked}"
+    );
+    // …and names a damaged pack there, which plain --read-data does not read.
+    let pack = largest_pack(&bucket);
+    let mut bytes = std::fs::read(&pack).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&pack, &bytes).unwrap();
+    fsck_json(&a, true);
+    let out = run(&a, &["--json", "fsck", "--read-data", "--remote"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["ok"], false, "{doc}");
+    assert!(
+        !doc["remote"]["problems"].as_array().unwrap().is_empty(),
+        "{doc}"
+    );
 }

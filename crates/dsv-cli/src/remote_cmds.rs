@@ -421,6 +421,19 @@ pub fn flush_objects(ctx: &Ctx, repo: &Repo) -> Result<(), CliError> {
     }
 }
 
+/// `fsck --read-data --remote`.
+pub fn check_remote_chunks(
+    ctx: &Ctx,
+    repo: &Repo,
+) -> Result<dsv_remote::ops::RemoteCheck, CliError> {
+    let bars = Bars::new(ctx.progress);
+    Ok(dsv_remote::ops::check_remote_chunks(
+        repo,
+        &connect_from_env(),
+        &bars,
+    )?)
+}
+
 /// `fsck --rebuild-index` for every remote of the repository.
 pub fn rebuild_remote_indexes(
     ctx: &Ctx,

@@ -64,6 +64,11 @@ pub struct FsckArgs {
     /// fetched (what this repository lost comes back from the remote).
     #[arg(long)]
     rebuild_index: bool,
+    /// With --read-data: also download every chunk that lives on a remote
+    /// (a lazy clone's, an `init --objects` repository's) from the remote —
+    /// not from the cache — and rehash it.
+    #[arg(long, requires = "read_data")]
+    remote: bool,
 }
 
 /// `dsv gc`.
@@ -291,11 +296,17 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
     } else {
         None
     };
+    let remote_check = if a.remote {
+        Some(crate::remote_cmds::check_remote_chunks(ctx, &repo)?)
+    } else {
+        None
+    };
+    let remote_problems = remote_check.as_ref().map_or(0, |r| r.problems.len());
     let cache_problems = cache.as_ref().map(|c| c.problems.len()).unwrap_or(0);
     let index_problems = if rebuilt.is_some() { 0 } else { index.len() };
     if ctx.json {
         output::json(&json!({
-            "ok": r.ok() && cache_problems == 0 && index_problems == 0,
+            "ok": r.ok() && cache_problems == 0 && index_problems == 0 && remote_problems == 0,
             "index_problems": index,
             "index_entries_rewritten": rebuilt,
             "objects": r.objects,
@@ -308,8 +319,19 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
             "cache": cache,
             "repair": fixed,
             "rebuilt": rebuilt_chunks.as_ref().map(|c| json!({"chunks": c, "remotes": reindexed})),
+            "remote": remote_check,
         }))?;
     } else {
+        if let Some(rc) = &remote_check {
+            for (what, why) in &rc.problems {
+                println!("remote: {what} — {why}");
+            }
+            println!(
+                "remote: {} chunk(s), {} downloaded and rehashed",
+                rc.chunks,
+                output::bytes(rc.bytes)
+            );
+        }
         if let Some(c) = &rebuilt_chunks {
             println!(
                 "rebuild: {} pack(s), {} record(s) rehashed: {} chunk(s) added to the index ({} back in service), {} repointed, {} damaged record(s) skipped{}{}",
@@ -381,7 +403,7 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
             Some(c) => format!("; {} cached copies", c.entries),
             None => String::new(),
         };
-        let n = r.problems.len() + cache_problems + index_problems;
+        let n = r.problems.len() + cache_problems + index_problems + remote_problems;
         println!(
             "checked {} objects ({} versions), {} chunks{remote}{data}{cached}: {}",
             r.objects,
@@ -433,6 +455,13 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
             dir.display()
         ))
         .hint("the next 'dsv dataset get' of each version rebuilds its copy; 'dsv cache prune --version REV' drops it"));
+    }
+    if remote_problems > 0 {
+        return Err(CliError::repo(format!(
+            "{remote_problems} problems in the chunks the remotes of {} hold",
+            dir.display()
+        ))
+        .hint("push the versions again from a repository that stores them whole"));
     }
     Ok(())
 }

@@ -18,7 +18,7 @@
 //! in one write per dataset. Chunks stay on the remote (read on demand) —
 //! **pull** also downloads them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use dsv::exchange::{DatasetHeader, VersionHeader};
@@ -1588,14 +1588,9 @@ pub fn prefetch(
     prefetch_with(repo, &refs, versions, progress)
 }
 
-fn prefetch_with(
-    repo: &Repo,
-    remotes: &[(String, &dyn PackStorage)],
-    versions: &[VersionId],
-    progress: &dyn Progress,
-) -> Result<(u64, u64)> {
+/// Every chunk below `versions` that is not stored here (in walk order).
+fn chunks_not_here(repo: &Repo, versions: &[VersionId]) -> Result<Vec<ChunkId>> {
     let store = repo.store();
-    // Every chunk below the versions that is not stored here.
     let mut missing: Vec<ChunkId> = Vec::new();
     let mut seen_o = HashSet::new();
     let mut seen_c = HashSet::new();
@@ -1612,6 +1607,107 @@ fn prefetch_with(
             }
         }
     }
+    Ok(missing)
+}
+
+/// What [`check_remote_chunks`] found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RemoteCheck {
+    /// Chunks of live versions that live on a remote.
+    pub chunks: u64,
+    /// Their stored bytes, downloaded and rehashed.
+    pub bytes: u64,
+    /// What is wrong: `(what, why)` — a chunk no remote holds, a pack that
+    /// cannot be read, a chunk whose bytes do not hash to its id.
+    pub problems: Vec<(String, String)>,
+}
+
+/// `fsck --read-data --remote`: downloads every chunk of the live versions
+/// that is not stored here from the remote that holds it — never from the
+/// cache — and rehashes it. Pack by pack, so a damaged or missing pack is
+/// named once.
+pub fn check_remote_chunks(
+    repo: &Repo,
+    connect: &Connect,
+    progress: &dyn Progress,
+) -> Result<RemoteCheck> {
+    let mut report = RemoteCheck::default();
+    let missing = chunks_not_here(repo, &all_live_versions(repo)?)?;
+    if missing.is_empty() {
+        return Ok(report);
+    }
+    let remotes = remotes(repo)?;
+    let kv = repo.store().reader();
+    // Per remote, per pack: the chunks to read.
+    let mut plan: BTreeMap<(usize, [u8; 32]), Vec<([u8; 32], RemoteLoc)>> = BTreeMap::new();
+    for c in &missing {
+        let mut found = false;
+        for (i, (name, _)) in remotes.iter().enumerate() {
+            if let Some(l) = loc_of(&*kv, name, c.as_bytes())? {
+                plan.entry((i, l.pack)).or_default().push((c.0, l));
+                found = true;
+                break;
+            }
+        }
+        if !found {
+            report.problems.push((
+                format!("chunk {c}"),
+                "stored neither here nor on any remote".into(),
+            ));
+        }
+    }
+    drop(kv);
+    report.chunks = missing.len() as u64;
+    let total: u64 = plan
+        .values()
+        .flatten()
+        .map(|(_, l)| l.stored_len as u64)
+        .sum();
+    progress.phase("downloading and rehashing remote chunks", Some(total));
+    let mut opened: HashMap<usize, Arc<dyn PackStorage>> = HashMap::new();
+    for ((ri, _), mut items) in plan {
+        let storage = match opened.entry(ri) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(open_storage(&remotes[ri].1, connect)?)
+            }
+        };
+        items.sort_by_key(|(_, l)| l.offset);
+        for part in items.chunks(4096) {
+            match fetch_records(&**storage, part, &|n| progress.bytes(n)) {
+                Ok(got) => {
+                    for ((id, _), c) in part.iter().zip(got) {
+                        report.bytes += c.stored.len() as u64;
+                        let cid = ChunkId(*id);
+                        if let Err(e) =
+                            dsv_store::compress::decode_chunk(&cid, c.codec, &c.stored, c.raw_len)
+                        {
+                            report
+                                .problems
+                                .push((format!("chunk {cid}"), e.to_string()));
+                        }
+                    }
+                }
+                Err(e) => report.problems.push((
+                    format!("{}/{}", storage.location(), part[0].1.pack_name()),
+                    format!("{e} ({} chunk(s) in it not checked)", part.len()),
+                )),
+            }
+        }
+    }
+    progress.finish_phase();
+    Ok(report)
+}
+
+fn prefetch_with(
+    repo: &Repo,
+    remotes: &[(String, &dyn PackStorage)],
+    versions: &[VersionId],
+    progress: &dyn Progress,
+) -> Result<(u64, u64)> {
+    let store = repo.store();
+    // Every chunk below the versions that is not stored here.
+    let missing = chunks_not_here(repo, versions)?;
     if missing.is_empty() {
         return Ok((0, 0));
     }
