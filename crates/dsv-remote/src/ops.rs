@@ -1639,7 +1639,9 @@ pub fn check_remote_chunks(
     let remotes = remotes(repo)?;
     let kv = repo.store().reader();
     // Per remote, per pack: the chunks to read.
-    let mut plan: BTreeMap<(usize, [u8; 32]), Vec<([u8; 32], RemoteLoc)>> = BTreeMap::new();
+    // (remote index, pack hash) → the chunks to read from it.
+    type PerPack = BTreeMap<(usize, [u8; 32]), Vec<([u8; 32], RemoteLoc)>>;
+    let mut plan: PerPack = BTreeMap::new();
     for c in &missing {
         let mut found = false;
         for (i, (name, _)) in remotes.iter().enumerate() {
