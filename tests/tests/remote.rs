@@ -739,8 +739,25 @@ fn a_training_task_runs_in_a_lazy_clone_and_its_model_travels_with_push_and_pull
         ok(&b, &["model", "predict", &model_b, csv]),
         "the imported model predicts differently"
     );
-    // A second pull imports nothing; a second push sends no model.
-    assert!(json(&a, &["pull"])["models"].as_array().unwrap().is_empty());
+    // A second pull imports nothing; a damaged model document on the
+    // remote is named and skipped, never stops the pull; a second push
+    // sends no model.
+    std::fs::write(
+        remote.join("models/0123456789abcdef0123456789abcdef.json"),
+        b"{not json",
+    )
+    .unwrap();
+    let again = json(&a, &["pull"]);
+    assert!(again["models"].as_array().unwrap().is_empty(), "{again}");
+    let problems = again["model_problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{again}");
+    assert!(
+        problems[0][0]
+            .as_str()
+            .unwrap()
+            .contains("0123456789abcdef"),
+        "{again}"
+    );
     assert_eq!(json(&b, &["push"])["models"], 0);
 }
 
@@ -1054,7 +1071,7 @@ fn a_repository_whose_packs_live_on_object_storage_keeps_only_metadata_here() {
         "{}",
         stderr(&out)
     );
-    assert!(!c.repo().join(".dsv").exists());
+    assert!(!c.repo().exists(), "a refused init left a folder");
 }
 
 #[test]
@@ -1076,6 +1093,28 @@ fn an_object_store_that_cannot_be_reached_loses_nothing_and_the_next_command_sen
     std::fs::write(data.join("a.bin"), noise(7, 3 << 20)).unwrap();
     ok(&a, &["dataset", "sync", "p/d", data.to_str().unwrap()]);
     assert_eq!(local_pack_bytes(&a), 0);
+    // A draft's data is not on the store: a flush (here, a sync of another
+    // dataset) keeps it here, and it finalizes whole.
+    let more = a.path("more");
+    std::fs::create_dir_all(&more).unwrap();
+    std::fs::write(more.join("draft.bin"), noise(9, 2 << 20)).unwrap();
+    let draft = json(&a, &["dataset", "create", "p/drafted"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(&a, &["dataset", "add", &draft, more.to_str().unwrap()]);
+    let other = a.path("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("o.bin"), noise(10, 1 << 20)).unwrap();
+    ok(&a, &["dataset", "sync", "p/other", other.to_str().unwrap()]);
+    assert!(
+        local_pack_bytes(&a) >= 2 << 20,
+        "the draft's pack was evicted"
+    );
+    ok(&a, &["dataset", "finalize", &draft]);
+    assert_eq!(local_pack_bytes(&a), 0, "finalize did not flush");
+    let out = run(&a, &["dataset", "cat", "p/drafted", "draft.bin"]);
+    assert_eq!(out.stdout, noise(9, 2 << 20));
     // The store breaks (a file where its folder was): the sync keeps the
     // version and its data here and says so.
     let away = a.path("bucket-away");

@@ -580,12 +580,12 @@ fn finalize(ctx: &Ctx, a: FinalizeArgs) -> Result<(), CliError> {
     let repo = open(ctx)?;
     let d = repo.resolve_draft(&a.id)?;
     let v = repo.finalize(&d)?;
-    crate::remote_cmds::flush_objects(ctx, &repo)?;
     if ctx.json {
-        return output::json(&version_json(&v));
+        output::json(&version_json(&v))?;
+    } else {
+        print_version_line(&v);
     }
-    print_version_line(&v);
-    Ok(())
+    crate::remote_cmds::flush_objects(ctx, &repo)
 }
 
 fn drafts(ctx: &Ctx, a: DraftsArgs) -> Result<(), CliError> {
@@ -689,15 +689,15 @@ fn sync(ctx: &Ctx, a: SyncArgs) -> Result<(), CliError> {
             crate::remote_cmds::sync_and_push(ctx, &repo, &remote, &a.dataset, &a.folder, &opts)?
         }
     };
-    crate::remote_cmds::flush_objects(ctx, &repo)?;
     // One JSON document: the sync's, with the push's report in it.
     if let Some(mut doc) = render_sync(ctx, &project, &name, &out) {
         if let Some(p) = pushed {
             doc["push"] = p;
         }
-        return output::json(&doc);
+        output::json(&doc)?;
     }
-    Ok(())
+    // Shown first: a flush that fails does not hide the version made.
+    crate::remote_cmds::flush_objects(ctx, &repo)
 }
 
 /// Prints what a sync did; with `--json` returns the document instead.
@@ -1181,12 +1181,12 @@ fn squash(ctx: &Ctx, a: SquashArgs) -> Result<(), CliError> {
         .map(|r| repo.resolve(r))
         .collect::<Result<Vec<_>, _>>()?;
     let v = repo.squash(&project, &name, &sources, a.version.as_deref(), &a.message)?;
-    crate::remote_cmds::flush_objects(ctx, &repo)?;
     if ctx.json {
-        return output::json(&version_json(&v));
+        output::json(&version_json(&v))?;
+    } else {
+        print_version_line(&v);
     }
-    print_version_line(&v);
-    Ok(())
+    crate::remote_cmds::flush_objects(ctx, &repo)
 }
 
 fn delete(ctx: &Ctx, a: DeleteArgs) -> Result<(), CliError> {

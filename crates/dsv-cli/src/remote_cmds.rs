@@ -394,6 +394,15 @@ pub fn flush_objects(ctx: &Ctx, repo: &Repo) -> Result<(), CliError> {
     let bars = Bars::new(ctx.progress);
     match dsv_remote::objects::flush(repo, &connect_from_env(), &bars) {
         Ok(Some(r)) => {
+            if let Some(x) = r.push.rejected.first() {
+                return Err(CliError::repo(format!(
+                    "stored here, but not sent to the object store: {} of {} rejected: {}",
+                    r.push.rejected.len(),
+                    x.dataset,
+                    x.reason
+                ))
+                .hint("nothing is lost: run 'dsv pull objects', then the next command sends it"));
+            }
             if !ctx.json && (r.push.uploaded_bytes > 0 || r.evicted.packs > 0) {
                 eprintln!(
                     "objects: {} uploaded to {}, {} local pack(s) evicted ({})",
@@ -660,6 +669,11 @@ fn push_with(
         None => &bars,
     };
     let r = dsv_remote::push(repo, name, targets, &connect_from_env(), progress)?;
+    // A push to the object store of an `init --objects` repository frees
+    // the local copies of what it published.
+    if dsv_remote::get_remote(repo, name)?.primary {
+        dsv_remote::objects::evict_published(repo, name)?;
+    }
     Ok(render_push(ctx, name, &r, started))
 }
 
@@ -794,6 +808,9 @@ fn render_fetch(
                 d.dataset
             );
         }
+    }
+    for (what, why) in &r.model_problems {
+        eprintln!("warning: model skipped: {what}: {why}");
     }
     for m in &r.models {
         println!(

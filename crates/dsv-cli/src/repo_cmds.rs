@@ -96,8 +96,6 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> Result<(), CliError> {
         ))
         .hint("run 'dsv init PATH' on the folder that should hold .dsv"));
     }
-    std::fs::create_dir_all(&base)
-        .map_err(|e| CliError::user(format!("cannot create {}: {e}", base.display())))?;
     let dir = base.join(DOT_DSV);
     let mut config = RepoConfig {
         chunking: ChunkerParams {
@@ -130,6 +128,12 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> Result<(), CliError> {
         }
         None => None,
     };
+    // Created only now (after the object store's check), and removed again
+    // on failure only when this made it.
+    let base_existed = base.exists();
+    let dir_existed = dir.exists();
+    std::fs::create_dir_all(&base)
+        .map_err(|e| CliError::user(format!("cannot create {}: {e}", base.display())))?;
     let store = Store::init(&dir, config, repo::options(ctx))?;
     let dir = std::fs::canonicalize(store.dir()).unwrap_or_else(|_| store.dir().to_path_buf());
     let config = store.config().clone();
@@ -155,7 +159,12 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> Result<(), CliError> {
             Err(e) => {
                 // Nothing half-made stays behind.
                 drop(repo);
-                let _ = std::fs::remove_dir_all(&dir);
+                if !dir_existed {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                if !base_existed {
+                    let _ = std::fs::remove_dir(&base);
+                }
                 return Err(e);
             }
         }

@@ -108,31 +108,35 @@ pub fn watch(ctx: &Ctx, a: WatchArgs) -> Result<(), CliError> {
         );
     }
     let out = watcher.run(&WatchOutput { json: ctx.json })?;
-    crate::remote_cmds::flush_objects(ctx, &repo)?;
-    let Some(v) = out.version else {
+    let shown = (|| -> Result<(), CliError> {
+        let Some(v) = out.version else {
+            if ctx.json {
+                return output::json(&json!({"changed": false, "signal": out.signal}));
+            }
+            eprintln!("nothing new; no version created");
+            return Ok(());
+        };
         if ctx.json {
-            return output::json(&json!({"changed": false, "signal": out.signal}));
+            let mut doc = crate::dataset::version_json(&v);
+            doc["changed"] = json!(true);
+            doc["staged_this_run"] = json!(out.staged);
+            return output::json(&doc);
         }
-        eprintln!("nothing new; no version created");
-        return Ok(());
-    };
-    if ctx.json {
-        let mut doc = crate::dataset::version_json(&v);
-        doc["changed"] = json!(true);
-        doc["staged_this_run"] = json!(out.staged);
-        return output::json(&doc);
-    }
-    let d = &v.delta;
-    println!(
-        "{}/{} {} {}: +{} ~{} -{} ({} files)",
-        project,
-        name,
-        v.version,
-        v.id.short(12),
-        d.added,
-        d.modified,
-        d.removed,
-        v.file_count
-    );
-    Ok(())
+        let d = &v.delta;
+        println!(
+            "{}/{} {} {}: +{} ~{} -{} ({} files)",
+            project,
+            name,
+            v.version,
+            v.id.short(12),
+            d.added,
+            d.modified,
+            d.removed,
+            v.file_count
+        );
+        Ok(())
+    })();
+    shown?;
+    // Shown first: a flush that fails does not hide the version made.
+    crate::remote_cmds::flush_objects(ctx, &repo)
 }

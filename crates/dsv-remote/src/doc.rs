@@ -103,5 +103,5 @@ pub fn model_body(id: &str) -> String {
 /// The model id in a model document's name.
 pub fn model_id(name: &str) -> Option<&str> {
     let id = name.strip_prefix("models/")?.strip_suffix(".json")?;
-    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+    (id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(id)
 }

@@ -14,6 +14,8 @@
 //! writes data and after each task an agent runs; a flush that fails (the
 //! store unreachable) loses nothing — the next one sends what is pending.
 
+use std::collections::HashSet;
+
 use serde::Serialize;
 
 use dsv::Repo;
@@ -23,7 +25,7 @@ use crate::doc::Manifest;
 use crate::error::{Error, Result};
 use crate::keys::{self, RemoteRecord};
 use crate::open::{open_storage, Connect};
-use crate::ops::{push_to, remotes, Progress, PushReport, PushTarget};
+use crate::ops::{push_report, remotes, Progress, PushReport, PushTarget};
 
 /// The name of the object store's remote.
 pub const PRIMARY: &str = "objects";
@@ -84,13 +86,52 @@ pub fn flush(
         .into_iter()
         .map(PushTarget::Dataset)
         .collect();
-    let push = push_to(repo, &name, &*storage, &targets, progress)?;
-    let evicted = repo
-        .store()
-        .evict_packs(&|kv, id| kv.contains(Cf::App, &keys::index_entry(&name, id.as_bytes())))?;
+    // A dataset the store refuses (it moved on) does not stop the others,
+    // nor the eviction of what is published.
+    let push = push_report(repo, &name, &*storage, &targets, progress)?;
+    let evicted = evict_published(repo, &name)?;
     Ok(Some(FlushReport {
         remote: name,
         push,
         evicted,
     }))
+}
+
+/// Evicts the local packs whose every chunk the primary remote holds *and*
+/// keeps alive: reachable from a version its dataset documents list (as
+/// last read or written, `rt/`). A chunk that is merely in some remote
+/// pack (the leftover of a killed push) is kept here: a remote gc may
+/// delete that pack.
+pub fn evict_published(repo: &Repo, name: &str) -> Result<EvictReport> {
+    let store = repo.store();
+    if std::fs::read_dir(store.packs_dir())
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true)
+    {
+        return Ok(EvictReport::default());
+    }
+    let mut roots: Vec<dsv_store::ObjectId> = Vec::new();
+    {
+        let kv = store.reader();
+        let scope = keys::scoped(keys::REMOTE_TRACKING, name);
+        kv.scan(Cf::App, &scope, &mut |_, v| {
+            if let Ok(t) = serde_json::from_slice::<crate::doc::Tracking>(v) {
+                roots.extend(t.doc.versions.iter().map(|h| dsv_store::ObjectId(h.id.0)));
+            }
+            Ok(true)
+        })?;
+    }
+    let mut live: HashSet<dsv_store::ChunkId> = HashSet::new();
+    let mut seen: HashSet<dsv_store::ObjectId> = HashSet::new();
+    while let Some(id) = roots.pop() {
+        if !seen.insert(id) || !store.has_object(&id)? {
+            continue;
+        }
+        let (children, chunks) = dsv_store::import::references(&store.object(&id)?);
+        roots.extend(children);
+        live.extend(chunks);
+    }
+    Ok(store.evict_packs(&|kv, id| {
+        Ok(live.contains(id) && kv.contains(Cf::App, &keys::index_entry(name, id.as_bytes()))?)
+    })?)
 }

@@ -523,8 +523,11 @@ pub struct PushedDataset {
 pub struct PushReport {
     /// The remote.
     pub remote: String,
-    /// Per dataset.
+    /// Per dataset published (or up to date).
     pub datasets: Vec<PushedDataset>,
+    /// Datasets the remote refused ([`push_to`] turns the first into
+    /// [`Error::Rejected`]; [`push_report`] returns them here).
+    pub rejected: Vec<Rejection>,
     /// Packs uploaded.
     pub packs: usize,
     /// Bytes uploaded in packs.
@@ -754,6 +757,27 @@ pub fn push_to(
     targets: &[PushTarget],
     progress: &dyn Progress,
 ) -> Result<PushReport> {
+    let mut report = push_report(repo, name, storage, targets, progress)?;
+    if !report.rejected.is_empty() {
+        let r = report.rejected.remove(0);
+        return Err(Error::Rejected {
+            dataset: r.dataset,
+            remote: r.remote,
+            reason: r.reason,
+        });
+    }
+    Ok(report)
+}
+
+/// [`push_to`], with the datasets the remote refused in the report
+/// instead of an error (the others are published).
+pub fn push_report(
+    repo: &Repo,
+    name: &str,
+    storage: &dyn PackStorage,
+    targets: &[PushTarget],
+    progress: &dyn Progress,
+) -> Result<PushReport> {
     ensure_manifest(repo, storage)?;
     crate::lease::with_lease(storage, crate::lease::LeaseKind::Push, |held| {
         push_leased(repo, name, storage, targets, progress, held)
@@ -864,18 +888,36 @@ fn push_leased(
     if !plans.is_empty() {
         held.check_still_alone(storage)?;
     }
+    // A dataset the remote refuses does not stop the others (git's
+    // per-ref results); the refusals are reported together.
     for p in &plans {
-        report.datasets.push(publish(
-            repo,
-            name,
-            storage,
-            p.ds.clone(),
-            &p.local,
-            &p.publish,
-        )?);
+        match publish(repo, name, storage, p.ds.clone(), &p.local, &p.publish) {
+            Ok(d) => report.datasets.push(d),
+            Err(Error::Rejected {
+                dataset,
+                remote,
+                reason,
+            }) => report.rejected.push(Rejection {
+                dataset,
+                remote,
+                reason,
+            }),
+            Err(e) => return Err(e),
+        }
     }
     push_models(repo, name, storage, &mut report)?;
     Ok(report)
+}
+
+/// A dataset a push could not publish.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejection {
+    /// PROJECT/NAME.
+    pub dataset: String,
+    /// The remote.
+    pub remote: String,
+    /// Why, and what to do.
+    pub reason: String,
 }
 
 /// Sends the models the remote lacks whose training datasets are all on it:
@@ -920,8 +962,19 @@ fn push_models(
             model: m.clone(),
         };
         let n = body.len() as u64;
-        storage.put(&doc::model_body(&m.id), body, PutMode::Create)?;
-        storage.put(&doc::model_doc(&m.id), json(&d), PutMode::Create)?;
+        let body_name = doc::model_body(&m.id);
+        if storage.put(&body_name, body.clone(), PutMode::Create)? == PutOutcome::Exists {
+            // Left by a push that died before its document: the same bytes,
+            // unless something else wrote there (then ours replace them —
+            // the model's id is this repository's).
+            let same = storage.get(&body_name)?.is_some_and(|g| g.data == body);
+            if !same {
+                storage.put(&body_name, body, PutMode::Overwrite)?;
+            }
+        }
+        if storage.put(&doc::model_doc(&m.id), json(&d), PutMode::Create)? == PutOutcome::Exists {
+            continue;
+        }
         report.models += 1;
         report.uploaded_bytes += n;
     }
@@ -942,9 +995,20 @@ pub struct FetchedModel {
     pub dropped_tags: Vec<String>,
 }
 
+/// The largest model document and body a fetch accepts.
+const MODEL_DOC_MAX: u64 = 1 << 20;
+const MODEL_BODY_MAX: u64 = 1 << 30;
+
 /// Imports the remote's models this repository lacks; each body is checked
-/// against the BLAKE3 its document names.
-fn fetch_models(repo: &Repo, name: &str, storage: &dyn PackStorage) -> Result<Vec<FetchedModel>> {
+/// against the BLAKE3 its document names. A model that cannot be imported
+/// (damaged, too large, newer format, invalid) is skipped and named in
+/// `problems`; it never stops the fetch.
+fn fetch_models(
+    repo: &Repo,
+    name: &str,
+    storage: &dyn PackStorage,
+    problems: &mut Vec<(String, String)>,
+) -> Result<Vec<FetchedModel>> {
     let mut out = Vec::new();
     let listed = storage.list("models/")?;
     for l in &listed {
@@ -955,66 +1019,93 @@ fn fetch_models(repo: &Repo, name: &str, storage: &dyn PackStorage) -> Result<Ve
             continue;
         }
         let location = format!("{}/{}", storage.location(), l.name);
-        let Some(got) = storage.get(&l.name)? else {
-            continue;
-        };
-        let d: doc::ModelDoc = serde_json::from_slice(&got.data).map_err(|e| Error::BadRemote {
-            location: location.clone(),
-            reason: format!("not a model document: {e}"),
-        })?;
-        if d.format > doc::FORMAT {
-            return Err(Error::NewerFormat {
-                location,
-                found: d.format,
-                features: Vec::new(),
-                supported: doc::FORMAT,
-            });
-        }
-        if d.model.id != id {
-            return Err(Error::BadRemote {
-                location,
-                reason: format!("names model {} under the name of {id}", d.model.id),
-            });
-        }
-        let body_name = doc::model_body(id);
-        let body_loc = format!("{}/{body_name}", storage.location());
-        let body = storage
-            .get(&body_name)?
-            .ok_or_else(|| Error::BadRemote {
-                location: body_loc.clone(),
-                reason: "the model's body is missing".into(),
-            })?
-            .data;
-        if body.len() as u64 != d.body_len || blake3::hash(&body).to_hex().as_str() != d.body_blake3
-        {
-            return Err(Error::BadRemote {
-                location: body_loc,
-                reason: format!(
-                    "damaged: {} bytes hashing to {}, the document says {} bytes hashing to {}",
-                    body.len(),
-                    blake3::hash(&body).to_hex(),
-                    d.body_len,
-                    d.body_blake3
-                ),
-            });
-        }
-        if let Some(dropped) = repo.import_model(&d.model, &body, name)? {
-            let tags = d
-                .model
-                .tags
-                .iter()
-                .filter(|t| !dropped.contains(t))
-                .cloned()
-                .collect();
-            out.push(FetchedModel {
-                id: id.to_string(),
-                line: format!("{}/{}", d.model.project, d.model.name),
-                tags,
-                dropped_tags: dropped,
-            });
+        match fetch_model(repo, name, storage, id, l.size, &location) {
+            Ok(Some(m)) => out.push(m),
+            Ok(None) => {}
+            Err(e @ (Error::BadRemote { .. } | Error::NewerFormat { .. })) => {
+                problems.push((location, e.to_string()))
+            }
+            Err(Error::Repo(dsv::Error::Invalid(why))) => problems.push((location, why)),
+            Err(e) => return Err(e),
         }
     }
     Ok(out)
+}
+
+fn fetch_model(
+    repo: &Repo,
+    name: &str,
+    storage: &dyn PackStorage,
+    id: &str,
+    size: u64,
+    location: &str,
+) -> Result<Option<FetchedModel>> {
+    let bad = |reason: String| Error::BadRemote {
+        location: location.to_string(),
+        reason,
+    };
+    if size > MODEL_DOC_MAX {
+        return Err(bad(format!("{size} bytes: not a model document")));
+    }
+    let Some(got) = storage.get(&doc::model_doc(id))? else {
+        return Ok(None);
+    };
+    let d: doc::ModelDoc =
+        serde_json::from_slice(&got.data).map_err(|e| bad(format!("not a model document: {e}")))?;
+    if d.format > doc::FORMAT {
+        return Err(Error::NewerFormat {
+            location: location.to_string(),
+            found: d.format,
+            features: Vec::new(),
+            supported: doc::FORMAT,
+        });
+    }
+    if d.model.id != id {
+        return Err(bad(format!(
+            "names model {} under the name of {id}",
+            d.model.id
+        )));
+    }
+    if d.body_len > MODEL_BODY_MAX {
+        return Err(bad(format!("a body of {} bytes is refused", d.body_len)));
+    }
+    let body_name = doc::model_body(id);
+    let body_loc = format!("{}/{body_name}", storage.location());
+    let body = storage
+        .get(&body_name)?
+        .ok_or_else(|| Error::BadRemote {
+            location: body_loc.clone(),
+            reason: "the model's body is missing".into(),
+        })?
+        .data;
+    let hash = blake3::hash(&body).to_hex();
+    if body.len() as u64 != d.body_len || hash.as_str() != d.body_blake3 {
+        return Err(Error::BadRemote {
+            location: body_loc,
+            reason: format!(
+                "damaged: {} bytes hashing to {hash}, the document says {} bytes hashing to {}",
+                body.len(),
+                d.body_len,
+                d.body_blake3
+            ),
+        });
+    }
+    let Some(dropped) = repo.import_model(&d.model, &body, name)? else {
+        return Ok(None);
+    };
+    let tags = d
+        .model
+        .tags
+        .iter()
+        .filter(|t| !dropped.contains(t))
+        .cloned()
+        .collect();
+    Ok(Some(FetchedModel {
+        id: id.to_string(),
+        line: format!("{}/{}", d.model.project, d.model.name),
+        tags,
+        dropped_tags: dropped,
+    }))
 }
 
 fn publish(
@@ -1196,6 +1287,8 @@ pub struct FetchReport {
     pub chunk_bytes: u64,
     /// Models imported.
     pub models: Vec<FetchedModel>,
+    /// Models on the remote that were skipped: `(where, why)`.
+    pub model_problems: Vec<(String, String)>,
 }
 
 /// Objects with their canonical encodings.
@@ -1486,7 +1579,7 @@ pub fn fetch_from(
     // Models come with a fetch of everything (a fetch of named datasets
     // leaves them).
     if only.is_none() {
-        report.models = fetch_models(repo, name, storage)?;
+        report.models = fetch_models(repo, name, storage, &mut report.model_problems)?;
     }
     if mode == FetchMode::Full {
         let (n, bytes) = prefetch_with(

@@ -231,10 +231,10 @@ impl Store {
     /// Deletes the local packs whose every indexed chunk `elsewhere` says
     /// is stored elsewhere (a repository whose packs live on object
     /// storage: once pushed, its local packs are only a staging copy). In
-    /// one write their index entries go (reads then go to the chunk source)
-    /// and the gc generation moves (a writer that deduplicated against them
-    /// stores its chunks again); then the files go, each under its `flock`
-    /// (a pack a writer holds is kept).
+    /// one write their index entries go (reads then go to the chunk
+    /// source; `elsewhere` must only say yes for chunks the source keeps
+    /// alive); then the files go, each under its `flock` (a pack a writer
+    /// holds is kept).
     pub fn evict_packs(
         &self,
         elsewhere: &(dyn Fn(&dyn crate::kv::KvRead, &ChunkId) -> Result<bool> + Sync),
@@ -287,9 +287,9 @@ impl Store {
                 n += ids.len() as u64;
                 gone.push(pack);
             }
-            if !gone.is_empty() {
-                Store::bump_gc_generation(kv, &mut b)?;
-            }
+            // No gc generation bump: a writer that deduplicated against
+            // an evicted chunk still references something readable (the
+            // chunk source holds it, and keeps it alive).
             Ok((b, (gone, n)))
         })?;
         let mut report = EvictReport {

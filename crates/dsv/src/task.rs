@@ -1094,13 +1094,19 @@ impl Repo {
         body: &[u8],
         remote: &str,
     ) -> Result<Option<Vec<String>>> {
-        if m.id.len() != 32 || !m.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if m.id.len() != 32 || !m.id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(Error::Invalid(format!(
-                "model id '{}' is not 32 hex digits",
+                "model id '{}' is not 32 lowercase hex digits",
                 m.id
             )));
         }
-        crate::rev::parse_dataset_name(&format!("{}/{}", m.project, m.name))?;
+        let (p, n) = crate::rev::parse_dataset_name(&format!("{}/{}", m.project, m.name))?;
+        if p != m.project || n != m.name {
+            return Err(Error::Invalid(format!(
+                "model {}: '{}' / '{}' is not a project and a name",
+                m.id, m.project, m.name
+            )));
+        }
         for t in &m.tags {
             dsv_store::store::validate_label(t, "tag")?;
         }
