@@ -857,6 +857,9 @@ fn a_remote_gc_deletes_only_what_interrupted_pushes_left_and_never_runs_beside_a
         stderr(&out)
     );
     assert_eq!(bucket_keys(&s3, "gcb", "r/packs/"), all);
+    // A dry run deletes nothing, so it runs beside a push.
+    let dry = json(&a, &["remote", "gc", "--grace", "0", "--dry-run"]);
+    assert_eq!(dry["deleted_packs"], orphans.len(), "{dry}");
     assert!(s3
         .request("DELETE", "/gcb/r/leases/push-feed.json", b"")
         .is_some());
