@@ -545,3 +545,14 @@ pub fn files_under(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// Flips one byte in the middle of a file (a pack: inside some record);
+/// returns the file's bytes from before.
+pub fn flip_middle_byte(path: &Path) -> Vec<u8> {
+    let before = std::fs::read(path).unwrap();
+    let mut bytes = before.clone();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xFF;
+    std::fs::write(path, &bytes).unwrap();
+    before
+}

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use dsv_tests::{
-    copy_files, files_under, noise, occupancy_dir, stderr, stdout, FaultProxy, S3Server, Sandbox,
+    copy_files, files_under, flip_middle_byte, noise, occupancy_dir, stderr, stdout, FaultProxy,
+    S3Server, Sandbox,
 };
 
 /// Runs dsv in `s` with test credentials (moto accepts any) and a HOME
@@ -324,7 +325,22 @@ fn a_killed_push_leaves_no_half_version_and_the_next_push_resumes() {
     fsck_json(&c, true);
 }
 
-/// The largest pack on a folder remote.
+/// A repository with dataset `p/x` (one file `x.bin` of `len` noise bytes)
+/// pushed to the folder remote `origin`: the sandbox, the remote, the bytes.
+fn pushed_noise(seed: u64, len: usize) -> (Sandbox, PathBuf, Vec<u8>) {
+    let a = Sandbox::new();
+    let remote = a.path("remote");
+    let data = a.path("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let content = noise(seed, len);
+    std::fs::write(data.join("x.bin"), &content).unwrap();
+    ok(&a, &["dataset", "sync", "p/x", data.to_str().unwrap()]);
+    ok(&a, &["remote", "add", "origin", remote.to_str().unwrap()]);
+    ok(&a, &["push"]);
+    (a, remote, content)
+}
+
+/// The largest pack under `root/packs` (a folder remote, or a `.dsv`).
 fn largest_pack(remote: &Path) -> PathBuf {
     std::fs::read_dir(remote.join("packs"))
         .unwrap()
@@ -335,15 +351,7 @@ fn largest_pack(remote: &Path) -> PathBuf {
 
 #[test]
 fn damaged_or_missing_objects_on_the_remote_are_named_and_never_served() {
-    let a = Sandbox::new();
-    let remote = a.path("remote");
-    let data = a.path("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let content = noise(7, 3 << 20);
-    std::fs::write(data.join("x.bin"), &content).unwrap();
-    ok(&a, &["dataset", "sync", "p/x", data.to_str().unwrap()]);
-    ok(&a, &["remote", "add", "origin", remote.to_str().unwrap()]);
-    ok(&a, &["push"]);
+    let (_a, remote, content) = pushed_noise(7, 3 << 20);
     let b = clone(remote.to_str().unwrap(), None, false);
 
     // Flip one byte inside the chunk data of the largest pack.
@@ -578,15 +586,7 @@ fn a_lazy_clone_reads_for_root_and_for_an_unprivileged_user_and_sync_push_upload
 
 #[test]
 fn a_wiped_remote_gets_everything_again_and_a_chunk_damaged_here_is_never_pushed() {
-    let a = Sandbox::new();
-    let remote = a.path("remote");
-    let data = a.path("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let content = noise(11, 2 << 20);
-    std::fs::write(data.join("x.bin"), &content).unwrap();
-    ok(&a, &["dataset", "sync", "p/x", data.to_str().unwrap()]);
-    ok(&a, &["remote", "add", "origin", remote.to_str().unwrap()]);
-    ok(&a, &["push"]);
+    let (a, remote, content) = pushed_noise(11, 2 << 20);
     // The bucket is emptied: this repository's record of it is stale, and
     // the next push notices and sends everything again.
     std::fs::remove_dir_all(&remote).unwrap();
@@ -600,12 +600,7 @@ fn a_wiped_remote_gets_everything_again_and_a_chunk_damaged_here_is_never_pushed
 
     // A stored chunk rots here: a push refuses to send it, naming it.
     std::fs::remove_dir_all(&remote).unwrap();
-    let packs = a.repo().join(".dsv/packs");
-    let pack = std::fs::read_dir(&packs)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
-        .unwrap();
+    let pack = largest_pack(&a.repo().join(".dsv"));
     let mut bytes = std::fs::read(&pack).unwrap();
     bytes[5000] ^= 0x10;
     std::fs::write(&pack, &bytes).unwrap();
@@ -1159,11 +1154,7 @@ fn an_object_store_that_cannot_be_reached_loses_nothing_and_the_next_command_sen
         "{checked}"
     );
     // …and names a damaged pack there, which plain --read-data does not read.
-    let pack = largest_pack(&bucket);
-    let mut bytes = std::fs::read(&pack).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x55;
-    std::fs::write(&pack, &bytes).unwrap();
+    flip_middle_byte(&largest_pack(&bucket));
     fsck_json(&a, true);
     let out = run(&a, &["--json", "fsck", "--read-data", "--remote"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));

@@ -228,10 +228,7 @@ fn fsck_repair_lets_a_resync_of_the_intact_files_heal_every_version() {
     let rev = format!("sensors/occ@{}", v1["version"].as_str().unwrap());
     // Damage one byte in the middle of the pack (inside some chunk).
     let pack = pack_files(&s).pop().unwrap();
-    let mut bytes = std::fs::read(&pack).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0xFF;
-    std::fs::write(&pack, &bytes).unwrap();
+    dsv_tests::flip_middle_byte(&pack);
 
     let out = s.dsv(&["--json", "fsck", "--read-data", "--repair"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
@@ -505,11 +502,8 @@ fn fsck_rebuild_index_puts_an_intact_copy_back_in_service_and_rereads_the_remote
     // does not know), then one byte of the original damaged and the
     // damaged chunk taken out of service.
     let pack = pack_files(&s).pop().unwrap();
-    let mut bytes = std::fs::read(&pack).unwrap();
-    std::fs::write(pack.with_file_name("00000000ffffffff.pack"), &bytes).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0xFF;
-    std::fs::write(&pack, &bytes).unwrap();
+    let intact = dsv_tests::flip_middle_byte(&pack);
+    std::fs::write(pack.with_file_name("00000000ffffffff.pack"), intact).unwrap();
     let out = s.dsv(&["--json", "fsck", "--read-data", "--repair"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -669,11 +669,6 @@ fn push_with(
         None => &bars,
     };
     let r = dsv_remote::push(repo, name, targets, &connect_from_env(), progress)?;
-    // A push to the object store of an `init --objects` repository frees
-    // the local copies of what it published.
-    if dsv_remote::get_remote(repo, name)?.primary {
-        dsv_remote::objects::evict_published(repo, name)?;
-    }
     Ok(render_push(ctx, name, &r, started))
 }
 

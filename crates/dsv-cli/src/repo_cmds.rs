@@ -97,7 +97,7 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> Result<(), CliError> {
         .hint("run 'dsv init PATH' on the folder that should hold .dsv"));
     }
     let dir = base.join(DOT_DSV);
-    let mut config = RepoConfig {
+    let config = RepoConfig {
         chunking: ChunkerParams {
             min_size: a.chunk_min,
             avg_size: a.chunk_avg,
@@ -106,10 +106,7 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> Result<(), CliError> {
         compression_level: a.compression_level,
         ..RepoConfig::default()
     };
-    // An object store is checked before anything is created; one that
-    // holds a remote already lends its chunking (so that what is synced
-    // here deduplicates against it).
-    let objects = match &a.objects {
+    let (dir, config, fetched) = match &a.objects {
         Some(url) => {
             let rec = dsv_remote::RemoteRecord {
                 url: crate::remote_cmds::normalize_url(url)?,
@@ -119,56 +116,27 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> Result<(), CliError> {
                 primary: true,
                 added_ms: dsv_store::store::now_ms(),
             };
-            let connect = crate::remote_cmds::connect_from_env();
-            let m = dsv_remote::objects::probe_objects(&rec, &connect)?;
-            if let Some(c) = m.as_ref().and_then(|m| m.chunking) {
-                config.chunking = c;
-            }
-            Some((rec, connect, m.is_some()))
+            let (repo, fetched) = dsv_remote::objects::init_repository(
+                &base,
+                config,
+                rec,
+                &crate::remote_cmds::connect_from_env(),
+                repo::options(ctx),
+            )?;
+            (
+                repo.store().dir().to_path_buf(),
+                repo.store().config().clone(),
+                fetched,
+            )
         }
-        None => None,
+        None => {
+            std::fs::create_dir_all(&base)
+                .map_err(|e| CliError::user(format!("cannot create {}: {e}", base.display())))?;
+            let store = Store::init(&dir, config, repo::options(ctx))?;
+            (store.dir().to_path_buf(), store.config().clone(), None)
+        }
     };
-    // Created only now (after the object store's check), and removed again
-    // on failure only when this made it.
-    let base_existed = base.exists();
-    let dir_existed = dir.exists();
-    std::fs::create_dir_all(&base)
-        .map_err(|e| CliError::user(format!("cannot create {}: {e}", base.display())))?;
-    let store = Store::init(&dir, config, repo::options(ctx))?;
-    let dir = std::fs::canonicalize(store.dir()).unwrap_or_else(|_| store.dir().to_path_buf());
-    let config = store.config().clone();
-    let mut fetched = None;
-    if let Some((rec, connect, existing)) = objects {
-        let repo = dsv::Repo::from_store(store);
-        let made = (|| -> Result<Option<dsv_remote::FetchReport>, CliError> {
-            dsv_remote::objects::init_objects(&repo, rec, &connect)?;
-            if existing {
-                return Ok(Some(dsv_remote::fetch(
-                    &repo,
-                    dsv_remote::objects::PRIMARY,
-                    dsv_remote::FetchMode::Metadata,
-                    None,
-                    &connect,
-                    &dsv_remote::NoProgress,
-                )?));
-            }
-            Ok(None)
-        })();
-        match made {
-            Ok(f) => fetched = f,
-            Err(e) => {
-                // Nothing half-made stays behind.
-                drop(repo);
-                if !dir_existed {
-                    let _ = std::fs::remove_dir_all(&dir);
-                }
-                if !base_existed {
-                    let _ = std::fs::remove_dir(&base);
-                }
-                return Err(e);
-            }
-        }
-    }
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
     if ctx.json {
         output::json(&json!({
             "path": dir, "config": config, "objects": a.objects,

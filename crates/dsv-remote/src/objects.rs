@@ -21,7 +21,6 @@ use serde::Serialize;
 use dsv::Repo;
 use dsv_store::{Cf, EvictReport};
 
-use crate::doc::Manifest;
 use crate::error::{Error, Result};
 use crate::keys::{self, RemoteRecord};
 use crate::open::{open_storage, Connect};
@@ -35,27 +34,56 @@ pub fn primary(repo: &Repo) -> Result<Option<(String, RemoteRecord)>> {
     Ok(remotes(repo)?.into_iter().find(|(_, r)| r.primary))
 }
 
-/// Checks an object store before a repository is created on it:
-/// reachable, readable, conditional writes honoured. Returns its manifest
-/// when it already holds a remote (the new repository then takes its
-/// chunking and fetches its datasets).
-pub fn probe_objects(rec: &RemoteRecord, connect: &Connect) -> Result<Option<Manifest>> {
-    let storage = open_storage(rec, connect)?;
-    let m = crate::ops::probe(&*storage)?;
-    crate::ops::check_conditional_writes(&*storage)?;
-    Ok(m)
-}
-
-/// Makes a new repository's packs live at `rec` (checked with
-/// [`probe_objects`] first).
-pub fn init_objects(repo: &Repo, mut rec: RemoteRecord, connect: &Connect) -> Result<()> {
-    if primary(repo)?.is_some() {
-        return Err(Error::RemoteExists(PRIMARY.to_string()));
-    }
+/// `dsv init BASE --objects URL`: a new repository at `BASE/.dsv` whose
+/// packs live at `rec`. The store is checked first (reachable, readable,
+/// conditional writes honoured) and nothing is created when it fails; a
+/// store that already holds a remote lends its chunking, and its datasets
+/// and models are fetched (metadata only). On any later failure what was
+/// made is removed again.
+pub fn init_repository(
+    base: &std::path::Path,
+    mut config: dsv_store::RepoConfig,
+    mut rec: RemoteRecord,
+    connect: &Connect,
+    store_opts: dsv_store::StoreOptions,
+) -> Result<(Repo, Option<crate::FetchReport>)> {
     rec.primary = true;
     rec.lazy = true;
-    crate::ops::add_remote(repo, PRIMARY, rec, connect, false)?;
-    Ok(())
+    let storage = open_storage(&rec, connect)?;
+    let manifest = crate::ops::probe(&*storage)?;
+    crate::ops::check_conditional_writes(&*storage)?;
+    drop(storage);
+    if let Some(c) = manifest.as_ref().and_then(|m| m.chunking) {
+        config.chunking = c;
+    }
+    let dot = base.join(".dsv");
+    if dot.exists() {
+        return Err(Error::TargetExists(base.to_path_buf()));
+    }
+    let created_base = !base.exists();
+    std::fs::create_dir_all(base).map_err(|e| dsv_store::Error::io("create folder", base, e))?;
+    let run = || -> Result<(Repo, Option<crate::FetchReport>)> {
+        let repo = Repo::from_store(dsv_store::Store::init(&dot, config, store_opts)?);
+        crate::ops::add_remote(&repo, PRIMARY, rec, connect, false)?;
+        let fetched = match manifest {
+            Some(_) => Some(crate::ops::fetch(
+                &repo,
+                PRIMARY,
+                crate::FetchMode::Metadata,
+                None,
+                connect,
+                &crate::NoProgress,
+            )?),
+            None => None,
+        };
+        Ok((repo, fetched))
+    };
+    run().inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&dot);
+        if created_base {
+            let _ = std::fs::remove_dir(base);
+        }
+    })
 }
 
 /// What a flush did.

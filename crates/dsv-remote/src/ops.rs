@@ -745,7 +745,13 @@ pub fn push(
 ) -> Result<PushReport> {
     let rec = get_remote(repo, name)?;
     let storage = open_storage(&rec, connect)?;
-    push_to(repo, name, &*storage, targets, progress)
+    let report = push_to(repo, name, &*storage, targets, progress)?;
+    // The object store of an `init --objects` repository: what it now keeps
+    // alive needs no local copy.
+    if rec.primary {
+        crate::objects::evict_published(repo, name)?;
+    }
+    Ok(report)
 }
 
 /// [`push`] on an opened storage: under a push lease (see [`crate::lease`]),

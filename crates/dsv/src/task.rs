@@ -833,14 +833,7 @@ impl Repo {
                 put_model(&mut b, None, &m);
                 b.put(Cf::App, model_body_key(&m.id), body.clone());
                 t.models.push(m.id.clone());
-                let mut e = Event::new(EventKind::ModelCreated);
-                e.project = m.project.clone();
-                e.name = m.name.clone();
-                e.extra.insert("model".into(), serde_json::json!(m.id));
-                e.extra.insert("task".into(), serde_json::json!(t.id));
-                e.extra
-                    .insert("metrics".into(), serde_json::json!(m.metrics));
-                ev.push(&mut b, e);
+                ev.push(&mut b, model_created(&m));
             }
             put_task(&mut b, Some(&old), &t);
             status_event(&mut ev, &mut b, &t);
@@ -1130,14 +1123,7 @@ impl Repo {
             put_model(&mut b, None, &m);
             b.put(Cf::App, model_body_key(&m.id), body.to_vec());
             let mut ev = EventWriter::new(kv)?;
-            let mut e = Event::new(EventKind::ModelCreated);
-            e.project = m.project.clone();
-            e.name = m.name.clone();
-            e.tags = m.tags.clone();
-            e.extra.insert("model".into(), serde_json::json!(m.id));
-            e.extra.insert("task".into(), serde_json::json!(m.task));
-            e.extra
-                .insert("metrics".into(), serde_json::json!(m.metrics));
+            let mut e = model_created(&m);
             e.extra.insert("remote".into(), serde_json::json!(remote));
             ev.push(&mut b, e);
             Ok((b, Some(dropped)))
@@ -1256,6 +1242,19 @@ pub(crate) fn models_in(
     });
     out.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
     Ok(out)
+}
+
+/// The `model_created` event of `m` (made by its task here, or imported).
+fn model_created(m: &Model) -> Event {
+    let mut e = Event::new(EventKind::ModelCreated);
+    e.project = m.project.clone();
+    e.name = m.name.clone();
+    e.tags = m.tags.clone();
+    e.extra.insert("model".into(), serde_json::json!(m.id));
+    e.extra.insert("task".into(), serde_json::json!(m.task));
+    e.extra
+        .insert("metrics".into(), serde_json::json!(m.metrics));
+    e
 }
 
 fn model_in(kv: &dyn KvRead, id: &str) -> Result<Model> {
