@@ -556,3 +556,202 @@ pub fn flip_middle_byte(path: &Path) -> Vec<u8> {
     std::fs::write(path, &bytes).unwrap();
     before
 }
+
+/// A throwaway PostgreSQL cluster for the tests: `initdb` and `pg_ctl` run
+/// as an unprivileged user (nobody, through `setpriv`, when this process is
+/// root: PostgreSQL refuses to run as root) on a free loopback port; the
+/// cluster is stopped and removed when dropped. Local connections need no
+/// password; TCP connections authenticate with SCRAM as user `dsv` with
+/// [`PgCluster::PASSWORD`] (so that the tests see real password handling).
+/// The binaries come from `pg_config --bindir` (Debian's `postgresql` and
+/// `libpq-dev`, installed by `.ci/run`).
+pub struct PgCluster {
+    root: tempfile::TempDir,
+    bin: PathBuf,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl PgCluster {
+    /// The password of user `dsv`.
+    pub const PASSWORD: &'static str = "dsv-test-secret";
+
+    fn bin() -> PathBuf {
+        match Command::new("pg_config").arg("--bindir").output() {
+            Ok(o) if o.status.success() => {
+                PathBuf::from(String::from_utf8_lossy(&o.stdout).trim().to_string())
+            }
+            _ => PathBuf::from("/usr/lib/postgresql/15/bin"),
+        }
+    }
+
+    fn as_server_user(&self, prog: &str) -> Command {
+        let mut c = if is_root() {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(self.bin.join(prog));
+            c
+        } else {
+            Command::new(self.bin.join(prog))
+        };
+        c.env_remove("PGDATA")
+            .env_remove("PGPASSWORD")
+            .env("HOME", self.root.path())
+            .stdout(std::process::Stdio::null());
+        c
+    }
+
+    fn data(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    fn sock(&self) -> PathBuf {
+        self.root.path().join("s")
+    }
+
+    /// Creates and starts a cluster.
+    pub fn start() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        // Short: the socket path must fit in 107 bytes.
+        let root = tempfile::Builder::new()
+            .prefix("dsvpg")
+            .tempdir_in("/tmp")
+            .expect("a temporary folder");
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let mut c = PgCluster {
+            root,
+            bin: Self::bin(),
+            port: 0,
+        };
+        let (data, sock) = (c.data(), c.sock());
+        std::fs::create_dir(&data).expect("mkdir data");
+        std::fs::create_dir(&sock).expect("mkdir socket folder");
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let pwfile = c.root.path().join("pw");
+        std::fs::write(&pwfile, Self::PASSWORD).expect("write the password file");
+        std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        if is_root() {
+            for d in [&data, &sock] {
+                let ok = Command::new("chown")
+                    .arg("65534:65534")
+                    .arg(d)
+                    .status()
+                    .expect("chown runs")
+                    .success();
+                assert!(ok, "chown {}", d.display());
+            }
+        }
+        let ok = c
+            .as_server_user("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "dsv",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .args(["--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"])
+            .status()
+            .expect("initdb runs (PostgreSQL is installed by .ci/run)")
+            .success();
+        assert!(ok, "initdb failed");
+        for _ in 0..5 {
+            c.port = free_port();
+            if c.pg_ctl_start() {
+                return c;
+            }
+        }
+        panic!("PostgreSQL did not start: {}", c.log());
+    }
+
+    fn pg_ctl_start(&self) -> bool {
+        self.as_server_user("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.sock().join("log"))
+            .args(["-w", "-t", "60", "-o"])
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
+                 -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 \
+                 -c max_pred_locks_per_transaction=256",
+                self.port,
+                self.sock().display()
+            ))
+            .arg("start")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// The server's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.sock().join("log")).unwrap_or_default()
+    }
+
+    /// A URL for database `db` without the password (it comes from
+    /// `PGPASSWORD` or a `.pgpass` file, as a user would keep it).
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://dsv@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A URL for database `db` with the password in it.
+    pub fn url_with_password(&self, db: &str) -> String {
+        format!(
+            "postgres://dsv:{}@127.0.0.1:{}/{db}",
+            Self::PASSWORD,
+            self.port
+        )
+    }
+
+    /// Runs SQL as the superuser over the local socket.
+    pub fn psql(&self, db: &str, sql: &str) -> Output {
+        let mut c = self.as_server_user("psql");
+        c.arg("-h")
+            .arg(self.sock())
+            .args(["-p", &self.port.to_string(), "-U", "dsv", "-d", db])
+            .args(["-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c.output().expect("psql runs")
+    }
+
+    /// Creates database `db`.
+    pub fn create_db(&self, db: &str) {
+        let o = self.psql("postgres", &format!("CREATE DATABASE \"{db}\""));
+        assert!(o.status.success(), "create database {db}: {}", stderr(&o));
+    }
+
+    /// Stops the server (fast shutdown: sessions are ended).
+    pub fn stop(&self) {
+        let _ = self
+            .as_server_user("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "fast", "-w", "stop"])
+            .status();
+    }
+
+    /// Starts the stopped server again on the same port.
+    pub fn restart(&self) {
+        assert!(
+            self.pg_ctl_start(),
+            "PostgreSQL did not restart: {}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = self
+            .as_server_user("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "-w", "stop"])
+            .status();
+    }
+}

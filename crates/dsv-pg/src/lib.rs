@@ -52,8 +52,56 @@ fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-/// Maps a PostgreSQL error onto the seam's errors.
-fn map_err(what: &str, e: tokio_postgres::Error) -> Error {
+/// How to reach the database. The library reads no environment and no
+/// password file: the caller (the CLI) resolves the password from
+/// `PGPASSWORD` or `.pgpass` and passes it here.
+#[derive(Clone, Default)]
+pub struct PgOptions {
+    /// The password, when the URL has none.
+    pub password: Option<String>,
+    /// `application_name` (shown by `pg_stat_activity`).
+    pub application_name: Option<String>,
+    /// Longest a statement may run.
+    pub statement_timeout: Option<Duration>,
+    /// Longest a writer waits for the writers' lock (after a conflict).
+    pub lock_timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("password", &self.password.as_ref().map(|_| "…"))
+            .field("application_name", &self.application_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `user@host:port/db` of a connection string: what errors name (never
+/// the password).
+pub fn describe(url: &str) -> String {
+    match url.parse::<tokio_postgres::Config>() {
+        Ok(c) => {
+            let host = c
+                .get_hosts()
+                .first()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .unwrap_or_else(|| "localhost".into());
+            let port = c.get_ports().first().copied().unwrap_or(5432);
+            format!(
+                "postgres://{}@{host}:{port}/{}",
+                c.get_user().unwrap_or("?"),
+                c.get_dbname().unwrap_or("?")
+            )
+        }
+        Err(_) => "the PostgreSQL URL".into(),
+    }
+}
+
+/// Maps a PostgreSQL error onto the seam's errors; `at` names the database.
+fn map_err(at: &str, what: &str, e: tokio_postgres::Error) -> Error {
     use tokio_postgres::error::SqlState;
     if let Some(code) = e.code() {
         if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED
@@ -63,32 +111,92 @@ fn map_err(what: &str, e: tokio_postgres::Error) -> Error {
                 tries: 1,
             };
         }
+        if *code == SqlState::INVALID_PASSWORD
+            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        {
+            return Error::Unavailable(format!(
+                "{at} refused the credentials: {} (give the password in PGPASSWORD or ~/.pgpass)",
+                e.as_db_error().map(|d| d.message()).unwrap_or("")
+            ));
+        }
+        if *code == SqlState::INVALID_CATALOG_NAME {
+            return Error::Unavailable(format!(
+                "{at}: {} (create it first: createdb)",
+                e.as_db_error()
+                    .map(|d| d.message())
+                    .unwrap_or("no such database")
+            ));
+        }
+        if *code == SqlState::ADMIN_SHUTDOWN
+            || *code == SqlState::CANNOT_CONNECT_NOW
+            || *code == SqlState::QUERY_CANCELED
+            || *code == SqlState::LOCK_NOT_AVAILABLE
+            || *code == SqlState::TOO_MANY_CONNECTIONS
+        {
+            return Error::Unavailable(format!("{at}: {what}: {e}"));
+        }
     }
     if e.is_closed() || e.as_db_error().is_none() {
-        return Error::Unavailable(format!("PostgreSQL: {what}: {e}"));
+        let cause = std::error::Error::source(&e)
+            .map(|s| format!(": {s}"))
+            .unwrap_or_default();
+        return Error::Unavailable(format!("{at}: {what}: {e}{cause}"));
     }
-    Error::Kv(format!("PostgreSQL: {what}: {e}"))
+    Error::Kv(format!("{at}: {what}: {e}"))
 }
 
 struct Shared {
     rt: tokio::runtime::Runtime,
-    url: String,
+    config: tokio_postgres::Config,
+    at: String,
     idle: Mutex<Vec<Client>>,
+    lock_timeout_ms: u64,
 }
 
+/// Attempts to connect before giving up (with backoff between them).
+const CONNECT_TRIES: u32 = 4;
+
 impl Shared {
+    async fn connect_once(
+        config: &tokio_postgres::Config,
+        at: &str,
+    ) -> Result<(
+        Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    )> {
+        config
+            .connect(NoTls)
+            .await
+            .map_err(|e| map_err(at, "connect", e))
+    }
+
+    /// Connects, retrying with backoff (100 ms, 400 ms, 1.6 s) while the
+    /// server is unreachable; refused credentials fail at once.
     fn connect(&self) -> Result<Client> {
-        let url = self.url.clone();
-        self.rt.block_on(async move {
-            let (client, conn) = tokio_postgres::connect(&url, NoTls)
-                .await
-                .map_err(|e| map_err("connect", e))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!("PostgreSQL connection ended: {e}");
+        self.rt.block_on(async {
+            let mut delay = Duration::from_millis(100);
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match Self::connect_once(&self.config, &self.at).await {
+                    Ok((client, conn)) => {
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!("PostgreSQL connection ended: {e}");
+                            }
+                        });
+                        return Ok(client);
+                    }
+                    Err(Error::Unavailable(m))
+                        if tries < CONNECT_TRIES && !m.contains("refused the credentials") =>
+                    {
+                        tracing::debug!("{m}; retrying in {delay:?}");
+                        tokio::time::sleep(delay).await;
+                        delay *= 4;
+                    }
+                    Err(e) => return Err(e),
                 }
-            });
-            Ok::<_, Error>(client)
+            }
         })
     }
 
@@ -125,16 +233,53 @@ pub struct PgKv {
 
 impl std::fmt::Debug for PgKv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The URL may hold a password: never printed.
-        f.debug_struct("PgKv").finish_non_exhaustive()
+        // Never the password.
+        f.debug_struct("PgKv")
+            .field("at", &self.shared.at)
+            .finish_non_exhaustive()
     }
 }
 
+/// Key of the advisory lock that serializes schema migrations.
+const MIGRATION_LOCK: i64 = 0x6473_765f_6d69_67;
+
+/// The migrations, in order: migration `i` brings the schema to version
+/// `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: the key-value table (bytea sorts bytewise, as RocksDB does) and
+    // the writers' lock table (empty; locked after a conflict).
+    "CREATE TABLE dsv_kv (cf smallint NOT NULL, k bytea NOT NULL, v bytea NOT NULL, \
+         PRIMARY KEY (cf, k)); \
+     CREATE TABLE dsv_wlock ();",
+];
+
 impl PgKv {
     /// Connects to `url` (`postgres://user@host:port/db`, or key=value
-    /// pairs), creates the schema when the database has none, and checks
-    /// its version.
-    pub fn connect(url: &str) -> Result<Self> {
+    /// pairs), brings an empty database to this build's schema (migrations
+    /// run in one transaction, serialized across machines by an advisory
+    /// lock), and refuses a schema newer than this build's.
+    pub fn connect(url: &str, opts: &PgOptions) -> Result<Self> {
+        let at = describe(url);
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| Error::Invalid(format!("{at}: not a PostgreSQL URL: {e}")))?;
+        if config.get_password().is_none() {
+            if let Some(p) = &opts.password {
+                config.password(p.as_bytes());
+            }
+        }
+        config.application_name(opts.application_name.as_deref().unwrap_or("dsv"));
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        config.tcp_user_timeout(Duration::from_secs(60));
+        let statement = opts.statement_timeout.unwrap_or(Duration::from_secs(300));
+        config.options(format!(
+            "-c statement_timeout={} -c idle_in_transaction_session_timeout=3600000",
+            statement.as_millis()
+        ));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("dsv-pg")
@@ -143,43 +288,75 @@ impl PgKv {
             .map_err(|e| Error::Kv(format!("cannot start the PostgreSQL runtime: {e}")))?;
         let shared = Arc::new(Shared {
             rt,
-            url: url.to_string(),
+            config,
+            at: at.clone(),
             idle: Mutex::new(Vec::new()),
+            lock_timeout_ms: opts
+                .lock_timeout
+                .unwrap_or(Duration::from_secs(60))
+                .as_millis() as u64,
         });
         let c = shared.checkout()?;
         shared.rt.block_on(async {
-            c.batch_execute(
-                "CREATE TABLE IF NOT EXISTS dsv_kv (
-                     cf smallint NOT NULL, k bytea NOT NULL, v bytea NOT NULL,
-                     PRIMARY KEY (cf, k));
-                 CREATE TABLE IF NOT EXISTS dsv_schema (version integer NOT NULL);",
-            )
+            let e = |what: &'static str| {
+                let at = at.clone();
+                move |e| map_err(&at, what, e)
+            };
+            c.batch_execute(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({MIGRATION_LOCK}); \
+                 CREATE TABLE IF NOT EXISTS dsv_schema (version integer NOT NULL, \
+                     written_by text NOT NULL, at timestamptz NOT NULL DEFAULT now());"
+            ))
             .await
-            .map_err(|e| map_err("create the schema", e))?;
-            let rows = c
-                .query("SELECT version FROM dsv_schema", &[])
+            .map_err(e("create the schema table"))?;
+            let found = c
+                .query_opt("SELECT max(version) FROM dsv_schema", &[])
                 .await
-                .map_err(|e| map_err("read the schema version", e))?;
-            match rows.first().map(|r| r.get::<_, i32>(0)) {
-                None => {
-                    c.execute(
-                        "INSERT INTO dsv_schema (version) VALUES ($1)",
-                        &[&SCHEMA_VERSION],
-                    )
-                    .await
-                    .map_err(|e| map_err("write the schema version", e))?;
-                }
-                Some(v) if v > SCHEMA_VERSION => {
-                    return Err(Error::Kv(format!(
-                        "the database holds dsv schema {v}; this dsv knows {SCHEMA_VERSION}: upgrade dsv"
-                    )))
-                }
-                Some(_) => {}
+                .map_err(e("read the schema version"))?
+                .and_then(|r| r.get::<_, Option<i32>>(0))
+                .unwrap_or(0);
+            if found > SCHEMA_VERSION {
+                let _ = c.batch_execute("ROLLBACK").await;
+                return Err(Error::UnsupportedFormatVersion {
+                    what: format!("the dsv schema in {at}"),
+                    found: found as u32,
+                    supported: SCHEMA_VERSION as u32,
+                });
             }
+            for (i, m) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+                c.batch_execute(m).await.map_err(e("migrate the schema"))?;
+                c.execute(
+                    "INSERT INTO dsv_schema (version, written_by) VALUES ($1, $2)",
+                    &[&(i as i32 + 1), &concat!("dsv ", env!("CARGO_PKG_VERSION"))],
+                )
+                .await
+                .map_err(e("record the schema version"))?;
+            }
+            c.batch_execute("COMMIT")
+                .await
+                .map_err(e("commit the schema"))?;
             Ok(())
         })?;
         shared.give_back(c);
         Ok(Self { shared })
+    }
+
+    /// The database, as errors name it (no password).
+    pub fn location(&self) -> &str {
+        &self.shared.at
+    }
+
+    /// The database server's clock, ms since the epoch (one clock for
+    /// every machine of a team).
+    pub fn server_now_ms(&self) -> Result<i64> {
+        let c = self.shared.checkout()?;
+        let r = self.shared.rt.block_on(c.query_one(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+            &[],
+        ));
+        self.shared.give_back(c);
+        r.map(|r| r.get::<_, i64>(0))
+            .map_err(|e| map_err(&self.shared.at, "read the clock", e))
     }
 }
 
@@ -196,7 +373,7 @@ impl TxnReader<'_> {
                 .client
                 .query(sql, params)
                 .await
-                .map_err(|e| map_err("read", e))?;
+                .map_err(|e| map_err(&self.shared.at, "read", e))?;
             Ok(rows
                 .into_iter()
                 .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
@@ -352,14 +529,13 @@ fn exec(shared: &Shared, c: &Client, sql: &str, what: &str) -> Result<()> {
     shared
         .rt
         .block_on(c.batch_execute(sql))
-        .map_err(|e| map_err(what, e))
+        .map_err(|e| map_err(&shared.at, what, e))
 }
 
 /// The last op per key, split into puts and deletes.
 #[allow(clippy::type_complexity)]
 fn coalesce(batch: Batch) -> (Vec<(i16, Vec<u8>, Vec<u8>)>, Vec<(i16, Vec<u8>)>) {
-    let mut last: std::collections::BTreeMap<(i16, Vec<u8>), Option<Vec<u8>>> =
-        Default::default();
+    let mut last: std::collections::BTreeMap<(i16, Vec<u8>), Option<Vec<u8>>> = Default::default();
     for op in batch.ops {
         match op {
             Op::Put(cf, k, v) => last.insert((cf_code(cf), k), Some(v)),
@@ -376,6 +552,92 @@ fn coalesce(batch: Batch) -> (Vec<(i16, Vec<u8>, Vec<u8>)>, Vec<(i16, Vec<u8>)>)
     }
     (puts, dels)
 }
+
+impl PgKv {
+    /// One attempt: `SERIALIZABLE`; with `locked`, the writers' lock is
+    /// taken first (before the snapshot), so that writers queue instead of
+    /// failing on the hot rows every write touches (the keyspace counters,
+    /// the event sequence).
+    fn attempt(&self, body: &mut TxnBody<'_>, locked: bool) -> Result<()> {
+        let shared = &*self.shared;
+        let c = shared.checkout()?;
+        let begin = if locked {
+            format!(
+                "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = {}; \
+                 LOCK TABLE dsv_wlock IN EXCLUSIVE MODE",
+                shared.lock_timeout_ms
+            )
+        } else {
+            "BEGIN ISOLATION LEVEL SERIALIZABLE".to_string()
+        };
+        if let Err(e) = exec(shared, &c, &begin, "begin") {
+            shared.give_back(c);
+            return Err(e);
+        }
+        let outcome = (|| {
+            let reader = TxnReader { shared, client: &c };
+            let mut batch = body(&reader)?;
+            if batch.is_empty() {
+                return Ok(false);
+            }
+            dsv_store::txn::seal(&mut batch, &mut |k| {
+                Ok(reader
+                    .get(Cf::Meta, k)?
+                    .and_then(|v| v.try_into().ok())
+                    .map(u64::from_le_bytes)
+                    .unwrap_or(0))
+            })?;
+            let (puts, dels) = coalesce(batch);
+            let at = &shared.at;
+            shared.rt.block_on(async {
+                if !puts.is_empty() {
+                    let cfs: Vec<i16> = puts.iter().map(|p| p.0).collect();
+                    let ks: Vec<&[u8]> = puts.iter().map(|p| p.1.as_slice()).collect();
+                    let vs: Vec<&[u8]> = puts.iter().map(|p| p.2.as_slice()).collect();
+                    c.execute(
+                        "INSERT INTO dsv_kv (cf, k, v) \
+                         SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::bytea[]) \
+                         ON CONFLICT (cf, k) DO UPDATE SET v = EXCLUDED.v",
+                        &[&cfs, &ks, &vs],
+                    )
+                    .await
+                    .map_err(|e| map_err(at, "write", e))?;
+                }
+                if !dels.is_empty() {
+                    let cfs: Vec<i16> = dels.iter().map(|p| p.0).collect();
+                    let ks: Vec<&[u8]> = dels.iter().map(|p| p.1.as_slice()).collect();
+                    c.execute(
+                        "DELETE FROM dsv_kv USING unnest($1::smallint[], $2::bytea[]) AS d(cf, k) \
+                         WHERE dsv_kv.cf = d.cf AND dsv_kv.k = d.k",
+                        &[&cfs, &ks],
+                    )
+                    .await
+                    .map_err(|e| map_err(at, "delete", e))?;
+                }
+                // Delivered at commit, to every listening machine.
+                c.execute("SELECT pg_notify($1, '')", &[&CHANNEL])
+                    .await
+                    .map_err(|e| map_err(at, "notify", e))?;
+                Ok::<_, Error>(())
+            })?;
+            Ok(true)
+        })();
+        let end = match &outcome {
+            Ok(true) => exec(shared, &c, "COMMIT", "commit"),
+            _ => exec(shared, &c, "ROLLBACK", "roll back"),
+        };
+        shared.give_back(c);
+        match (outcome, end) {
+            (Ok(_), Ok(())) => Ok(()),
+            (Ok(_), Err(e)) => Err(e),
+            (Err(e), _) => Err(e),
+        }
+    }
+}
+
+/// Attempts of one transaction inside [`Backend::transact`]: the first
+/// optimistic, the others behind the writers' lock.
+const LOCKED_TRIES: usize = 4;
 
 impl Backend for PgKv {
     fn open_read(&self) -> Result<Arc<dyn KvRead>> {
@@ -394,108 +656,93 @@ impl Backend for PgKv {
     }
 
     fn transact(&self, body: &mut TxnBody<'_>) -> Result<()> {
-        let shared = &*self.shared;
-        let c = shared.checkout()?;
-        exec(shared, &c, "BEGIN ISOLATION LEVEL SERIALIZABLE", "begin")?;
-        let outcome = (|| {
-            let reader = TxnReader { shared, client: &c };
-            let mut batch = body(&reader)?;
-            if batch.is_empty() {
-                return Ok(false);
-            }
-            dsv_store::txn::seal(&mut batch, &mut |k| {
-                Ok(reader
-                    .get(Cf::Meta, k)?
-                    .and_then(|v| v.try_into().ok())
-                    .map(u64::from_le_bytes)
-                    .unwrap_or(0))
-            })?;
-            let (puts, dels) = coalesce(batch);
-            shared.rt.block_on(async {
-                if !puts.is_empty() {
-                    let cfs: Vec<i16> = puts.iter().map(|p| p.0).collect();
-                    let ks: Vec<&[u8]> = puts.iter().map(|p| p.1.as_slice()).collect();
-                    let vs: Vec<&[u8]> = puts.iter().map(|p| p.2.as_slice()).collect();
-                    c.execute(
-                        "INSERT INTO dsv_kv (cf, k, v) \
-                         SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::bytea[]) \
-                         ON CONFLICT (cf, k) DO UPDATE SET v = EXCLUDED.v",
-                        &[&cfs, &ks, &vs],
-                    )
-                    .await
-                    .map_err(|e| map_err("write", e))?;
-                }
-                if !dels.is_empty() {
-                    let cfs: Vec<i16> = dels.iter().map(|p| p.0).collect();
-                    let ks: Vec<&[u8]> = dels.iter().map(|p| p.1.as_slice()).collect();
-                    c.execute(
-                        "DELETE FROM dsv_kv USING unnest($1::smallint[], $2::bytea[]) AS d(cf, k) \
-                         WHERE dsv_kv.cf = d.cf AND dsv_kv.k = d.k",
-                        &[&cfs, &ks],
-                    )
-                    .await
-                    .map_err(|e| map_err("delete", e))?;
-                }
-                c.execute("SELECT pg_notify($1, '')", &[&CHANNEL])
-                    .await
-                    .map_err(|e| map_err("notify", e))?;
-                Ok::<_, Error>(())
-            })?;
-            Ok(true)
-        })();
-        let end = match &outcome {
-            Ok(true) => exec(shared, &c, "COMMIT", "commit"),
-            _ => exec(shared, &c, "ROLLBACK", "roll back"),
-        };
-        shared.give_back(c);
-        match (outcome, end) {
-            (Ok(_), Ok(())) => Ok(()),
-            (Ok(_), Err(e)) => Err(e),
-            (Err(e), _) => Err(e),
+        match self.attempt(body, false) {
+            Err(Error::Conflict { .. }) => {}
+            other => return other,
         }
+        let mut last = None;
+        for _ in 0..LOCKED_TRIES {
+            match self.attempt(body, true) {
+                // A serialization failure is still possible behind the
+                // lock (a reader's predicate lock, an index page split).
+                Err(e @ Error::Conflict { .. }) => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(last.expect("LOCKED_TRIES > 0"))
     }
 
     fn change_source(&self) -> Result<Box<dyn ChangeSource>> {
         let signal = Arc::new((Mutex::new(0u64), Condvar::new()));
-        let url = self.shared.url.clone();
+        let config = self.shared.config.clone();
+        let at = self.shared.at.clone();
+        // The first connection is made here so that an unreachable
+        // database is an error now; later losses reconnect with backoff.
+        let first = self
+            .shared
+            .rt
+            .block_on(Shared::connect_once(&config, &at))?;
         let s = signal.clone();
-        let client = self.shared.rt.block_on(async move {
-            let (client, mut conn) = tokio_postgres::connect(&url, NoTls)
-                .await
-                .map_err(|e| map_err("connect for the change feed", e))?;
-            tokio::spawn(async move {
-                loop {
-                    let m = futures::future::poll_fn(|cx| conn.poll_message(cx)).await;
-                    match m {
-                        Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
-                            let (n, cv) = &*s;
-                            if let Ok(mut n) = n.lock() {
-                                *n += 1;
-                                cv.notify_all();
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+        self.shared.rt.spawn(async move {
+            let wake = |s: &Arc<(Mutex<u64>, Condvar)>| {
+                let (n, cv) = &**s;
+                if let Ok(mut n) = n.lock() {
+                    *n += 1;
+                    cv.notify_all();
+                }
+            };
+            let mut next = Some(first);
+            let mut delay = Duration::from_millis(100);
+            loop {
+                let (client, mut conn) = match next.take() {
+                    Some(pair) => pair,
+                    None => {
+                        tokio::select! {
+                            _ = &mut stop_rx => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                        match Shared::connect_once(&config, &at).await {
+                            Ok(pair) => pair,
+                            Err(e) => {
+                                tracing::debug!("change feed: {e}");
+                                continue;
                             }
                         }
-                        Some(Ok(_)) => {}
-                        // Closed: waiters fall back to polling.
-                        Some(Err(_)) | None => {
-                            let (n, cv) = &*s;
-                            if let Ok(mut n) = n.lock() {
-                                *n += 1;
-                                cv.notify_all();
+                    }
+                };
+                // The connection must be polled for LISTEN to complete.
+                let sql = format!("LISTEN {CHANNEL}");
+                let listen = client.batch_execute(&sql);
+                tokio::pin!(listen);
+                let mut listening = false;
+                loop {
+                    tokio::select! {
+                        _ = &mut stop_rx => return,
+                        r = &mut listen, if !listening => {
+                            listening = true;
+                            if r.is_err() {
+                                break;
                             }
-                            break;
+                            delay = Duration::from_millis(100);
+                            // Changes while disconnected were not seen.
+                            wake(&s);
+                        }
+                        m = futures::future::poll_fn(|cx| conn.poll_message(cx)) => match m {
+                            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => wake(&s),
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) | None => break,
                         }
                     }
                 }
-            });
-            client
-                .batch_execute(&format!("LISTEN {CHANNEL}"))
-                .await
-                .map_err(|e| map_err("listen", e))?;
-            Ok::<_, Error>(client)
-        })?;
+                wake(&s);
+                tracing::debug!("change feed: the connection to {at} ended; reconnecting");
+            }
+        });
         let seen = *signal.0.lock().map_err(|_| poisoned())?;
         Ok(Box::new(PgChanges {
-            _client: client,
+            _stop: stop_tx,
             signal,
             seen,
         }))
@@ -504,9 +751,10 @@ impl Backend for PgKv {
 
 use dsv_store::txn::ChangeSource;
 
-/// Wake-ups from `LISTEN dsv_changes`.
+/// Wake-ups from `LISTEN dsv_changes` (a task on the backend's runtime
+/// holds the connection and reconnects it; dropping this stops it).
 struct PgChanges {
-    _client: Client,
+    _stop: tokio::sync::oneshot::Sender<()>,
     signal: Arc<(Mutex<u64>, Condvar)>,
     seen: u64,
 }

@@ -1,320 +1,199 @@
-//! The metadata seam's conformance on PostgreSQL: a throwaway cluster
-//! (initdb + pg_ctl as uid 65534 on a free loopback port, removed after)
-//! and the properties every backend must have — no lost update, each queue
-//! entry once, ordered scans both ways (0xff prefixes too), snapshot
-//! isolation, change-feed wake-ups.
+//! The metadata seam's conformance suite (the same properties as
+//! `dsv-store`'s, from its `tests/suite`) on PostgreSQL: a throwaway
+//! cluster (initdb + pg_ctl as an unprivileged user on a free loopback
+//! port, removed afterwards), one store per worker, each with its own
+//! connections. Also: schema versions, refused credentials, an unreachable
+//! server, and a change feed that survives a server restart.
 
-use std::path::PathBuf;
-use std::process::Command;
+#[path = "../../dsv-store/tests/suite/mod.rs"]
+mod suite;
+
 use std::time::Duration;
 
-use dsv_pg::PgKv;
-use dsv_store::kv::{Backend, Batch, Cf, KvRead};
-use dsv_store::{RepoConfig, Store, StoreOptions};
+use dsv_pg::{PgKv, PgOptions};
+use dsv_store::kv::{Backend, Batch, Cf};
+use dsv_store::{Error, RepoConfig, Store};
+use dsv_tests::PgCluster;
+use suite::*;
 
-fn pg_bin() -> PathBuf {
-    let out = Command::new("pg_config").arg("--bindir").output();
-    match out {
-        Ok(o) if o.status.success() => {
-            PathBuf::from(String::from_utf8_lossy(&o.stdout).trim().to_string())
-        }
-        _ => PathBuf::from("/usr/lib/postgresql/15/bin"),
+fn pg_opts() -> PgOptions {
+    PgOptions {
+        password: Some(PgCluster::PASSWORD.into()),
+        ..PgOptions::default()
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A throwaway PostgreSQL cluster.
-struct Cluster {
-    root: tempfile::TempDir,
-    port: u16,
-}
-
-fn as_nobody(bin: &PathBuf, prog: &str) -> Command {
-    let root = unsafe_is_root();
-    let mut c = if root {
-        let mut c = Command::new("setpriv");
-        c.args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--",
-        ]);
-        c.arg(bin.join(prog));
-        c
-    } else {
-        Command::new(bin.join(prog))
-    };
-    c.env_remove("PGDATA");
-    c
-}
-
-fn unsafe_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-impl Cluster {
-    fn start() -> Self {
-        use std::os::unix::fs::PermissionsExt;
-        let bin = pg_bin();
-        let root = tempfile::Builder::new().prefix("dsv-pg").tempdir().unwrap();
-        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let data = root.path().join("data");
-        let sock = root.path().join("sock");
-        std::fs::create_dir(&data).unwrap();
-        std::fs::create_dir(&sock).unwrap();
-        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
-        if unsafe_is_root() {
-            for d in [&data, &sock] {
-                let st = Command::new("chown")
-                    .arg("65534:65534")
-                    .arg(d)
-                    .status()
-                    .unwrap();
-                assert!(st.success());
-            }
-        }
-        let st = as_nobody(&bin, "initdb")
-            .args(["-D", data.to_str().unwrap(), "-U", "dsv", "--auth=trust"])
-            .args(["--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("initdb runs (PostgreSQL installed: .ci/run installs it)");
-        assert!(st.success(), "initdb failed");
-        for _ in 0..5 {
-            let port = free_port();
-            let st = as_nobody(&bin, "pg_ctl")
-                .args(["-D", data.to_str().unwrap(), "-l"])
-                .arg(sock.join("log"))
-                .args(["-w", "-t", "30", "-o"])
-                .arg(format!(
-                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-                     -c synchronous_commit=off -c full_page_writes=off -c max_connections=200 \
-                     -c max_pred_locks_per_transaction=256",
-                    sock.display()
-                ))
-                .arg("start")
-                .stdout(std::process::Stdio::null())
-                .status()
-                .unwrap();
-            if st.success() {
-                return Cluster { root, port };
-            }
-        }
-        panic!("PostgreSQL did not start");
-    }
-
-    fn url(&self) -> String {
-        format!("host=127.0.0.1 port={} user=dsv dbname=postgres", self.port)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = as_nobody(&pg_bin(), "pg_ctl")
-            .args(["-D", self.root.path().join("data").to_str().unwrap()])
-            .args(["-m", "immediate", "-w", "stop"])
-            .stdout(std::process::Stdio::null())
-            .status();
-    }
-}
-
-fn opts() -> StoreOptions {
-    StoreOptions {
-        lock_timeout: Duration::from_secs(120),
-        ..StoreOptions::default()
-    }
-}
-
-struct Repo {
+struct Pg {
     dir: tempfile::TempDir,
     url: String,
 }
 
-impl Repo {
-    fn new(c: &Cluster) -> Self {
+impl Pg {
+    fn new(c: &PgCluster, db: &str) -> Self {
+        c.create_db(db);
         let dir = tempfile::tempdir().unwrap();
-        let url = c.url();
+        let url = c.url(db);
         Store::init_with_backend(
             &dir.path().join(".dsv"),
             RepoConfig::default(),
-            Box::new(PgKv::connect(&url).unwrap()),
+            Box::new(PgKv::connect(&url, &pg_opts()).unwrap()),
             opts(),
         )
         .unwrap();
-        Repo { dir, url }
+        Pg { dir, url }
     }
-    /// One store per worker, each with its own connections.
+}
+
+impl Factory for Pg {
     fn open(&self) -> Store {
         Store::open_with_backend(
             &self.dir.path().join(".dsv"),
-            Box::new(PgKv::connect(&self.url).unwrap()),
+            Box::new(PgKv::connect(&self.url, &pg_opts()).unwrap()),
             opts(),
         )
         .unwrap()
     }
 }
 
-fn get_u64(kv: &dyn KvRead, key: &[u8]) -> u64 {
-    kv.get(Cf::App, key)
-        .unwrap()
-        .map(|v| u64::from_le_bytes(v.try_into().unwrap()))
-        .unwrap_or(0)
-}
-
+/// One cluster for the suite (each property on its own database).
 #[test]
 fn postgres_backend_conforms() {
-    let cluster = Cluster::start();
-    let repo = Repo::new(&cluster);
-
-    // No lost update: 8 workers × 15 increments of one counter.
-    let stores: Vec<Store> = (0..8).map(|_| repo.open()).collect();
-    let mut written: Vec<u64> = std::thread::scope(|s| {
-        let hs: Vec<_> = stores
-            .iter()
-            .map(|st| {
-                s.spawn(move || {
-                    (0..15)
-                        .map(|_| {
-                            st.write(|kv| {
-                                let n = get_u64(kv, b"t/counter") + 1;
-                                let mut b = Batch::default();
-                                b.put(Cf::App, b"t/counter".to_vec(), n.to_le_bytes().to_vec());
-                                Ok((b, n))
-                            })
-                            .unwrap()
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
-    });
-    written.sort_unstable();
-    assert_eq!(written, (1..=120).collect::<Vec<u64>>(), "an update was lost");
-
-    // Each queue entry dequeued exactly once by 8 workers.
-    stores[0]
+    let cluster = PgCluster::start();
+    no_lost_update(&Pg::new(&cluster, "lost"), 25);
+    each_entry_once(&Pg::new(&cluster, "queue"), 200);
+    snapshot_isolation(&Pg::new(&cluster, "snap"));
+    ordered_scans(&Pg::new(&cluster, "scans"));
+    change_feed(&Pg::new(&cluster, "feed"));
+    // Scans longer than one page, both ways.
+    let pg = Pg::new(&cluster, "pages");
+    let store = pg.open();
+    store
         .write(|_| {
             let mut b = Batch::default();
-            for i in 0..80u32 {
-                b.put(Cf::App, format!("q/{i:05}").into_bytes(), vec![1]);
+            for i in 0u32..1300 {
+                b.put(
+                    Cf::App,
+                    [b"p/".as_slice(), &i.to_be_bytes()].concat(),
+                    vec![],
+                );
             }
             Ok((b, ()))
         })
         .unwrap();
-    let mut taken: Vec<Vec<u8>> = std::thread::scope(|s| {
-        let hs: Vec<_> = stores
-            .iter()
-            .map(|st| {
-                s.spawn(move || {
-                    let mut mine = Vec::new();
-                    loop {
-                        let got = st
-                            .write(|kv| {
-                                let mut first = None;
-                                kv.scan(Cf::App, b"q/", &mut |k, _| {
-                                    first = Some(k.to_vec());
-                                    Ok(false)
-                                })?;
-                                let mut b = Batch::default();
-                                if let Some(k) = &first {
-                                    b.delete(Cf::App, k.clone());
-                                }
-                                Ok((b, first))
-                            })
-                            .unwrap();
-                        match got {
-                            Some(k) => mine.push(k),
-                            None => return mine,
-                        }
-                    }
-                })
-            })
-            .collect();
-        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
-    });
-    taken.sort();
-    let expected: Vec<Vec<u8>> = (0..80u32)
-        .map(|i| format!("q/{i:05}").into_bytes())
-        .collect();
-    assert_eq!(taken, expected, "an entry was dequeued twice or lost");
-
-    // Ordered scans both ways, 0xff prefixes included.
-    let st = &stores[0];
-    st.write(|_| {
-        let mut b = Batch::default();
-        for k in [&b"s/a"[..], b"s/b", b"s/c", b"s0", b"\xff\xff1", b"\xff\xff2"] {
-            b.put(Cf::App, k.to_vec(), k.to_vec());
-        }
-        Ok((b, ()))
-    })
-    .unwrap();
-    let kv = st.reader();
-    let mut fwd = Vec::new();
-    kv.scan(Cf::App, b"s/", &mut |k, _| {
+    let (mut fwd, mut rev) = (Vec::new(), Vec::new());
+    let kv = store.reader();
+    kv.scan(Cf::App, b"p/", &mut |k, _| {
         fwd.push(k.to_vec());
         Ok(true)
     })
     .unwrap();
-    assert_eq!(fwd, vec![b"s/a".to_vec(), b"s/b".to_vec(), b"s/c".to_vec()]);
-    let mut rev = Vec::new();
-    kv.scan_rev(Cf::App, b"s/", b"s/c", &mut |k, _| {
+    kv.scan_rev(Cf::App, b"p/", b"", &mut |k, _| {
         rev.push(k.to_vec());
         Ok(true)
     })
     .unwrap();
-    assert_eq!(rev, vec![b"s/b".to_vec(), b"s/a".to_vec()]);
-    assert_eq!(
-        kv.last(Cf::App, b"\xff\xff").unwrap().map(|(k, _)| k),
-        Some(b"\xff\xff2".to_vec())
-    );
-    drop(kv);
+    assert_eq!(fwd.len(), 1300);
+    rev.reverse();
+    assert_eq!(fwd, rev);
+    assert!(fwd.windows(2).all(|w| w[0] < w[1]));
+}
 
-    // Snapshot isolation: a view does not see later commits.
-    let backend = PgKv::connect(&repo.url).unwrap();
-    let view = backend.open_read().unwrap();
-    let before = get_u64(&*view, b"t/counter");
-    stores[1]
-        .write(|kv| {
+#[test]
+fn schema_versions_credentials_and_outages_are_named() {
+    let cluster = PgCluster::start();
+    cluster.create_db("s");
+    let url = cluster.url("s");
+    let kv = PgKv::connect(&url, &pg_opts()).unwrap();
+    // Connecting again migrates nothing and agrees.
+    drop(PgKv::connect(&url, &pg_opts()).unwrap());
+    let v = cluster.psql("s", "SELECT max(version) FROM dsv_schema");
+    assert_eq!(String::from_utf8_lossy(&v.stdout).trim(), "1");
+
+    // Wrong password: named, not retried forever.
+    let bad = PgOptions {
+        password: Some("not-it".into()),
+        ..PgOptions::default()
+    };
+    let e = PgKv::connect(&url, &bad).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Unavailable(_)), "{msg}");
+    assert!(msg.contains("refused the credentials"), "{msg}");
+    assert!(
+        msg.contains(&format!("127.0.0.1:{}/s", cluster.port)),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains(PgCluster::PASSWORD) && !msg.contains("not-it"),
+        "{msg}"
+    );
+
+    // A missing database is named.
+    let e = PgKv::connect(&cluster.url("nope"), &pg_opts()).unwrap_err();
+    assert!(e.to_string().contains("nope"), "{e}");
+
+    // A schema from a newer release is refused before anything is read.
+    let o = cluster.psql(
+        "s",
+        "INSERT INTO dsv_schema (version, written_by) VALUES (99, 'dsv 9')",
+    );
+    assert!(o.status.success());
+    match PgKv::connect(&url, &pg_opts()).unwrap_err() {
+        Error::UnsupportedFormatVersion { found, .. } => assert_eq!(found, 99),
+        e => panic!("expected a schema-version error, got {e}"),
+    }
+    let o = cluster.psql("s", "DELETE FROM dsv_schema WHERE version = 99");
+    assert!(o.status.success());
+
+    // The change feed survives a restart of the server: a commit after the
+    // restart still wakes the listener.
+    let mut feed = kv.change_source().unwrap();
+    cluster.stop();
+    let e = kv
+        .transact(&mut |_| {
             let mut b = Batch::default();
-            let n = get_u64(kv, b"t/counter") + 1;
-            b.put(Cf::App, b"t/counter".to_vec(), n.to_le_bytes().to_vec());
-            Ok((b, ()))
+            b.put(Cf::App, b"x".to_vec(), b"1".to_vec());
+            Ok(b)
         })
-        .unwrap();
-    assert_eq!(get_u64(&*view, b"t/counter"), before);
-    drop(view);
-    assert_eq!(
-        get_u64(&*backend.open_read().unwrap(), b"t/counter"),
-        before + 1
+        .unwrap_err();
+    assert!(matches!(e, Error::Unavailable(_)), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("127.0.0.1:{}", cluster.port)),
+        "{e}"
     );
-
-    // The change feed wakes a waiter on another connection (a commit after
-    // the source was opened ends the wait, whenever the wait starts).
-    let mut source = backend.change_source().unwrap();
-    let waiter = std::thread::spawn(move || {
+    cluster.restart();
+    let writer = PgKv::connect(&url, &pg_opts()).unwrap();
+    // The listener reconnects by itself: after a few wake-ups of its own
+    // (the lost connection, the new one), every commit wakes it promptly.
+    let mut prompt = 0;
+    for _ in 0..40 {
+        writer
+            .transact(&mut |_| {
+                let mut b = Batch::default();
+                b.put(Cf::App, b"y".to_vec(), b"1".to_vec());
+                Ok(b)
+            })
+            .unwrap();
         let t = std::time::Instant::now();
-        source.wait(Duration::from_secs(20)).unwrap();
-        t.elapsed()
-    });
-    stores[2]
-        .write(|_| {
-            let mut b = Batch::default();
-            b.put(Cf::App, b"t/ping".to_vec(), vec![1]);
-            Ok((b, ()))
-        })
-        .unwrap();
-    let waited = waiter.join().unwrap();
-    assert!(waited < Duration::from_secs(10), "no wake-up: {waited:?}");
+        feed.wait(Duration::from_secs(2)).unwrap();
+        prompt = if t.elapsed() < Duration::from_secs(2) {
+            prompt + 1
+        } else {
+            0
+        };
+        if prompt >= 4 {
+            break;
+        }
+    }
+    assert!(
+        prompt >= 4,
+        "the change feed did not come back after the restart"
+    );
+    // The old pool reconnects too.
+    kv.transact(&mut |_| {
+        let mut b = Batch::default();
+        b.put(Cf::App, b"x".to_vec(), b"2".to_vec());
+        Ok(b)
+    })
+    .unwrap();
 }
