@@ -14,6 +14,7 @@ mod remote_cmds;
 mod repo;
 mod repo_cmds;
 mod tasks;
+mod team;
 mod triggers;
 mod watch;
 
@@ -89,6 +90,9 @@ enum Command {
     Pull(remote_cmds::FetchArgs),
     /// Create a repository from a remote (metadata only unless --full).
     Clone(remote_cmds::CloneArgs),
+    /// Attach this machine to a team repository (metadata in PostgreSQL,
+    /// packs on object storage).
+    Connect(team::ConnectArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(CompletionsArgs),
 }
@@ -151,6 +155,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Fetch(_) => "fetch",
         Command::Pull(_) => "pull",
         Command::Clone(_) => "clone",
+        Command::Connect(_) => "connect",
     };
     let ctx = Ctx {
         repo: cli.repo.clone(),
@@ -179,6 +184,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Fetch(a) => remote_cmds::fetch(&ctx, a, dsv_remote::FetchMode::Metadata),
         Command::Pull(a) => remote_cmds::fetch(&ctx, a, dsv_remote::FetchMode::Full),
         Command::Clone(a) => remote_cmds::clone(&ctx, a),
+        Command::Connect(a) => team::connect(&ctx, a),
     }
 }
 

@@ -58,13 +58,19 @@ pub fn options(ctx: &Ctx) -> StoreOptions {
 /// Opens the repository.
 pub fn open(ctx: &Ctx) -> Result<Store, CliError> {
     let dir = locate(ctx)?;
+    if dsv_remote::team::is_team(&dir) {
+        return crate::team::open(ctx, &dir);
+    }
     Ok(Store::open(&dir, options(ctx))?)
 }
 
 /// Opens the repository with dataset semantics; chunks it lacks (a lazy
-/// clone) are read from its remotes.
+/// clone) are read from its remotes (a team repository's, from its object
+/// store).
 pub fn open_repo(ctx: &Ctx) -> Result<dsv::Repo, CliError> {
     let repo = dsv::Repo::from_store(open(ctx)?);
-    crate::remote_cmds::attach(repo.store())?;
+    if repo.store().pack_storage().is_none() {
+        crate::remote_cmds::attach(repo.store())?;
+    }
     Ok(repo)
 }

@@ -34,6 +34,11 @@ pub struct InitArgs {
     /// writes it, and read back on demand through a bounded cache.
     #[arg(long, value_name = "URL")]
     objects: Option<String>,
+    /// A team repository: the metadata in this PostgreSQL database
+    /// (postgres://USER@HOST:PORT/DB; the password comes from PGPASSWORD or
+    /// ~/.pgpass and is never stored), the packs at --objects.
+    #[arg(long, value_name = "URL", requires = "objects")]
+    metadata: Option<String>,
     /// Endpoint of an S3-compatible server (with --objects).
     #[arg(long, requires = "objects")]
     endpoint: Option<String>,
@@ -106,6 +111,14 @@ pub fn init(ctx: &Ctx, a: InitArgs) -> Result<(), CliError> {
         compression_level: a.compression_level,
         ..RepoConfig::default()
     };
+    if let (Some(metadata), Some(objects)) = (&a.metadata, &a.objects) {
+        let objects = dsv_remote::team::ObjectsAt {
+            url: crate::remote_cmds::normalize_url(objects)?,
+            endpoint: a.endpoint.clone(),
+            region: a.region.clone(),
+        };
+        return crate::team::init(ctx, &base, metadata, objects, config);
+    }
     let (dir, config, fetched) = match &a.objects {
         Some(url) => {
             let rec = dsv_remote::RemoteRecord {

@@ -28,6 +28,7 @@ pub mod objstore;
 pub mod open;
 pub mod ops;
 pub mod source;
+pub mod team;
 
 pub use error::{Error, Result};
 pub use keys::RemoteRecord;

@@ -411,6 +411,14 @@ impl Store {
     /// does not fit, it runs without rewriting (whole dead packs and orphans
     /// are deleted, which needs no new space).
     pub fn gc(&self, opts: GcOptions, dry_run: bool) -> Result<GcReport> {
+        if let Some(storage) = self.pack_storage() {
+            // Its packs are spread over machines and the object store; a
+            // local plan would see only this machine's copies.
+            return Err(Error::Invalid(format!(
+                "gc of a team repository (packs on {}) is not supported yet; nothing was deleted",
+                storage.location()
+            )));
+        }
         if !dry_run {
             // Before any pack is rewritten.
             self.check_writable()?;

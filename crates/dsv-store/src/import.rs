@@ -234,6 +234,10 @@ impl Store {
             Err(e) => return Err(failed.unwrap_or(e)),
         };
         if !new.is_empty() {
+            if let Err(e) = self.publish_packs(&packs.ids()) {
+                packs.discard();
+                return Err(e);
+            }
             let r = self.write(|kv| {
                 let mut b = Batch::default();
                 for (id, loc) in &new {

@@ -703,6 +703,12 @@ impl Store {
             return Err(e);
         }
         let packs = packs?;
+        // A team repository's packs are on the shared object store before
+        // any version naming their chunks can commit.
+        if let Err(e) = self.publish_packs(&packs.ids()) {
+            packs.discard();
+            return Err(e);
+        }
         let (root, _) = build_tree(dir, &files, &mut pending);
         let mut new_chunks = Vec::new();
         for shard in seen {

@@ -121,6 +121,9 @@ pub struct Store {
     /// Where chunks missing from the packs come from (a lazy clone's
     /// remote); none by default.
     source: RwLock<Option<Arc<dyn crate::storage::ChunkSource>>>,
+    /// Where new packs are published before the metadata naming their
+    /// chunks commits (a team repository's object store); none by default.
+    pack_storage: RwLock<Option<Arc<dyn crate::storage::PackStorage>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -139,6 +142,12 @@ pub fn now_ms() -> i64 {
 
 /// Sub-directory of packs.
 pub const PACKS_DIR: &str = "packs";
+
+/// The name of pack `id` on a team repository's object store (the same
+/// bytes as `packs/{id:016x}.pack` in a repository folder).
+pub fn shared_pack_name(id: u64) -> String {
+    format!("packs/{id:016x}.pack")
+}
 /// Space kept in reserve for a full disk: `gc` and `dataset delete` release
 /// it when the disk is full, so that they can open the database and free
 /// what the repository holds.
@@ -290,6 +299,7 @@ impl Store {
             stale: std::sync::atomic::AtomicBool::new(false),
             opts,
             source: RwLock::new(None),
+            pack_storage: RwLock::new(None),
         })
     }
 
@@ -526,6 +536,46 @@ impl Store {
         *self.source.write().unwrap_or_else(|e| e.into_inner()) = source;
     }
 
+    /// Publishes every pack this store writes to `storage` (under
+    /// [`shared_pack_name`]) before the metadata that names its chunks
+    /// commits: the data of a team repository is on the shared object
+    /// store before any machine can see a version that needs it. A pack
+    /// this machine does not have is then read from there (through the
+    /// chunk source, which the caller sets to read `storage`).
+    pub fn set_pack_storage(&self, storage: Option<Arc<dyn crate::storage::PackStorage>>) {
+        *self.pack_storage.write().unwrap_or_else(|e| e.into_inner()) = storage;
+    }
+
+    /// Where packs are published, if anywhere.
+    pub fn pack_storage(&self) -> Option<Arc<dyn crate::storage::PackStorage>> {
+        self.pack_storage
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Uploads the packs `ids` (just written here) to the pack storage, if
+    /// any; every one is on it when this returns `Ok`.
+    pub(crate) fn publish_packs(&self, ids: &[u64]) -> Result<()> {
+        let Some(storage) = self.pack_storage() else {
+            return Ok(());
+        };
+        let dir = self.packs_dir();
+        let mut items = ids.iter().map(|id| {
+            let path = crate::pack::pack_path(&dir, *id);
+            std::fs::read(&path)
+                .map_err(|e| Error::io("read pack", &path, e))
+                .map(|data| (shared_pack_name(*id), data))
+        });
+        storage.put_many(&mut items, &|_| {})?;
+        Ok(())
+    }
+
+    /// Whether pack `id` is in this repository's folder.
+    pub fn pack_is_local(&self, id: u64) -> bool {
+        crate::pack::pack_path(&self.packs_dir(), id).exists()
+    }
+
     pub(crate) fn chunk_source(&self) -> Option<Arc<dyn crate::storage::ChunkSource>> {
         self.source
             .read()
@@ -552,7 +602,14 @@ impl Store {
         let mut missing = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for id in ids {
-            if seen.insert(*id) && !kv.contains(Cf::Chunks, id.as_bytes())? {
+            if !seen.insert(*id) {
+                continue;
+            }
+            let here = match kv.get(Cf::Chunks, id.as_bytes())? {
+                Some(v) => self.pack_is_local(ChunkLoc::decode(&v, id)?.pack),
+                None => false,
+            };
+            if !here {
                 missing.push(*id);
             }
         }
@@ -596,6 +653,13 @@ impl Store {
             }
             Err(e) => return Err(e),
         };
+        if self.pack_storage().is_some() && !self.pack_is_local(loc.pack) {
+            // A pack another machine of a team wrote: it is on the shared
+            // object store, read through the chunk source (and its cache).
+            if let Some(data) = self.read_remote_chunk(id)? {
+                return Ok(data);
+            }
+        }
         let stored = match self.packs.read_stored(id, &loc) {
             Ok(s) => s,
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
@@ -604,6 +668,14 @@ impl Store {
                 // the chunk source now).
                 self.refresh()?;
                 match self.chunk_loc(id) {
+                    // Another machine's pack (a team repository): from
+                    // the shared object store.
+                    Ok(loc) if !self.pack_is_local(loc.pack) && self.chunk_source().is_some() => {
+                        return match self.read_remote_chunk(id)? {
+                            Some(data) => Ok(data),
+                            None => Err(Error::not_found(Kind::Chunk, id.to_string())),
+                        };
+                    }
                     Ok(loc) => {
                         let stored = self.packs.read_stored(id, &loc)?;
                         return crate::compress::decode_chunk(id, loc.codec, &stored, loc.raw_len);

@@ -208,7 +208,18 @@ impl Store {
             Ok(true)
         })?;
 
-        // Chunk index.
+        // Chunk index. A team repository's packs may be on its object store
+        // only (written by another machine).
+        let storage = self.pack_storage();
+        let mut shared_sizes: HashMap<u64, u64> = HashMap::new();
+        if let Some(s) = &storage {
+            for l in s.list("packs/")? {
+                let name = l.name.strip_prefix("packs/").unwrap_or(&l.name);
+                if let Some(id) = crate::pack::parse_pack_name(name) {
+                    shared_sizes.insert(id, l.size);
+                }
+            }
+        }
         let mut pack_state: HashMap<u64, PackState> = HashMap::new();
         let mut bad_pack_chunks: HashMap<u64, Vec<ChunkId>> = HashMap::new();
         let mut by_pack: HashMap<u64, Vec<(ChunkId, ChunkLoc)>> = HashMap::new();
@@ -226,9 +237,15 @@ impl Store {
             match ChunkLoc::decode(v, &id) {
                 Ok(loc) => {
                     indexed.insert(id);
-                    let state = pack_state
-                        .entry(loc.pack)
-                        .or_insert_with(|| pack_status(&pack_path(&self.packs_dir(), loc.pack)));
+                    let state = pack_state.entry(loc.pack).or_insert_with(|| {
+                        match pack_status(&pack_path(&self.packs_dir(), loc.pack)) {
+                            PackState::Missing => shared_sizes
+                                .get(&loc.pack)
+                                .map(|n| PackState::Ok(*n))
+                                .unwrap_or(PackState::Missing),
+                            st => st,
+                        }
+                    });
                     match state {
                         PackState::Missing => {
                             let why = format!("pack {:016x}.pack is missing", loc.pack);
@@ -335,6 +352,9 @@ impl Store {
                 .map(|(pack, mut entries)| {
                     entries.sort_by_key(|(_, l)| l.offset);
                     let path = pack_path(&dir, pack);
+                    if let (Some(s), false) = (&storage, path.exists()) {
+                        return verify_shared(&**s, pack, &entries, progress);
+                    }
                     let map = match std::fs::File::open(&path).and_then(|f| map_file(&f)) {
                         Ok(m) => m,
                         Err(e) => {
@@ -500,6 +520,50 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Reads and checks the chunks `entries` of pack `pack` on a team
+/// repository's object store (in batches of ranged reads); returns the
+/// bytes checked and the bad chunks.
+fn verify_shared(
+    storage: &dyn crate::storage::PackStorage,
+    pack: u64,
+    entries: &[(ChunkId, ChunkLoc)],
+    progress: &dyn Progress,
+) -> (u64, Vec<(ChunkId, String)>) {
+    let name = crate::store::shared_pack_name(pack);
+    let mut bad = Vec::new();
+    let mut bytes = 0;
+    for batch in entries.chunks(256) {
+        let reqs: Vec<(String, std::ops::Range<u64>)> = batch
+            .iter()
+            .map(|(_, l)| {
+                let end = l.offset + RECORD_HEADER_LEN + l.stored_len as u64;
+                (name.clone(), l.offset..end)
+            })
+            .collect();
+        match storage.get_ranges(&reqs, &|_| {}) {
+            Ok(recs) => {
+                for ((id, loc), rec) in batch.iter().zip(recs) {
+                    let res = check_record_header(&rec, id, loc).and_then(|_| {
+                        crate::compress::decode_chunk(
+                            id,
+                            loc.codec,
+                            &rec[RECORD_HEADER_LEN as usize..],
+                            loc.raw_len,
+                        )
+                    });
+                    progress.advance(loc.stored_len as u64);
+                    bytes += loc.raw_len as u64;
+                    if let Err(e) = res {
+                        bad.push((*id, format!("{}/{name}: {e}", storage.location())));
+                    }
+                }
+            }
+            Err(e) => bad.extend(batch.iter().map(|(id, _)| (*id, e.to_string()))),
+        }
+    }
+    (bytes, bad)
 }
 
 /// What a pack file looks like to `fsck`.
