@@ -343,6 +343,9 @@ pub struct FaultProxy {
     pub port: u16,
     /// Connections broken so far.
     pub dropped: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// While set, new connections are accepted and never answered (a
+    /// network partition as the client sees it: requests hang).
+    pub hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -356,7 +359,8 @@ impl FaultProxy {
         listener.set_nonblocking(true).expect("nonblocking");
         let dropped = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (d, st) = (dropped.clone(), stop.clone());
+        let hold = Arc::new(AtomicBool::new(false));
+        let (d, st, h) = (dropped.clone(), stop.clone(), hold.clone());
         std::thread::spawn(move || {
             let mut n = 0usize;
             while !st.load(Ordering::SeqCst) {
@@ -369,15 +373,30 @@ impl FaultProxy {
                     Err(_) => break,
                 };
                 let _ = client.set_nonblocking(false);
+                if h.load(Ordering::SeqCst) {
+                    let st = st.clone();
+                    std::thread::spawn(move || {
+                        // Holds the connection open, unanswered, until the
+                        // proxy is dropped.
+                        while !st.load(Ordering::SeqCst) {
+                            std::thread::park_timeout(std::time::Duration::from_millis(100));
+                        }
+                        drop(client);
+                    });
+                    continue;
+                }
                 n += 1;
                 let faulty = every > 0 && n % every == 0;
-                let d = d.clone();
-                std::thread::spawn(move || relay(client, target_port, faulty.then_some(after), &d));
+                let (d, h, st) = (d.clone(), h.clone(), st.clone());
+                std::thread::spawn(move || {
+                    relay(client, target_port, faulty.then_some(after), &d, h, st)
+                });
             }
         });
         Self {
             port,
             dropped,
+            hold,
             stop,
         }
     }
@@ -399,6 +418,8 @@ fn relay(
     target: u16,
     cut_after: Option<usize>,
     dropped: &std::sync::atomic::AtomicUsize,
+    hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
     use std::io::{Read, Write};
     let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
@@ -411,6 +432,12 @@ fn relay(
     let up = std::thread::spawn(move || {
         let mut buf = [0u8; 64 << 10];
         while let Ok(n) = c_in.read(&mut buf) {
+            // Held: a request on a kept-alive connection hangs too.
+            while hold.load(std::sync::atomic::Ordering::SeqCst)
+                && !stop.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                std::thread::park_timeout(std::time::Duration::from_millis(100));
+            }
             if n == 0 || s_out.write_all(&buf[..n]).is_err() {
                 break;
             }

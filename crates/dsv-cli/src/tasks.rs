@@ -133,7 +133,11 @@ pub struct LogsArgs {
 
 /// `dsv agent`.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct AgentArgs {
+    /// `dsv agent list`: every agent of the repository.
+    #[command(subcommand)]
+    cmd: Option<AgentSub>,
     /// Queues to serve (oldest task first across them).
     #[arg(long = "queue", default_value = "default")]
     queues: Vec<String>,
@@ -159,6 +163,78 @@ pub struct AgentArgs {
     /// Also fire triggers (the whole retraining loop in one process).
     #[arg(long)]
     triggers: bool,
+}
+
+/// `dsv agent …`.
+#[derive(Debug, Subcommand)]
+pub enum AgentSub {
+    /// Every agent (on any machine): host, queues, state, current task,
+    /// last heartbeat; agents silent for too long are shown as lost.
+    List,
+}
+
+/// `dsv agent list`.
+fn agent_list(ctx: &Ctx) -> Result<(), CliError> {
+    let repo = open(ctx)?;
+    let now = dsv_store::store::now_ms();
+    let mut rows = Vec::new();
+    for p in repo.agents()? {
+        // A running task's heartbeat is the agent's too.
+        let task_beat = match &p.task {
+            Some(t) => repo.task(t).ok().and_then(|t| t.heartbeat_ms),
+            None => None,
+        };
+        let heard = p.beat_ms.max(task_beat.unwrap_or(0));
+        let lost = p.state != dsv::agents::AgentState::Stopped
+            && now - heard > (3 * p.beat_every_ms).max(30_000);
+        let state = if lost {
+            "lost".to_string()
+        } else {
+            serde_json::to_value(p.state)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default()
+        };
+        rows.push((p, state, heard));
+    }
+    if ctx.json {
+        return output::json(&Value::Array(
+            rows.iter()
+                .map(|(p, state, heard)| {
+                    json!({"name": p.agent.name, "id": p.agent.id, "host": p.agent.host,
+                       "pid": p.agent.pid, "queues": p.queues, "triggers": p.triggers,
+                       "state": state, "task": p.task,
+                       "started": crate::dataset::iso(p.started_ms),
+                       "last_heartbeat": crate::dataset::iso(*heard),
+                       "seconds_since_heartbeat": (now - heard) as f64 / 1000.0})
+                })
+                .collect(),
+        ));
+    }
+    if rows.is_empty() {
+        println!("no agents");
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:<16} {:<8} {:<20} {:<14} last heartbeat",
+        "name", "host", "state", "queues", "task"
+    );
+    for (p, state, heard) in &rows {
+        let mut queues = p.queues.join(",");
+        if p.triggers {
+            queues.push_str(" +triggers");
+        }
+        println!(
+            "{:<28} {:<16} {:<8} {:<20} {:<14} {:.1}s ago",
+            p.agent.name,
+            p.agent.host,
+            state,
+            queues,
+            p.task.as_deref().map(short).unwrap_or("-"),
+            (now - heard) as f64 / 1000.0
+        );
+    }
+    Ok(())
 }
 
 /// `dsv model`.
@@ -561,6 +637,9 @@ impl AgentEvents for AgentOutput<'_> {
 /// SIGTERM set its stop flag.
 pub fn agent(ctx: &Ctx, a: AgentArgs) -> Result<(), CliError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
+    if let Some(AgentSub::List) = a.cmd {
+        return agent_list(ctx);
+    }
     let repo = Arc::new(open(ctx)?);
     let flush_repo = repo.clone();
     let stop = Arc::new(AtomicBool::new(false));

@@ -141,6 +141,8 @@ impl Agent {
         // Wake on any change of the database (an enqueue by another process).
         let mut wake = Wake::new(repo, &crate::wake::agent_keyspaces())?;
         events.serving(me, &o.queues);
+        let mut presence = Presence::new(me, o);
+        presence.beat(repo, true);
         let mut ran = Vec::new();
         loop {
             if o.max_tasks.is_some_and(|m| ran.len() >= m) {
@@ -168,6 +170,7 @@ impl Agent {
             if stop.load(Ordering::Acquire) {
                 break;
             }
+            presence.beat(repo, false);
             if o.triggers {
                 match crate::triggers::process(repo) {
                     Ok(fired) => {
@@ -197,7 +200,9 @@ impl Agent {
                     let every = o.heartbeat_every.min(Duration::from_millis(
                         dsv::task::renew_every_ms(ttl_ms).max(1) as u64,
                     ));
+                    presence.set(repo, dsv::agents::AgentState::Running, Some(t.id.clone()));
                     let done = execute(repo, &self.executors, &t, stop, every, events)?;
+                    presence.set(repo, dsv::agents::AgentState::Idle, None);
                     events.task_finished(&done);
                     ran.push(done.id);
                     wake.drain();
@@ -208,10 +213,58 @@ impl Agent {
                 None => wake.wait(o.idle_wait),
             }
         }
+        presence.set(repo, dsv::agents::AgentState::Stopped, None);
         Ok(AgentReport {
             agent: me.clone(),
             ran,
         })
+    }
+}
+
+/// Longest time between two presence records of an idle agent.
+const PRESENCE_EVERY: Duration = Duration::from_secs(10);
+
+/// This agent's presence record and when it was last written.
+struct Presence {
+    rec: dsv::agents::AgentPresence,
+    written: Option<std::time::Instant>,
+}
+
+impl Presence {
+    fn new(me: &AgentInfo, o: &AgentOptions) -> Self {
+        let now = dsv_store::store::now_ms();
+        Presence {
+            rec: dsv::agents::AgentPresence {
+                agent: me.clone(),
+                queues: o.queues.clone(),
+                triggers: o.triggers,
+                state: dsv::agents::AgentState::Idle,
+                task: None,
+                started_ms: now,
+                beat_ms: now,
+                beat_every_ms: PRESENCE_EVERY.max(o.idle_wait).as_millis() as i64,
+            },
+            written: None,
+        }
+    }
+
+    /// Writes the record when `force`d or due. A failure is only logged:
+    /// the record is informational, the leases decide.
+    fn beat(&mut self, repo: &Repo, force: bool) {
+        if !force && self.written.is_some_and(|w| w.elapsed() < PRESENCE_EVERY) {
+            return;
+        }
+        self.rec.beat_ms = dsv_store::store::now_ms();
+        match repo.agent_beat(&self.rec) {
+            Ok(()) => self.written = Some(std::time::Instant::now()),
+            Err(e) => tracing::warn!("cannot record this agent's presence: {e}"),
+        }
+    }
+
+    fn set(&mut self, repo: &Repo, state: dsv::agents::AgentState, task: Option<String>) {
+        self.rec.state = state;
+        self.rec.task = task;
+        self.beat(repo, true);
     }
 }
 

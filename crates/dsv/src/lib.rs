@@ -22,6 +22,7 @@
 //!
 //! This crate never prints and never reads the environment.
 
+pub mod agents;
 pub mod cache;
 pub mod error;
 pub mod events;

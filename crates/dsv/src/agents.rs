@@ -1,0 +1,106 @@
+//! Agents' presence records: who serves which queues, on which host, what
+//! it runs now, and when it was last heard of (`dsv agent list`). Each
+//! agent writes its own record (`ag/` · agent id) when it starts, when it
+//! takes or ends a task, and at least every idle wait; on a clean exit it
+//! marks the record stopped. A record whose heartbeat is older than its
+//! agent's idle bound by a margin counts as lost (the machine vanished).
+//! Records of stopped or lost agents older than a day are dropped by the
+//! next beat of any agent.
+
+use serde::{Deserialize, Serialize};
+
+use dsv_store::{Batch, Cf};
+
+use crate::error::Result;
+use crate::repo::Repo;
+use crate::task::AgentInfo;
+
+/// Prefix of agent presence records.
+pub const AGENT: &[u8] = b"ag/";
+
+/// How long records of agents gone are kept.
+const KEEP_GONE_MS: i64 = 86_400_000;
+
+/// What an agent is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentState {
+    /// Waiting for work.
+    Idle,
+    /// Running a task.
+    Running,
+    /// Exited cleanly.
+    Stopped,
+}
+
+/// An agent's presence record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentPresence {
+    /// Who.
+    pub agent: AgentInfo,
+    /// The queues it serves.
+    pub queues: Vec<String>,
+    /// Whether it also fires triggers.
+    pub triggers: bool,
+    /// Its state.
+    pub state: AgentState,
+    /// The task it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// When it started, ms.
+    pub started_ms: i64,
+    /// Its last heartbeat, ms.
+    pub beat_ms: i64,
+    /// The longest it stays silent while alive, ms (its idle wait or its
+    /// task heartbeat period, whichever is longer).
+    pub beat_every_ms: i64,
+}
+
+impl AgentPresence {
+    /// Whether the agent is presumed gone at `now_ms`: stopped, or silent
+    /// for three of its beat periods (and at least 30 s).
+    pub fn lost(&self, now_ms: i64) -> bool {
+        self.state != AgentState::Stopped
+            && now_ms - self.beat_ms > (3 * self.beat_every_ms).max(30_000)
+    }
+}
+
+fn key(id: &str) -> Vec<u8> {
+    [AGENT, id.as_bytes()].concat()
+}
+
+impl Repo {
+    /// Writes an agent's presence record (its heartbeat), dropping records
+    /// of agents gone for more than a day.
+    pub fn agent_beat(&self, p: &AgentPresence) -> Result<()> {
+        let value = serde_json::to_vec(p).expect("serializable");
+        let k = key(&p.agent.id);
+        self.write(|kv| {
+            let mut b = Batch::default();
+            kv.scan(Cf::App, AGENT, &mut |key, v| {
+                if let Ok(old) = serde_json::from_slice::<AgentPresence>(v) {
+                    let gone = old.state == AgentState::Stopped || old.lost(p.beat_ms);
+                    if gone && p.beat_ms - old.beat_ms > KEEP_GONE_MS {
+                        b.delete(Cf::App, key.to_vec());
+                    }
+                }
+                Ok(true)
+            })?;
+            b.put(Cf::App, k.clone(), value.clone());
+            Ok((b, ()))
+        })
+    }
+
+    /// Every agent's presence record, by name.
+    pub fn agents(&self) -> Result<Vec<AgentPresence>> {
+        let mut out = Vec::new();
+        self.store().reader().scan(Cf::App, AGENT, &mut |_, v| {
+            if let Ok(p) = serde_json::from_slice::<AgentPresence>(v) {
+                out.push(p);
+            }
+            Ok(true)
+        })?;
+        out.sort_by(|a, b| (&a.agent.name, a.started_ms).cmp(&(&b.agent.name, b.started_ms)));
+        Ok(out)
+    }
+}

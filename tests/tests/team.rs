@@ -1,0 +1,585 @@
+//! Team repositories end to end: PostgreSQL (a throwaway cluster run as an
+//! unprivileged user) for the metadata, a real S3-compatible server (moto)
+//! for the packs, and three "machines" — separate processes with separate
+//! homes, repository folders, caches and credentials:
+//!
+//! 1. the labeling machine creates the team repository and syncs versions;
+//! 2. machine 2 runs `dsv agent --triggers` (it fires the triggers and
+//!    reaps dead tasks, requeueing them) and later an agent on `train`;
+//! 3. machine 3 runs the training agent, in its own UTS namespace (another
+//!    host name, so only its lease tells whether it lives) and reaching the
+//!    object store through a proxy that can cut it off.
+//!
+//! The retraining loop (trigger → clone → train → promote) runs across
+//! them; machine 3 is killed with SIGKILL mid-task (its reads hang behind
+//! the proxy) and the task completes on machine 2. Every version and every
+//! firing happens exactly once, and `fsck --read-data` is clean on every
+//! machine.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use dsv_tests::{dsv_bin, is_root, occupancy_dir, stderr, FaultProxy, PgCluster, S3Server};
+use serde_json::Value;
+
+/// One machine: its own home (credentials), working folder and `.dsv`.
+struct Machine {
+    root: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Machine {
+    fn new(base: &Path, name: &str, env: &[(&str, &str)]) -> Self {
+        let root = base.join(name);
+        std::fs::create_dir_all(root.join("home")).unwrap();
+        let mut all: Vec<(String, String)> = vec![
+            ("HOME".into(), root.join("home").display().to_string()),
+            ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
+        ];
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Machine { root, env: all }
+    }
+
+    fn repo(&self) -> PathBuf {
+        self.root.join("repo")
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(dsv_bin());
+        c.args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DSV_REPO", self.repo())
+            .current_dir(&self.root);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("dsv runs")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "dsv {args:?} failed: {}{}",
+            stderr(&o),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+
+    fn spawn(&self, args: &[&str], log: &str) -> Child {
+        let f = std::fs::File::create(self.root.join(log)).unwrap();
+        self.cmd(args)
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("dsv starts")
+    }
+
+    /// `dsv ARGS` as a process in a new UTS namespace named `host` (when
+    /// root; otherwise on this host).
+    fn spawn_as_host(&self, host: &str, args: &[&str], log: &str) -> Child {
+        if !is_root() {
+            return self.spawn(args, log);
+        }
+        let f = std::fs::File::create(self.root.join(log)).unwrap();
+        let mut script = format!("hostname {host} && exec {}", dsv_bin().display());
+        for a in args {
+            script.push_str(&format!(" '{a}'"));
+        }
+        let mut c = Command::new("unshare");
+        c.args(["--uts", "sh", "-c", &script])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DSV_REPO", self.repo())
+            .current_dir(&self.root)
+            .stdout(f.try_clone().unwrap())
+            .stderr(f);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c.spawn().expect("unshare starts")
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.root.join(name)).unwrap_or_default()
+    }
+}
+
+/// Polls `f` until it returns `Some` (at most `limit`).
+fn until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn stop(mut c: Child) {
+    // SIGTERM: agents finish cleanly.
+    let _ = Command::new("kill").arg(c.id().to_string()).status();
+    let _ = c.wait();
+}
+
+fn tasks_of(m: &Machine) -> Vec<Value> {
+    m.json(&["task", "list", "--project", "sensors"])
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn the_retraining_loop_runs_across_three_machines_and_survives_a_killed_agent() {
+    let pg = PgCluster::start();
+    pg.create_db("team");
+    let s3 = S3Server::start();
+    s3.bucket("team");
+    // Machine 3 reaches the object store through a proxy that can hang.
+    let proxy = FaultProxy::start(s3.port, 0, 0);
+    let tmp = tempfile::tempdir().unwrap();
+    let url = pg.url("team");
+
+    // Three ways to give the password: PGPASSWORD, ~/.pgpass, PGPASSFILE.
+    let m1 = Machine::new(tmp.path(), "m1", &[("PGPASSWORD", PgCluster::PASSWORD)]);
+    let m2 = Machine::new(tmp.path(), "m2", &[]);
+    let pgpass = format!("127.0.0.1:{}:team:dsv:{}\n", pg.port, PgCluster::PASSWORD);
+    let m2_pgpass = m2.root.join("home/.pgpass");
+    std::fs::write(&m2_pgpass, &pgpass).unwrap();
+    let m3_pass = tmp.path().join("m3-pgpass");
+    std::fs::write(&m3_pass, &pgpass).unwrap();
+    let m3 = Machine::new(
+        tmp.path(),
+        "m3",
+        &[("PGPASSFILE", m3_pass.to_str().unwrap())],
+    );
+
+    // Machine 1 creates the team repository.
+    let objects = "s3://team/loop";
+    m1.ok(&[
+        "init",
+        m1.repo().to_str().unwrap(),
+        "--metadata",
+        &url,
+        "--objects",
+        objects,
+        "--endpoint",
+        &s3.endpoint(),
+    ]);
+    let team = std::fs::read_to_string(m1.repo().join(".dsv/team.json")).unwrap();
+    assert!(
+        !team.contains(PgCluster::PASSWORD),
+        "a secret was stored: {team}"
+    );
+    // A second init on the same database or bucket is refused.
+    let again = m2.run(&[
+        "init",
+        m2.root.join("other").to_str().unwrap(),
+        "--metadata",
+        &url,
+        "--objects",
+        "s3://team/elsewhere",
+        "--endpoint",
+        &s3.endpoint(),
+    ]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("dsv connect"), "{}", stderr(&again));
+
+    // Machines 2 and 3 attach; machine 3 at the proxy's address.
+    m2.ok(&["connect", "--metadata", &url, m2.repo().to_str().unwrap()]);
+    m3.ok(&[
+        "connect",
+        "--metadata",
+        &url,
+        "--objects",
+        objects,
+        "--endpoint",
+        &proxy.endpoint(),
+        m3.repo().to_str().unwrap(),
+    ]);
+
+    // The evaluation data, the training task and the triggers (machine 1).
+    let data = occupancy_dir();
+    let eval = m1.root.join("eval");
+    std::fs::create_dir_all(&eval).unwrap();
+    std::fs::copy(data.join("datatest.txt"), eval.join("datatest.txt")).unwrap();
+    m1.ok(&[
+        "-q",
+        "dataset",
+        "sync",
+        "sensors/occupancy-eval",
+        eval.to_str().unwrap(),
+    ]);
+    let base = m1.ok(&[
+        "task",
+        "create",
+        "sensors/occupancy-model",
+        "--trainer",
+        "logistic",
+        "--set",
+        "General/dataset_id=sensors/occupancy",
+        "--set",
+        "General/test_dataset_id=sensors/occupancy-eval",
+        "--set",
+        "General/label=Occupancy",
+        "--set",
+        "General/features=Temperature,Humidity,Light,CO2,HumidityRatio",
+    ]);
+    m1.ok(&[
+        "trigger",
+        "add",
+        "dataset",
+        "retrain",
+        "--project",
+        "sensors",
+        "--dataset",
+        "occupancy",
+        "--tag",
+        "reviewed",
+        "--clone",
+        &base,
+        "--set",
+        "General/dataset_id=${dataset.id}",
+        "--queue",
+        "train",
+    ]);
+    m1.ok(&[
+        "trigger",
+        "add",
+        "task",
+        "promote",
+        "--project",
+        "sensors",
+        "--status",
+        "completed",
+        "--promote",
+        "test/accuracy",
+    ]);
+
+    // Machine 2 fires triggers and reaps (requeueing); machine 3 trains.
+    let m2_triggers = m2.spawn(
+        &[
+            "agent",
+            "--triggers",
+            "--queue",
+            "maintenance",
+            "--requeue-dead",
+        ],
+        "triggers.log",
+    );
+    let m3_agent = m3.spawn_as_host(
+        "machine3",
+        &[
+            "agent",
+            "--queue",
+            "train",
+            "--lease-ttl",
+            "3",
+            "--name",
+            "m3-trainer",
+        ],
+        "agent.log",
+    );
+    until("both agents listed", Duration::from_secs(60), || {
+        let agents = m1.json(&["agent", "list"]);
+        let names: Vec<String> = agents
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["name"].as_str().unwrap().to_string())
+            .collect();
+        names.iter().any(|n| n == "m3-trainer").then_some(())?;
+        (names.len() >= 2).then_some(())
+    });
+
+    // Version 1 on machine 1: trained on machine 3, promoted.
+    let labels = m1.root.join("labels");
+    std::fs::create_dir_all(&labels).unwrap();
+    std::fs::copy(
+        data.join("datatraining.txt"),
+        labels.join("datatraining.txt"),
+    )
+    .unwrap();
+    m1.ok(&[
+        "-q",
+        "dataset",
+        "sync",
+        "sensors/occupancy",
+        labels.to_str().unwrap(),
+        "--tag",
+        "reviewed",
+    ]);
+    let first = until(
+        "the first model in production",
+        Duration::from_secs(120),
+        || {
+            let models = m1.json(&["model", "list", "--tag", "production"]);
+            models.as_array().unwrap().first().cloned()
+        },
+    );
+    let t1 = first["task"].as_str().unwrap().to_string();
+    let t1_rec = m1.json(&["task", "show", &t1]);
+    assert_eq!(t1_rec["status"], "completed");
+    if is_root() {
+        assert_eq!(t1_rec["agent"]["host"], "machine3", "{t1_rec}");
+    }
+
+    // Version 2 on machine 1, while machine 3 is cut off from the object
+    // store: it takes the task and hangs reading the new data.
+    proxy.hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    std::fs::copy(data.join("datatest2.txt"), labels.join("datatest2.txt")).unwrap();
+    m1.ok(&[
+        "-q",
+        "dataset",
+        "sync",
+        "sensors/occupancy",
+        labels.to_str().unwrap(),
+        "--tag",
+        "reviewed",
+    ]);
+    let t2 = until(
+        "machine 3 running the second task",
+        Duration::from_secs(120),
+        || {
+            tasks_of(&m1).into_iter().find_map(|t| {
+                let id = t["id"].as_str()?.to_string();
+                (id != t1 && t["status"] == "running").then_some(id)
+            })
+        },
+    );
+    let running = m1.json(&["task", "show", &t2]);
+    assert_eq!(running["agent"]["name"], "m3-trainer", "{running}");
+    // SIGKILL: no goodbye, no lease release.
+    let mut m3_agent = m3_agent;
+    m3_agent.kill().unwrap();
+    m3_agent.wait().unwrap();
+
+    // Machine 2's reaper requeues it once the lease lapses; an agent on
+    // machine 2 completes it.
+    let m2_agent = m2.spawn(
+        &["agent", "--queue", "train", "--name", "m2-trainer"],
+        "agent.log",
+    );
+    let done = until(
+        "the second task completed on machine 2",
+        Duration::from_secs(180),
+        || {
+            let t = m1.json(&["task", "show", &t2]);
+            (t["status"] == "completed").then_some(t)
+        },
+    );
+    assert_eq!(done["agent"]["name"], "m2-trainer", "{done}");
+    // The promotion gate judged it (promoted or kept the better one).
+    let model2 = until("the second task's model", Duration::from_secs(30), || {
+        m1.json(&["model", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["task"] == t2.as_str())
+            .map(|m| m["id"].as_str().unwrap().to_string())
+    });
+    let start = Instant::now();
+    loop {
+        let h = m1.json(&["trigger", "history", "promote"]);
+        if h.as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["model"] == model2.as_str())
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no gate decision on {t2}: {h}\nevents: {}\ntriggers.log: {}",
+            m1.ok(&["events"]),
+            m2.log("triggers.log")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop(m2_agent);
+    stop(m2_triggers);
+
+    // Exactly once: one firing per version, one task per firing, two
+    // versions.
+    let versions = m1.json(&["dataset", "list", "sensors/occupancy"]);
+    let versions = versions.as_array().unwrap();
+    assert_eq!(versions.len(), 2, "{versions:?}");
+    let fired = m1.json(&["trigger", "history", "retrain"]);
+    let fired = fired.as_array().unwrap();
+    assert_eq!(fired.len(), 2, "{fired:?}");
+    let mut subjects: Vec<&str> = fired
+        .iter()
+        .map(|f| f["subject"].as_str().unwrap())
+        .collect();
+    subjects.sort();
+    subjects.dedup();
+    assert_eq!(subjects.len(), 2, "a version fired twice: {fired:?}");
+    let launched: Vec<Value> = tasks_of(&m1)
+        .into_iter()
+        .filter(|t| t["id"].as_str() != Some(base.as_str()))
+        .collect();
+    assert_eq!(launched.len(), 2, "{launched:?}");
+    assert!(
+        launched.iter().all(|t| t["status"] == "completed"),
+        "{launched:?}"
+    );
+    // The second task's model was judged once.
+    let gate = m1.json(&["trigger", "history", "promote"]);
+    let judged = gate
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["model"] == model2.as_str())
+        .count();
+    assert_eq!(judged, 1, "{gate}");
+
+    // Every machine sees the agents; machine 3's is not "stopped".
+    let agents = m2.json(&["agent", "list"]);
+    let m3_row = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "m3-trainer")
+        .cloned()
+        .expect("machine 3's agent listed");
+    assert_ne!(m3_row["state"], "stopped", "{m3_row}");
+    assert!(agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["name"] == "m2-trainer" && a["state"] == "stopped"));
+
+    // Every machine reads everything back, checked.
+    proxy.hold.store(false, std::sync::atomic::Ordering::SeqCst);
+    for m in [&m1, &m2] {
+        let report = m.json(&["fsck", "--read-data"]);
+        assert_eq!(report["ok"], true, "{report}");
+    }
+    let cat = m2.run(&["dataset", "cat", "sensors/occupancy", "datatest2.txt"]);
+    assert!(cat.status.success(), "{}", stderr(&cat));
+    assert_eq!(
+        cat.stdout,
+        std::fs::read(data.join("datatest2.txt")).unwrap()
+    );
+    // gc is refused, not run on a partial view.
+    let gc = m2.run(&["gc"]);
+    assert!(!gc.status.success());
+    assert!(stderr(&gc).contains("team repository"), "{}", stderr(&gc));
+    let _ = (m1.log("x"), m3.log("agent.log"));
+}
+
+#[test]
+fn bad_team_addresses_and_credentials_are_named_and_create_nothing() {
+    let pg = PgCluster::start();
+    pg.create_db("t");
+    let s3 = S3Server::start();
+    s3.bucket("bkt");
+    let tmp = tempfile::tempdir().unwrap();
+    let m = Machine::new(tmp.path(), "m", &[("PGPASSWORD", "wrong")]);
+    let target = m.root.join("r");
+    let init = |m: &Machine, url: &str, objects: &str| {
+        m.run(&[
+            "init",
+            target.to_str().unwrap(),
+            "--metadata",
+            url,
+            "--objects",
+            objects,
+            "--endpoint",
+            &s3.endpoint(),
+        ])
+    };
+    // Wrong password: named, the password never printed, nothing created.
+    let o = init(&m, &pg.url("t"), "s3://bkt/x");
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("refused the credentials"), "{e}");
+    assert!(e.contains(&format!("127.0.0.1:{}/t", pg.port)), "{e}");
+    assert!(!e.contains("wrong"), "{e}");
+    assert!(!target.exists());
+    // Nothing listens there.
+    let m = Machine::new(tmp.path(), "m2", &[("PGPASSWORD", PgCluster::PASSWORD)]);
+    let dead = format!("postgres://dsv@127.0.0.1:{}/t", dsv_tests::free_port());
+    let o = init(&m, &dead, "s3://bkt/x");
+    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("127.0.0.1"), "{}", stderr(&o));
+    assert!(!target.exists());
+    // A missing bucket.
+    let o = init(&m, &pg.url("t"), "s3://nobucket/x");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("nobucket"), "{}", stderr(&o));
+    assert!(!target.exists());
+    // Connecting to a database without a team repository.
+    let o = m.run(&[
+        "connect",
+        "--metadata",
+        &pg.url("t"),
+        target.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("holds no team repository"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!target.exists());
+    // A schema from a newer dsv is refused before anything is read.
+    m.ok(&[
+        "init",
+        target.to_str().unwrap(),
+        "--metadata",
+        &pg.url("t"),
+        "--objects",
+        "s3://bkt/x",
+        "--endpoint",
+        &s3.endpoint(),
+    ]);
+    let o = pg.psql(
+        "t",
+        "INSERT INTO dsv_schema (version, written_by) VALUES (7, 'dsv 9')",
+    );
+    assert!(o.status.success());
+    let mut c = m.cmd(&["dataset", "list"]);
+    c.env("DSV_REPO", &target);
+    let o = c.output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("schema"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unsupported format version 7"),
+        "{}",
+        stderr(&o)
+    );
+    // The database down: a clear error, exit code 2; back up: works.
+    let o = pg.psql("t", "DELETE FROM dsv_schema WHERE version = 7");
+    assert!(o.status.success());
+    pg.stop();
+    let mut c = m.cmd(&["dataset", "list"]);
+    c.env("DSV_REPO", &target);
+    let o = c.output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("127.0.0.1:{}", pg.port)),
+        "{}",
+        stderr(&o)
+    );
+    pg.restart();
+    let mut c = m.cmd(&["dataset", "list"]);
+    c.env("DSV_REPO", &target);
+    assert!(c.output().unwrap().status.success());
+}
