@@ -201,7 +201,9 @@ fn the_retraining_loop_runs_across_three_machines_and_survives_a_killed_agent() 
     assert!(stderr(&again).contains("dsv connect"), "{}", stderr(&again));
 
     // Machines 2 and 3 attach; machine 3 at the proxy's address.
-    m2.ok(&["connect", "--metadata", &url, m2.repo().to_str().unwrap()]);
+    let attached = m2.json(&["connect", "--metadata", &url, m2.repo().to_str().unwrap()]);
+    assert_eq!(attached["objects"], objects, "{attached}");
+    assert!(!attached.to_string().contains(PgCluster::PASSWORD));
     m3.ok(&[
         "connect",
         "--metadata",
@@ -582,4 +584,109 @@ fn bad_team_addresses_and_credentials_are_named_and_create_nothing() {
     let mut c = m.cmd(&["dataset", "list"]);
     c.env("DSV_REPO", &target);
     assert!(c.output().unwrap().status.success());
+}
+
+#[test]
+fn an_embedded_repository_graduates_into_a_team_with_its_history() {
+    let pg = PgCluster::start();
+    pg.create_db("grad");
+    let s3 = S3Server::start();
+    s3.bucket("grad");
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = Machine::new(tmp.path(), "lab", &[("PGPASSWORD", PgCluster::PASSWORD)]);
+    let url = pg.url("grad");
+    lab.ok(&[
+        "init",
+        lab.root.join("team").to_str().unwrap(),
+        "--metadata",
+        &url,
+        "--objects",
+        "s3://grad/t",
+        "--endpoint",
+        &s3.endpoint(),
+    ]);
+    // An embedded repository with two versions and a model.
+    let emb = lab.root.join("embedded");
+    lab.ok(&["init", emb.to_str().unwrap()]);
+    let e = |args: &[&str]| {
+        let mut c = lab.cmd(args);
+        c.env("DSV_REPO", &emb);
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "dsv {args:?}: {}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let data = occupancy_dir();
+    let d = lab.root.join("d");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(data.join("datatraining.txt"), d.join("datatraining.txt")).unwrap();
+    e(&[
+        "-q",
+        "dataset",
+        "sync",
+        "occ/data",
+        d.to_str().unwrap(),
+        "--tag",
+        "reviewed",
+    ]);
+    std::fs::copy(data.join("datatest.txt"), d.join("datatest.txt")).unwrap();
+    e(&["-q", "dataset", "sync", "occ/data", d.to_str().unwrap()]);
+    let task = e(&[
+        "task",
+        "create",
+        "occ/m",
+        "--trainer",
+        "logistic",
+        "--set",
+        "General/dataset_id=occ/data",
+        "--set",
+        "General/label=Occupancy",
+        "--set",
+        "General/features=Temperature,Humidity,Light,CO2,HumidityRatio",
+    ]);
+    e(&["-q", "task", "run", &task]);
+    let before: Value =
+        serde_json::from_str(&e(&["--json", "dataset", "list", "occ/data"])).unwrap();
+    let models: Value = serde_json::from_str(&e(&["--json", "model", "list"])).unwrap();
+
+    let out: Value = serde_json::from_str(&e(&["--json", "push", &url, "occ/data"])).unwrap();
+    assert_eq!(out["versions_added"], 2, "{out}");
+    assert_eq!(out["models_added"], 1, "{out}");
+    // Nothing of the staging is left behind.
+    assert!(!std::fs::read_dir(emb.join(".dsv")).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("graduate-")));
+
+    // Another machine sees the same history (same ids, tags) and reads it.
+    let other = Machine::new(tmp.path(), "other", &[("PGPASSWORD", PgCluster::PASSWORD)]);
+    other.ok(&[
+        "connect",
+        "--metadata",
+        &url,
+        other.repo().to_str().unwrap(),
+    ]);
+    let after = other.json(&["dataset", "list", "occ/data"]);
+    let ids = |v: &Value| -> Vec<(String, String)> {
+        let mut x: Vec<(String, String)> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["id"].to_string(), r["tags"].to_string()))
+            .collect();
+        x.sort();
+        x
+    };
+    assert_eq!(ids(&before), ids(&after));
+    let team_models = other.json(&["model", "list"]);
+    assert_eq!(team_models[0]["id"], models[0]["id"], "{team_models}");
+    let cat = other.run(&["dataset", "cat", "occ/data@1.0.1", "datatest.txt"]);
+    assert_eq!(
+        cat.stdout,
+        std::fs::read(data.join("datatest.txt")).unwrap()
+    );
+    assert_eq!(other.json(&["fsck", "--read-data"])["ok"], true);
+    // Pushing again adds nothing.
+    let again: Value = serde_json::from_str(&e(&["--json", "push", &url, "occ/data"])).unwrap();
+    assert_eq!(again["versions_added"], 0, "{again}");
 }

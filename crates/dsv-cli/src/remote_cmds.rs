@@ -601,7 +601,15 @@ pub fn sync_and_push(
 /// `dsv push`.
 pub fn push(ctx: &Ctx, a: PushArgs) -> Result<(), CliError> {
     let repo = repo::open_repo(ctx)?;
-    let (name, rest) = pick_remote(&repo, &a.args)?;
+    let team_url = a
+        .args
+        .first()
+        .filter(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"))
+        .cloned();
+    let (name, rest) = match &team_url {
+        Some(_) => (String::new(), a.args[1..].to_vec()),
+        None => pick_remote(&repo, &a.args)?,
+    };
     let mut targets = Vec::new();
     if rest.is_empty() {
         for ds in repo.datasets()? {
@@ -620,9 +628,44 @@ pub fn push(ctx: &Ctx, a: PushArgs) -> Result<(), CliError> {
         let v = repo.resolve(t)?;
         targets.push(PushTarget::Version(v.dataset.clone(), v.id));
     }
+    if let Some(url) = team_url {
+        return graduate(ctx, &repo, &url, &targets);
+    }
     if let Some(doc) = push_with(ctx, &repo, &name, &targets, a.abort_after_uploads)? {
         output::json(&doc)?;
     }
+    Ok(())
+}
+
+/// `dsv push postgres://…`: datasets and their models into a team
+/// repository, with their whole history.
+fn graduate(ctx: &Ctx, repo: &Repo, url: &str, targets: &[PushTarget]) -> Result<(), CliError> {
+    let bars = Bars::new(ctx.progress);
+    let staging = repo
+        .store()
+        .dir()
+        .join(format!("graduate-{}", std::process::id()));
+    let opts = crate::team::team_options(ctx, &staging.join("machine/.dsv"), url);
+    let r = dsv_remote::team::graduate(repo, targets, url, &opts, &staging, &bars)?;
+    let versions: usize = r.fetch.datasets.iter().map(|d| d.imported.len()).sum();
+    if ctx.json {
+        return output::json(&json!({
+            "metadata": r.metadata,
+            "datasets": r.push.datasets.iter().map(|d| d.dataset.clone()).collect::<Vec<_>>(),
+            "versions_added": versions,
+            "models_added": r.fetch.models.len(),
+            "chunks_stored": r.fetch.chunks,
+            "chunk_bytes": r.fetch.chunk_bytes,
+        }));
+    }
+    println!(
+        "graduated {} dataset(s) into the team repository at {}: {versions} version(s) added, {} model(s), {} chunk(s) ({}) stored on its object store",
+        r.push.datasets.len(),
+        r.metadata,
+        r.fetch.models.len(),
+        r.fetch.chunks,
+        output::bytes(r.fetch.chunk_bytes)
+    );
     Ok(())
 }
 

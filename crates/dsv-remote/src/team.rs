@@ -419,3 +419,78 @@ impl ChunkSource for SharedPacks {
         self.fetch(kv, ids).map(|_| ())
     }
 }
+
+/// What [`graduate`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct GraduateReport {
+    /// The team's database (no password).
+    pub metadata: String,
+    /// The push out of the embedded repository (datasets, versions,
+    /// models sent).
+    pub push: crate::PushReport,
+    /// The fetch into the team repository (versions and models it gained,
+    /// chunks it stored).
+    pub fetch: crate::FetchReport,
+}
+
+/// `dsv push postgres://…`: graduates datasets (with every version, their
+/// parents, tags and metadata) and the models trained on them from the
+/// embedded repository `repo` into the team repository at `metadata_url`,
+/// without losing history: version ids stay the same, and the data goes
+/// to the team's object store before the team's metadata names it.
+///
+/// It runs the git-style transfer both repositories already speak: a push
+/// into a staging remote in `staging` (a local folder, removed afterwards),
+/// then a full fetch of it into the team repository through a temporary
+/// machine folder. Tasks, events and triggers of the embedded repository
+/// stay there.
+pub fn graduate(
+    repo: &Repo,
+    targets: &[crate::PushTarget],
+    metadata_url: &str,
+    o: &TeamOptions,
+    staging: &Path,
+    progress: &dyn crate::Progress,
+) -> Result<GraduateReport> {
+    if repo.store().pack_storage().is_some() {
+        return Err(Error::Repo(dsv::Error::Store(dsv_store::Error::Invalid(
+            "this is a team repository already; push to a remote, or graduate from an embedded one"
+                .into(),
+        ))));
+    }
+    std::fs::create_dir_all(staging).map_err(|e| dsv_store::Error::io("create", staging, e))?;
+    let name = format!("graduate-{:016x}", rand::random::<u64>());
+    let rec = RemoteRecord {
+        url: staging.join("remote").display().to_string(),
+        endpoint: None,
+        region: None,
+        lazy: false,
+        primary: false,
+        added_ms: dsv_store::store::now_ms(),
+    };
+    let run = || -> Result<GraduateReport> {
+        let team = connect(&staging.join("machine"), metadata_url, None, o)?;
+        crate::ops::add_remote(repo, &name, rec.clone(), &o.connect, false)?;
+        let pushed = crate::ops::push(repo, &name, targets, &o.connect, progress);
+        let _ = crate::ops::remove_remote(repo, &name);
+        let push = pushed?;
+        crate::ops::add_remote(&team, &name, rec.clone(), &o.connect, false)?;
+        let fetched = crate::ops::fetch(
+            &team,
+            &name,
+            crate::FetchMode::Full,
+            None,
+            &o.connect,
+            progress,
+        );
+        let _ = crate::ops::remove_remote(&team, &name);
+        Ok(GraduateReport {
+            metadata: without_password(metadata_url),
+            push,
+            fetch: fetched?,
+        })
+    };
+    let out = run();
+    let _ = std::fs::remove_dir_all(staging);
+    out
+}
