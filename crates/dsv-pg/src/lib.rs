@@ -241,7 +241,7 @@ impl std::fmt::Debug for PgKv {
 }
 
 /// Key of the advisory lock that serializes schema migrations.
-const MIGRATION_LOCK: i64 = 0x6473_765f_6d69_67;
+const MIGRATION_LOCK: i64 = 0x0064_7376_5f6d_6967;
 
 /// The migrations, in order: migration `i` brings the schema to version
 /// `i + 1`.

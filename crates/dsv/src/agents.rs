@@ -15,8 +15,7 @@ use crate::error::Result;
 use crate::repo::Repo;
 use crate::task::AgentInfo;
 
-/// Prefix of agent presence records.
-pub const AGENT: &[u8] = b"ag/";
+use crate::keys::AGENT;
 
 /// How long records of agents gone are kept.
 const KEEP_GONE_MS: i64 = 86_400_000;

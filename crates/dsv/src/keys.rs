@@ -22,6 +22,7 @@
 //! | `tp/` · project · 0x00 · created ms u64 BE · task id | empty: tasks by project, oldest first |
 //! | `mp/` · project · 0x00 · created ms u64 BE · model id | empty: models by project, oldest first |
 //! | `mt/` · tag · 0x00 · created ms u64 BE · model id | empty: models by tag, oldest first |
+//! | `ag/` · agent id (32 hex) | [`AgentPresence`](crate::agents::AgentPresence) |
 //!
 //! The four secondary indexes (`ts/`, `tp/`, `mp/`, `mt/`) are written in
 //! the same batch as the record they index, by one function per record
@@ -52,6 +53,9 @@ pub const DRAFT: &[u8] = b"dr/";
 pub const EVENT: &[u8] = b"ev/";
 /// The event sequence counter.
 pub const EVENT_SEQ: &[u8] = b"sq/events";
+
+/// Prefix of agent presence records.
+pub const AGENT: &[u8] = b"ag/";
 
 /// Prefix of tasks.
 pub const TASK: &[u8] = b"tk/";
