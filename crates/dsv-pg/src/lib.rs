@@ -28,7 +28,7 @@ use std::time::Duration;
 use dsv_store::kv::{Backend, Batch, Cf, KvRead, Op, TxnBody, Visitor, ALL_CFS};
 use dsv_store::{Error, Result};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Statement};
 
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: i32 = 1;
@@ -149,7 +149,7 @@ struct Shared {
     rt: tokio::runtime::Runtime,
     config: tokio_postgres::Config,
     at: String,
-    idle: Mutex<Vec<Client>>,
+    idle: Mutex<Vec<Conn>>,
     lock_timeout_ms: u64,
 }
 
@@ -172,7 +172,7 @@ impl Shared {
 
     /// Connects, retrying with backoff (100 ms, 400 ms, 1.6 s) while the
     /// server is unreachable; refused credentials fail at once.
-    fn connect(&self) -> Result<Client> {
+    fn connect(&self) -> Result<Conn> {
         self.rt.block_on(async {
             let mut delay = Duration::from_millis(100);
             let mut tries = 0;
@@ -185,7 +185,7 @@ impl Shared {
                                 tracing::debug!("PostgreSQL connection ended: {e}");
                             }
                         });
-                        return Ok(client);
+                        return Ok(Conn::new(client));
                     }
                     Err(Error::Unavailable(m))
                         if tries < CONNECT_TRIES && !m.contains("refused the credentials") =>
@@ -200,7 +200,7 @@ impl Shared {
         })
     }
 
-    fn checkout(&self) -> Result<Client> {
+    fn checkout(&self) -> Result<Conn> {
         loop {
             let c = self.idle.lock().map_err(|_| poisoned())?.pop();
             match c {
@@ -211,7 +211,7 @@ impl Shared {
         }
     }
 
-    fn give_back(&self, c: Client) {
+    fn give_back(&self, c: Conn) {
         if !c.is_closed() {
             if let Ok(mut idle) = self.idle.lock() {
                 if idle.len() < 16 {
@@ -226,9 +226,48 @@ fn poisoned() -> Error {
     Error::Kv("PostgreSQL connection pool lock poisoned".into())
 }
 
+/// A connection and its prepared statements (each query text is parsed
+/// once per connection, not once per call: a read is one round trip).
+struct Conn {
+    client: Client,
+    stmts: Mutex<std::collections::HashMap<&'static str, Statement>>,
+}
+
+impl std::ops::Deref for Conn {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl Conn {
+    fn new(client: Client) -> Self {
+        Conn {
+            client,
+            stmts: Mutex::new(Default::default()),
+        }
+    }
+
+    async fn stmt(
+        &self,
+        sql: &'static str,
+    ) -> std::result::Result<Statement, tokio_postgres::Error> {
+        if let Some(s) = self.stmts.lock().ok().and_then(|m| m.get(sql).cloned()) {
+            return Ok(s);
+        }
+        let s = self.client.prepare(sql).await?;
+        if let Ok(mut m) = self.stmts.lock() {
+            m.insert(sql, s.clone());
+        }
+        Ok(s)
+    }
+}
+
 /// A PostgreSQL database holding one repository's metadata.
 pub struct PgKv {
     shared: Arc<Shared>,
+    /// When a transaction last failed on a conflict, ms.
+    last_conflict_ms: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for PgKv {
@@ -297,6 +336,18 @@ impl PgKv {
                 .as_millis() as u64,
         });
         let c = shared.checkout()?;
+        // Fast path (every command): the schema is there and current.
+        let current = shared.rt.block_on(async {
+            c.query_opt("SELECT max(version) FROM dsv_schema", &[])
+                .await
+                .ok()
+                .flatten()
+                .and_then(|r| r.get::<_, Option<i32>>(0))
+        });
+        if current == Some(SCHEMA_VERSION) {
+            shared.give_back(c);
+            return Ok(Self::new(shared));
+        }
         shared.rt.block_on(async {
             let e = |what: &'static str| {
                 let at = at.clone();
@@ -338,7 +389,14 @@ impl PgKv {
             Ok(())
         })?;
         shared.give_back(c);
-        Ok(Self { shared })
+        Ok(Self::new(shared))
+    }
+
+    fn new(shared: Arc<Shared>) -> Self {
+        PgKv {
+            shared,
+            last_conflict_ms: std::sync::atomic::AtomicI64::new(i64::MIN / 2),
+        }
     }
 
     /// The database, as errors name it (no password).
@@ -363,15 +421,24 @@ impl PgKv {
 /// Reads on one connection inside a transaction.
 struct TxnReader<'a> {
     shared: &'a Shared,
-    client: &'a Client,
+    client: &'a Conn,
 }
 
 impl TxnReader<'_> {
-    fn rows(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn rows(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         self.shared.rt.block_on(async {
+            let stmt = self
+                .client
+                .stmt(sql)
+                .await
+                .map_err(|e| map_err(&self.shared.at, "prepare", e))?;
             let rows = self
                 .client
-                .query(sql, params)
+                .query(&stmt, params)
                 .await
                 .map_err(|e| map_err(&self.shared.at, "read", e))?;
             Ok(rows
@@ -471,7 +538,7 @@ impl KvRead for TxnReader<'_> {
 /// own connection, ended when dropped.
 struct PgView {
     shared: Arc<Shared>,
-    client: Option<Client>,
+    client: Option<Conn>,
 }
 
 impl KvRead for PgView {
@@ -525,7 +592,7 @@ impl Drop for PgView {
     }
 }
 
-fn exec(shared: &Shared, c: &Client, sql: &str, what: &str) -> Result<()> {
+fn exec(shared: &Shared, c: &Conn, sql: &str, what: &str) -> Result<()> {
     shared
         .rt
         .block_on(c.batch_execute(sql))
@@ -580,44 +647,75 @@ impl PgKv {
             if batch.is_empty() {
                 return Ok(false);
             }
+            // The keyspace counters this batch bumps, read in one query.
+            let mut counters: Vec<Vec<u8>> = Vec::new();
+            for op in &batch.ops {
+                let (Op::Put(cf, k, _) | Op::Delete(cf, k)) = op;
+                if let Some(ks) = dsv_store::txn::keyspace_of(*cf, k) {
+                    counters.push(dsv_store::txn::keyspace_counter_key(&ks));
+                }
+            }
+            counters.sort();
+            counters.dedup();
+            let at = &shared.at;
+            let current: std::collections::HashMap<Vec<u8>, u64> = shared.rt.block_on(async {
+                let stmt = c
+                    .stmt("SELECT k, v FROM dsv_kv WHERE cf = $1 AND k = ANY($2::bytea[])")
+                    .await
+                    .map_err(|e| map_err(at, "prepare", e))?;
+                let rows = c
+                    .query(&stmt, &[&cf_code(Cf::Meta), &counters])
+                    .await
+                    .map_err(|e| map_err(at, "read counters", e))?;
+                Ok::<_, Error>(
+                    rows.into_iter()
+                        .map(|r| {
+                            let v: Vec<u8> = r.get(1);
+                            let n = v.try_into().map(u64::from_le_bytes).unwrap_or(0);
+                            (r.get::<_, Vec<u8>>(0), n)
+                        })
+                        .collect(),
+                )
+            })?;
             dsv_store::txn::seal(&mut batch, &mut |k| {
-                Ok(reader
-                    .get(Cf::Meta, k)?
-                    .and_then(|v| v.try_into().ok())
-                    .map(u64::from_le_bytes)
-                    .unwrap_or(0))
+                Ok(current.get(k).copied().unwrap_or(0))
             })?;
             let (puts, dels) = coalesce(batch);
-            let at = &shared.at;
             shared.rt.block_on(async {
-                if !puts.is_empty() {
-                    let cfs: Vec<i16> = puts.iter().map(|p| p.0).collect();
-                    let ks: Vec<&[u8]> = puts.iter().map(|p| p.1.as_slice()).collect();
-                    let vs: Vec<&[u8]> = puts.iter().map(|p| p.2.as_slice()).collect();
-                    c.execute(
+                let (up, del, notify) = futures::try_join!(
+                    c.stmt(
                         "INSERT INTO dsv_kv (cf, k, v) \
                          SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::bytea[]) \
-                         ON CONFLICT (cf, k) DO UPDATE SET v = EXCLUDED.v",
-                        &[&cfs, &ks, &vs],
-                    )
-                    .await
-                    .map_err(|e| map_err(at, "write", e))?;
-                }
-                if !dels.is_empty() {
-                    let cfs: Vec<i16> = dels.iter().map(|p| p.0).collect();
-                    let ks: Vec<&[u8]> = dels.iter().map(|p| p.1.as_slice()).collect();
-                    c.execute(
+                         ON CONFLICT (cf, k) DO UPDATE SET v = EXCLUDED.v"
+                    ),
+                    c.stmt(
                         "DELETE FROM dsv_kv USING unnest($1::smallint[], $2::bytea[]) AS d(cf, k) \
-                         WHERE dsv_kv.cf = d.cf AND dsv_kv.k = d.k",
-                        &[&cfs, &ks],
-                    )
-                    .await
-                    .map_err(|e| map_err(at, "delete", e))?;
-                }
-                // Delivered at commit, to every listening machine.
-                c.execute("SELECT pg_notify($1, '')", &[&CHANNEL])
-                    .await
-                    .map_err(|e| map_err(at, "notify", e))?;
+                         WHERE dsv_kv.cf = d.cf AND dsv_kv.k = d.k"
+                    ),
+                    c.stmt("SELECT pg_notify($1, '')"),
+                )
+                .map_err(|e| map_err(at, "prepare", e))?;
+                let pcfs: Vec<i16> = puts.iter().map(|p| p.0).collect();
+                let pks: Vec<&[u8]> = puts.iter().map(|p| p.1.as_slice()).collect();
+                let pvs: Vec<&[u8]> = puts.iter().map(|p| p.2.as_slice()).collect();
+                let dcfs: Vec<i16> = dels.iter().map(|p| p.0).collect();
+                let dks: Vec<&[u8]> = dels.iter().map(|p| p.1.as_slice()).collect();
+                // Pipelined: one round trip for the writes and the
+                // notification (delivered at commit, to every listener).
+                let write = async {
+                    if puts.is_empty() {
+                        return Ok(0);
+                    }
+                    c.execute(&up, &[&pcfs, &pks, &pvs]).await
+                };
+                let delete = async {
+                    if dels.is_empty() {
+                        return Ok(0);
+                    }
+                    c.execute(&del, &[&dcfs, &dks]).await
+                };
+                futures::try_join!(write, delete, c.execute(&notify, &[&CHANNEL]))
+                    .map_err(|e| map_err(at, "write", e))?;
                 Ok::<_, Error>(())
             })?;
             Ok(true)
@@ -635,9 +733,11 @@ impl PgKv {
     }
 }
 
-/// Attempts of one transaction inside [`Backend::transact`]: the first
-/// optimistic, the others behind the writers' lock.
+/// Attempts of one transaction inside [`Backend::transact`] behind the
+/// writers' lock (after an optimistic one, unless contended).
 const LOCKED_TRIES: usize = 4;
+/// How long after a conflict a connection's writers take the lock first.
+const CONTENDED_FOR_MS: i64 = 2_000;
 
 impl Backend for PgKv {
     fn open_read(&self) -> Result<Arc<dyn KvRead>> {
@@ -656,9 +756,22 @@ impl Backend for PgKv {
     }
 
     fn transact(&self, body: &mut TxnBody<'_>) -> Result<()> {
-        match self.attempt(body, false) {
-            Err(Error::Conflict { .. }) => {}
-            other => return other,
+        // Optimistic while writers rarely collide; behind the lock at once
+        // for a while after a conflict (contended writers queue instead of
+        // repeating work that will fail).
+        let now = dsv_store::store::now_ms();
+        let contended = now
+            - self
+                .last_conflict_ms
+                .load(std::sync::atomic::Ordering::Relaxed)
+            < CONTENDED_FOR_MS;
+        if !contended {
+            match self.attempt(body, false) {
+                Err(Error::Conflict { .. }) => self
+                    .last_conflict_ms
+                    .store(now, std::sync::atomic::Ordering::Relaxed),
+                other => return other,
+            }
         }
         let mut last = None;
         for _ in 0..LOCKED_TRIES {
