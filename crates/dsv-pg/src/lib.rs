@@ -32,8 +32,11 @@ use tokio_postgres::{Client, NoTls, Statement};
 
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: i32 = 1;
-/// Rows read per page of a scan.
-const PAGE: i64 = 512;
+/// Rows read by the first page of a scan (most scans stop early: the first
+/// entry of a queue, the last event); each next page is four times larger.
+const FIRST_PAGE: i64 = 32;
+/// The largest page.
+const MAX_PAGE: i64 = 8192;
 /// The notification channel.
 const CHANNEL: &str = "dsv_changes";
 
@@ -472,15 +475,29 @@ impl KvRead for TxnReader<'_> {
         let upper = prefix_successor(prefix);
         let mut from = if start.is_empty() { prefix } else { start }.to_vec();
         let mut inclusive = true;
+        let mut page_len = FIRST_PAGE;
         loop {
-            let sql = if inclusive {
-                "SELECT k, v FROM dsv_kv WHERE cf = $1 AND k >= $2 \
-                 AND ($3::bytea IS NULL OR k < $3) ORDER BY k LIMIT $4"
-            } else {
-                "SELECT k, v FROM dsv_kv WHERE cf = $1 AND k > $2 \
-                 AND ($3::bytea IS NULL OR k < $3) ORDER BY k LIMIT $4"
+            // Both bounds are index conditions (a NULL-able bound in one
+            // statement would make the generic plan read to the end of the
+            // family).
+            let page = match (&upper, inclusive) {
+                (Some(u), true) => self.rows(
+                    "SELECT k, v FROM dsv_kv WHERE cf = $1 AND k >= $2 AND k < $3 ORDER BY k LIMIT $4",
+                    &[&code, &from, u, &page_len],
+                )?,
+                (Some(u), false) => self.rows(
+                    "SELECT k, v FROM dsv_kv WHERE cf = $1 AND k > $2 AND k < $3 ORDER BY k LIMIT $4",
+                    &[&code, &from, u, &page_len],
+                )?,
+                (None, true) => self.rows(
+                    "SELECT k, v FROM dsv_kv WHERE cf = $1 AND k >= $2 ORDER BY k LIMIT $3",
+                    &[&code, &from, &page_len],
+                )?,
+                (None, false) => self.rows(
+                    "SELECT k, v FROM dsv_kv WHERE cf = $1 AND k > $2 ORDER BY k LIMIT $3",
+                    &[&code, &from, &page_len],
+                )?,
             };
-            let page = self.rows(sql, &[&code, &from, &upper, &PAGE])?;
             let n = page.len() as i64;
             for (k, v) in &page {
                 if !k.starts_with(prefix) {
@@ -491,9 +508,10 @@ impl KvRead for TxnReader<'_> {
                 }
             }
             match page.into_iter().last() {
-                Some((k, _)) if n == PAGE => {
+                Some((k, _)) if n == page_len => {
                     from = k;
                     inclusive = false;
+                    page_len = (page_len * 4).min(MAX_PAGE);
                 }
                 _ => return Ok(()),
             }
@@ -514,12 +532,18 @@ impl KvRead for TxnReader<'_> {
             Some(before.to_vec())
         };
         let lower = prefix.to_vec();
+        let mut page_len = FIRST_PAGE;
         loop {
-            let page = self.rows(
-                "SELECT k, v FROM dsv_kv WHERE cf = $1 AND k >= $2 \
-                 AND ($3::bytea IS NULL OR k < $3) ORDER BY k DESC LIMIT $4",
-                &[&code, &lower, &upper, &PAGE],
-            )?;
+            let page = match &upper {
+                Some(u) => self.rows(
+                    "SELECT k, v FROM dsv_kv WHERE cf = $1 AND k >= $2 AND k < $3 ORDER BY k DESC LIMIT $4",
+                    &[&code, &lower, u, &page_len],
+                )?,
+                None => self.rows(
+                    "SELECT k, v FROM dsv_kv WHERE cf = $1 AND k >= $2 ORDER BY k DESC LIMIT $3",
+                    &[&code, &lower, &page_len],
+                )?,
+            };
             let n = page.len() as i64;
             for (k, v) in &page {
                 if !visit(k, v)? {
@@ -527,7 +551,10 @@ impl KvRead for TxnReader<'_> {
                 }
             }
             match page.into_iter().last() {
-                Some((k, _)) if n == PAGE => upper = Some(k),
+                Some((k, _)) if n == page_len => {
+                    upper = Some(k);
+                    page_len = (page_len * 4).min(MAX_PAGE);
+                }
                 _ => return Ok(()),
             }
         }
