@@ -80,18 +80,20 @@ impl Machine {
         serde_json::from_str(&self.ok(&all)).unwrap()
     }
 
-    fn spawn(&self, args: &[&str], log: &str) -> Child {
+    fn spawn(&self, args: &[&str], log: &str) -> Running {
         let f = std::fs::File::create(self.root.join(log)).unwrap();
-        self.cmd(args)
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .expect("dsv starts")
+        Running(
+            self.cmd(args)
+                .stdout(f.try_clone().unwrap())
+                .stderr(f)
+                .spawn()
+                .expect("dsv starts"),
+        )
     }
 
     /// `dsv ARGS` as a process in a new UTS namespace named `host` (when
     /// root; otherwise on this host).
-    fn spawn_as_host(&self, host: &str, args: &[&str], log: &str) -> Child {
+    fn spawn_as_host(&self, host: &str, args: &[&str], log: &str) -> Running {
         if !is_root() {
             return self.spawn(args, log);
         }
@@ -111,11 +113,34 @@ impl Machine {
         for (k, v) in &self.env {
             c.env(k, v);
         }
-        c.spawn().expect("unshare starts")
+        Running(c.spawn().expect("unshare starts"))
     }
 
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.root.join(name)).unwrap_or_default()
+    }
+}
+
+/// A process killed (SIGKILL) when dropped: a failing test leaves no agent
+/// running behind it.
+struct Running(Child);
+
+impl Running {
+    fn kill9(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+    /// SIGTERM, then wait: agents finish cleanly.
+    fn stop(mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -129,12 +154,6 @@ fn until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T 
         assert!(start.elapsed() < limit, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn stop(mut c: Child) {
-    // SIGTERM: agents finish cleanly.
-    let _ = Command::new("kill").arg(c.id().to_string()).status();
-    let _ = c.wait();
 }
 
 fn tasks_of(m: &Machine) -> Vec<Value> {
@@ -367,9 +386,7 @@ fn the_retraining_loop_runs_across_three_machines_and_survives_a_killed_agent() 
     let running = m1.json(&["task", "show", &t2]);
     assert_eq!(running["agent"]["name"], "m3-trainer", "{running}");
     // SIGKILL: no goodbye, no lease release.
-    let mut m3_agent = m3_agent;
-    m3_agent.kill().unwrap();
-    m3_agent.wait().unwrap();
+    m3_agent.kill9();
 
     // Machine 2's reaper requeues it once the lease lapses; an agent on
     // machine 2 completes it.
@@ -413,8 +430,8 @@ fn the_retraining_loop_runs_across_three_machines_and_survives_a_killed_agent() 
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    stop(m2_agent);
-    stop(m2_triggers);
+    m2_agent.stop();
+    m2_triggers.stop();
 
     // Exactly once: one firing per version, one task per firing, two
     // versions.
@@ -478,6 +495,17 @@ fn the_retraining_loop_runs_across_three_machines_and_survives_a_killed_agent() 
         cat.stdout,
         std::fs::read(data.join("datatest2.txt")).unwrap()
     );
+    // What a team repository does not support yet is refused, changing
+    // nothing: remote transfers and a local index rebuild.
+    for args in [
+        &["fetch", "origin"][..],
+        &["push", "origin"],
+        &["fsck", "--rebuild-index"],
+    ] {
+        let o = m2.run(args);
+        assert_eq!(o.status.code(), Some(1), "dsv {args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("team repository"), "{}", stderr(&o));
+    }
     // gc is refused, not run on a partial view.
     let gc = m2.run(&["gc"]);
     assert!(!gc.status.success());
@@ -567,6 +595,51 @@ fn bad_team_addresses_and_credentials_are_named_and_create_nothing() {
         "{}",
         stderr(&o)
     );
+    // A password given in the URL is used but never stored or printed:
+    // not in team.json, not in the object store's marker, not in the output.
+    let nopw = Machine::new(tmp.path(), "nopw", &[]);
+    let with_pw = nopw.root.join("r");
+    pg.create_db("t2");
+    let o = nopw.run(&[
+        "--json",
+        "init",
+        with_pw.to_str().unwrap(),
+        "--metadata",
+        &pg.url_with_password("t2"),
+        "--objects",
+        "s3://bkt/pw",
+        "--endpoint",
+        &s3.endpoint(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (_, marker) = s3.request("GET", "/bkt/pw/dsv-team.json", b"").unwrap();
+    let team_json = std::fs::read_to_string(with_pw.join(".dsv/team.json")).unwrap();
+    for (what, text) in [
+        ("stdout", String::from_utf8_lossy(&o.stdout).to_string()),
+        ("team.json", team_json),
+        ("marker", String::from_utf8_lossy(&marker).to_string()),
+    ] {
+        assert!(text.contains("127.0.0.1"), "{what}: {text}");
+        assert!(
+            !text.contains(PgCluster::PASSWORD),
+            "{what} holds the password: {text}"
+        );
+    }
+    // Later commands need it from PGPASSWORD or .pgpass: they say so.
+    let mut c = nopw.cmd(&["dataset", "list"]);
+    c.env("DSV_REPO", &with_pw);
+    let o = c.output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("PGPASSWORD"), "{}", stderr(&o));
+    // The same as a query parameter.
+    let other = Machine::new(tmp.path(), "qpw", &[]);
+    let q = format!("{}?password={}", pg.url("t2"), PgCluster::PASSWORD);
+    let o = other.run(&["connect", "--metadata", &q, other.repo().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let team_json = std::fs::read_to_string(other.repo().join(".dsv/team.json")).unwrap();
+    assert!(!team_json.contains(PgCluster::PASSWORD), "{team_json}");
+    assert!(!String::from_utf8_lossy(&o.stdout).contains(PgCluster::PASSWORD));
+
     // The database down: a clear error, exit code 2; back up: works.
     let o = pg.psql("t", "DELETE FROM dsv_schema WHERE version = 7");
     assert!(o.status.success());

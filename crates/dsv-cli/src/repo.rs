@@ -52,6 +52,7 @@ pub fn options(ctx: &Ctx) -> StoreOptions {
     StoreOptions {
         lock_timeout: ctx.lock_timeout,
         holder: ctx.command.clone(),
+        ..StoreOptions::default()
     }
 }
 

@@ -103,6 +103,13 @@ pub fn describe(url: &str) -> String {
     }
 }
 
+/// Whether a connection string carries a password.
+pub fn has_password(url: &str) -> bool {
+    url.parse::<tokio_postgres::Config>()
+        .map(|c| c.get_password().is_some())
+        .unwrap_or(false)
+}
+
 /// Maps a PostgreSQL error onto the seam's errors; `at` names the database.
 fn map_err(at: &str, what: &str, e: tokio_postgres::Error) -> Error {
     use tokio_postgres::error::SqlState;
@@ -138,6 +145,18 @@ fn map_err(at: &str, what: &str, e: tokio_postgres::Error) -> Error {
         {
             return Error::Unavailable(format!("{at}: {what}: {e}"));
         }
+    }
+    let chain = format!(
+        "{e} {}",
+        std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    );
+    if chain.contains("password missing") {
+        return Error::Unavailable(format!(
+            "{at} refused the credentials: it asks for a password and none was given \
+             (set PGPASSWORD or add a ~/.pgpass line)"
+        ));
     }
     if e.is_closed() || e.as_db_error().is_none() {
         let cause = std::error::Error::source(&e)
@@ -318,10 +337,16 @@ impl PgKv {
         config.keepalives_idle(Duration::from_secs(30));
         config.tcp_user_timeout(Duration::from_secs(60));
         let statement = opts.statement_timeout.unwrap_or(Duration::from_secs(300));
-        config.options(format!(
+        // After the URL's own options (which win where they repeat ours).
+        let ours = format!(
             "-c statement_timeout={} -c idle_in_transaction_session_timeout=3600000",
             statement.as_millis()
-        ));
+        );
+        let all = match config.get_options() {
+            Some(theirs) if !theirs.trim().is_empty() => format!("{ours} {theirs}"),
+            _ => ours,
+        };
+        config.options(all);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("dsv-pg")
@@ -333,10 +358,12 @@ impl PgKv {
             config,
             at: at.clone(),
             idle: Mutex::new(Vec::new()),
-            lock_timeout_ms: opts
+            // 0 would mean "wait forever" to PostgreSQL.
+            lock_timeout_ms: (opts
                 .lock_timeout
                 .unwrap_or(Duration::from_secs(60))
-                .as_millis() as u64,
+                .as_millis() as u64)
+                .max(1),
         });
         let c = shared.checkout()?;
         // Fast path (every command): the schema is there and current.
@@ -425,6 +452,31 @@ impl PgKv {
 struct TxnReader<'a> {
     shared: &'a Shared,
     client: &'a Conn,
+    /// A read failed on a serialization failure: whatever the body made of
+    /// that error, the transaction is a conflict (and retried).
+    conflicted: std::sync::atomic::AtomicBool,
+}
+
+impl<'a> TxnReader<'a> {
+    fn new(shared: &'a Shared, client: &'a Conn) -> Self {
+        TxnReader {
+            shared,
+            client,
+            conflicted: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn note(&self, e: Error) -> Error {
+        if matches!(e, Error::Conflict { .. }) {
+            self.conflicted
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        e
+    }
+
+    fn conflicted(&self) -> bool {
+        self.conflicted.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl TxnReader<'_> {
@@ -438,12 +490,12 @@ impl TxnReader<'_> {
                 .client
                 .stmt(sql)
                 .await
-                .map_err(|e| map_err(&self.shared.at, "prepare", e))?;
+                .map_err(|e| self.note(map_err(&self.shared.at, "prepare", e)))?;
             let rows = self
                 .client
                 .query(&stmt, params)
                 .await
-                .map_err(|e| map_err(&self.shared.at, "read", e))?;
+                .map_err(|e| self.note(map_err(&self.shared.at, "read", e)))?;
             Ok(rows
                 .into_iter()
                 .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
@@ -562,15 +614,49 @@ impl KvRead for TxnReader<'_> {
 }
 
 /// A point-in-time view: a read-only repeatable-read transaction on its
-/// own connection, ended when dropped.
+/// own connection, ended when dropped. A view whose connection died (the
+/// server restarted, or ended a transaction idle for an hour) starts a new
+/// snapshot on the next read instead of failing forever: a long-lived
+/// reader (a mount) recovers by itself.
 struct PgView {
     shared: Arc<Shared>,
-    client: Option<Conn>,
+    conn: std::sync::RwLock<Option<Arc<Conn>>>,
+}
+
+/// A connection in a new read-only snapshot.
+fn snapshot(shared: &Shared) -> Result<Conn> {
+    let c = shared.checkout()?;
+    // The snapshot is taken by the first statement after BEGIN.
+    exec(
+        shared,
+        &c,
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1",
+        "begin a snapshot",
+    )?;
+    Ok(c)
+}
+
+impl PgView {
+    fn conn(&self) -> Result<Arc<Conn>> {
+        if let Some(c) = self.conn.read().map_err(|_| poisoned())?.as_ref() {
+            if !c.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        let fresh = Arc::new(snapshot(&self.shared)?);
+        tracing::debug!(
+            "{}: a read view lost its connection; new snapshot",
+            self.shared.at
+        );
+        *self.conn.write().map_err(|_| poisoned())? = Some(fresh.clone());
+        Ok(fresh)
+    }
 }
 
 impl KvRead for PgView {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.reader()?.get(cf, key)
+        let c = self.conn()?;
+        TxnReader::new(&self.shared, &c).get(cf, key)
     }
     fn scan_from(
         &self,
@@ -579,7 +665,8 @@ impl KvRead for PgView {
         start: &[u8],
         visit: &mut Visitor<'_>,
     ) -> Result<()> {
-        self.reader()?.scan_from(cf, prefix, start, visit)
+        let c = self.conn()?;
+        TxnReader::new(&self.shared, &c).scan_from(cf, prefix, start, visit)
     }
     fn scan_rev(
         &self,
@@ -588,28 +675,18 @@ impl KvRead for PgView {
         before: &[u8],
         visit: &mut Visitor<'_>,
     ) -> Result<()> {
-        self.reader()?.scan_rev(cf, prefix, before, visit)
-    }
-}
-
-impl PgView {
-    fn reader(&self) -> Result<TxnReader<'_>> {
-        Ok(TxnReader {
-            shared: &self.shared,
-            client: self
-                .client
-                .as_ref()
-                .ok_or_else(|| Error::Kv("a closed PostgreSQL view".into()))?,
-        })
+        let c = self.conn()?;
+        TxnReader::new(&self.shared, &c).scan_rev(cf, prefix, before, visit)
     }
 }
 
 impl Drop for PgView {
     fn drop(&mut self) {
-        if let Some(c) = self.client.take() {
+        let taken = self.conn.get_mut().ok().and_then(|c| c.take());
+        if let Some(c) = taken.and_then(|c| Arc::try_unwrap(c).ok()) {
             // Ended here when no async context is current; otherwise the
             // connection is simply closed (its transaction with it).
-            if tokio::runtime::Handle::try_current().is_err() {
+            if tokio::runtime::Handle::try_current().is_err() && !c.is_closed() {
                 let ok = self.shared.rt.block_on(c.batch_execute("COMMIT")).is_ok();
                 if ok {
                     self.shared.give_back(c);
@@ -665,11 +742,13 @@ impl PgKv {
             "BEGIN ISOLATION LEVEL SERIALIZABLE".to_string()
         };
         if let Err(e) = exec(shared, &c, &begin, "begin") {
-            shared.give_back(c);
+            // Possibly inside a failed transaction now (the lock timed
+            // out after BEGIN): never back into the pool.
+            drop(c);
             return Err(e);
         }
+        let reader = TxnReader::new(shared, &c);
         let outcome = (|| {
-            let reader = TxnReader { shared, client: &c };
             let mut batch = body(&reader)?;
             if batch.is_empty() {
                 return Ok(false);
@@ -751,11 +830,25 @@ impl PgKv {
             Ok(true) => exec(shared, &c, "COMMIT", "commit"),
             _ => exec(shared, &c, "ROLLBACK", "roll back"),
         };
-        shared.give_back(c);
-        match (outcome, end) {
+        let conflicted = reader.conflicted();
+        match &end {
+            Ok(()) => shared.give_back(c),
+            // A connection whose COMMIT or ROLLBACK failed is not reused.
+            Err(_) => drop(c),
+        }
+        let result = match (outcome, end) {
             (Ok(_), Ok(())) => Ok(()),
             (Ok(_), Err(e)) => Err(e),
             (Err(e), _) => Err(e),
+        };
+        match result {
+            // A read hit a serialization failure that the body turned into
+            // another error (or swallowed): the transaction conflicted.
+            Err(e) if conflicted && !matches!(e, Error::Conflict { .. }) => Err(Error::Conflict {
+                what: format!("a concurrent transaction (then: {e})"),
+                tries: 1,
+            }),
+            r => r,
         }
     }
 }
@@ -768,17 +861,10 @@ const CONTENDED_FOR_MS: i64 = 2_000;
 
 impl Backend for PgKv {
     fn open_read(&self) -> Result<Arc<dyn KvRead>> {
-        let c = self.shared.checkout()?;
-        // The snapshot is taken by the first statement after BEGIN.
-        exec(
-            &self.shared,
-            &c,
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1",
-            "begin a snapshot",
-        )?;
+        let c = snapshot(&self.shared)?;
         Ok(Arc::new(PgView {
             shared: self.shared.clone(),
-            client: Some(c),
+            conn: std::sync::RwLock::new(Some(Arc::new(c))),
         }))
     }
 

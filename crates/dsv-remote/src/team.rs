@@ -75,6 +75,26 @@ pub struct TeamFile {
     pub metadata: String,
     /// The object store.
     pub objects: ObjectsAt,
+    /// This machine's id (16 hex, random): the scope of its stat-cache
+    /// entries in the shared database.
+    #[serde(default)]
+    pub machine: String,
+}
+
+fn new_machine_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Store options for the machine of `team`: its stat-cache scope.
+fn machine_options(team: &TeamFile, o: &TeamOptions) -> StoreOptions {
+    StoreOptions {
+        stat_scope: if team.machine.is_empty() {
+            Vec::new()
+        } else {
+            format!("@{}", team.machine).into_bytes()
+        },
+        ..o.store.clone()
+    }
 }
 
 /// The shared record (in the database): what `connect` copies.
@@ -100,15 +120,72 @@ pub struct TeamOptions {
     pub cache_budget: u64,
 }
 
-/// The URL without its password (what `team.json` keeps).
+/// The URL without its password (what `team.json`, the object store's
+/// marker and every message keep): the user-info password and any
+/// `password` query parameter of a `postgres://` URL go; a key=value
+/// connection string keeps no `password=` pair.
 pub fn without_password(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
+    if let Ok(mut u) = url::Url::parse(url) {
+        if u.password().is_some() {
             let _ = u.set_password(None);
-            u.to_string()
         }
-        _ => url.to_string(),
+        if u.query_pairs().any(|(k, _)| k == "password") {
+            let kept: Vec<(String, String)> = u
+                .query_pairs()
+                .filter(|(k, _)| k != "password")
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            if kept.is_empty() {
+                u.set_query(None);
+            } else {
+                u.query_pairs_mut().clear().extend_pairs(kept);
+            }
+        }
+        return u.to_string();
     }
+    // key=value pairs: values may be quoted ('…' with \' and \\ escapes).
+    let mut out = Vec::new();
+    let mut rest = url.trim();
+    while !rest.is_empty() {
+        let end = {
+            let (mut i, mut quoted, mut esc) = (0, false, false);
+            for (j, ch) in rest.char_indices() {
+                i = j + ch.len_utf8();
+                match ch {
+                    _ if esc => esc = false,
+                    '\\' => esc = true,
+                    '\'' => quoted = !quoted,
+                    c if c.is_whitespace() && !quoted => {
+                        i = j;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            i
+        };
+        let pair = &rest[..end];
+        if pair.split('=').next().map(str::trim) != Some("password") {
+            out.push(pair);
+        }
+        rest = rest[end..].trim_start();
+    }
+    out.join(" ")
+}
+
+/// The URL to store: without its password, or an error when the password
+/// cannot be separated from it (never stored).
+fn storable(url: &str) -> Result<String> {
+    let kept = without_password(url);
+    if dsv_pg::has_password(&kept) {
+        return Err(Error::BadUrl {
+            url: "the PostgreSQL connection string".into(),
+            reason: "its password cannot be separated from it; give the password in \
+                     PGPASSWORD or ~/.pgpass instead"
+                .into(),
+        });
+    }
+    Ok(kept)
 }
 
 /// Whether `dir` (a `.dsv` folder) is a team repository's.
@@ -156,8 +233,12 @@ fn attach(store: &Store, objects: &ObjectsAt, o: &TeamOptions) -> Result<()> {
 /// `dsv init BASE --metadata URL --objects URL`: a new team repository.
 /// The object store and the database are checked first (reachable,
 /// credentials accepted, neither holding a team repository already);
-/// nothing is created when a check fails, and what was made is removed
-/// again when a later step fails.
+/// nothing is created when a check fails. The object store's marker is
+/// claimed first (create-only), then the database is initialized in two
+/// transactions (the repository, then the shared team record), then the
+/// machine folder is written; when a step fails, the marker and the folder
+/// are removed again, and a database left without its team record is
+/// taken over by the next `init`.
 pub fn init(
     base: &Path,
     metadata_url: &str,
@@ -165,6 +246,7 @@ pub fn init(
     config: RepoConfig,
     o: &TeamOptions,
 ) -> Result<Repo> {
+    let stored_url = storable(metadata_url)?;
     let storage = open_storage(&objects.record(), &o.connect)?;
     storage.check()?;
     if storage.get(MARKER)?.is_some() {
@@ -175,11 +257,7 @@ pub fn init(
     }
     crate::ops::check_conditional_writes(&*storage)?;
     let pg = PgKv::connect(metadata_url, &o.pg)?;
-    if pg
-        .open_read()?
-        .get(Cf::Meta, dsv_store::schema::META_FORMAT)?
-        .is_some()
-    {
+    if shared_in(&*pg.open_read()?)?.is_some() {
         return Err(Error::BadRemote {
             location: pg.location().to_string(),
             reason: "holds a dsv repository already; attach to it with 'dsv connect'".into(),
@@ -189,14 +267,40 @@ pub fn init(
     if dot.exists() {
         return Err(Error::TargetExists(base.to_path_buf()));
     }
+    let created_ms = dsv_store::store::now_ms();
+    let marker = serde_json::json!({
+        "format": 1,
+        "metadata": stored_url,
+        "created_ms": created_ms,
+    });
+    match storage.put(
+        MARKER,
+        serde_json::to_vec_pretty(&marker).expect("json"),
+        PutMode::Create,
+    )? {
+        PutOutcome::Exists => {
+            return Err(Error::BadRemote {
+                location: format!("{}/{MARKER}", storage.location()),
+                reason: "another team repository claimed this object store meanwhile".into(),
+            })
+        }
+        PutOutcome::Written(_) | PutOutcome::Changed => {}
+    }
     let created_base = !base.exists();
-    std::fs::create_dir_all(base).map_err(|e| dsv_store::Error::io("create folder", base, e))?;
+    let team = TeamFile {
+        metadata: stored_url.clone(),
+        objects: objects.clone(),
+        machine: new_machine_id(),
+    };
     let run = || -> Result<Repo> {
-        let store = Store::init_with_backend(&dot, config, Box::new(pg), o.store.clone())?;
+        std::fs::create_dir_all(base)
+            .map_err(|e| dsv_store::Error::io("create folder", base, e))?;
+        let store =
+            Store::init_with_backend(&dot, config, Box::new(pg), machine_options(&team, o))?;
         let shared = Shared {
             objects: objects.clone(),
             config: store.config().clone(),
-            created_ms: dsv_store::store::now_ms(),
+            created_ms,
         };
         let json = serde_json::to_vec(&shared).expect("serializable");
         store.write(|kv| {
@@ -209,35 +313,12 @@ pub fn init(
             b.put(Cf::Meta, SHARED_KEY.to_vec(), json.clone());
             Ok((b, ()))
         })?;
-        let marker = serde_json::json!({
-            "format": 1,
-            "metadata": without_password(metadata_url),
-            "created_ms": shared.created_ms,
-        });
-        match storage.put(
-            MARKER,
-            serde_json::to_vec_pretty(&marker).expect("json"),
-            PutMode::Create,
-        )? {
-            PutOutcome::Exists => {
-                return Err(Error::BadRemote {
-                    location: format!("{}/{MARKER}", storage.location()),
-                    reason: "another team repository claimed this object store meanwhile".into(),
-                })
-            }
-            PutOutcome::Written(_) | PutOutcome::Changed => {}
-        }
-        write_json(
-            &dot.join(TEAM_FILE),
-            &TeamFile {
-                metadata: without_password(metadata_url),
-                objects: objects.clone(),
-            },
-        )?;
+        write_json(&dot.join(TEAM_FILE), &team)?;
         attach(&store, &objects, o)?;
         Ok(Repo::from_store(store))
     };
     run().inspect_err(|_| {
+        let _ = storage.delete(MARKER);
         let _ = std::fs::remove_dir_all(&dot);
         if created_base {
             let _ = std::fs::remove_dir(base);
@@ -262,13 +343,27 @@ pub fn connect(
             reason: "holds no team repository; create one with 'dsv init PATH --metadata URL --objects URL'".into(),
         });
     };
+    let stored_url = storable(metadata_url)?;
     let objects = objects.unwrap_or(shared.objects);
     let storage = open_storage(&objects.record(), &o.connect)?;
     storage.check()?;
-    if storage.get(MARKER)?.is_none() {
+    let Some(got) = storage.get(MARKER)? else {
         return Err(Error::BadRemote {
             location: storage.location(),
             reason: format!("holds no team repository's packs (no {MARKER})"),
+        });
+    };
+    // The marker of this very repository, not another team's.
+    let marker_ms = serde_json::from_slice::<serde_json::Value>(&got.data)
+        .ok()
+        .and_then(|m| m["created_ms"].as_i64());
+    if marker_ms != Some(shared.created_ms) {
+        return Err(Error::BadRemote {
+            location: format!("{}/{MARKER}", storage.location()),
+            reason: format!(
+                "belongs to another team repository than the one in {}",
+                without_password(metadata_url)
+            ),
         });
     }
     let dot = base.join(".dsv");
@@ -279,16 +374,15 @@ pub fn connect(
     let run = || -> Result<Repo> {
         std::fs::create_dir_all(dot.join(dsv_store::store::PACKS_DIR))
             .map_err(|e| dsv_store::Error::io("create folder", &dot, e))?;
-        write_json(
-            &dot.join(TEAM_FILE),
-            &TeamFile {
-                metadata: without_password(metadata_url),
-                objects: objects.clone(),
-            },
-        )?;
+        let team = TeamFile {
+            metadata: stored_url.clone(),
+            objects: objects.clone(),
+            machine: new_machine_id(),
+        };
+        write_json(&dot.join(TEAM_FILE), &team)?;
         // config.json last: its presence marks a complete repository folder.
         shared.config.save(&dot)?;
-        let store = Store::open_with_backend(&dot, Box::new(pg), o.store.clone())?;
+        let store = Store::open_with_backend(&dot, Box::new(pg), machine_options(&team, o))?;
         attach(&store, &objects, o)?;
         Ok(Repo::from_store(store))
     };
@@ -305,7 +399,7 @@ pub fn connect(
 pub fn open(dir: &Path, o: &TeamOptions) -> Result<Store> {
     let team = read_team_file(dir)?;
     let pg = PgKv::connect(&team.metadata, &o.pg)?;
-    let store = Store::open_with_backend(dir, Box::new(pg), o.store.clone())?;
+    let store = Store::open_with_backend(dir, Box::new(pg), machine_options(&team, o))?;
     attach(&store, &team.objects, o)?;
     Ok(store)
 }
@@ -470,6 +564,10 @@ pub fn graduate(
     };
     let run = || -> Result<GraduateReport> {
         let team = connect(&staging.join("machine"), metadata_url, None, o)?;
+        // Data first: every chunk of these datasets is on the team's object
+        // store (and in its chunk index) before any of their versions is in
+        // its metadata, where other machines and triggers would see it.
+        copy_chunks(repo, &team, targets)?;
         crate::ops::add_remote(repo, &name, rec.clone(), &o.connect, false)?;
         let pushed = crate::ops::push(repo, &name, targets, &o.connect, progress);
         let _ = crate::ops::remove_remote(repo, &name);
@@ -493,4 +591,54 @@ pub fn graduate(
     let out = run();
     let _ = std::fs::remove_dir_all(staging);
     out
+}
+
+/// Stores in `team` (publishing its packs) every chunk of every version of
+/// the datasets of `targets` that it lacks, read from `repo`'s packs.
+fn copy_chunks(repo: &Repo, team: &Repo, targets: &[crate::PushTarget]) -> Result<u64> {
+    let mut datasets = Vec::new();
+    for t in targets {
+        let ds = match t {
+            crate::PushTarget::Dataset(ds) | crate::PushTarget::Version(ds, _) => ds,
+        };
+        if !datasets.iter().any(|d: &dsv::Dataset| d.id == ds.id) {
+            datasets.push(ds.clone());
+        }
+    }
+    let store = repo.store();
+    let mut wanted = std::collections::BTreeSet::new();
+    for ds in &datasets {
+        for v in repo.versions(ds)? {
+            let root = store.version(&v.id)?.object.root;
+            store.walk_files(&root, &mut |_, e| {
+                if let dsv_store::EntryTarget::File(f) = &e.target {
+                    for (c, _) in store.file_object(f)?.chunks {
+                        wanted.insert(c);
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+    let have = team.store().reader();
+    let mut missing = Vec::new();
+    for c in wanted {
+        if !have.contains(Cf::Chunks, c.as_bytes())? {
+            missing.push(c);
+        }
+    }
+    drop(have);
+    let mut items = missing.into_iter().map(|id| {
+        store.read_stored_chunk(&id).map(|(loc, stored)| {
+            (
+                id,
+                FetchedChunk {
+                    codec: loc.codec,
+                    raw_len: loc.raw_len,
+                    stored,
+                },
+            )
+        })
+    });
+    Ok(team.store().import_chunks(&mut items)?)
 }

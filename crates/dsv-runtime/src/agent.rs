@@ -255,7 +255,7 @@ impl Presence {
             return;
         }
         self.rec.beat_ms = dsv_store::store::now_ms();
-        match repo.agent_beat(&self.rec) {
+        match repo.agent_beat(&self.rec, self.written.is_none()) {
             Ok(()) => self.written = Some(std::time::Instant::now()),
             Err(e) => tracing::warn!("cannot record this agent's presence: {e}"),
         }

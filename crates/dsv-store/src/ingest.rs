@@ -582,7 +582,9 @@ impl Store {
         let started = now_ns();
         // The folder scan and the stat cache's ordered scan over the
         // folder's key range run at the same time.
-        let mut prefix = abs.as_os_str().as_bytes().to_vec();
+        let scope = self.options().stat_scope.clone();
+        let stat_key = |p: &Path| [scope.as_slice(), p.as_os_str().as_bytes()].concat();
+        let mut prefix = stat_key(&abs);
         if !prefix.ends_with(b"/") {
             prefix.push(b'/');
         }
@@ -620,7 +622,7 @@ impl Store {
             .iter()
             .map(|j| {
                 cache
-                    .get(j.path.as_os_str().as_bytes())
+                    .get(&stat_key(&j.path))
                     .filter(|c| {
                         c.same_stat(&j.stat) && c.mtime_ns + racy_margin(c.mtime_ns) < started
                     })
@@ -673,8 +675,7 @@ impl Store {
                         report.bytes_hashed += st.size;
                         pending.put(Object::File(o));
                         if st.mtime_ns + racy_margin(st.mtime_ns) < started {
-                            stat_updates
-                                .push((scan.jobs[i].path.as_os_str().as_bytes().to_vec(), st));
+                            stat_updates.push((stat_key(&scan.jobs[i].path), st));
                         }
                     }
                     files.push(Some((id, st)));

@@ -37,6 +37,12 @@ pub struct StoreOptions {
     pub lock_timeout: Duration,
     /// This process, as other processes will see it in lock messages.
     pub holder: String,
+    /// Prefix of this process's stat-cache keys (`statcache` family: the
+    /// path follows). Empty on a repository of one machine; a team
+    /// repository's machines each use their own (`@` and the machine id),
+    /// so that one machine's "unchanged file" answers never serve another
+    /// machine's files of the same path.
+    pub stat_scope: Vec<u8>,
 }
 
 impl Default for StoreOptions {
@@ -44,6 +50,7 @@ impl Default for StoreOptions {
         Self {
             lock_timeout: Duration::from_secs(60),
             holder: "dsv".into(),
+            stat_scope: Vec::new(),
         }
     }
 }

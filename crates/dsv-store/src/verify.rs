@@ -347,7 +347,7 @@ impl Store {
             let dir = self.packs_dir();
             let locs: HashMap<ChunkId, ChunkLoc> = by_pack.values().flatten().copied().collect();
             let packs: Vec<(u64, Vec<(ChunkId, ChunkLoc)>)> = by_pack.into_iter().collect();
-            let results: Vec<(u64, Vec<(ChunkId, String)>)> = packs
+            let results: Result<Vec<PackCheck>> = packs
                 .into_par_iter()
                 .map(|(pack, mut entries)| {
                     entries.sort_by_key(|(_, l)| l.offset);
@@ -358,13 +358,13 @@ impl Store {
                     let map = match std::fs::File::open(&path).and_then(|f| map_file(&f)) {
                         Ok(m) => m,
                         Err(e) => {
-                            return (
+                            return Ok((
                                 0,
                                 entries
                                     .iter()
                                     .map(|(id, _)| (*id, format!("{}: {e}", path.display())))
                                     .collect(),
-                            )
+                            ))
                         }
                     };
                     let bad: Vec<(ChunkId, String)> = entries
@@ -386,10 +386,13 @@ impl Store {
                         })
                         .collect();
                     let bytes = entries.iter().map(|(_, l)| l.raw_len as u64).sum();
-                    (bytes, bad)
+                    Ok((bytes, bad))
                 })
                 .collect();
             progress.finish();
+            // The object store unreachable is not damage: the check stops
+            // (nothing is marked) and says why.
+            let results = results?;
             let mut bad_chunks: HashMap<ChunkId, String> = HashMap::new();
             for (bytes, bad) in results {
                 report.bytes_read += bytes;
@@ -522,15 +525,19 @@ impl Store {
     }
 }
 
+/// Bytes checked in a pack and its bad chunks (with why).
+type PackCheck = (u64, Vec<(ChunkId, String)>);
+
 /// Reads and checks the chunks `entries` of pack `pack` on a team
 /// repository's object store (in batches of ranged reads); returns the
-/// bytes checked and the bad chunks.
+/// bytes checked and the bad chunks. A failed request is an error, not
+/// damage.
 fn verify_shared(
     storage: &dyn crate::storage::PackStorage,
     pack: u64,
     entries: &[(ChunkId, ChunkLoc)],
     progress: &dyn Progress,
-) -> (u64, Vec<(ChunkId, String)>) {
+) -> Result<PackCheck> {
     let name = crate::store::shared_pack_name(pack);
     let mut bad = Vec::new();
     let mut bytes = 0;
@@ -542,8 +549,9 @@ fn verify_shared(
                 (name.clone(), l.offset..end)
             })
             .collect();
-        match storage.get_ranges(&reqs, &|_| {}) {
-            Ok(recs) => {
+        {
+            let recs = storage.get_ranges(&reqs, &|_| {})?;
+            {
                 for ((id, loc), rec) in batch.iter().zip(recs) {
                     let res = check_record_header(&rec, id, loc).and_then(|_| {
                         crate::compress::decode_chunk(
@@ -560,10 +568,9 @@ fn verify_shared(
                     }
                 }
             }
-            Err(e) => bad.extend(batch.iter().map(|(id, _)| (*id, e.to_string()))),
         }
     }
-    (bytes, bad)
+    Ok((bytes, bad))
 }
 
 /// What a pack file looks like to `fsck`.

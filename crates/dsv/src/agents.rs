@@ -69,22 +69,28 @@ fn key(id: &str) -> Vec<u8> {
 }
 
 impl Repo {
-    /// Writes an agent's presence record (its heartbeat), dropping records
-    /// of agents gone for more than a day.
-    pub fn agent_beat(&self, p: &AgentPresence) -> Result<()> {
+    /// Writes an agent's presence record (its heartbeat); with `prune`
+    /// (an agent's first beat), also drops the records of agents stopped,
+    /// or idle and silent, for more than a day (a running agent's record is
+    /// kept: its task's heartbeat speaks for it). Only the first beat reads
+    /// the other records, so that agents' beats do not collide.
+    pub fn agent_beat(&self, p: &AgentPresence, prune: bool) -> Result<()> {
         let value = serde_json::to_vec(p).expect("serializable");
         let k = key(&p.agent.id);
         self.write(|kv| {
             let mut b = Batch::default();
-            kv.scan(Cf::App, AGENT, &mut |key, v| {
-                if let Ok(old) = serde_json::from_slice::<AgentPresence>(v) {
-                    let gone = old.state == AgentState::Stopped || old.lost(p.beat_ms);
-                    if gone && p.beat_ms - old.beat_ms > KEEP_GONE_MS {
-                        b.delete(Cf::App, key.to_vec());
+            if prune {
+                kv.scan(Cf::App, AGENT, &mut |key, v| {
+                    if let Ok(old) = serde_json::from_slice::<AgentPresence>(v) {
+                        let gone = old.state == AgentState::Stopped
+                            || (old.state == AgentState::Idle && old.lost(p.beat_ms));
+                        if gone && p.beat_ms - old.beat_ms > KEEP_GONE_MS {
+                            b.delete(Cf::App, key.to_vec());
+                        }
                     }
-                }
-                Ok(true)
-            })?;
+                    Ok(true)
+                })?;
+            }
             b.put(Cf::App, k.clone(), value.clone());
             Ok((b, ()))
         })

@@ -2094,10 +2094,12 @@ impl Repo {
             .par_iter()
             .map(|(rel_path, p, id, m)| {
                 if !full {
-                    let key = abs.join(rel_path);
-                    if let Ok(Some(v)) =
-                        kv.get(dsv_store::kv::Cf::StatCache, key.as_os_str().as_bytes())
-                    {
+                    let key = [
+                        store.options().stat_scope.as_slice(),
+                        abs.join(rel_path).as_os_str().as_bytes(),
+                    ]
+                    .concat();
+                    if let Ok(Some(v)) = kv.get(dsv_store::kv::Cf::StatCache, &key) {
                         if let Ok(st) = dsv_store::schema::StatEntry::decode(&v) {
                             if st.file == *id
                                 && st.size == m.len()
