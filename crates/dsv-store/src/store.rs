@@ -578,6 +578,19 @@ impl Store {
         Ok(())
     }
 
+    /// Whether the chunk can be read from this machine's packs (on a team
+    /// repository, a chunk in another machine's pack is indexed but read
+    /// from the object store).
+    pub fn has_local_chunk(&self, id: &ChunkId) -> Result<bool> {
+        match self.reader().get(Cf::Chunks, id.as_bytes())? {
+            None => Ok(false),
+            Some(v) if self.pack_storage().is_some() => {
+                Ok(self.pack_is_local(ChunkLoc::decode(&v, id)?.pack))
+            }
+            Some(_) => Ok(true),
+        }
+    }
+
     /// Whether pack `id` is in this repository's folder.
     pub fn pack_is_local(&self, id: u64) -> bool {
         crate::pack::pack_path(&self.packs_dir(), id).exists()

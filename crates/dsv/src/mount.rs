@@ -321,12 +321,17 @@ impl VersionFs {
             Ok(i) => i,
             Err(i) => i - 1,
         };
-        // A chunk that is neither in memory nor stored here (a lazy clone):
+        // A chunk that is neither in memory nor stored here (a lazy clone,
+        // another machine's pack of a team repository):
         // fetch it and the next READ_AHEAD bytes of the file in one batch
         // rather than one request per chunk.
         let first = &f.fo.chunks[i].0;
         if self.chunks.get(first).is_none()
-            && !self.repo.store().has_chunk(first).map_err(|e| err_of(&e))?
+            && !self
+                .repo
+                .store()
+                .has_local_chunk(first)
+                .map_err(|e| err_of(&e))?
         {
             let ahead = end.max(offset.saturating_add(READ_AHEAD));
             let ids: Vec<ChunkId> = (i..f.fo.chunks.len())
