@@ -752,14 +752,18 @@ impl PgCluster {
         assert!(o.status.success(), "create database {db}: {}", stderr(&o));
     }
 
-    /// Stops the server (fast shutdown: sessions are ended).
-    pub fn stop(&self) {
+    fn pg_ctl_stop(&self, mode: &str) {
         let _ = self
             .as_server_user("pg_ctl")
             .arg("-D")
             .arg(self.data())
-            .args(["-m", "fast", "-w", "stop"])
+            .args(["-m", mode, "-w", "stop"])
             .status();
+    }
+
+    /// Stops the server (fast shutdown: sessions are ended).
+    pub fn stop(&self) {
+        self.pg_ctl_stop("fast");
     }
 
     /// Starts the stopped server again on the same port.
@@ -774,11 +778,6 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
-        let _ = self
-            .as_server_user("pg_ctl")
-            .arg("-D")
-            .arg(self.data())
-            .args(["-m", "immediate", "-w", "stop"])
-            .status();
+        self.pg_ctl_stop("immediate");
     }
 }

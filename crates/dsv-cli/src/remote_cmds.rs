@@ -479,22 +479,6 @@ pub fn normalize_url(u: &str) -> Result<String, CliError> {
 
 /// Splits `[REMOTE] ARGS…`: the first argument is a remote when one has
 /// that name; otherwise the only remote, or `origin`.
-/// Refuses `what` (push, fetch, pull) on a team repository: its packs
-/// live on other machines and its object store, which the remote transfer
-/// does not read yet, and versions fetched into it would be visible to the
-/// whole team before their data.
-fn refuse_on_team(repo: &Repo, what: &str) -> Result<(), CliError> {
-    if repo.store().pack_storage().is_some() {
-        return Err(CliError::user(format!(
-            "'dsv {what}' is not supported on a team repository yet; nothing was sent or fetched"
-        ))
-        .hint(
-            "a team repository is shared already; to bring datasets in, run              'dsv push postgres://…' from the embedded repository that holds them",
-        ));
-    }
-    Ok(())
-}
-
 fn pick_remote(repo: &Repo, args: &[String]) -> Result<(String, Vec<String>), CliError> {
     let rs = dsv_remote::remotes(repo)?;
     if let Some(first) = args.first() {
@@ -600,7 +584,6 @@ pub fn sync_and_push(
     folder: &std::path::Path,
     opts: &dsv::SyncOptions<'_>,
 ) -> Result<(dsv::SyncOutcome, Option<serde_json::Value>), CliError> {
-    refuse_on_team(repo, "dataset sync --push")?;
     let bars = Bars::new(ctx.progress);
     let started = std::time::Instant::now();
     let (out, r) = dsv_remote::sync_and_push(
@@ -625,10 +608,7 @@ pub fn push(ctx: &Ctx, a: PushArgs) -> Result<(), CliError> {
         .cloned();
     let (name, rest) = match &team_url {
         Some(_) => (String::new(), a.args[1..].to_vec()),
-        None => {
-            refuse_on_team(&repo, "push")?;
-            pick_remote(&repo, &a.args)?
-        }
+        None => pick_remote(&repo, &a.args)?,
     };
     let mut targets = Vec::new();
     if rest.is_empty() {
@@ -802,14 +782,6 @@ fn dataset_filter(repo: &Repo, rest: &[String]) -> Result<Option<Vec<dsv::Datase
 /// `dsv fetch` (metadata) and `dsv pull` (and data).
 pub fn fetch(ctx: &Ctx, a: FetchArgs, mode: FetchMode) -> Result<(), CliError> {
     let repo = repo::open_repo(ctx)?;
-    refuse_on_team(
-        &repo,
-        if mode == FetchMode::Full {
-            "pull"
-        } else {
-            "fetch"
-        },
-    )?;
     let (name, rest) = pick_remote(&repo, &a.args)?;
     let only = dataset_filter(&repo, &rest)?;
     fetch_and_report(ctx, &repo, &name, mode, only.as_deref())

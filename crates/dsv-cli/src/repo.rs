@@ -70,8 +70,6 @@ pub fn open(ctx: &Ctx) -> Result<Store, CliError> {
 /// store).
 pub fn open_repo(ctx: &Ctx) -> Result<dsv::Repo, CliError> {
     let repo = dsv::Repo::from_store(open(ctx)?);
-    if repo.store().pack_storage().is_none() {
-        crate::remote_cmds::attach(repo.store())?;
-    }
+    crate::remote_cmds::attach(repo.store())?;
     Ok(repo)
 }

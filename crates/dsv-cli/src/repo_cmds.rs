@@ -243,24 +243,13 @@ fn repository_folder_above(path: &std::path::Path) -> Option<PathBuf> {
 
 pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
     let store = repo::open(ctx)?;
-    let team = store.pack_storage().is_some();
-    if team && a.rebuild_index {
-        // The packs are spread over machines: a local rebuild would point
-        // the shared index at this machine's copies.
-        return Err(CliError::user(
-            "fsck --rebuild-index is not supported on a team repository; nothing was changed",
-        ));
-    }
     let rebuilt_chunks = if a.rebuild_index {
         Some(store.rebuild_chunk_index(&Bar::new(ctx.progress))?)
     } else {
         None
     };
-    // A lazy clone's chunks on its remote are not missing (a team
-    // repository reads other machines' packs through its own source).
-    if !team {
-        crate::remote_cmds::attach(&store)?;
-    }
+    // A lazy clone's chunks on its remote are not missing.
+    crate::remote_cmds::attach(&store)?;
     let repo = dsv::Repo::from_store(store);
     let reindexed = if a.rebuild_index {
         crate::remote_cmds::rebuild_remote_indexes(ctx, &repo)?

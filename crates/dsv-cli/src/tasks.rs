@@ -177,26 +177,21 @@ pub enum AgentSub {
 fn agent_list(ctx: &Ctx) -> Result<(), CliError> {
     let repo = open(ctx)?;
     let now = dsv_store::store::now_ms();
-    let mut rows = Vec::new();
-    for p in repo.agents()? {
-        // A running task's heartbeat is the agent's too.
-        let task_beat = match &p.task {
-            Some(t) => repo.task(t).ok().and_then(|t| t.heartbeat_ms),
-            None => None,
-        };
-        let heard = p.beat_ms.max(task_beat.unwrap_or(0));
-        let lost = p.state != dsv::agents::AgentState::Stopped
-            && now - heard > (3 * p.beat_every_ms).max(30_000);
-        let state = if lost {
-            "lost".to_string()
-        } else {
-            serde_json::to_value(p.state)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default()
-        };
-        rows.push((p, state, heard));
-    }
+    let rows: Vec<(dsv::agents::AgentPresence, String, i64)> = repo
+        .agent_statuses(now)?
+        .into_iter()
+        .map(|a| {
+            let state = if a.lost {
+                "lost".to_string()
+            } else {
+                serde_json::to_value(a.presence.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            };
+            (a.presence, state, a.heard_ms)
+        })
+        .collect();
     if ctx.json {
         return output::json(&Value::Array(
             rows.iter()

@@ -25,7 +25,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use dsv_store::kv::{Backend, Batch, Cf, KvRead, Op, TxnBody, Visitor, ALL_CFS};
+use dsv_store::kv::{prefix_successor, Backend, Batch, Cf, KvRead, Op, TxnBody, Visitor, ALL_CFS};
 use dsv_store::{Error, Result};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
@@ -42,17 +42,6 @@ const CHANNEL: &str = "dsv_changes";
 
 fn cf_code(cf: Cf) -> i16 {
     ALL_CFS.iter().position(|c| *c == cf).unwrap_or(0) as i16
-}
-
-fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut s = prefix.to_vec();
-    while let Some(last) = s.pop() {
-        if last < 0xff {
-            s.push(last + 1);
-            return Some(s);
-        }
-    }
-    None
 }
 
 /// How to reach the database. The library reads no environment and no
@@ -432,19 +421,6 @@ impl PgKv {
     /// The database, as errors name it (no password).
     pub fn location(&self) -> &str {
         &self.shared.at
-    }
-
-    /// The database server's clock, ms since the epoch (one clock for
-    /// every machine of a team).
-    pub fn server_now_ms(&self) -> Result<i64> {
-        let c = self.shared.checkout()?;
-        let r = self.shared.rt.block_on(c.query_one(
-            "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
-            &[],
-        ));
-        self.shared.give_back(c);
-        r.map(|r| r.get::<_, i64>(0))
-            .map_err(|e| map_err(&self.shared.at, "read the clock", e))
     }
 }
 

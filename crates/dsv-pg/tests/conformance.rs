@@ -106,8 +106,12 @@ fn schema_versions_credentials_and_outages_are_named() {
     let kv = PgKv::connect(&url, &pg_opts()).unwrap();
     // Connecting again migrates nothing and agrees.
     drop(PgKv::connect(&url, &pg_opts()).unwrap());
-    let v = cluster.psql("s", "SELECT max(version) FROM dsv_schema");
-    assert_eq!(String::from_utf8_lossy(&v.stdout).trim(), "1");
+    let v = cluster.psql("s", "SELECT count(*), max(version) FROM dsv_schema");
+    assert_eq!(
+        String::from_utf8_lossy(&v.stdout).trim(),
+        "1|1",
+        "migrated twice"
+    );
 
     // Wrong password: named, not retried forever.
     let bad = PgOptions {

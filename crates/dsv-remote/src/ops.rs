@@ -59,6 +59,22 @@ pub trait Progress: Sync {
 pub struct NoProgress;
 impl Progress for NoProgress {}
 
+/// Refuses a remote transfer (`what`) on a team repository: its packs lie
+/// on other machines and its object store, which the transfer does not
+/// read, and versions fetched into it would be visible to the whole team
+/// before their data (graduation, [`crate::team::graduate`], copies the
+/// data first).
+fn refuse_on_team(repo: &Repo, what: &str) -> Result<()> {
+    if repo.store().pack_storage().is_some() {
+        return Err(invalid(format!(
+            "'dsv {what}' is not supported on a team repository yet; nothing was sent or \
+             fetched (to bring datasets in, run 'dsv push postgres://…' from the embedded \
+             repository that holds them)"
+        )));
+    }
+    Ok(())
+}
+
 fn invalid(msg: String) -> Error {
     Error::Repo(dsv::Error::Invalid(msg))
 }
@@ -666,6 +682,7 @@ pub fn sync_and_push(
     connect: &Connect,
     progress: &dyn Progress,
 ) -> Result<(dsv::repo::SyncOutcome, PushReport)> {
+    refuse_on_team(repo, "dataset sync --push")?;
     let (project, name) = dsv::rev::parse_dataset_name(dataset)?;
     let rec = get_remote(repo, remote)?;
     let storage = open_storage(&rec, connect)?;
@@ -743,6 +760,7 @@ pub fn push(
     connect: &Connect,
     progress: &dyn Progress,
 ) -> Result<PushReport> {
+    refuse_on_team(repo, "push")?;
     let rec = get_remote(repo, name)?;
     let storage = open_storage(&rec, connect)?;
     let report = push_to(repo, name, &*storage, targets, progress)?;
@@ -1364,6 +1382,14 @@ pub fn fetch(
     connect: &Connect,
     progress: &dyn Progress,
 ) -> Result<FetchReport> {
+    refuse_on_team(
+        repo,
+        if mode == FetchMode::Full {
+            "pull"
+        } else {
+            "fetch"
+        },
+    )?;
     let rec = get_remote(repo, name)?;
     let storage = open_storage(&rec, connect)?;
     fetch_from(repo, name, &*storage, mode, only, progress)

@@ -186,13 +186,19 @@ fn wanted_pack(pairs: &[([u8; 32], RemoteLoc)], id: &ChunkId) -> String {
 
 /// Makes `store` read chunks it lacks from its remotes (in name order;
 /// lazy clones' remotes first), keeping them in `cache_dir` up to
-/// `cache_budget` bytes. A no-op for a repository without remotes.
+/// `cache_budget` bytes. A no-op for a repository without remotes, and for
+/// a team repository.
 pub fn attach(
     store: &dsv_store::Store,
     connect: &Connect,
     cache_dir: std::path::PathBuf,
     cache_budget: u64,
 ) -> crate::Result<()> {
+    // A team repository reads other machines' packs through its own
+    // source ([`crate::team`]), which this must not replace.
+    if store.pack_storage().is_some() {
+        return Ok(());
+    }
     let mut remotes = crate::ops::remotes_of(store)?;
     if remotes.is_empty() {
         return Ok(());

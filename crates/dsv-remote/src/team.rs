@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use dsv::Repo;
 use dsv_pg::{PgKv, PgOptions};
 use dsv_store::kv::{Backend, Batch, Cf, KvRead};
-use dsv_store::pack::{check_record_header, RECORD_HEADER_LEN};
+use dsv_store::pack::{decode_record, RECORD_HEADER_LEN};
 use dsv_store::schema::ChunkLoc;
 use dsv_store::storage::{ChunkSource, FetchedChunk, PackStorage, PutMode, PutOutcome};
 use dsv_store::{ChunkId, RepoConfig, Store, StoreOptions};
@@ -462,22 +462,16 @@ impl SharedPacks {
                     dsv_store::store::shared_pack_name(loc.pack)
                 )
             };
-            check_record_header(&rec, id, loc).map_err(|e| dsv_store::Error::Storage {
+            // Never cache bytes that are not the chunk.
+            decode_record(&rec, id, loc).map_err(|e| dsv_store::Error::Storage {
                 what: at(),
-                reason: e.to_string(),
+                reason: format!("chunk {id} is damaged on the object store: {e}"),
             })?;
             let c = FetchedChunk {
                 codec: loc.codec,
                 raw_len: loc.raw_len,
                 stored: rec[RECORD_HEADER_LEN as usize..].to_vec(),
             };
-            // Never cache bytes that are not the chunk.
-            dsv_store::compress::decode_chunk(id, c.codec, &c.stored, c.raw_len).map_err(|e| {
-                dsv_store::Error::Storage {
-                    what: at(),
-                    reason: format!("chunk {id} is damaged on the object store: {e}"),
-                }
-            })?;
             self.cache.put(id, &c);
             out[*i] = Some(c);
         }
@@ -573,14 +567,17 @@ pub fn graduate(
         let _ = crate::ops::remove_remote(repo, &name);
         let push = pushed?;
         crate::ops::add_remote(&team, &name, rec.clone(), &o.connect, false)?;
-        let fetched = crate::ops::fetch(
-            &team,
-            &name,
-            crate::FetchMode::Full,
-            None,
-            &o.connect,
-            progress,
-        );
+        // The chunks are there already: the fetch adds the metadata.
+        let fetched = open_storage(&rec, &o.connect).and_then(|storage| {
+            crate::ops::fetch_from(
+                &team,
+                &name,
+                &*storage,
+                crate::FetchMode::Full,
+                None,
+                progress,
+            )
+        });
         let _ = crate::ops::remove_remote(&team, &name);
         Ok(GraduateReport {
             metadata: without_password(metadata_url),

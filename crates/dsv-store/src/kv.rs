@@ -228,7 +228,7 @@ fn mem_scan(
 }
 
 /// The smallest key greater than every key starting with `prefix`, if any.
-pub(crate) fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+pub fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut s = prefix.to_vec();
     while let Some(last) = s.pop() {
         if last < 0xff {

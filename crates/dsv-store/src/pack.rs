@@ -713,6 +713,18 @@ impl PackReader {
     }
 }
 
+/// Checks a chunk's whole record (header, then the stored bytes against
+/// the chunk id) as read from a pack at `loc`; returns the chunk's bytes.
+pub fn decode_record(record: &[u8], id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>> {
+    check_record_header(record, id, loc)?;
+    crate::compress::decode_chunk(
+        id,
+        loc.codec,
+        &record[RECORD_HEADER_LEN as usize..],
+        loc.raw_len,
+    )
+}
+
 /// Checks a pack file's 16-byte header: the magic, then a format this build
 /// reads. `path` names the pack in the error.
 pub fn check_pack_header(head: &[u8], path: &Path) -> Result<()> {

@@ -54,6 +54,14 @@ impl Store {
     /// Rebuilds the chunk index from the pack files (see the module
     /// documentation).
     pub fn rebuild_chunk_index(&self, progress: &dyn Progress) -> Result<RebuildReport> {
+        if self.pack_storage().is_some() {
+            // The packs are spread over machines: a rebuild from this
+            // folder would point the shared index at this machine's copies.
+            return Err(Error::Invalid(
+                "fsck --rebuild-index is not supported on a team repository; nothing was changed"
+                    .into(),
+            ));
+        }
         let dir = self.packs_dir();
         let mut files = pack_files(&dir)?;
         files.sort_unstable_by_key(|(id, _, _)| *id);

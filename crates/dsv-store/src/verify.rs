@@ -10,9 +10,7 @@ use crate::error::{Error, Result};
 use crate::id::{hash, ChunkId, ObjectId, VersionId};
 use crate::kv::{Batch, Cf, KvRead};
 use crate::object::{stored, EntryTarget, Object, TreeNode};
-use crate::pack::{
-    check_pack_header, check_record_header, pack_path, PACK_HEADER_LEN, RECORD_HEADER_LEN,
-};
+use crate::pack::{check_pack_header, pack_path, PACK_HEADER_LEN, RECORD_HEADER_LEN};
 use crate::schema::{self, ChunkLoc, DamagedChunk, DraftRecord, StatEntry};
 use crate::store::{Progress, Store};
 
@@ -373,14 +371,7 @@ impl Store {
                             let start = loc.offset as usize;
                             let end = start + RECORD_HEADER_LEN as usize + loc.stored_len as usize;
                             let rec = map.get(start..end)?;
-                            let res = check_record_header(rec, id, loc).and_then(|_| {
-                                crate::compress::decode_chunk(
-                                    id,
-                                    loc.codec,
-                                    &rec[RECORD_HEADER_LEN as usize..],
-                                    loc.raw_len,
-                                )
-                            });
+                            let res = crate::pack::decode_record(rec, id, loc);
                             progress.advance(loc.stored_len as u64);
                             res.err().map(|e| (*id, e.to_string()))
                         })
@@ -549,24 +540,13 @@ fn verify_shared(
                 (name.clone(), l.offset..end)
             })
             .collect();
-        {
-            let recs = storage.get_ranges(&reqs, &|_| {})?;
-            {
-                for ((id, loc), rec) in batch.iter().zip(recs) {
-                    let res = check_record_header(&rec, id, loc).and_then(|_| {
-                        crate::compress::decode_chunk(
-                            id,
-                            loc.codec,
-                            &rec[RECORD_HEADER_LEN as usize..],
-                            loc.raw_len,
-                        )
-                    });
-                    progress.advance(loc.stored_len as u64);
-                    bytes += loc.raw_len as u64;
-                    if let Err(e) = res {
-                        bad.push((*id, format!("{}/{name}: {e}", storage.location())));
-                    }
-                }
+        let recs = storage.get_ranges(&reqs, &|_| {})?;
+        for ((id, loc), rec) in batch.iter().zip(recs) {
+            let res = crate::pack::decode_record(&rec, id, loc);
+            progress.advance(loc.stored_len as u64);
+            bytes += loc.raw_len as u64;
+            if let Err(e) = res {
+                bad.push((*id, format!("{}/{name}: {e}", storage.location())));
             }
         }
     }

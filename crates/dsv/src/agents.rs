@@ -56,12 +56,30 @@ pub struct AgentPresence {
 }
 
 impl AgentPresence {
-    /// Whether the agent is presumed gone at `now_ms`: stopped, or silent
-    /// for three of its beat periods (and at least 30 s).
-    pub fn lost(&self, now_ms: i64) -> bool {
+    /// Whether the agent is presumed gone at `now_ms`: not stopped, and
+    /// silent for three of its beat periods (at least 30 s) since
+    /// `heard_ms`.
+    fn lost_since(&self, heard_ms: i64, now_ms: i64) -> bool {
         self.state != AgentState::Stopped
-            && now_ms - self.beat_ms > (3 * self.beat_every_ms).max(30_000)
+            && now_ms - heard_ms > (3 * self.beat_every_ms).max(30_000)
     }
+
+    /// [`AgentPresence::lost_since`] its own last beat.
+    pub fn lost(&self, now_ms: i64) -> bool {
+        self.lost_since(self.beat_ms, now_ms)
+    }
+}
+
+/// An agent as `dsv agent list` shows it.
+#[derive(Debug, Clone)]
+pub struct AgentStatus {
+    /// Its presence record.
+    pub presence: AgentPresence,
+    /// When it was last heard of: its own beat, or the heartbeat of the
+    /// task it runs, whichever is later.
+    pub heard_ms: i64,
+    /// Silent for too long while not stopped (its machine vanished).
+    pub lost: bool,
 }
 
 fn key(id: &str) -> Vec<u8> {
@@ -94,6 +112,25 @@ impl Repo {
             b.put(Cf::App, k.clone(), value.clone());
             Ok((b, ()))
         })
+    }
+
+    /// Every agent with when it was last heard of (a running task's
+    /// heartbeat counts) and whether it is lost, at `now_ms`, by name.
+    pub fn agent_statuses(&self, now_ms: i64) -> Result<Vec<AgentStatus>> {
+        let mut out = Vec::new();
+        for p in self.agents()? {
+            let task_beat = match &p.task {
+                Some(t) => self.task(t).ok().and_then(|t| t.heartbeat_ms),
+                None => None,
+            };
+            let heard_ms = p.beat_ms.max(task_beat.unwrap_or(0));
+            out.push(AgentStatus {
+                lost: p.lost_since(heard_ms, now_ms),
+                heard_ms,
+                presence: p,
+            });
+        }
+        Ok(out)
     }
 
     /// Every agent's presence record, by name.
