@@ -464,6 +464,28 @@ fn the_retraining_loop_runs_across_three_machines_and_survives_a_killed_agent() 
         .count();
     assert_eq!(judged, 1, "{gate}");
 
+    // The event log as SQL readers see it (`dsv_events`): numbered 1..n
+    // without a gap although agents on two machines appended concurrently
+    // (task events are numbered at commit), each record carrying its number.
+    let o = pg.psql(
+        "team",
+        "SELECT count(*), min(seq), max(seq), count(DISTINCT seq), \
+                count(*) FILTER (WHERE (event->>'seq')::bigint <> seq OR kind IS NULL), \
+                count(*) FILTER (WHERE kind = 'task_status') \
+         FROM dsv_events",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let row: Vec<i64> = String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .split('|')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(row[1], 1, "{row:?}");
+    assert_eq!(row[0], row[2], "a gap in the event log: {row:?}");
+    assert_eq!(row[0], row[3], "{row:?}");
+    assert_eq!(row[4], 0, "records without their number or kind: {row:?}");
+    assert!(row[5] >= 6, "task events missing: {row:?}");
+
     // Every machine sees the agents; machine 3's is not "stopped".
     let agents = m2.json(&["agent", "list"]);
     let m3_row = agents

@@ -838,11 +838,13 @@ fn show(ctx: &Ctx, a: RevArg) -> Result<(), CliError> {
 fn list(ctx: &Ctx, a: ListArgs) -> Result<(), CliError> {
     let repo = open(ctx)?;
     let vs = match &a.filter {
-        None => repo.list(None, None, &a.tags)?,
-        Some(f) => repo.list_path(f, &a.tags)?.ok_or_else(|| {
-            CliError::user(format!("no dataset or project named {f}"))
-                .hint("'dsv dataset list' shows every dataset")
-        })?,
+        None => repo.list_limited(None, None, &a.tags, a.limit)?,
+        Some(f) => repo
+            .list_path_limited(f, &a.tags, a.limit)?
+            .ok_or_else(|| {
+                CliError::user(format!("no dataset or project named {f}"))
+                    .hint("'dsv dataset list' shows every dataset")
+            })?,
     };
     let mut vs = vs;
     if let Some(n) = a.limit {

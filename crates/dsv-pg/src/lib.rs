@@ -7,11 +7,25 @@
 //!   key (cf, k))`; `bytea` sorts bytewise, as RocksDB does, so prefix
 //!   scans are index range scans in both directions (read in pages).
 //!   `dsv_schema (version)` is checked at connect.
-//! - **Transactions**: each runs `SERIALIZABLE` on a pooled connection; a
-//!   serialization failure or deadlock (SQLSTATE 40001 / 40P01) is the
-//!   seam's retryable [`Error::Conflict`]. The batch is applied as one
-//!   upsert and one delete (the last op per key wins), with the keyspace
-//!   counters sealed in the same transaction ([`dsv_store::txn::seal`]).
+//! - **Transactions**: the body runs at `READ COMMITTED` on a pooled
+//!   connection with its reads recorded; the commit takes an advisory lock
+//!   (`pg_advisory_xact_lock`, held to the end of the transaction), checks
+//!   every read again (a difference is the seam's retryable
+//!   [`Error::Conflict`]), numbers the batch's appends, bumps the keyspace
+//!   counters ([`dsv_store::txn::seal`]) and writes — one upsert, one
+//!   delete, the notification and `COMMIT` in one pipelined round trip.
+//!   Writers commit one at a time but run their bodies concurrently. After
+//!   a conflict, a connection's writers take the lock first for a while
+//!   (contended writers queue instead of repeating work that will fail).
+//! - **Claims** ([`Backend::claim`], a job queue's dequeue): the first
+//!   entry under each prefix is taken with `FOR UPDATE SKIP LOCKED`, so
+//!   concurrent agents get different tasks instead of conflicting on the
+//!   first; a commit that changes an `app` row a claimer holds locks it with
+//!   `NOWAIT` first and is a conflict when it is busy (never a deadlock).
+//! - **Event log**: appended records are numbered at commit under the lock:
+//!   a gap-free sequence in commit order, with no transaction reading the
+//!   counter; `dsv_events` shows the log as a relation (`seq`, `time_ms`,
+//!   `kind`, `project`, `name`, `event` jsonb) for SQL readers.
 //! - **Snapshots**: a view is a `REPEATABLE READ READ ONLY` transaction on
 //!   its own connection, ended when the view is dropped.
 //! - **Change feed**: every commit `NOTIFY`s `dsv_changes` (delivered at
@@ -25,13 +39,15 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use dsv_store::kv::{prefix_successor, Backend, Batch, Cf, KvRead, Op, TxnBody, Visitor, ALL_CFS};
+use dsv_store::kv::{
+    prefix_successor, Backend, Batch, Cf, ClaimBody, KvRead, Op, TxnBody, Visitor, ALL_CFS,
+};
 use dsv_store::{Error, Result};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 /// Rows read by the first page of a scan (most scans stop early: the first
 /// entry of a queue, the last event); each next page is four times larger.
 const FIRST_PAGE: i64 = 32;
@@ -55,7 +71,7 @@ pub struct PgOptions {
     pub application_name: Option<String>,
     /// Longest a statement may run.
     pub statement_timeout: Option<Duration>,
-    /// Longest a writer waits for the writers' lock (after a conflict).
+    /// Longest a writer waits for the write lock.
     pub lock_timeout: Option<Duration>,
 }
 
@@ -301,6 +317,84 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE dsv_kv (cf smallint NOT NULL, k bytea NOT NULL, v bytea NOT NULL, \
          PRIMARY KEY (cf, k)); \
      CREATE TABLE dsv_wlock ();",
+    // 2: commits under an advisory lock at READ COMMITTED (claims with
+    // SKIP LOCKED; a build that writes SERIALIZABLE must not share the
+    // database with one that does not, hence the version); the event log
+    // as a relation for SQL readers: `app` keys `ev/` · seq (u64 BE), with
+    // the record's number (an appended record does not carry it).
+    "DROP TABLE dsv_wlock; \
+     CREATE VIEW dsv_events AS \
+       SELECT e.seq, (e.ev->>'time_ms')::bigint AS time_ms, e.ev->>'kind' AS kind, \
+              e.ev->>'project' AS project, e.ev->>'name' AS name, \
+              jsonb_set(e.ev, '{seq}', to_jsonb(e.seq)) AS event \
+       FROM (SELECT ('x' || encode(substring(k FROM 4 FOR 8), 'hex'))::bit(64)::bigint AS seq, \
+                    convert_from(v, 'UTF8')::jsonb AS ev \
+             FROM dsv_kv WHERE cf = 8 AND k >= '\\x65762f'::bytea AND k < '\\x657630'::bytea \
+               AND length(k) = 11) e; \
+     CREATE FUNCTION dsv_le(b bytea) RETURNS bigint LANGUAGE sql IMMUTABLE AS $f$ \
+       SELECT CASE WHEN b IS NULL OR length(b) <> 8 THEN 0 ELSE \
+         (get_byte(b, 0)::bigint) | (get_byte(b, 1)::bigint << 8) \
+         | (get_byte(b, 2)::bigint << 16) | (get_byte(b, 3)::bigint << 24) \
+         | (get_byte(b, 4)::bigint << 32) | (get_byte(b, 5)::bigint << 40) \
+         | (get_byte(b, 6)::bigint << 48) | (get_byte(b, 7)::bigint << 56) END $f$; \
+     CREATE FUNCTION dsv_le_bytes(n bigint) RETURNS bytea LANGUAGE sql IMMUTABLE AS $f$ \
+       SELECT int8send(((n & 255) << 56) | (((n >> 8) & 255) << 48) \
+         | (((n >> 16) & 255) << 40) | (((n >> 24) & 255) << 32) \
+         | (((n >> 32) & 255) << 24) | (((n >> 40) & 255) << 16) \
+         | (((n >> 48) & 255) << 8) | ((n >> 56) & 255)) $f$; \
+     CREATE FUNCTION dsv_commit( \
+         e_cf smallint[], e_k bytea[], e_v bytea[], app smallint, lock_k bytea[], \
+         p_cf smallint[], p_k bytea[], p_v bytea[], d_cf smallint[], d_k bytea[], \
+         s_cf smallint[], s_k bytea[], a_cf smallint[], a_p bytea[], a_v bytea[], \
+         meta smallint, bump bytea[]) RETURNS void LANGUAGE plpgsql AS $f$ \
+     DECLARE \
+       bad_k bytea; key bytea; sq record; n bigint; cnt bigint; \
+     BEGIN \
+       PERFORM pg_advisory_xact_lock(28274449916064361); \
+       IF cardinality(e_k) > 0 THEN \
+       SELECT e.k INTO bad_k FROM unnest(e_cf, e_k, e_v) AS e(cf, k, v) \
+         WHERE (SELECT kv.v FROM dsv_kv kv WHERE kv.cf = e.cf AND kv.k = e.k) \
+               IS DISTINCT FROM e.v LIMIT 1; \
+       END IF; \
+       IF bad_k IS NOT NULL THEN \
+         RAISE EXCEPTION USING ERRCODE = '40001', \
+           MESSAGE = 'a key read by this transaction changed: ' || encode(bad_k, 'escape'); \
+       END IF; \
+       FOREACH key IN ARRAY lock_k LOOP \
+         PERFORM 1 FROM dsv_kv WHERE cf = app AND k = key FOR UPDATE NOWAIT; \
+       END LOOP; \
+       IF cardinality(d_k) > 0 THEN \
+       DELETE FROM dsv_kv USING unnest(d_cf, d_k) AS d(cf, k) \
+         WHERE dsv_kv.cf = d.cf AND dsv_kv.k = d.k; \
+       END IF; \
+       INSERT INTO dsv_kv (cf, k, v) SELECT * FROM unnest(p_cf, p_k, p_v) \
+         ON CONFLICT (cf, k) DO UPDATE SET v = EXCLUDED.v; \
+       IF cardinality(a_v) > 0 THEN \
+         FOR sq IN SELECT DISTINCT cf, k FROM unnest(s_cf, s_k) AS t(cf, k) LOOP \
+           n := coalesce((SELECT dsv_le(v) FROM dsv_kv WHERE cf = sq.cf AND k = sq.k), 0); \
+           INSERT INTO dsv_kv (cf, k, v) \
+             SELECT a.cf, a.p || int8send(n + row_number() OVER (ORDER BY a.o)), a.v \
+             FROM unnest(s_cf, s_k, a_cf, a_p, a_v) WITH ORDINALITY AS a(scf, sk, cf, p, v, o) \
+             WHERE a.scf = sq.cf AND a.sk = sq.k; \
+           GET DIAGNOSTICS cnt = ROW_COUNT; \
+           n := n + cnt; \
+           UPDATE dsv_kv SET v = dsv_le_bytes(n) WHERE cf = sq.cf AND k = sq.k; \
+           IF NOT FOUND THEN \
+             INSERT INTO dsv_kv (cf, k, v) VALUES (sq.cf, sq.k, dsv_le_bytes(n)); \
+           END IF; \
+         END LOOP; \
+       END IF; \
+       IF cardinality(bump) > 0 THEN \
+         UPDATE dsv_kv SET v = dsv_le_bytes(dsv_le(v) + 1) WHERE cf = meta AND k = ANY(bump); \
+         GET DIAGNOSTICS cnt = ROW_COUNT; \
+         IF cnt < cardinality(bump) THEN \
+           INSERT INTO dsv_kv (cf, k, v) SELECT meta, b.k, dsv_le_bytes(1) \
+             FROM unnest(bump) AS b(k) \
+             WHERE NOT EXISTS (SELECT 1 FROM dsv_kv WHERE cf = meta AND k = b.k); \
+         END IF; \
+       END IF; \
+       PERFORM pg_notify('dsv_changes', ''); \
+     END $f$;",
 ];
 
 impl PgKv {
@@ -599,6 +693,13 @@ struct PgView {
     conn: std::sync::RwLock<Option<Arc<Conn>>>,
 }
 
+/// A view unused for this long ends (the server closes its connection);
+/// its next read starts a new snapshot. An open snapshot keeps the server
+/// from cleaning up row versions that committed after it — the hot rows
+/// every commit updates (counters) would grow chains of dead versions that
+/// every later read walks.
+const VIEW_IDLE_MS: u64 = 10_000;
+
 /// A connection in a new read-only snapshot.
 fn snapshot(shared: &Shared) -> Result<Conn> {
     let c = shared.checkout()?;
@@ -606,7 +707,10 @@ fn snapshot(shared: &Shared) -> Result<Conn> {
     exec(
         shared,
         &c,
-        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1",
+        &format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+             SET LOCAL idle_in_transaction_session_timeout = {VIEW_IDLE_MS}; SELECT 1"
+        ),
         "begin a snapshot",
     )?;
     Ok(c)
@@ -687,6 +791,8 @@ fn coalesce(batch: Batch) -> (Vec<(i16, Vec<u8>, Vec<u8>)>, Vec<(i16, Vec<u8>)>)
         match op {
             Op::Put(cf, k, v) => last.insert((cf_code(cf), k), Some(v)),
             Op::Delete(cf, k) => last.insert((cf_code(cf), k), None),
+            // Resolved by `seal` before.
+            Op::Append { .. } => None,
         };
     }
     let mut puts = Vec::new();
@@ -700,137 +806,374 @@ fn coalesce(batch: Batch) -> (Vec<(i16, Vec<u8>, Vec<u8>)>, Vec<(i16, Vec<u8>)>)
     (puts, dels)
 }
 
-impl PgKv {
-    /// One attempt: `SERIALIZABLE`; with `locked`, the writers' lock is
-    /// taken first (before the snapshot), so that writers queue instead of
-    /// failing on the hot rows every write touches (the keyspace counters,
-    /// the event sequence).
-    fn attempt(&self, body: &mut TxnBody<'_>, locked: bool) -> Result<()> {
-        let shared = &*self.shared;
-        let c = shared.checkout()?;
-        let begin = if locked {
-            format!(
-                "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = {}; \
-                 LOCK TABLE dsv_wlock IN EXCLUSIVE MODE",
-                shared.lock_timeout_ms
-            )
-        } else {
-            "BEGIN ISOLATION LEVEL SERIALIZABLE".to_string()
+/// Key of the advisory lock under which every write transaction validates
+/// its reads and commits (`pg_advisory_xact_lock`, released at commit).
+const WRITE_LOCK: i64 = 0x0064_7376_5f77_7269;
+
+/// A point read to check at commit: column family, key, the value read.
+type Expected = (i16, Vec<u8>, Option<Vec<u8>>);
+
+/// A commit's arguments to `dsv_commit` (see the migration).
+struct Commit {
+    e_cf: Vec<i16>,
+    e_k: Vec<Vec<u8>>,
+    e_v: Vec<Option<Vec<u8>>>,
+    lock_k: Vec<Vec<u8>>,
+    p_cf: Vec<i16>,
+    p_k: Vec<Vec<u8>>,
+    p_v: Vec<Vec<u8>>,
+    d_cf: Vec<i16>,
+    d_k: Vec<Vec<u8>>,
+    s_cf: Vec<i16>,
+    s_k: Vec<Vec<u8>>,
+    a_cf: Vec<i16>,
+    a_p: Vec<Vec<u8>>,
+    a_v: Vec<Vec<u8>>,
+    bump: Vec<Vec<u8>>,
+    meta: i16,
+    app: i16,
+}
+
+impl Commit {
+    /// `expect`: the point reads to check; `claimed`: rows this
+    /// transaction holds already.
+    fn new(mut batch: Batch, expect: &[Expected], claimed: &[(Vec<u8>, Vec<u8>)]) -> Self {
+        // The keyspaces this commit touches (appends included).
+        let bump: Vec<Vec<u8>> = dsv_store::txn::counters_of(&batch)
+            .into_iter()
+            .filter(|(cf, k)| *cf == Cf::Meta && k.starts_with(dsv_store::txn::KEYSPACE_PREFIX))
+            .map(|(_, k)| k)
+            .collect();
+        // Appends to a sequence the batch numbers itself (its body read
+        // the counter, which is checked) follow that number here; the
+        // others are numbered by the server.
+        let own: Vec<(Cf, Vec<u8>)> = batch
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Put(cf, k, _) => Some((*cf, k.clone())),
+                _ => None,
+            })
+            .collect();
+        let mut local = Batch::default();
+        let mut c = Commit {
+            e_cf: Vec::new(),
+            e_k: Vec::new(),
+            e_v: Vec::new(),
+            lock_k: Vec::new(),
+            p_cf: Vec::new(),
+            p_k: Vec::new(),
+            p_v: Vec::new(),
+            d_cf: Vec::new(),
+            d_k: Vec::new(),
+            s_cf: Vec::new(),
+            s_k: Vec::new(),
+            a_cf: Vec::new(),
+            a_p: Vec::new(),
+            a_v: Vec::new(),
+            bump,
+            meta: cf_code(Cf::Meta),
+            app: cf_code(Cf::App),
         };
+        for op in std::mem::take(&mut batch.ops) {
+            match op {
+                Op::Append {
+                    seq,
+                    cf,
+                    prefix,
+                    value,
+                } if !own.contains(&seq) => {
+                    c.s_cf.push(cf_code(seq.0));
+                    c.s_k.push(seq.1);
+                    c.a_cf.push(cf_code(cf));
+                    c.a_p.push(prefix);
+                    c.a_v.push(value);
+                }
+                other => local.ops.push(other),
+            }
+        }
+        // Only appends to the batch's own sequences are left: numbered
+        // after the value it puts.
+        let _ = dsv_store::txn::resolve_appends(&mut local, &mut |_, _| Ok(0));
+        let (puts, dels) = coalesce(local);
+        for (cf, k, v) in expect {
+            c.e_cf.push(*cf);
+            c.e_k.push(k.clone());
+            c.e_v.push(v.clone());
+        }
+        let mut locks: Vec<Vec<u8>> = puts
+            .iter()
+            .filter(|p| p.0 == c.app)
+            .map(|p| p.1.clone())
+            .chain(dels.iter().filter(|d| d.0 == c.app).map(|d| d.1.clone()))
+            .filter(|k| !claimed.iter().any(|(f, _)| f == k))
+            .collect();
+        locks.sort();
+        locks.dedup();
+        c.lock_k = locks;
+        for (cf, k, v) in puts {
+            c.p_cf.push(cf);
+            c.p_k.push(k);
+            c.p_v.push(v);
+        }
+        for (cf, k) in dels {
+            c.d_cf.push(cf);
+            c.d_k.push(k);
+        }
+        c
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 17] {
+        [
+            &self.e_cf,
+            &self.e_k,
+            &self.e_v,
+            &self.app,
+            &self.lock_k,
+            &self.p_cf,
+            &self.p_k,
+            &self.p_v,
+            &self.d_cf,
+            &self.d_k,
+            &self.s_cf,
+            &self.s_k,
+            &self.a_cf,
+            &self.a_p,
+            &self.a_v,
+            &self.meta,
+            &self.bump,
+        ]
+    }
+}
+
+/// Whether a failed commit is a conflict (a checked read changed, or a row
+/// a claimer holds), described for the error.
+fn commit_conflict(e: &tokio_postgres::Error) -> Option<String> {
+    use tokio_postgres::error::SqlState;
+    let db = e.as_db_error()?;
+    if *db.code() == SqlState::T_R_SERIALIZATION_FAILURE {
+        return Some(db.message().to_string());
+    }
+    if *db.code() == SqlState::LOCK_NOT_AVAILABLE && db.message().contains("lock on row") {
+        return Some("a row another agent is claiming".into());
+    }
+    None
+}
+
+/// How one attempt runs its body.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Without the write lock; reads recorded, validated under the lock
+    /// at commit.
+    Optimistic,
+    /// Under the write lock from the start: nobody else commits meanwhile,
+    /// so the reads need no validation (after a conflict: a contended
+    /// writer queues instead of repeating work that will fail).
+    Locked,
+}
+
+impl PgKv {
+    /// One attempt of a transaction (`prefixes` empty) or a claim. Runs at
+    /// `READ COMMITTED`; the claimed rows are taken with `FOR UPDATE SKIP
+    /// LOCKED`; the commit happens under [`WRITE_LOCK`], where the reads
+    /// are checked again (optimistic mode), the appends numbered and the
+    /// keyspace counters bumped — all writers commit one at a time, but
+    /// only for the few round trips of the commit, not for their bodies.
+    fn attempt(&self, prefixes: &[Vec<u8>], body: &mut ClaimBody<'_>, mode: Mode) -> Result<()> {
+        let shared = &*self.shared;
+        let at = &shared.at;
+        let c = shared.checkout()?;
+        let mut begin = format!(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = {}",
+            shared.lock_timeout_ms
+        );
+        if mode == Mode::Locked {
+            begin.push_str(&format!("; SELECT pg_advisory_xact_lock({WRITE_LOCK})"));
+        }
         if let Err(e) = exec(shared, &c, &begin, "begin") {
             // Possibly inside a failed transaction now (the lock timed
             // out after BEGIN): never back into the pool.
             drop(c);
             return Err(e);
         }
-        let reader = TxnReader::new(shared, &c);
-        let outcome = (|| {
-            let mut batch = body(&reader)?;
-            if batch.is_empty() {
-                return Ok(false);
-            }
-            // The keyspace counters this batch bumps, read in one query.
-            let mut counters: Vec<Vec<u8>> = Vec::new();
-            for op in &batch.ops {
-                let (Op::Put(cf, k, _) | Op::Delete(cf, k)) = op;
-                if let Some(ks) = dsv_store::txn::keyspace_of(*cf, k) {
-                    counters.push(dsv_store::txn::keyspace_counter_key(&ks));
-                }
-            }
-            counters.sort();
-            counters.dedup();
-            let at = &shared.at;
-            let current: std::collections::HashMap<Vec<u8>, u64> = shared.rt.block_on(async {
+        let mut found: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        if !prefixes.is_empty() {
+            let claimed = shared.rt.block_on(async {
                 let stmt = c
-                    .stmt("SELECT k, v FROM dsv_kv WHERE cf = $1 AND k = ANY($2::bytea[])")
+                    .stmt(
+                        "SELECT k, v FROM dsv_kv WHERE cf = $1 AND k >= $2 AND k < $3 \
+                         ORDER BY k LIMIT 1 FOR UPDATE SKIP LOCKED",
+                    )
                     .await
                     .map_err(|e| map_err(at, "prepare", e))?;
-                let rows = c
-                    .query(&stmt, &[&cf_code(Cf::Meta), &counters])
-                    .await
-                    .map_err(|e| map_err(at, "read counters", e))?;
+                let code = cf_code(Cf::App);
+                let mut bounds = Vec::new();
+                for p in prefixes {
+                    let upper = prefix_successor(p).ok_or_else(|| {
+                        Error::Invalid("a claim prefix of 0xff bytes only".into())
+                    })?;
+                    bounds.push((p.clone(), upper));
+                }
+                // Pipelined: one round trip for every prefix.
+                let params: Vec<[&(dyn ToSql + Sync); 3]> = bounds
+                    .iter()
+                    .map(|(p, u)| [&code as &(dyn ToSql + Sync), p, u])
+                    .collect();
+                let rows =
+                    futures::future::try_join_all(params.iter().map(|ps| c.query_opt(&stmt, ps)))
+                        .await
+                        .map_err(|e| map_err(at, "claim", e))?;
                 Ok::<_, Error>(
                     rows.into_iter()
-                        .map(|r| {
-                            let v: Vec<u8> = r.get(1);
-                            let n = v.try_into().map(u64::from_le_bytes).unwrap_or(0);
-                            (r.get::<_, Vec<u8>>(0), n)
-                        })
-                        .collect(),
+                        .flatten()
+                        .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
+                        .collect::<Vec<_>>(),
                 )
-            })?;
-            dsv_store::txn::seal(&mut batch, &mut |k| {
-                Ok(current.get(k).copied().unwrap_or(0))
-            })?;
-            let (puts, dels) = coalesce(batch);
+            });
+            match claimed {
+                Ok(f) => found = f,
+                Err(e) => {
+                    drop(c);
+                    return Err(e);
+                }
+            }
+        }
+        let reader = TxnReader::new(shared, &c);
+        let recording = dsv_store::txn::Recording::new(&reader);
+        let result = match mode {
+            Mode::Optimistic => body(&recording, &found),
+            Mode::Locked => body(&reader, &found),
+        };
+        let reads = recording.into_reads();
+        let outcome = (|| -> Result<bool> {
+            let batch = match result {
+                Ok(b) if b.is_empty() => return Ok(false),
+                Ok(b) => b,
+                Err(e) => {
+                    // An error may come from reads that no longer hold
+                    // (each statement sees the latest commits): then it is
+                    // a conflict, and the body runs again.
+                    if mode == Mode::Optimistic {
+                        if let Some(what) = dsv_store::txn::first_conflict(&reads, &reader)? {
+                            return Err(Error::Conflict { what, tries: 1 });
+                        }
+                    }
+                    return Err(e);
+                }
+            };
+            let mut expect = Vec::new();
+            let mut scans = Vec::new();
+            if mode == Mode::Optimistic {
+                for r in reads {
+                    match r {
+                        dsv_store::txn::ReadRecord::Get { cf, key, value } => {
+                            expect.push((cf_code(cf), key, value))
+                        }
+                        scan => scans.push(scan),
+                    }
+                }
+            }
+            if !scans.is_empty() {
+                // Scans are checked here, under the lock (taken now, and
+                // again — it is reentrant — by the commit below).
+                shared.rt.block_on(async {
+                    let stmt = c
+                        .stmt("SELECT pg_advisory_xact_lock($1)")
+                        .await
+                        .map_err(|e| map_err(at, "prepare", e))?;
+                    c.execute(&stmt, &[&WRITE_LOCK])
+                        .await
+                        .map_err(|e| map_err(at, "take the write lock", e))
+                })?;
+                if let Some(what) = dsv_store::txn::first_conflict(&scans, &reader)? {
+                    return Err(Error::Conflict { what, tries: 1 });
+                }
+            }
+            let commit = Commit::new(batch, &expect, &found);
             shared.rt.block_on(async {
-                let (up, del, notify) = futures::try_join!(
-                    c.stmt(
-                        "INSERT INTO dsv_kv (cf, k, v) \
-                         SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::bytea[]) \
-                         ON CONFLICT (cf, k) DO UPDATE SET v = EXCLUDED.v"
-                    ),
-                    c.stmt(
-                        "DELETE FROM dsv_kv USING unnest($1::smallint[], $2::bytea[]) AS d(cf, k) \
-                         WHERE dsv_kv.cf = d.cf AND dsv_kv.k = d.k"
-                    ),
-                    c.stmt("SELECT pg_notify($1, '')"),
-                )
-                .map_err(|e| map_err(at, "prepare", e))?;
-                let pcfs: Vec<i16> = puts.iter().map(|p| p.0).collect();
-                let pks: Vec<&[u8]> = puts.iter().map(|p| p.1.as_slice()).collect();
-                let pvs: Vec<&[u8]> = puts.iter().map(|p| p.2.as_slice()).collect();
-                let dcfs: Vec<i16> = dels.iter().map(|p| p.0).collect();
-                let dks: Vec<&[u8]> = dels.iter().map(|p| p.1.as_slice()).collect();
-                // Pipelined: one round trip for the writes and the
-                // notification (delivered at commit, to every listener).
-                let write = async {
-                    if puts.is_empty() {
-                        return Ok(0);
+                let stmt = c
+                    .stmt(
+                        "SELECT dsv_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+                         $13, $14, $15, $16, $17)",
+                    )
+                    .await
+                    .map_err(|e| map_err(at, "prepare", e))?;
+                let params = commit.params();
+                // One round trip: the commit function (under the write
+                // lock: check the reads, lock claimed rows, write, number
+                // the appends, bump the counters, notify) and COMMIT. A
+                // failed function makes the server turn the COMMIT into a
+                // rollback.
+                let (f, end) = futures::join!(c.execute(&stmt, &params), c.batch_execute("COMMIT"));
+                if let Err(e) = &f {
+                    if let Some(what) = commit_conflict(e) {
+                        return Err(Error::Conflict { what, tries: 1 });
                     }
-                    c.execute(&up, &[&pcfs, &pks, &pvs]).await
-                };
-                let delete = async {
-                    if dels.is_empty() {
-                        return Ok(0);
-                    }
-                    c.execute(&del, &[&dcfs, &dks]).await
-                };
-                futures::try_join!(write, delete, c.execute(&notify, &[&CHANNEL]))
-                    .map_err(|e| map_err(at, "write", e))?;
+                }
+                f.map_err(|e| map_err(at, "commit", e))?;
+                end.map_err(|e| map_err(at, "commit", e))?;
                 Ok::<_, Error>(())
             })?;
             Ok(true)
         })();
-        let end = match &outcome {
-            Ok(true) => exec(shared, &c, "COMMIT", "commit"),
-            _ => exec(shared, &c, "ROLLBACK", "roll back"),
-        };
         let conflicted = reader.conflicted();
-        match &end {
-            Ok(()) => shared.give_back(c),
-            // A connection whose COMMIT or ROLLBACK failed is not reused.
-            Err(_) => drop(c),
+        match &outcome {
+            // Committed in the pipeline above.
+            Ok(true) => shared.give_back(c),
+            Ok(false) | Err(_) => {
+                // Nothing to commit, or it failed before or inside the
+                // commit's pipeline: roll back (a no-op when the server
+                // already ended the transaction). A connection whose
+                // rollback fails is not reused.
+                if exec(shared, &c, "ROLLBACK", "roll back").is_ok() {
+                    shared.give_back(c);
+                }
+            }
         }
-        let result = match (outcome, end) {
-            (Ok(_), Ok(())) => Ok(()),
-            (Ok(_), Err(e)) => Err(e),
-            (Err(e), _) => Err(e),
-        };
-        match result {
-            // A read hit a serialization failure that the body turned into
-            // another error (or swallowed): the transaction conflicted.
+        match outcome {
+            Ok(_) => Ok(()),
+            // A read hit a deadlock that the body turned into another
+            // error (or swallowed): the transaction conflicted.
             Err(e) if conflicted && !matches!(e, Error::Conflict { .. }) => Err(Error::Conflict {
                 what: format!("a concurrent transaction (then: {e})"),
                 tries: 1,
             }),
-            r => r,
+            Err(e) => Err(e),
         }
+    }
+
+    /// Runs one transaction or claim: optimistic while writers rarely
+    /// collide; under the write lock at once for a while after a conflict.
+    fn run(&self, prefixes: &[Vec<u8>], body: &mut ClaimBody<'_>) -> Result<()> {
+        let now = dsv_store::store::now_ms();
+        let contended = now
+            - self
+                .last_conflict_ms
+                .load(std::sync::atomic::Ordering::Relaxed)
+            < CONTENDED_FOR_MS;
+        if !contended {
+            match self.attempt(prefixes, body, Mode::Optimistic) {
+                Err(Error::Conflict { .. }) => self
+                    .last_conflict_ms
+                    .store(now, std::sync::atomic::Ordering::Relaxed),
+                other => return other,
+            }
+        }
+        let mut last = None;
+        for _ in 0..LOCKED_TRIES {
+            match self.attempt(prefixes, body, Mode::Locked) {
+                // Still possible behind the lock: a row a claimer holds
+                // (taken without waiting), a deadlock.
+                Err(e @ Error::Conflict { .. }) => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(last.expect("LOCKED_TRIES > 0"))
     }
 }
 
 /// Attempts of one transaction inside [`Backend::transact`] behind the
-/// writers' lock (after an optimistic one, unless contended).
+/// write lock (after an optimistic one, unless contended).
 const LOCKED_TRIES: usize = 4;
 /// How long after a conflict a connection's writers take the lock first.
 const CONTENDED_FOR_MS: i64 = 2_000;
@@ -845,33 +1188,11 @@ impl Backend for PgKv {
     }
 
     fn transact(&self, body: &mut TxnBody<'_>) -> Result<()> {
-        // Optimistic while writers rarely collide; behind the lock at once
-        // for a while after a conflict (contended writers queue instead of
-        // repeating work that will fail).
-        let now = dsv_store::store::now_ms();
-        let contended = now
-            - self
-                .last_conflict_ms
-                .load(std::sync::atomic::Ordering::Relaxed)
-            < CONTENDED_FOR_MS;
-        if !contended {
-            match self.attempt(body, false) {
-                Err(Error::Conflict { .. }) => self
-                    .last_conflict_ms
-                    .store(now, std::sync::atomic::Ordering::Relaxed),
-                other => return other,
-            }
-        }
-        let mut last = None;
-        for _ in 0..LOCKED_TRIES {
-            match self.attempt(body, true) {
-                // A serialization failure is still possible behind the
-                // lock (a reader's predicate lock, an index page split).
-                Err(e @ Error::Conflict { .. }) => last = Some(e),
-                other => return other,
-            }
-        }
-        Err(last.expect("LOCKED_TRIES > 0"))
+        self.run(&[], &mut |kv, _| body(kv))
+    }
+
+    fn claim(&self, prefixes: &[Vec<u8>], body: &mut ClaimBody<'_>) -> Result<()> {
+        self.run(prefixes, body)
     }
 
     fn change_source(&self) -> Result<Box<dyn ChangeSource>> {
@@ -970,5 +1291,14 @@ impl ChangeSource for PgChanges {
             .map_err(|_| poisoned())?;
         self.seen = *n;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_commit_function_takes_the_write_lock() {
+        let lock = format!("pg_advisory_xact_lock({})", super::WRITE_LOCK);
+        assert!(super::MIGRATIONS[1].contains(&lock));
     }
 }

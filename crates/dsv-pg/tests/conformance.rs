@@ -61,6 +61,7 @@ fn postgres_backend_conforms() {
     let cluster = PgCluster::start();
     no_lost_update(&Pg::new(&cluster, "lost"), 25);
     each_entry_once(&Pg::new(&cluster, "queue"), 200);
+    claims_each_entry_once(&Pg::new(&cluster, "claims"), 300);
     snapshot_isolation(&Pg::new(&cluster, "snap"));
     ordered_scans(&Pg::new(&cluster, "scans"));
     change_feed(&Pg::new(&cluster, "feed"));
@@ -109,7 +110,7 @@ fn schema_versions_credentials_and_outages_are_named() {
     let v = cluster.psql("s", "SELECT count(*), max(version) FROM dsv_schema");
     assert_eq!(
         String::from_utf8_lossy(&v.stdout).trim(),
-        "1|1",
+        "2|2",
         "migrated twice"
     );
 

@@ -315,7 +315,9 @@ pub fn init(
         })?;
         write_json(&dot.join(TEAM_FILE), &team)?;
         attach(&store, &objects, o)?;
-        Ok(Repo::from_store(store))
+        let repo = Repo::from_store(store);
+        repo.index_version_order()?;
+        Ok(repo)
     };
     run().inspect_err(|_| {
         let _ = storage.delete(MARKER);

@@ -76,6 +76,22 @@ pub enum Op {
     Put(Cf, Vec<u8>, Vec<u8>),
     /// Remove a key.
     Delete(Cf, Vec<u8>),
+    /// Append `value` at the next number of a sequence: the backend, at
+    /// commit and in commit order, reads the counter `seq` (u64 LE, 0 when
+    /// absent), puts `value` at `prefix` · (counter + 1) as u64 BE, and
+    /// stores the new counter. Numbers are gap-free and never reused, and a
+    /// transaction that appends does not read the counter itself, so
+    /// appenders never conflict with one another on it.
+    Append {
+        /// Where the sequence's counter lives.
+        seq: (Cf, Vec<u8>),
+        /// Column family of the appended record.
+        cf: Cf,
+        /// Key prefix of the appended record.
+        prefix: Vec<u8>,
+        /// The record.
+        value: Vec<u8>,
+    },
 }
 
 /// An atomic group of writes.
@@ -94,6 +110,21 @@ impl Batch {
     pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
         self.ops.push(Op::Delete(cf, key.into()));
     }
+    /// Adds a sequenced append ([`Op::Append`]).
+    pub fn append(
+        &mut self,
+        seq: (Cf, &[u8]),
+        cf: Cf,
+        prefix: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+    ) {
+        self.ops.push(Op::Append {
+            seq: (seq.0, seq.1.to_vec()),
+            cf,
+            prefix: prefix.into(),
+            value: value.into(),
+        });
+    }
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
@@ -104,6 +135,7 @@ impl Batch {
             .iter()
             .map(|op| match op {
                 Op::Put(_, k, v) => (k.len() + v.len()) as u64,
+                Op::Append { prefix, value, .. } => (prefix.len() + 8 + value.len()) as u64,
                 Op::Delete(..) => 0,
             })
             .sum()
@@ -161,6 +193,11 @@ pub trait KvWrite: KvRead {
 /// that a second run would repeat.
 pub type TxnBody<'a> = dyn FnMut(&dyn KvRead) -> Result<Batch> + 'a;
 
+/// A claim's body ([`Backend::claim`]): like a [`TxnBody`], and also given
+/// the claimed entries (key, value), at most one per prefix, in the order
+/// of the prefixes.
+pub type ClaimBody<'a> = dyn FnMut(&dyn KvRead, &[(Vec<u8>, Vec<u8>)]) -> Result<Batch> + 'a;
+
 /// One metadata database, with the semantics of [`crate::txn`].
 pub trait Backend: Send + Sync {
     /// A point-in-time view: later commits are invisible to it.
@@ -173,6 +210,28 @@ pub trait Backend: Send + Sync {
     fn transact(&self, body: &mut TxnBody<'_>) -> Result<()>;
     /// A source of wake-ups on commits by any writer.
     fn change_source(&self) -> Result<Box<dyn ChangeSource>>;
+    /// A transaction that claims work: for each of `prefixes` (`app`
+    /// keys), the first entry under it that no concurrent claim holds is
+    /// given to `body`, and stays held (no other claim gets it, and it is
+    /// neither changed nor removed by anyone else) until this transaction
+    /// ends. Concurrent claimers thus get different entries instead of
+    /// conflicting on the first one — a job queue's dequeue. The body's
+    /// other reads are validated as in [`Backend::transact`].
+    ///
+    /// The default runs a plain transaction that reads the first entry of
+    /// each prefix: right for backends that serialize their writers.
+    fn claim(&self, prefixes: &[Vec<u8>], body: &mut ClaimBody<'_>) -> Result<()> {
+        self.transact(&mut |kv| {
+            let mut found = Vec::new();
+            for p in prefixes {
+                kv.scan(Cf::App, p, &mut |k, v| {
+                    found.push((k.to_vec(), v.to_vec()));
+                    Ok(false)
+                })?;
+            }
+            body(kv, &found)
+        })
+    }
 }
 
 type MemMap = BTreeMap<(Cf, Vec<u8>), Vec<u8>>;
@@ -319,7 +378,7 @@ impl MemKv {
             if batch.is_empty() {
                 return Ok(());
             }
-            seal(&mut batch, &mut |k| counter_in(&now, k))?;
+            seal(&mut batch, &mut |cf, k| counter_in(&now, cf, k))?;
             batch
         };
         apply(Arc::make_mut(&mut guard), std::mem::take(&mut batch))?;
@@ -388,13 +447,17 @@ fn apply_ops(d: &mut MemMap, batch: Batch) {
             Op::Delete(cf, k) => {
                 d.remove(&(cf, k));
             }
+            // Resolved by `txn::resolve_appends` before any write.
+            Op::Append { .. } => {}
         }
     }
 }
 
 impl KvWrite for MemKv {
-    fn write(&self, batch: Batch) -> Result<()> {
+    fn write(&self, mut batch: Batch) -> Result<()> {
         let mut d = self.data.write().map_err(|_| poisoned())?;
+        let now = MemSnapshot(d.clone());
+        crate::txn::resolve_appends(&mut batch, &mut |cf, k| counter_in(&now, cf, k))?;
         apply_ops(Arc::make_mut(&mut d), batch);
         drop(d);
         let mut n = self.commits.count.lock().map_err(|_| poisoned())?;
@@ -717,12 +780,14 @@ mod rocks {
     }
 
     impl KvWrite for RocksKv {
-        fn write(&self, batch: Batch) -> Result<()> {
+        fn write(&self, mut batch: Batch) -> Result<()> {
+            crate::txn::resolve_appends(&mut batch, &mut |cf, k| counter_in(self, cf, k))?;
             let mut wb = WriteBatch::default();
             for op in &batch.ops {
                 match op {
                     Op::Put(cf, k, v) => wb.put_cf(self.cf(*cf)?, k, v),
                     Op::Delete(cf, k) => wb.delete_cf(self.cf(*cf)?, k),
+                    Op::Append { .. } => return Err(Error::Kv("an append left unresolved".into())),
                 }
             }
             let mut wo = WriteOptions::default();
@@ -831,7 +896,7 @@ mod rocks {
             let result = body(&w);
             let committed = match result {
                 Ok(mut batch) => {
-                    seal(&mut batch, &mut |k| counter_in(&w, k))?;
+                    seal(&mut batch, &mut |cf, k| counter_in(&w, cf, k))?;
                     if !batch.is_empty() {
                         // Includes the upkeep after the commit (flush,
                         // compaction): all of it under the lock.
@@ -872,7 +937,7 @@ mod rocks {
                     }
                 }
                 let recorded = recorded
-                    .and_then(|()| seal(&mut b, &mut |k| counter_in(&w, k)))
+                    .and_then(|()| seal(&mut b, &mut |cf, k| counter_in(&w, cf, k)))
                     .and_then(|()| w.write(b));
                 if let Err(e) = recorded {
                     tracing::warn!("cannot record a write stall: {e}");

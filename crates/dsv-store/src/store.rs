@@ -427,23 +427,33 @@ impl Store {
         }
     }
 
-    fn write_once<T>(&self, mut f: impl FnMut(&dyn KvRead) -> Result<(Batch, T)>) -> Result<T> {
+    /// A claim ([`crate::kv::Backend::claim`]): `f` gets the first entry
+    /// under each of `prefixes` (`app` keys) that no concurrent claim holds,
+    /// reads what else it needs and builds its batch; retried on conflict
+    /// like [`Store::write`]. Concurrent claimers get different entries.
+    pub fn claim<T>(
+        &self,
+        prefixes: &[Vec<u8>],
+        mut f: impl FnMut(&dyn KvRead, &[(Vec<u8>, Vec<u8>)]) -> Result<(Batch, T)>,
+    ) -> Result<T> {
         self.check_writable()?;
+        self.run_txn(&mut |backend, slot| {
+            backend.claim(prefixes, &mut |kv, found| {
+                let (batch, o) = f(kv, found)?;
+                *slot = Some(o);
+                Ok(batch)
+            })
+        })
+    }
+
+    /// Runs `attempt` until it commits or fails with something else than
+    /// a conflict (at most [`crate::txn::MAX_CONFLICT_RETRIES`] tries).
+    fn run_txn<T>(&self, attempt: &mut TxnAttempt<'_, T>) -> Result<T> {
         let mut tries = 0u32;
         let out = loop {
             tries += 1;
             let mut out = None;
-            let r = self.backend.transact(&mut |kv| {
-                let (batch, o) = f(kv).inspect_err(|e| {
-                    if matches!(e, Error::ConcurrentGc(_)) {
-                        // Our read view predates that gc: a retry must see it.
-                        self.stale.store(true, std::sync::atomic::Ordering::Release);
-                    }
-                })?;
-                out = Some(o);
-                Ok(batch)
-            });
-            match r {
+            match attempt(&*self.backend, &mut out) {
                 Ok(()) => {
                     break out.ok_or_else(|| {
                         Error::Kv("transaction committed without running its body".into())
@@ -459,10 +469,40 @@ impl Store {
                 Err(e) => return Err(e),
             }
         };
-        // Reopen the read view lazily: a command that exits after its write
-        // never pays for it.
-        self.stale.store(true, std::sync::atomic::Ordering::Release);
+        self.release_view();
         Ok(out)
+    }
+
+    /// Lets go of the read view after a commit: the next [`Store::reader`]
+    /// opens a fresh one. Released now rather than kept until then, so an
+    /// idle store holds no snapshot (on a database server, an open snapshot
+    /// keeps every row version after it from being cleaned up).
+    fn release_view(&self) {
+        let released: Arc<dyn KvRead> = Arc::new(ReleasedView);
+        let old = match self.reader.write() {
+            Ok(mut r) => std::mem::replace(&mut *r, released),
+            Err(p) => std::mem::replace(&mut *p.into_inner(), released),
+        };
+        self.stale.store(true, std::sync::atomic::Ordering::Release);
+        drop(old);
+    }
+
+    fn write_once<T>(&self, mut f: impl FnMut(&dyn KvRead) -> Result<(Batch, T)>) -> Result<T> {
+        self.check_writable()?;
+        // The read view is reopened lazily after a commit: a command that
+        // exits after its write never pays for it.
+        self.run_txn(&mut |backend, slot| {
+            backend.transact(&mut |kv| {
+                let (batch, o) = f(kv).inspect_err(|e| {
+                    if matches!(e, Error::ConcurrentGc(_)) {
+                        // Our read view predates that gc: a retry must see it.
+                        self.stale.store(true, std::sync::atomic::Ordering::Release);
+                    }
+                })?;
+                *slot = Some(o);
+                Ok(batch)
+            })
+        })
     }
 
     // ---- objects and chunks -------------------------------------------
@@ -1251,6 +1291,34 @@ fn release_reserve(dir: &Path) -> bool {
 /// Creates the reserve if it is missing and the disk has room for it (a
 /// temporary name, allocated in full, then renamed: never a partial one).
 /// Failing is not an error: the next write tries again.
+/// One attempt of a transaction in [`Store`]'s retry loop: runs it on the
+/// backend and leaves the body's output in the slot.
+type TxnAttempt<'a, T> = dyn FnMut(&dyn crate::kv::Backend, &mut Option<T>) -> Result<()> + 'a;
+
+/// What [`Store::reader`] holds between a commit and the next read: the
+/// fresh view could not be opened (the error was logged when it failed).
+struct ReleasedView;
+
+impl ReleasedView {
+    fn unavailable() -> Error {
+        Error::Unavailable(
+            "the metadata could not be read again after a write (see the warning above)".into(),
+        )
+    }
+}
+
+impl KvRead for ReleasedView {
+    fn get(&self, _: Cf, _: &[u8]) -> Result<Option<Vec<u8>>> {
+        Err(Self::unavailable())
+    }
+    fn scan_from(&self, _: Cf, _: &[u8], _: &[u8], _: &mut crate::kv::Visitor<'_>) -> Result<()> {
+        Err(Self::unavailable())
+    }
+    fn scan_rev(&self, _: Cf, _: &[u8], _: &[u8], _: &mut crate::kv::Visitor<'_>) -> Result<()> {
+        Err(Self::unavailable())
+    }
+}
+
 pub(crate) fn ensure_reserve(dir: &Path) {
     let path = dir.join(RESERVE_FILE);
     if path.exists() {

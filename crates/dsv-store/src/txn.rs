@@ -87,29 +87,117 @@ pub fn keyspace_counter_key(name: &str) -> Vec<u8> {
 
 /// A keyspace counter's value in `kv` (0 if never written).
 pub fn keyspace_counter(kv: &dyn KvRead, name: &str) -> Result<u64> {
-    counter_in(kv, &keyspace_counter_key(name))
+    counter_in(kv, Cf::Meta, &keyspace_counter_key(name))
 }
 
-/// A counter's committed value read from `kv` by its full key.
-pub(crate) fn counter_in(kv: &dyn KvRead, key: &[u8]) -> Result<u64> {
+/// A counter's committed value (u64 LE; 0 when absent or malformed) read
+/// from `kv` by its column family and full key.
+pub fn counter_in(kv: &dyn KvRead, cf: Cf, key: &[u8]) -> Result<u64> {
     Ok(kv
-        .get(Cf::Meta, key)?
+        .get(cf, key)?
         .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
         .map(u64::from_le_bytes)
         .unwrap_or(0))
 }
 
-/// Adds to `batch` the bumps of the counters of every keyspace it writes.
-/// `current` reads a counter's committed value; it is called under the
-/// backend's commit serialization, so the bumps never conflict.
-pub fn seal(batch: &mut Batch, current: &mut dyn FnMut(&[u8]) -> Result<u64>) -> Result<()> {
+/// A counter (u64 LE) in a column family, read by [`seal`]'s `current`.
+pub type CounterRead<'a> = dyn FnMut(Cf, &[u8]) -> Result<u64> + 'a;
+
+/// The counters [`seal`] will read for `batch`: the sequences of its
+/// appends and the keyspace counters of every keyspace it writes (a
+/// backend that reads them in one query first).
+pub fn counters_of(batch: &Batch) -> Vec<(Cf, Vec<u8>)> {
+    let mut out: std::collections::BTreeSet<(Cf, Vec<u8>)> = Default::default();
+    let mut touch = |cf: Cf, k: &[u8]| {
+        if let Some(ks) = keyspace_of(cf, k) {
+            out.insert((Cf::Meta, keyspace_counter_key(&ks)));
+        }
+    };
+    for op in &batch.ops {
+        match op {
+            Op::Put(cf, k, _) | Op::Delete(cf, k) => touch(*cf, k),
+            Op::Append {
+                seq, cf, prefix, ..
+            } => {
+                touch(*cf, prefix);
+                touch(seq.0, &seq.1);
+            }
+        }
+    }
+    for op in &batch.ops {
+        if let Op::Append { seq, .. } = op {
+            out.insert(seq.clone());
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Turns every [`Op::Append`] of `batch` into a put at the next number of
+/// its sequence, and puts each sequence's new counter. The base of a
+/// sequence is the larger of its committed value (`current`) and any value
+/// the batch itself puts there (a writer that numbered records by reading
+/// the counter); appends follow in batch order. Called under the backend's
+/// commit serialization.
+pub fn resolve_appends(batch: &mut Batch, current: &mut CounterRead<'_>) -> Result<()> {
+    if !batch.ops.iter().any(|op| matches!(op, Op::Append { .. })) {
+        return Ok(());
+    }
+    let mut next: BTreeMap<(Cf, Vec<u8>), u64> = BTreeMap::new();
+    for op in &batch.ops {
+        if let Op::Append { seq, .. } = op {
+            if !next.contains_key(seq) {
+                let base = current(seq.0, &seq.1)?;
+                next.insert(seq.clone(), base);
+            }
+        }
+    }
+    for op in &batch.ops {
+        if let Op::Put(cf, k, v) = op {
+            if let Some(n) = next.get_mut(&(*cf, k.clone())) {
+                let put = <[u8; 8]>::try_from(v.as_slice())
+                    .map(u64::from_le_bytes)
+                    .unwrap_or(0);
+                *n = (*n).max(put);
+            }
+        }
+    }
+    let ops = std::mem::take(&mut batch.ops);
+    for op in ops {
+        match op {
+            Op::Append {
+                seq,
+                cf,
+                mut prefix,
+                value,
+            } => {
+                let n = next.get_mut(&seq).expect("every sequence has a base");
+                *n += 1;
+                prefix.extend_from_slice(&n.to_be_bytes());
+                batch.ops.push(Op::Put(cf, prefix, value));
+            }
+            other => batch.ops.push(other),
+        }
+    }
+    for ((cf, key), n) in next {
+        batch.ops.push(Op::Put(cf, key, n.to_le_bytes().to_vec()));
+    }
+    Ok(())
+}
+
+/// Resolves the appends of `batch` ([`resolve_appends`]) and adds the bumps
+/// of the counters of every keyspace it writes. `current` reads a counter's
+/// committed value; it is called under the backend's commit serialization,
+/// so the bumps never conflict.
+pub fn seal(batch: &mut Batch, current: &mut CounterRead<'_>) -> Result<()> {
     if batch.is_empty() {
         return Ok(());
     }
+    resolve_appends(batch, current)?;
     let mut touched: BTreeMap<String, ()> = BTreeMap::new();
     for op in &batch.ops {
         let (cf, k) = match op {
             Op::Put(cf, k, _) | Op::Delete(cf, k) => (*cf, k),
+            Op::Append { .. } => unreachable!("appends were resolved"),
         };
         if let Some(ks) = keyspace_of(cf, k) {
             touched.insert(ks, ());
@@ -117,7 +205,7 @@ pub fn seal(batch: &mut Batch, current: &mut dyn FnMut(&[u8]) -> Result<u64>) ->
     }
     for ks in touched.into_keys() {
         let key = keyspace_counter_key(&ks);
-        let n = current(&key)?.wrapping_add(1);
+        let n = current(Cf::Meta, &key)?.wrapping_add(1);
         batch.put(Cf::Meta, key, n.to_le_bytes().to_vec());
     }
     Ok(())
@@ -305,36 +393,50 @@ impl<'a> Subscription<'a> {
 
 /// One read a transaction made, kept to validate it at commit.
 #[derive(Debug, Clone)]
-pub(crate) enum ReadRecord {
+pub enum ReadRecord {
+    /// A point read and what it returned.
     Get {
+        /// Column family.
         cf: Cf,
+        /// Key.
         key: Vec<u8>,
+        /// The value read (`None`: absent).
         value: Option<Vec<u8>>,
     },
+    /// A scan and what it saw.
     Scan {
+        /// Column family.
         cf: Cf,
+        /// Key prefix.
         prefix: Vec<u8>,
+        /// Start (forward) or exclusive upper bound (reverse); empty: none.
         bound: Vec<u8>,
+        /// Descending.
         reverse: bool,
+        /// The entries visited, in order.
         seen: Vec<(Vec<u8>, Vec<u8>)>,
+        /// Whether the scan ran to the end of its range (so an entry
+        /// added anywhere in it changes the result).
         complete: bool,
     },
 }
 
 /// A reader that records what it read (for optimistic validation).
-pub(crate) struct Recording<'a> {
+pub struct Recording<'a> {
     pub(crate) inner: &'a dyn KvRead,
     pub(crate) log: std::sync::Mutex<Vec<ReadRecord>>,
 }
 
 impl<'a> Recording<'a> {
-    pub(crate) fn new(inner: &'a dyn KvRead) -> Self {
+    /// Records the reads made through `inner`.
+    pub fn new(inner: &'a dyn KvRead) -> Self {
         Self {
             inner,
             log: std::sync::Mutex::new(Vec::new()),
         }
     }
-    pub(crate) fn into_reads(self) -> Vec<ReadRecord> {
+    /// The reads made, in order.
+    pub fn into_reads(self) -> Vec<ReadRecord> {
         self.log.into_inner().unwrap_or_else(|p| p.into_inner())
     }
     fn push(&self, r: ReadRecord) {
@@ -410,7 +512,7 @@ impl KvRead for Recording<'_> {
 
 /// The first read in `reads` whose result differs in `now`, described for
 /// the conflict error; `None` when every read still holds.
-pub(crate) fn first_conflict(reads: &[ReadRecord], now: &dyn KvRead) -> Result<Option<String>> {
+pub fn first_conflict(reads: &[ReadRecord], now: &dyn KvRead) -> Result<Option<String>> {
     for r in reads {
         match r {
             ReadRecord::Get { cf, key, value } => {

@@ -84,6 +84,16 @@ fn mem_each_entry_once() {
 }
 
 #[test]
+fn mem_claims_each_entry_once() {
+    claims_each_entry_once(&Mem::new(), 200);
+}
+
+#[test]
+fn rocks_claims_each_entry_once() {
+    claims_each_entry_once(&Rocks::new(), 60);
+}
+
+#[test]
 fn mem_snapshot_isolation() {
     snapshot_isolation(&Mem::new());
 }

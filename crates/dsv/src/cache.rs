@@ -1055,6 +1055,7 @@ impl Cache {
                 }
             }
         }
+        self.collect_dead_records();
         if let Ok(rd) = fs::read_dir(self.versions_dir()) {
             for e in rd.flatten() {
                 let n = e.file_name();
@@ -1067,6 +1068,19 @@ impl Cache {
                             let _ = remove_tree(&e.path());
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Removes temporary records (call under the shared lock): they are
+    /// written under the exclusive lock (so any is dead), or by a check
+    /// renewing a record's stamps, which does not mind losing its rename.
+    fn collect_dead_records(&self) {
+        if let Ok(rd) = fs::read_dir(self.meta_dir()) {
+            for e in rd.flatten() {
+                if e.file_name().as_bytes().starts_with(b".") {
+                    let _ = fs::remove_file(e.path());
                 }
             }
         }
@@ -1506,6 +1520,7 @@ impl Repo {
         {
             let _shared = cache.lock(false)?;
             if path.is_dir() {
+                cache.collect_dead_records();
                 damaged = cache.check_entry(self.store(), &name)?;
                 if damaged.is_empty() {
                     let meta = cache.read_meta(&name);

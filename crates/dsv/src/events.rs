@@ -43,7 +43,9 @@ pub enum EventKind {
 /// One event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
-    /// Position in the log (1, 2, …; no gaps).
+    /// Position in the log (1, 2, …; no gaps). Stored in the record's key;
+    /// a record appended before the backend numbered it has none of its own.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub seq: u64,
     /// When, ms since the epoch.
     pub time_ms: i64,
@@ -98,31 +100,84 @@ impl Event {
     }
 }
 
-/// Appends events to a batch, numbering them after the last stored one.
+/// Appends events to a batch.
+///
+/// Two ways: [`EventWriter::new`] numbers them in the transaction after the
+/// last stored number (the caller needs the number: a version records the
+/// sequence number of its finalize event), which makes the transaction read
+/// the log's counter, so it conflicts with every concurrent event writer;
+/// [`EventWriter::sequenced`] leaves the numbering to the metadata backend
+/// at commit ([`dsv_store::kv::Op::Append`]), so that busy writers (agents
+/// starting and finishing tasks) never conflict on the log. Both give the
+/// same gap-free sequence.
 pub struct EventWriter {
-    next: u64,
+    /// The next number, when numbering in the transaction.
+    next: Option<u64>,
 }
 
 impl EventWriter {
-    /// Starts after the last sequence number visible in `kv` (read inside
-    /// the write lock, so numbers never collide).
+    /// Numbers events after the last sequence number visible in `kv` (the
+    /// transaction conflicts if another writer appended meanwhile).
     pub fn new(kv: &dyn KvRead) -> Result<Self> {
         Ok(Self {
-            next: last_seq(kv)? + 1,
+            next: Some(last_seq(kv)? + 1),
         })
     }
 
-    /// Adds `ev` to `b`; returns its sequence number.
-    pub fn push(&mut self, b: &mut Batch, mut ev: Event) -> u64 {
-        ev.seq = self.next;
-        if ev.time_ms == 0 {
-            ev.time_ms = dsv_store::store::now_ms();
+    /// Leaves the numbering to the backend at commit.
+    pub fn sequenced() -> Self {
+        Self { next: None }
+    }
+
+    /// Adds `ev` to `b`.
+    pub fn push(&mut self, b: &mut Batch, ev: Event) {
+        match self.next {
+            Some(seq) => {
+                let mut ev = stamped(ev);
+                ev.seq = seq;
+                b.put(Cf::App, keys::event(seq), crate::records::to_json(&ev));
+                b.put(Cf::App, keys::EVENT_SEQ, seq.to_le_bytes().to_vec());
+                self.next = Some(seq + 1);
+            }
+            None => {
+                let ev = stamped(ev);
+                b.append(
+                    (Cf::App, keys::EVENT_SEQ),
+                    Cf::App,
+                    keys::EVENT,
+                    crate::records::to_json(&ev),
+                );
+            }
         }
+    }
+
+    /// Adds `ev` to `b` and returns its sequence number (a writer made by
+    /// [`EventWriter::new`]; one made by [`EventWriter::sequenced`] cannot
+    /// know the number before the commit).
+    pub fn push_numbered(&mut self, b: &mut Batch, ev: Event) -> Result<u64> {
+        let Some(seq) = self.next else {
+            return Err(Error::Invalid(
+                "internal: an event number was asked of a sequenced event writer".into(),
+            ));
+        };
+        let mut ev = stamped(ev);
+        ev.seq = seq;
         b.put(Cf::App, keys::event(ev.seq), crate::records::to_json(&ev));
         b.put(Cf::App, keys::EVENT_SEQ, ev.seq.to_le_bytes().to_vec());
-        self.next += 1;
-        ev.seq
+        self.next = Some(seq + 1);
+        Ok(seq)
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn stamped(mut ev: Event) -> Event {
+    if ev.time_ms == 0 {
+        ev.time_ms = dsv_store::store::now_ms();
+    }
+    ev
 }
 
 /// The last sequence number written (0 when the log is empty).
@@ -142,9 +197,16 @@ pub fn read_after(kv: &dyn KvRead, after: u64, limit: usize) -> Result<Vec<Event
     let mut out = Vec::new();
     let start = keys::event(after.saturating_add(1));
     let mut err = None;
-    kv.scan_from(Cf::App, keys::EVENT, &start, &mut |_, v| {
+    kv.scan_from(Cf::App, keys::EVENT, &start, &mut |k, v| {
         match crate::records::from_json::<Event>(v, "event") {
-            Ok(e) => out.push(e),
+            // The key holds the number (an appended event's record was
+            // written before the backend numbered it).
+            Ok(mut e) => {
+                if let Ok(b) = <[u8; 8]>::try_from(&k[keys::EVENT.len()..]) {
+                    e.seq = u64::from_be_bytes(b);
+                }
+                out.push(e)
+            }
             Err(e) => {
                 err = Some(e);
                 return Ok(false);

@@ -263,10 +263,10 @@ impl Repo {
                     )));
                 }
                 let version = dsv_store::Version { id: v.id, object };
-                let seq = ev.push(
+                let seq = ev.push_numbered(
                     &mut b,
                     version_event(EventKind::VersionFinalized, &ds, &v.id, &v.version, &v.tags),
-                );
+                )?;
                 index_version_batch(&mut b, &ds.id, &version, &v.version, seq);
                 self.store()
                     .import_version_root_batch(&v.id, version.object.created_ms, &mut b);
@@ -313,8 +313,12 @@ impl Repo {
                     let mut e = version_event(EventKind::VersionRebased, &ds, id, &new, &[]);
                     e.extra
                         .insert("previous_version".into(), serde_json::json!(old));
-                    let seq = ev.push(&mut b, e);
+                    let seq = ev.push_numbered(&mut b, e)?;
                     let version = dsv_store::store::version_in(kv, id)?;
+                    b.delete(
+                        Cf::App,
+                        keys::version_order(&ds.id, info.seq, info.created_ms, id),
+                    );
                     index_version_batch(&mut b, &ds.id, &version, &new, seq);
                     let mut info = info.clone();
                     info.version = new.clone();

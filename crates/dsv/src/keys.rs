@@ -128,6 +128,32 @@ pub fn kept_version(v: &VersionId) -> Vec<u8> {
     cat(&[KEPT_VERSION, v.as_bytes()])
 }
 
+/// Prefix of the versions of each dataset in finalize order (`dq/` · dataset
+/// · has-seq byte · finalize seq u64 BE · created ms u64 BE · version id →
+/// empty): the newest versions are the last keys, read without the rest.
+pub const VERSION_ORDER: &[u8] = b"dq/";
+/// Present when every version has its [`VERSION_ORDER`] entry (written at
+/// init, or by the backfill of `dsv upgrade`); without it, readers read
+/// every version of a dataset.
+pub const VERSION_ORDER_COMPLETE: &[u8] = b"mk/version-order";
+
+/// Prefix of one dataset's [`VERSION_ORDER`] entries.
+pub fn version_orders(id: &DatasetId) -> Vec<u8> {
+    cat(&[VERSION_ORDER, &id.0])
+}
+
+/// A [`VERSION_ORDER`] key.
+pub fn version_order(id: &DatasetId, seq: Option<u64>, created_ms: i64, v: &VersionId) -> Vec<u8> {
+    cat(&[
+        VERSION_ORDER,
+        &id.0,
+        &[u8::from(seq.is_some())],
+        &seq.unwrap_or(0).to_be_bytes(),
+        &(created_ms.max(0) as u64).to_be_bytes(),
+        v.as_bytes(),
+    ])
+}
+
 /// `dr/` key.
 pub fn draft(d: &DraftId) -> Vec<u8> {
     cat(&[DRAFT, d.as_bytes()])

@@ -440,6 +440,123 @@ pub(crate) fn versions_in(
     }
 }
 
+/// Up to `n` versions of a dataset that `keep` accepts, newest first in
+/// finalize order: from the [`keys::VERSION_ORDER`] index when it is
+/// complete (reading only what is returned), else from every version.
+pub(crate) fn newest_versions_in(
+    kv: &dyn KvRead,
+    ds: &DatasetId,
+    n: usize,
+    keep: &mut dyn FnMut(&VersionId, &VersionInfo) -> Result<bool>,
+) -> Result<Vec<(VersionId, VersionInfo)>> {
+    let mut out = Vec::new();
+    if n == 0 {
+        return Ok(out);
+    }
+    if kv.get(Cf::App, keys::VERSION_ORDER_COMPLETE)?.is_none() {
+        let mut vs = versions_in(kv, ds)?;
+        vs.sort_by(|a, b| {
+            (b.1.finalize_order(), b.0.as_bytes()).cmp(&(a.1.finalize_order(), a.0.as_bytes()))
+        });
+        for (id, info) in vs {
+            if keep(&id, &info)? {
+                out.push((id, info));
+                if out.len() == n {
+                    break;
+                }
+            }
+        }
+        return Ok(out);
+    }
+    let prefix = keys::version_orders(ds);
+    let mut err = None;
+    kv.scan_rev(Cf::App, &prefix, b"", &mut |k, _| {
+        let rest = &k[prefix.len()..];
+        let found = (|| -> Result<Option<(VersionId, VersionInfo)>> {
+            let (Some(created), Some(id)) = (
+                rest.get(9..17)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes),
+                rest.get(17..).and_then(VersionId::from_slice),
+            ) else {
+                return Err(Error::corrupted("version order index", "bad key"));
+            };
+            let Some(v) = kv.get(Cf::App, &keys::dataset_version(ds, created as i64, &id))? else {
+                return Err(Error::corrupted(
+                    format!("version order index of {id}"),
+                    "its version entry is missing",
+                ));
+            };
+            Ok(Some((id, from_json::<VersionInfo>(&v, "version index")?)))
+        })();
+        match found {
+            Ok(Some((id, info))) => match keep(&id, &info) {
+                Ok(true) => out.push((id, info)),
+                Ok(false) => {}
+                Err(e) => {
+                    err = Some(e);
+                    return Ok(false);
+                }
+            },
+            Ok(None) => {}
+            Err(e) => {
+                err = Some(e);
+                return Ok(false);
+            }
+        }
+        Ok(out.len() < n)
+    })?;
+    match err {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+/// The dataset's newest version in finalize order.
+pub(crate) fn newest_in(
+    kv: &dyn KvRead,
+    ds: &DatasetId,
+) -> Result<Option<(VersionId, VersionInfo)>> {
+    Ok(newest_versions_in(kv, ds, 1, &mut |_, _| Ok(true))?.pop())
+}
+
+/// The puts that give every version its [`keys::VERSION_ORDER`] entry and
+/// mark the index complete (idempotent; empty when it is).
+pub(crate) fn backfill_version_order(kv: &dyn KvRead) -> Result<Batch> {
+    let mut b = Batch::default();
+    if kv.get(Cf::App, keys::VERSION_ORDER_COMPLETE)?.is_some() {
+        return Ok(b);
+    }
+    let mut ids = Vec::new();
+    kv.scan(Cf::App, keys::DATASET, &mut |k, _| {
+        ids.extend(DatasetId::from_slice(&k[keys::DATASET.len()..]));
+        Ok(true)
+    })?;
+    for ds in ids {
+        for (id, info) in versions_in(kv, &ds)? {
+            b.put(
+                Cf::App,
+                keys::version_order(&ds, info.seq, info.created_ms, &id),
+                Vec::new(),
+            );
+        }
+    }
+    b.put(Cf::App, keys::VERSION_ORDER_COMPLETE, Vec::new());
+    Ok(b)
+}
+
+/// Versions of several datasets newest first in finalize order (event
+/// sequence numbers are global), at most `limit`.
+fn newest_first(mut out: Vec<DatasetVersion>, limit: Option<usize>) -> Vec<DatasetVersion> {
+    out.sort_by_key(|v| {
+        std::cmp::Reverse((v.seq.is_some(), v.seq.unwrap_or(0), v.created_ms, v.id))
+    });
+    if let Some(n) = limit {
+        out.truncate(n);
+    }
+    out
+}
+
 /// The version finalized last (never the highest version string: a
 /// version created with a lower `--version` is still the newest).
 fn newest<'a>(
@@ -452,8 +569,7 @@ fn newest<'a>(
 
 /// Whether `v` is its dataset's latest version (in `kv`).
 pub(crate) fn is_latest_in(kv: &dyn KvRead, v: &DatasetVersion) -> Result<bool> {
-    let vs = versions_in(kv, &v.dataset.id)?;
-    Ok(newest(vs.iter()).is_some_and(|(id, _)| id == &v.id))
+    Ok(newest_in(kv, &v.dataset.id)?.is_some_and(|(id, _)| id == v.id))
 }
 
 /// The next patch above the dataset's highest semantic version (so an
@@ -555,6 +671,11 @@ pub(crate) fn index_version_batch(
         keys::dataset_version(ds, o.created_ms, &v.id),
         to_json(&info),
     );
+    b.put(
+        Cf::App,
+        keys::version_order(ds, info.seq, info.created_ms, &v.id),
+        Vec::new(),
+    );
     let mut idx = ds.0.to_vec();
     idx.extend_from_slice(&(o.created_ms.max(0) as u64).to_be_bytes());
     b.put(Cf::App, keys::version_index(&v.id), idx);
@@ -609,8 +730,29 @@ pub(crate) fn version_event(
 impl Repo {
     /// Creates a repository (RocksDB) in `dir` (the `.dsv` folder).
     pub fn init(dir: &Path, config: RepoConfig, opts: StoreOptions) -> Result<Repo> {
-        Ok(Repo {
+        let repo = Repo {
             store: Store::init(dir, config, opts)?,
+        };
+        repo.index_version_order()?;
+        Ok(repo)
+    }
+
+    /// Builds the index of versions in finalize order when it is not
+    /// complete ([`keys::VERSION_ORDER`]; at init, and for a repository made
+    /// before it existed, by `dsv upgrade`). Returns whether it wrote.
+    pub fn index_version_order(&self) -> Result<bool> {
+        if self
+            .store
+            .reader()
+            .get(Cf::App, keys::VERSION_ORDER_COMPLETE)?
+            .is_some()
+        {
+            return Ok(false);
+        }
+        self.write(|kv| {
+            let b = backfill_version_order(kv)?;
+            let wrote = !b.is_empty();
+            Ok((b, wrote))
         })
     }
 
@@ -651,6 +793,22 @@ impl Repo {
         let r = self.store.write(|kv| {
             parked.reset();
             f(kv).map_err(|e| parked.park(e))
+        });
+        r.map_err(|e| parked.unpark(e))
+    }
+
+    /// A claim ([`dsv_store::Store::claim`]) whose closure may fail with
+    /// porcelain errors: `f` gets the first entry under each prefix that no
+    /// concurrent claimer holds.
+    pub(crate) fn claim<T>(
+        &self,
+        prefixes: &[Vec<u8>],
+        mut f: impl FnMut(&dyn KvRead, &[(Vec<u8>, Vec<u8>)]) -> Result<(Batch, T)>,
+    ) -> Result<T> {
+        let mut parked = Parked::default();
+        let r = self.store.claim(prefixes, |kv, found| {
+            parked.reset();
+            f(kv, found).map_err(|e| parked.park(e))
         });
         r.map_err(|e| parked.unpark(e))
     }
@@ -712,7 +870,7 @@ impl Repo {
             b.put(Cf::App, keys::dataset(&ds.id), to_json(&rec));
             b.delete(Cf::App, keys::dataset_name(&p0, &n0));
             b.put(Cf::App, keys::dataset_name(&p1, &n1), ds.id.0.to_vec());
-            let mut ev = EventWriter::new(kv)?;
+            let mut ev = EventWriter::sequenced();
             let mut e = Event::new(EventKind::DatasetRenamed);
             e.dataset = Some(ds.id.to_string());
             e.project = p1.clone();
@@ -823,6 +981,18 @@ impl Repo {
         name: Option<&str>,
         tags: &[String],
     ) -> Result<Vec<DatasetVersion>> {
+        self.list_limited(project, name, tags, None)
+    }
+
+    /// [`Repo::list`], at most `limit` versions (the newest): reads only
+    /// those of each dataset when the finalize-order index is complete.
+    pub fn list_limited(
+        &self,
+        project: Option<&str>,
+        name: Option<&str>,
+        tags: &[String],
+        limit: Option<usize>,
+    ) -> Result<Vec<DatasetVersion>> {
         let mut out = Vec::new();
         for ds in self.datasets()? {
             if project.is_some_and(|p| p != ds.project && !ds.project.starts_with(&format!("{p}/")))
@@ -832,17 +1002,38 @@ impl Repo {
             if name.is_some_and(|n| n != ds.name) {
                 continue;
             }
-            for v in self.versions(&ds)? {
-                if tags.iter().all(|t| v.tags.contains(t)) {
-                    out.push(v);
-                }
-            }
+            out.extend(self.versions_matching(&ds, tags, limit)?);
         }
-        // Newest first in finalize order (event sequence numbers are global).
-        out.sort_by_key(|v| {
-            std::cmp::Reverse((v.seq.is_some(), v.seq.unwrap_or(0), v.created_ms, v.id))
-        });
-        Ok(out)
+        Ok(newest_first(out, limit))
+    }
+
+    /// A dataset's versions carrying every tag of `tags`, newest first; at
+    /// most `limit`.
+    fn versions_matching(
+        &self,
+        ds: &Dataset,
+        tags: &[String],
+        limit: Option<usize>,
+    ) -> Result<Vec<DatasetVersion>> {
+        let Some(n) = limit else {
+            return Ok(self
+                .versions(ds)?
+                .into_iter()
+                .filter(|v| tags.iter().all(|t| v.tags.contains(t)))
+                .collect());
+        };
+        let kv = self.store.reader();
+        let found = newest_versions_in(&*kv, &ds.id, n, &mut |id, _| {
+            if tags.is_empty() {
+                return Ok(true);
+            }
+            let have = dsv_store::store::tags_of_in(&*kv, id)?;
+            Ok(tags.iter().all(|t| have.contains(t)))
+        })?;
+        found
+            .into_iter()
+            .map(|(id, info)| self.assemble(&*kv, ds.clone(), id, info))
+            .collect()
     }
 
     /// `dataset list PATH`: the dataset PATH names (as `PROJECT/NAME`) when
@@ -850,6 +1041,16 @@ impl Repo {
     /// sub-projects (`a/b` lists `a/b`, `a/b/c`, `a/b/x/y`), carrying every
     /// tag, newest first; `None` when PATH names no dataset and no project.
     pub fn list_path(&self, path: &str, tags: &[String]) -> Result<Option<Vec<DatasetVersion>>> {
+        self.list_path_limited(path, tags, None)
+    }
+
+    /// [`Repo::list_path`], at most `limit` versions (the newest).
+    pub fn list_path_limited(
+        &self,
+        path: &str,
+        tags: &[String],
+        limit: Option<usize>,
+    ) -> Result<Option<Vec<DatasetVersion>>> {
         let path = path.trim().trim_end_matches('/');
         let exact = parse_dataset_name(path).ok();
         let sub = format!("{path}/");
@@ -864,28 +1065,20 @@ impl Repo {
                 continue;
             }
             any = true;
-            for v in self.versions(&ds)? {
-                if tags.iter().all(|t| v.tags.contains(t)) {
-                    out.push(v);
-                }
-            }
+            out.extend(self.versions_matching(&ds, tags, limit)?);
         }
         if !any {
             return Ok(None);
         }
-        out.sort_by_key(|v| {
-            std::cmp::Reverse((v.seq.is_some(), v.seq.unwrap_or(0), v.created_ms, v.id))
-        });
-        Ok(Some(out))
+        Ok(Some(newest_first(out, limit)))
     }
 
     /// The newest version of a dataset.
     pub fn latest(&self, ds: &Dataset) -> Result<Option<DatasetVersion>> {
         let kv = self.store.reader();
-        let vs = versions_in(&*kv, &ds.id)?;
-        match newest(vs.iter()) {
+        match newest_in(&*kv, &ds.id)? {
             None => Ok(None),
-            Some((id, info)) => Ok(Some(self.assemble(&*kv, ds.clone(), *id, info.clone())?)),
+            Some((id, info)) => Ok(Some(self.assemble(&*kv, ds.clone(), id, info)?)),
         }
     }
 
@@ -925,6 +1118,11 @@ impl Repo {
             } => {
                 let ds = self.require_dataset(&project, &name)?;
                 let kv = self.store.reader();
+                if selector.is_none() {
+                    if let Some((id, info)) = newest_in(&*kv, &ds.id)? {
+                        return self.assemble(&*kv, ds, id, info);
+                    }
+                }
                 let vs = versions_in(&*kv, &ds.id)?;
                 let found = match &selector {
                     None => newest(vs.iter()),
@@ -1034,7 +1232,7 @@ impl Repo {
         }
         let id = self.write(|kv| {
             let mut b = Batch::default();
-            let mut ev = EventWriter::new(kv)?;
+            let mut ev = EventWriter::sequenced();
             let ds = match dataset_by_name_in(kv, project, name)? {
                 Some(d) => d,
                 None if opts.auto_create => {
@@ -1433,7 +1631,7 @@ impl Repo {
             }
             b.delete(Cf::App, keys::draft(&draft.id));
             let mut ev = EventWriter::new(kv)?;
-            let seq = ev.push(
+            let seq = ev.push_numbered(
                 &mut b,
                 version_event(
                     EventKind::VersionFinalized,
@@ -1442,7 +1640,7 @@ impl Repo {
                     &version,
                     &info.tags,
                 ),
-            );
+            )?;
             index_version_batch(&mut b, &ds.id, &v, &version, seq);
             Ok((b, v.id))
         })?;
@@ -1528,7 +1726,7 @@ impl Repo {
                     for t in &opts.tags {
                         add_tag_batch(&v.id, t, b)?;
                     }
-                    let seq = ev.push(
+                    let seq = ev.push_numbered(
                         b,
                         version_event(
                             EventKind::VersionFinalized,
@@ -1537,7 +1735,7 @@ impl Repo {
                             &version,
                             &opts.tags,
                         ),
-                    );
+                    )?;
                     index_version_batch(b, &ds.id, v, &version, seq);
                     new_version = Some(v.id);
                     Ok(())
@@ -1771,7 +1969,7 @@ impl Repo {
             }
             let after_v: Vec<String> = after.iter().cloned().collect();
             if after != before {
-                let mut ev = EventWriter::new(kv)?;
+                let mut ev = EventWriter::sequenced();
                 let mut e = version_event(
                     EventKind::VersionTagged,
                     &cur.dataset,
@@ -1813,7 +2011,7 @@ impl Repo {
             }
             let mut b = Batch::default();
             b.put(Cf::App, keys::version_meta(&v.id), to_json(&meta));
-            let mut ev = EventWriter::new(kv)?;
+            let mut ev = EventWriter::sequenced();
             let mut e = version_event(
                 EventKind::VersionMetadata,
                 &cur.dataset,
@@ -1877,7 +2075,7 @@ impl Repo {
                 "squashed_from".into(),
                 serde_json::json!(ids.iter().map(|i| i.to_hex()).collect::<Vec<_>>()),
             );
-            let seq = ev.push(&mut b, e);
+            let seq = ev.push_numbered(&mut b, e)?;
             index_version_batch(&mut b, &ds.id, &v, &ver, seq);
             Ok((b, v.id))
         })?;
@@ -1936,6 +2134,10 @@ impl Repo {
                 Cf::App,
                 keys::dataset_version(&cur.dataset.id, cur.created_ms, &v.id),
             );
+            b.delete(
+                Cf::App,
+                keys::version_order(&cur.dataset.id, cur.seq, cur.created_ms, &v.id),
+            );
             b.delete(Cf::App, keys::version_index(&v.id));
             if refs.is_empty() {
                 b.delete(Cf::App, keys::version_meta(&v.id));
@@ -1963,7 +2165,7 @@ impl Repo {
                     root,
                 );
             }
-            let mut ev = EventWriter::new(kv)?;
+            let mut ev = EventWriter::sequenced();
             ev.push(
                 &mut b,
                 version_event(

@@ -492,10 +492,10 @@ impl Repo {
         }
         crate::params::check_task_params(kind, &params)?;
         let t = Task::draft(project, name, kind, command, params, None)?;
-        self.write(|kv| {
+        self.write(|_| {
             let mut b = Batch::default();
             put_task(&mut b, None, &t);
-            let mut ev = EventWriter::new(kv)?;
+            let mut ev = EventWriter::sequenced();
             status_event(&mut ev, &mut b, &t);
             Ok((b, ()))
         })?;
@@ -538,10 +538,10 @@ impl Repo {
         }
         let t = src.child(name.unwrap_or(&src.name), params)?;
         crate::rev::parse_dataset_name(&format!("{}/{}", t.project, t.name))?;
-        self.write(|kv| {
+        self.write(|_| {
             let mut b = Batch::default();
             put_task(&mut b, None, &t);
-            let mut ev = EventWriter::new(kv)?;
+            let mut ev = EventWriter::sequenced();
             status_event(&mut ev, &mut b, &t);
             Ok((b, ()))
         })?;
@@ -579,7 +579,7 @@ impl Repo {
             let mut t = old.clone();
             let mut b = Batch::default();
             queue_batch(&mut b, Some(&old), &mut t, queue);
-            let mut ev = EventWriter::new(kv)?;
+            let mut ev = EventWriter::sequenced();
             status_event(&mut ev, &mut b, &t);
             Ok((b, t))
         })
@@ -621,32 +621,38 @@ impl Repo {
         }) {
             return Ok(None);
         }
-        self.write(|kv| {
-            let mut best: Option<(Vec<u8>, u64, String)> = None;
-            for q in queues {
-                let prefix = [keys::QUEUE, q.as_bytes(), &[0]].concat();
-                kv.scan(Cf::App, &prefix, &mut |k, _| {
-                    let rest = &k[prefix.len()..];
-                    if rest.len() > 8 {
-                        let ms = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
-                        let id = String::from_utf8_lossy(&rest[8..]).into_owned();
-                        if best.as_ref().is_none_or(|(_, m, _)| ms < *m) {
-                            best = Some((k.to_vec(), ms, id));
-                        }
+        // A claim: concurrent agents get different entries (the oldest
+        // one nobody else holds, per queue) instead of conflicting on the
+        // first.
+        let prefixes: Vec<Vec<u8>> = queues
+            .iter()
+            .map(|q| [keys::QUEUE, q.as_bytes(), &[0]].concat())
+            .collect();
+        self.claim(&prefixes, |kv, found| {
+            let mut best: Option<(&[u8], u64, String)> = None;
+            for (k, _) in found {
+                let Some(prefix) = prefixes.iter().find(|p| k.starts_with(p)) else {
+                    continue;
+                };
+                let rest = &k[prefix.len()..];
+                if rest.len() > 8 {
+                    let ms = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
+                    let id = String::from_utf8_lossy(&rest[8..]).into_owned();
+                    if best.as_ref().is_none_or(|(_, m, _)| ms < *m) {
+                        best = Some((k, ms, id));
                     }
-                    Ok(false)
-                })?;
+                }
             }
             let Some((key, _, id)) = best else {
                 return Ok((Batch::default(), None));
             };
             let mut b = Batch::default();
-            b.delete(Cf::App, key);
+            b.delete(Cf::App, key.to_vec());
             let old = task_in(kv, &id)?;
             let mut t = old.clone();
             run_here(&mut t, agent, ttl_ms, now_ms)?;
             put_task(&mut b, Some(&old), &t);
-            let mut ev = EventWriter::new(kv)?;
+            let mut ev = EventWriter::sequenced();
             status_event(&mut ev, &mut b, &t);
             Ok((b, Some(t)))
         })
@@ -688,7 +694,7 @@ impl Repo {
             }
             run_here(&mut t, agent, ttl_ms, now_ms)?;
             put_task(&mut b, Some(&old), &t);
-            let mut ev = EventWriter::new(kv)?;
+            let mut ev = EventWriter::sequenced();
             status_event(&mut ev, &mut b, &t);
             Ok((b, t))
         })
@@ -790,7 +796,7 @@ impl Repo {
                 }
             }
             let mut b = Batch::default();
-            let mut ev = EventWriter::new(kv)?;
+            let mut ev = EventWriter::sequenced();
             let now = dsv_store::store::now_ms();
             t.lease = None;
             if !f.log.is_empty() {
@@ -859,7 +865,7 @@ impl Repo {
                     t.status = TaskStatus::Aborted;
                     t.error = Some("aborted before it ran".into());
                     t.finished_ms = Some(dsv_store::store::now_ms());
-                    let mut ev = EventWriter::new(kv)?;
+                    let mut ev = EventWriter::sequenced();
                     put_task(&mut b, Some(&old), &t);
                     status_event(&mut ev, &mut b, &t);
                 }
@@ -1001,7 +1007,7 @@ impl Repo {
                 let mut b = b;
                 let mut t = old.clone();
                 t.lease = None;
-                let mut ev = EventWriter::new(kv)?;
+                let mut ev = EventWriter::sequenced();
                 if requeue {
                     let q = t.queue.clone().unwrap_or_else(|| "default".into());
                     t.error = Some(format!("{why}; requeued"));
@@ -1122,7 +1128,7 @@ impl Repo {
             }
             put_model(&mut b, None, &m);
             b.put(Cf::App, model_body_key(&m.id), body.to_vec());
-            let mut ev = EventWriter::new(kv)?;
+            let mut ev = EventWriter::sequenced();
             let mut e = model_created(&m);
             e.extra.insert("remote".into(), serde_json::json!(remote));
             ev.push(&mut b, e);
@@ -1158,7 +1164,7 @@ impl Repo {
                 return Ok((b, m));
             }
             put_model(&mut b, Some(&old), &m);
-            let mut ev = EventWriter::new(kv)?;
+            let mut ev = EventWriter::sequenced();
             let mut e = Event::new(EventKind::ModelTagged);
             e.project = m.project.clone();
             e.name = m.name.clone();

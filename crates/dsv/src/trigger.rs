@@ -406,7 +406,7 @@ impl Repo {
         self.write(|kv| {
             crate::task::ensure_production_is(kv, new, old)?;
             let mut b = Batch::default();
-            let mut ev = EventWriter::new(kv)?;
+            let mut ev = EventWriter::sequenced();
             crate::task::promote_batch(
                 kv,
                 &mut b,
@@ -617,7 +617,7 @@ impl Repo {
                 model: None,
                 note: String::new(),
             };
-            let mut ev = EventWriter::new(kv)?;
+            let mut ev = EventWriter::sequenced();
             match &t.action {
                 Action::Clone {
                     task,

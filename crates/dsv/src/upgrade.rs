@@ -36,6 +36,10 @@ impl Repo {
     /// format, or leaves it as it is when it is current, and opens it.
     pub fn upgrade(dir: &Path, opts: StoreOptions) -> crate::Result<(Repo, UpgradeReport)> {
         let (store, report) = Store::upgrade(dir, opts, &mut backfill)?;
-        Ok((Repo::from_store(store), report))
+        let repo = Repo::from_store(store);
+        // The index of versions in finalize order (added within format 2):
+        // built once, by the first upgrade that finds it missing.
+        repo.index_version_order()?;
+        Ok((repo, report))
     }
 }

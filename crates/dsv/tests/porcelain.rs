@@ -919,3 +919,81 @@ fn a_placeholder_the_event_does_not_fill_launches_nothing() {
     );
     assert_eq!(repo.tasks(None, None).unwrap().len(), 2, "no clone");
 }
+
+/// The index of versions in finalize order answers `latest`, name
+/// resolution and `list -n` exactly as a read of every version does: before
+/// it is built (the fallback), once built, after a deletion, with tags.
+#[test]
+fn the_finalize_order_index_agrees_with_reading_every_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = repo_on(tmp.path(), Box::new(MemKv::new()));
+    let data = tmp.path().join("data");
+    let sync = |name: &str, n: usize, version: Option<&str>, tags: &[&str]| {
+        write(&data, &format!("{name}{n}.csv"), &format!("x\n{n}\n"));
+        repo.sync(
+            "p",
+            name,
+            &data,
+            &SyncOptions {
+                version: version.map(String::from),
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .version
+        .unwrap()
+    };
+    sync("a", 1, None, &["good"]);
+    sync("b", 2, Some("2.0.0"), &[]);
+    sync("a", 3, None, &[]);
+    // Finalized last, with the lowest version string: still the newest.
+    sync("b", 4, Some("0.5.0"), &["good"]);
+    let newest_a = sync("a", 5, None, &["good"]);
+    let ids = |vs: &[dsv::DatasetVersion]| vs.iter().map(|v| v.id).collect::<Vec<_>>();
+    let check = |repo: &Repo| {
+        let all = repo.list(Some("p"), None, &[]).unwrap();
+        let good = repo.list(Some("p"), None, &["good".to_string()]).unwrap();
+        for n in [1, 2, 3, 10] {
+            let got = repo.list_limited(Some("p"), None, &[], Some(n)).unwrap();
+            assert_eq!(ids(&got), ids(&all[..n.min(all.len())]), "list -n {n}");
+            let got = repo
+                .list_path_limited("p/a", &["good".to_string()], Some(n))
+                .unwrap()
+                .unwrap();
+            let want: Vec<_> = good
+                .iter()
+                .filter(|v| v.dataset.name == "a")
+                .cloned()
+                .collect();
+            assert_eq!(ids(&got), ids(&want[..n.min(want.len())]), "tagged -n {n}");
+        }
+        for name in ["a", "b"] {
+            let ds = repo.dataset("p", name).unwrap().unwrap();
+            let latest = repo.latest(&ds).unwrap().unwrap();
+            assert_eq!(
+                latest.id,
+                all.iter().find(|v| v.dataset.name == name).unwrap().id
+            );
+            assert_eq!(repo.resolve(&format!("p/{name}")).unwrap().id, latest.id);
+        }
+        all
+    };
+    let before = check(&repo);
+    assert_eq!(before[0].id, newest_a.id);
+    assert_eq!(before[1].version, "0.5.0");
+    assert!(repo.index_version_order().unwrap(), "the index was built");
+    assert!(!repo.index_version_order().unwrap(), "built once");
+    assert_eq!(ids(&check(&repo)), ids(&before));
+    // Deleting the newest version of p/a: the one before it is the latest.
+    repo.delete(&newest_a, false).unwrap();
+    let after = check(&repo);
+    assert_eq!(after.len(), before.len() - 1);
+    let ds = repo.dataset("p", "a").unwrap().unwrap();
+    assert_eq!(repo.latest(&ds).unwrap().unwrap().version, "1.0.1");
+    // A version finalized once the index exists is in it.
+    let newest_b = sync("b", 6, None, &["good"]);
+    let all = check(&repo);
+    assert_eq!(all[0].id, newest_b.id);
+    assert_eq!(all.len(), after.len() + 1);
+}

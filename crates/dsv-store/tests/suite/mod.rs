@@ -158,6 +158,126 @@ pub fn each_entry_once(f: &dyn Factory, entries: u64) {
     assert_eq!(left, 0);
 }
 
+/// Claims a `q/a/` or `q/b/` entry (the smaller id of the two firsts),
+/// marks it taken and appends a log record naming it; returns its key.
+pub fn claim_one(store: &Store, worker: usize) -> Option<Vec<u8>> {
+    let prefixes = vec![b"q/a/".to_vec(), b"q/b/".to_vec()];
+    store
+        .claim(&prefixes, |kv, found| {
+            let Some((k, _)) = found.iter().min_by_key(|(k, _)| k[4..].to_vec()) else {
+                return Ok((Batch::default(), None));
+            };
+            let taken = [b"taken/".as_slice(), k].concat();
+            if kv.get(Cf::App, &taken)?.is_some() {
+                return Err(Error::Invalid(format!("{k:?} taken twice")));
+            }
+            let mut b = Batch::default();
+            b.delete(Cf::App, k.clone());
+            b.put(Cf::App, taken, worker.to_le_bytes().to_vec());
+            b.append((Cf::App, b"t/seq"), Cf::App, b"log/".to_vec(), k.clone());
+            Ok((b, Some(k.clone())))
+        })
+        .unwrap()
+}
+
+/// Removes a `q/a/` entry by a plain transaction (an "abort" racing the
+/// claimers) and logs it by numbering the record itself (reading the
+/// sequence's counter, as a writer that needs the number does); returns
+/// the key removed.
+pub fn remove_one(store: &Store, i: u64) -> Option<Vec<u8>> {
+    let k = [b"q/a/".as_slice(), &i.to_be_bytes()].concat();
+    store
+        .write(|kv| {
+            let mut b = Batch::default();
+            if kv.get(Cf::App, &k)?.is_none() {
+                return Ok((b, None));
+            }
+            let n = get_u64(kv, b"t/seq") + 1;
+            b.delete(Cf::App, k.clone());
+            b.put(Cf::App, [b"gone/".as_slice(), &k].concat(), vec![]);
+            b.put(
+                Cf::App,
+                [b"log/".as_slice(), &n.to_be_bytes()].concat(),
+                k.clone(),
+            );
+            b.put(Cf::App, b"t/seq".to_vec(), n.to_le_bytes().to_vec());
+            Ok((b, Some(k.clone())))
+        })
+        .unwrap()
+}
+
+/// Claims: with `entries` in each of two queues, workers claiming while
+/// one remover deletes entries of the first queue, every entry is either
+/// claimed once or removed once, never both; and the log the claimers
+/// append to (and the remover numbers by hand) holds one record per
+/// entry, numbered 1, 2, … without a gap or an overwrite.
+pub fn claims_each_entry_once(f: &dyn Factory, entries: u64) {
+    let store = f.open();
+    store
+        .write(|_| {
+            let mut b = Batch::default();
+            for i in 0..entries {
+                for q in [b"q/a/", b"q/b/"] {
+                    b.put(Cf::App, [q.as_slice(), &i.to_be_bytes()].concat(), vec![]);
+                }
+            }
+            Ok((b, ()))
+        })
+        .unwrap();
+    let (claimed, removed): (Vec<Vec<u8>>, Vec<Vec<u8>>) = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..WORKERS)
+            .map(|w| {
+                s.spawn(move || {
+                    let store = f.open();
+                    let mut mine = Vec::new();
+                    while let Some(k) = claim_one(&store, w) {
+                        mine.push(k);
+                    }
+                    mine
+                })
+            })
+            .collect();
+        let remover = s.spawn(|| {
+            let store = f.open();
+            (0..entries)
+                .rev()
+                .step_by(3)
+                .filter_map(|i| remove_one(&store, i))
+                .collect::<Vec<_>>()
+        });
+        let claimed = hs.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        (claimed, remover.join().unwrap())
+    });
+    let c: BTreeSet<_> = claimed.iter().cloned().collect();
+    let r: BTreeSet<_> = removed.iter().cloned().collect();
+    assert_eq!(c.len(), claimed.len(), "an entry was claimed twice");
+    assert!(c.is_disjoint(&r), "an entry was both claimed and removed");
+    assert_eq!(c.len() + r.len(), 2 * entries as usize, "entries lost");
+    let kv = store.reader();
+    let mut log = Vec::new();
+    kv.scan(Cf::App, b"log/", &mut |k, v| {
+        log.push((u64::from_be_bytes(k[4..].try_into().unwrap()), v.to_vec()));
+        Ok(true)
+    })
+    .unwrap();
+    let total = 2 * entries;
+    assert_eq!(
+        log.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>(),
+        "the log is not numbered 1..{total} without gaps"
+    );
+    let logged: BTreeSet<_> = log.into_iter().map(|(_, v)| v).collect();
+    assert_eq!(logged, c.union(&r).cloned().collect(), "log records lost");
+    assert_eq!(get_u64(&*kv, b"t/seq"), total);
+    let mut left = 0;
+    kv.scan(Cf::App, b"q/", &mut |_, _| {
+        left += 1;
+        Ok(true)
+    })
+    .unwrap();
+    assert_eq!(left, 0);
+}
+
 /// Snapshot isolation.
 pub fn snapshot_isolation(f: &dyn Factory) {
     let store = f.open();
