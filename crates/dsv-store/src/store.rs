@@ -118,7 +118,9 @@ pub struct Store {
     dir: PathBuf,
     config: RepoConfig,
     backend: Box<dyn Backend>,
-    reader: RwLock<Arc<dyn KvRead>>,
+    /// The read view; `None` once released after a write (reopened by the
+    /// next [`Store::reader`]).
+    reader: RwLock<Option<Arc<dyn KvRead>>>,
     stale: std::sync::atomic::AtomicBool,
     packs: PackReader,
     opts: StoreOptions,
@@ -302,7 +304,7 @@ impl Store {
             read_only: config.read_only_features(),
             config,
             backend,
-            reader: RwLock::new(reader),
+            reader: RwLock::new(Some(reader)),
             stale: std::sync::atomic::AtomicBool::new(false),
             opts,
             source: RwLock::new(None),
@@ -353,18 +355,39 @@ impl Store {
                 self.stale.store(true, std::sync::atomic::Ordering::Release);
             }
         }
-        self.reader
+        let current = self
+            .reader
             .read()
             .map(|r| r.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
+        if let Some(r) = current {
+            return r;
+        }
+        // Released after a write: reopened here, under the lock, so that
+        // concurrent readers share one fresh view.
+        let mut slot = self.reader.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = slot.as_ref() {
+            return r.clone();
+        }
+        match self.backend.open_read() {
+            Ok(fresh) => {
+                self.packs.reset();
+                *slot = Some(fresh.clone());
+                fresh
+            }
+            Err(e) => {
+                tracing::warn!("cannot reopen the database for reading: {e}");
+                Arc::new(ReleasedView)
+            }
+        }
     }
 
     /// Re-opens the read handle to see other processes' commits.
     pub fn refresh(&self) -> Result<()> {
         let fresh = self.backend.open_read()?;
         match self.reader.write() {
-            Ok(mut r) => *r = fresh,
-            Err(p) => *p.into_inner() = fresh,
+            Ok(mut r) => *r = Some(fresh),
+            Err(p) => *p.into_inner() = Some(fresh),
         }
         self.packs.reset();
         Ok(())
@@ -478,11 +501,13 @@ impl Store {
     /// idle store holds no snapshot (on a database server, an open snapshot
     /// keeps every row version after it from being cleaned up).
     fn release_view(&self) {
-        let released: Arc<dyn KvRead> = Arc::new(ReleasedView);
         let old = match self.reader.write() {
-            Ok(mut r) => std::mem::replace(&mut *r, released),
-            Err(p) => std::mem::replace(&mut *p.into_inner(), released),
+            Ok(mut r) => r.take(),
+            Err(p) => p.into_inner().take(),
         };
+        // Whoever reads next opens a fresh view (`reader` finds none), and
+        // a refresh that raced this (its view may predate our commit) is
+        // redone by the next `reader`.
         self.stale.store(true, std::sync::atomic::Ordering::Release);
         drop(old);
     }
@@ -1295,8 +1320,8 @@ fn release_reserve(dir: &Path) -> bool {
 /// backend and leaves the body's output in the slot.
 type TxnAttempt<'a, T> = dyn FnMut(&dyn crate::kv::Backend, &mut Option<T>) -> Result<()> + 'a;
 
-/// What [`Store::reader`] holds between a commit and the next read: the
-/// fresh view could not be opened (the error was logged when it failed).
+/// What [`Store::reader`] returns when, after a write, a fresh view could
+/// not be opened (the error was logged): its reads fail.
 struct ReleasedView;
 
 impl ReleasedView {
