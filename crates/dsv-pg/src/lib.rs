@@ -21,7 +21,8 @@
 //!   entry under each prefix is taken with `FOR UPDATE SKIP LOCKED`, so
 //!   concurrent agents get different tasks instead of conflicting on the
 //!   first; a commit that changes an `app` row a claimer holds locks it with
-//!   `NOWAIT` first and is a conflict when it is busy (never a deadlock).
+//!   `SKIP LOCKED` first and is a conflict when one is busy (never a
+//!   deadlock).
 //! - **Event log**: appended records are numbered at commit under the lock:
 //!   a gap-free sequence in commit order, with no transaction reading the
 //!   counter; `dsv_events` shows the log as a relation (`seq`, `time_ms`,
@@ -361,7 +362,11 @@ const MIGRATIONS: &[&str] = &[
            MESSAGE = 'a key read by this transaction changed: ' || encode(bad_k, 'escape'); \
        END IF; \
        FOREACH key IN ARRAY lock_k LOOP \
-         PERFORM 1 FROM dsv_kv WHERE cf = app AND k = key FOR UPDATE NOWAIT; \
+         PERFORM 1 FROM dsv_kv WHERE cf = app AND k = key FOR UPDATE SKIP LOCKED; \
+         IF NOT FOUND AND EXISTS (SELECT 1 FROM dsv_kv WHERE cf = app AND k = key) THEN \
+           RAISE EXCEPTION USING ERRCODE = '40001', \
+             MESSAGE = 'a row another agent is claiming: ' || encode(key, 'escape'); \
+         END IF; \
        END LOOP; \
        IF cardinality(d_k) > 0 THEN \
        DELETE FROM dsv_kv USING unnest(d_cf, d_k) AS d(cf, k) \
@@ -685,8 +690,9 @@ impl KvRead for TxnReader<'_> {
 
 /// A point-in-time view: a read-only repeatable-read transaction on its
 /// own connection, ended when dropped. A view whose connection died (the
-/// server restarted, or ended a transaction idle for an hour) starts a new
-/// snapshot on the next read instead of failing forever: a long-lived
+/// server restarted, or ended a transaction idle for [`VIEW_IDLE_MS`])
+/// starts a new snapshot on the next read instead of failing — also in
+/// the middle of a scan, which goes on after its last key: a long-lived
 /// reader (a mount) recovers by itself.
 struct PgView {
     shared: Arc<Shared>,
@@ -733,10 +739,43 @@ impl PgView {
     }
 }
 
+/// Times a view goes on after the server ended its connection within one
+/// read (a scan's visitor idle past [`VIEW_IDLE_MS`] between two pages).
+const VIEW_RESUMES: usize = 3;
+
+impl PgView {
+    /// Runs `read` on the view's connection; when the server ended the
+    /// connection under it (and not the visitor failing), runs it again on
+    /// a new snapshot, `read` being told where to go on from.
+    fn resuming(
+        &self,
+        read: &mut dyn FnMut(&TxnReader<'_>, &mut bool) -> Result<()>,
+    ) -> Result<()> {
+        let mut tries = 0;
+        loop {
+            let c = self.conn()?;
+            let mut visitor_failed = false;
+            match read(&TxnReader::new(&self.shared, &c), &mut visitor_failed) {
+                Err(Error::Unavailable(m))
+                    if c.is_closed() && !visitor_failed && tries < VIEW_RESUMES =>
+                {
+                    tries += 1;
+                    tracing::debug!("{m}; the read goes on on a new snapshot");
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
 impl KvRead for PgView {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let c = self.conn()?;
-        TxnReader::new(&self.shared, &c).get(cf, key)
+        let mut out = None;
+        self.resuming(&mut |r, _| {
+            out = r.get(cf, key)?;
+            Ok(())
+        })?;
+        Ok(out)
     }
     fn scan_from(
         &self,
@@ -745,8 +784,14 @@ impl KvRead for PgView {
         start: &[u8],
         visit: &mut Visitor<'_>,
     ) -> Result<()> {
-        let c = self.conn()?;
-        TxnReader::new(&self.shared, &c).scan_from(cf, prefix, start, visit)
+        let mut from = start.to_vec();
+        self.resuming(&mut |r, failed| {
+            r.scan_from(cf, prefix, &from.clone(), &mut |k, v| {
+                // Goes on after the last key visited.
+                from = [k, &[0]].concat();
+                visit(k, v).inspect_err(|_| *failed = true)
+            })
+        })
     }
     fn scan_rev(
         &self,
@@ -755,8 +800,13 @@ impl KvRead for PgView {
         before: &[u8],
         visit: &mut Visitor<'_>,
     ) -> Result<()> {
-        let c = self.conn()?;
-        TxnReader::new(&self.shared, &c).scan_rev(cf, prefix, before, visit)
+        let mut before = before.to_vec();
+        self.resuming(&mut |r, failed| {
+            r.scan_rev(cf, prefix, &before.clone(), &mut |k, v| {
+                before = k.to_vec();
+                visit(k, v).inspect_err(|_| *failed = true)
+            })
+        })
     }
 }
 
@@ -917,6 +967,15 @@ impl Commit {
             c.p_v.push(v);
         }
         for (cf, k) in dels {
+            // The server numbers appends after the committed counter, as
+            // `seal` does; deleting it first would restart the numbering.
+            if c.s_cf
+                .iter()
+                .zip(&c.s_k)
+                .any(|(sc, sk)| *sc == cf && *sk == k)
+            {
+                continue;
+            }
             c.d_cf.push(cf);
             c.d_k.push(k);
         }
@@ -951,13 +1010,9 @@ impl Commit {
 fn commit_conflict(e: &tokio_postgres::Error) -> Option<String> {
     use tokio_postgres::error::SqlState;
     let db = e.as_db_error()?;
-    if *db.code() == SqlState::T_R_SERIALIZATION_FAILURE {
-        return Some(db.message().to_string());
-    }
-    if *db.code() == SqlState::LOCK_NOT_AVAILABLE && db.message().contains("lock on row") {
-        return Some("a row another agent is claiming".into());
-    }
-    None
+    // Raised by the commit function itself (a changed read, a row a
+    // claimer holds): by code, whatever the server's language.
+    (*db.code() == SqlState::T_R_SERIALIZATION_FAILURE).then(|| db.message().to_string())
 }
 
 /// How one attempt runs its body.
@@ -1045,25 +1100,48 @@ impl PgKv {
             Mode::Locked => body(&reader, &found),
         };
         let reads = recording.into_reads();
+        // Takes the write lock (reentrant: the commit function takes it
+        // again) and checks `reads` against the committed state under it.
+        let check_locked = |reads: &[dsv_store::txn::ReadRecord]| -> Result<()> {
+            shared.rt.block_on(async {
+                let stmt = c
+                    .stmt("SELECT pg_advisory_xact_lock($1)")
+                    .await
+                    .map_err(|e| map_err(at, "prepare", e))?;
+                c.execute(&stmt, &[&WRITE_LOCK])
+                    .await
+                    .map_err(|e| map_err(at, "take the write lock", e))
+            })?;
+            match dsv_store::txn::first_conflict(reads, &reader)? {
+                Some(what) => Err(Error::Conflict { what, tries: 1 }),
+                None => Ok(()),
+            }
+        };
         let outcome = (|| -> Result<bool> {
+            let optimistic = mode == Mode::Optimistic;
             let batch = match result {
-                Ok(b) if b.is_empty() => return Ok(false),
+                Ok(b) if b.is_empty() => {
+                    // Nothing to write, but the caller gets what the body
+                    // made of its reads (each statement saw the latest
+                    // commits): they must hold together, as for a write.
+                    if optimistic && !reads.is_empty() {
+                        check_locked(&reads)?;
+                    }
+                    return Ok(false);
+                }
                 Ok(b) => b,
                 Err(e) => {
-                    // An error may come from reads that no longer hold
-                    // (each statement sees the latest commits): then it is
-                    // a conflict, and the body runs again.
-                    if mode == Mode::Optimistic {
-                        if let Some(what) = dsv_store::txn::first_conflict(&reads, &reader)? {
-                            return Err(Error::Conflict { what, tries: 1 });
-                        }
+                    // An error may come from reads that no longer hold:
+                    // then it is a conflict, and the body runs again.
+                    if optimistic {
+                        check_locked(&reads)?;
                     }
                     return Err(e);
                 }
             };
             let mut expect = Vec::new();
             let mut scans = Vec::new();
-            if mode == Mode::Optimistic {
+            if optimistic {
                 for r in reads {
                     match r {
                         dsv_store::txn::ReadRecord::Get { cf, key, value } => {
@@ -1073,21 +1151,10 @@ impl PgKv {
                     }
                 }
             }
+            // Scans are checked by the client, under the lock; point reads
+            // by the commit function.
             if !scans.is_empty() {
-                // Scans are checked here, under the lock (taken now, and
-                // again — it is reentrant — by the commit below).
-                shared.rt.block_on(async {
-                    let stmt = c
-                        .stmt("SELECT pg_advisory_xact_lock($1)")
-                        .await
-                        .map_err(|e| map_err(at, "prepare", e))?;
-                    c.execute(&stmt, &[&WRITE_LOCK])
-                        .await
-                        .map_err(|e| map_err(at, "take the write lock", e))
-                })?;
-                if let Some(what) = dsv_store::txn::first_conflict(&scans, &reader)? {
-                    return Err(Error::Conflict { what, tries: 1 });
-                }
+                check_locked(&scans)?;
             }
             let commit = Commit::new(batch, &expect, &found);
             shared.rt.block_on(async {
@@ -1160,7 +1227,10 @@ impl PgKv {
             }
         }
         let mut last = None;
-        for _ in 0..LOCKED_TRIES {
+        for try_no in 0..LOCKED_TRIES {
+            if try_no > 0 {
+                std::thread::sleep(dsv_store::txn::conflict_backoff(try_no as u32));
+            }
             match self.attempt(prefixes, body, Mode::Locked) {
                 // Still possible behind the lock: a row a claimer holds
                 // (taken without waiting), a deadlock.

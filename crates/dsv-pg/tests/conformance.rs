@@ -97,6 +97,53 @@ fn postgres_backend_conforms() {
     rev.reverse();
     assert_eq!(fwd, rev);
     assert!(fwd.windows(2).all(|w| w[0] < w[1]));
+
+    // A view whose connection the server ends between two pages of a scan
+    // (as it does to a view idle past its timeout) goes on from the last
+    // key on a new snapshot: every key once, in order, both ways.
+    let kv = PgKv::connect(
+        &pg.url,
+        &PgOptions {
+            application_name: Some("dsv-view-test".into()),
+            ..pg_opts()
+        },
+    )
+    .unwrap();
+    let view = kv.open_read().unwrap();
+    let end_views = || {
+        let o = cluster.psql(
+            "pages",
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'dsv-view-test' AND state = 'idle in transaction'",
+        );
+        assert!(o.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            "1",
+            "the view was ended"
+        );
+    };
+    let mut seen = Vec::new();
+    view.scan(Cf::App, b"p/", &mut |k, _| {
+        seen.push(k.to_vec());
+        if seen.len() == 40 {
+            end_views();
+        }
+        Ok(true)
+    })
+    .unwrap();
+    assert_eq!(seen, fwd, "forward scan across an ended connection");
+    let mut seen = Vec::new();
+    view.scan_rev(Cf::App, b"p/", b"", &mut |k, _| {
+        seen.push(k.to_vec());
+        if seen.len() == 40 {
+            end_views();
+        }
+        Ok(true)
+    })
+    .unwrap();
+    seen.reverse();
+    assert_eq!(seen, fwd, "reverse scan across an ended connection");
 }
 
 #[test]

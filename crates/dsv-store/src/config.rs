@@ -30,6 +30,11 @@ pub const FEATURE_KEYSPACE_COUNTERS: &str = "keyspace-counters";
 /// `version_rebased` event kind, `.dsv/remote-cache/`); set by `init` and
 /// by the first `remote add` (or `clone`).
 pub const FEATURE_REMOTES: &str = "remotes";
+/// `ro_compat`: the index of each dataset's versions in finalize order
+/// (`app` keys `dq/`, marker `mk/version-order`); set by `init` and by the
+/// `dsv upgrade` that builds the index. A build that does not know it would
+/// finalize versions the index misses.
+pub const FEATURE_VERSION_ORDER: &str = "version-order";
 
 /// Features this build understands, by class (what a repository it creates
 /// or upgrades records).
@@ -40,6 +45,7 @@ pub const KNOWN_RO_COMPAT: &[&str] = &[
     FEATURE_LEASES,
     FEATURE_KEYSPACE_COUNTERS,
     FEATURE_REMOTES,
+    FEATURE_VERSION_ORDER,
 ];
 /// See [`KNOWN_INCOMPAT`].
 pub const KNOWN_COMPAT: &[&str] = &[];

@@ -462,7 +462,7 @@ impl Store {
         self.check_writable()?;
         self.run_txn(&mut |backend, slot| {
             backend.claim(prefixes, &mut |kv, found| {
-                let (batch, o) = f(kv, found)?;
+                let (batch, o) = f(kv, found).inspect_err(|e| self.note_gc(e))?;
                 *slot = Some(o);
                 Ok(batch)
             })
@@ -496,6 +496,14 @@ impl Store {
         Ok(out)
     }
 
+    /// A body failed because a gc ran meanwhile: our read view predates
+    /// it, and a retry must see it.
+    fn note_gc(&self, e: &Error) {
+        if matches!(e, Error::ConcurrentGc(_)) {
+            self.stale.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
     /// Lets go of the read view after a commit: the next [`Store::reader`]
     /// opens a fresh one. Released now rather than kept until then, so an
     /// idle store holds no snapshot (on a database server, an open snapshot
@@ -518,12 +526,7 @@ impl Store {
         // exits after its write never pays for it.
         self.run_txn(&mut |backend, slot| {
             backend.transact(&mut |kv| {
-                let (batch, o) = f(kv).inspect_err(|e| {
-                    if matches!(e, Error::ConcurrentGc(_)) {
-                        // Our read view predates that gc: a retry must see it.
-                        self.stale.store(true, std::sync::atomic::Ordering::Release);
-                    }
-                })?;
+                let (batch, o) = f(kv).inspect_err(|e| self.note_gc(e))?;
                 *slot = Some(o);
                 Ok(batch)
             })

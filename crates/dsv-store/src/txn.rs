@@ -463,20 +463,22 @@ impl<'a> Recording<'a> {
             }
             Ok(more)
         };
-        if reverse {
-            self.inner.scan_rev(cf, prefix, bound, &mut wrapped)?;
+        let r = if reverse {
+            self.inner.scan_rev(cf, prefix, bound, &mut wrapped)
         } else {
-            self.inner.scan_from(cf, prefix, bound, &mut wrapped)?;
-        }
+            self.inner.scan_from(cf, prefix, bound, &mut wrapped)
+        };
+        // Recorded also when it failed (what it saw so far): an error that
+        // came from a stale read must be seen as a conflict.
         self.push(ReadRecord::Scan {
             cf,
             prefix: prefix.to_vec(),
             bound: bound.to_vec(),
             reverse,
             seen,
-            complete,
+            complete: complete && r.is_ok(),
         });
-        Ok(())
+        r
     }
 }
 
@@ -562,7 +564,7 @@ pub fn first_conflict(reads: &[ReadRecord], now: &dyn KvRead) -> Result<Option<S
 
 /// Backoff before the `try_no`-th retry of a conflicting transaction:
 /// exponential from 1 ms to 64 ms, with jitter so that contenders spread.
-pub(crate) fn conflict_backoff(try_no: u32) -> Duration {
+pub fn conflict_backoff(try_no: u32) -> Duration {
     let base = 1u64 << try_no.min(6);
     let jitter = {
         use std::hash::{BuildHasher, Hasher};

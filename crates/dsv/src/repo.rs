@@ -455,9 +455,7 @@ pub(crate) fn newest_versions_in(
     }
     if kv.get(Cf::App, keys::VERSION_ORDER_COMPLETE)?.is_none() {
         let mut vs = versions_in(kv, ds)?;
-        vs.sort_by(|a, b| {
-            (b.1.finalize_order(), b.0.as_bytes()).cmp(&(a.1.finalize_order(), a.0.as_bytes()))
-        });
+        sort_newest_first(&mut vs);
         for (id, info) in vs {
             if keep(&id, &info)? {
                 out.push((id, info));
@@ -547,7 +545,7 @@ pub(crate) fn backfill_version_order(kv: &dyn KvRead) -> Result<Batch> {
 
 /// Versions of several datasets newest first in finalize order (event
 /// sequence numbers are global), at most `limit`.
-fn newest_first(mut out: Vec<DatasetVersion>, limit: Option<usize>) -> Vec<DatasetVersion> {
+fn merge_newest_first(mut out: Vec<DatasetVersion>, limit: Option<usize>) -> Vec<DatasetVersion> {
     out.sort_by_key(|v| {
         std::cmp::Reverse((v.seq.is_some(), v.seq.unwrap_or(0), v.created_ms, v.id))
     });
@@ -555,6 +553,13 @@ fn newest_first(mut out: Vec<DatasetVersion>, limit: Option<usize>) -> Vec<Datas
         out.truncate(n);
     }
     out
+}
+
+/// Sorts versions newest first in finalize order (ties: by id).
+fn sort_newest_first(vs: &mut [(VersionId, VersionInfo)]) {
+    vs.sort_by(|a, b| {
+        (b.1.finalize_order(), b.0.as_bytes()).cmp(&(a.1.finalize_order(), a.0.as_bytes()))
+    });
 }
 
 /// The version finalized last (never the highest version string: a
@@ -741,6 +746,10 @@ impl Repo {
     /// complete ([`keys::VERSION_ORDER`]; at init, and for a repository made
     /// before it existed, by `dsv upgrade`). Returns whether it wrote.
     pub fn index_version_order(&self) -> Result<bool> {
+        // The feature first: from here on a build that does not maintain
+        // the index can no longer write.
+        self.store
+            .enable_ro_compat_feature(dsv_store::config::FEATURE_VERSION_ORDER)?;
         if self
             .store
             .reader()
@@ -930,9 +939,7 @@ impl Repo {
     pub fn versions(&self, ds: &Dataset) -> Result<Vec<DatasetVersion>> {
         let kv = self.store.reader();
         let mut vs = versions_in(&*kv, &ds.id)?;
-        vs.sort_by(|a, b| {
-            (b.1.finalize_order(), b.0.as_bytes()).cmp(&(a.1.finalize_order(), a.0.as_bytes()))
-        });
+        sort_newest_first(&mut vs);
         // Many versions: load every tag and metadata record in two scans
         // rather than two lookups per version.
         if vs.len() > 64 {
@@ -1004,7 +1011,7 @@ impl Repo {
             }
             out.extend(self.versions_matching(&ds, tags, limit)?);
         }
-        Ok(newest_first(out, limit))
+        Ok(merge_newest_first(out, limit))
     }
 
     /// A dataset's versions carrying every tag of `tags`, newest first; at
@@ -1070,7 +1077,7 @@ impl Repo {
         if !any {
             return Ok(None);
         }
-        Ok(Some(newest_first(out, limit)))
+        Ok(Some(merge_newest_first(out, limit)))
     }
 
     /// The newest version of a dataset.

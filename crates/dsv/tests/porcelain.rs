@@ -982,7 +982,20 @@ fn the_finalize_order_index_agrees_with_reading_every_version() {
     let before = check(&repo);
     assert_eq!(before[0].id, newest_a.id);
     assert_eq!(before[1].version, "0.5.0");
+    // A repository made before the index: its config lacks the feature,
+    // which building the index records (older builds then only read).
+    let dot = tmp.path().join(".dsv");
+    let features = |cfg: &RepoConfig| cfg.features.clone().unwrap_or_default().ro_compat;
+    let mut cfg = RepoConfig::load(&dot).unwrap();
+    cfg.features
+        .as_mut()
+        .unwrap()
+        .ro_compat
+        .retain(|f| f != dsv_store::config::FEATURE_VERSION_ORDER);
+    cfg.save(&dot).unwrap();
     assert!(repo.index_version_order().unwrap(), "the index was built");
+    assert!(features(&RepoConfig::load(&dot).unwrap())
+        .contains(&dsv_store::config::FEATURE_VERSION_ORDER.to_string()));
     assert!(!repo.index_version_order().unwrap(), "built once");
     assert_eq!(ids(&check(&repo)), ids(&before));
     // Deleting the newest version of p/a: the one before it is the latest.
