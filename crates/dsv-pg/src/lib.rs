@@ -170,7 +170,16 @@ fn map_err(at: &str, what: &str, e: tokio_postgres::Error) -> Error {
             .unwrap_or_default();
         return Error::Unavailable(format!("{at}: {what}: {e}{cause}"));
     }
-    Error::Kv(format!("{at}: {what}: {e}"))
+    // The server's own words ("db error" alone says nothing).
+    match e.as_db_error() {
+        Some(db) => Error::Kv(format!(
+            "{at}: {what}: {} (SQLSTATE {}){}",
+            db.message(),
+            db.code().code(),
+            db.detail().map(|d| format!(": {d}")).unwrap_or_default()
+        )),
+        None => Error::Kv(format!("{at}: {what}: {e}")),
+    }
 }
 
 struct Shared {
