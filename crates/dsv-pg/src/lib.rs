@@ -48,7 +48,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 /// Rows read by the first page of a scan (most scans stop early: the first
 /// entry of a queue, the last event); each next page is four times larger.
 const FIRST_PAGE: i64 = 32;
@@ -409,6 +409,24 @@ const MIGRATIONS: &[&str] = &[
        END IF; \
        PERFORM pg_notify('dsv_changes', ''); \
      END $f$;",
+    // 3: the counter conversions in PL/pgSQL: a SQL function that is not
+    // inlined is parsed and planned again in every statement that calls
+    // it, inside the serialized commit.
+    "CREATE OR REPLACE FUNCTION dsv_le(b bytea) RETURNS bigint LANGUAGE plpgsql IMMUTABLE AS $f$ \
+     BEGIN \
+       IF b IS NULL OR length(b) <> 8 THEN RETURN 0; END IF; \
+       RETURN (get_byte(b, 0)::bigint) | (get_byte(b, 1)::bigint << 8) \
+         | (get_byte(b, 2)::bigint << 16) | (get_byte(b, 3)::bigint << 24) \
+         | (get_byte(b, 4)::bigint << 32) | (get_byte(b, 5)::bigint << 40) \
+         | (get_byte(b, 6)::bigint << 48) | (get_byte(b, 7)::bigint << 56); \
+     END $f$; \
+     CREATE OR REPLACE FUNCTION dsv_le_bytes(n bigint) RETURNS bytea LANGUAGE plpgsql IMMUTABLE AS $f$ \
+     BEGIN \
+       RETURN int8send(((n & 255) << 56) | (((n >> 8) & 255) << 48) \
+         | (((n >> 16) & 255) << 40) | (((n >> 24) & 255) << 32) \
+         | (((n >> 32) & 255) << 24) | (((n >> 40) & 255) << 16) \
+         | (((n >> 48) & 255) << 8) | ((n >> 56) & 255)); \
+     END $f$;",
 ];
 
 impl PgKv {
@@ -536,18 +554,47 @@ impl PgKv {
 struct TxnReader<'a> {
     shared: &'a Shared,
     client: &'a Conn,
+    /// The transaction's `BEGIN …`, until sent: it goes out pipelined with
+    /// the transaction's first statement (one round trip for both).
+    begin: Mutex<Option<String>>,
     /// A read failed on a serialization failure: whatever the body made of
     /// that error, the transaction is a conflict (and retried).
     conflicted: std::sync::atomic::AtomicBool,
 }
 
 impl<'a> TxnReader<'a> {
-    fn new(shared: &'a Shared, client: &'a Conn) -> Self {
+    fn new(shared: &'a Shared, client: &'a Conn, begin: Option<String>) -> Self {
         TxnReader {
             shared,
             client,
+            begin: Mutex::new(begin),
             conflicted: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether `BEGIN` went out.
+    fn sent(&self) -> bool {
+        self.begin.lock().map(|b| b.is_none()).unwrap_or(true)
+    }
+
+    /// Runs `then` after the pending `BEGIN` (if not sent yet), in one
+    /// round trip: both requests are queued before either answer is read.
+    async fn begun<T>(
+        &self,
+        then: impl std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    ) -> Result<std::result::Result<T, tokio_postgres::Error>> {
+        let begin = self.begin.lock().ok().and_then(|mut b| b.take());
+        let (b, r) = futures::join!(
+            async {
+                match &begin {
+                    Some(sql) => self.client.batch_execute(sql).await,
+                    None => Ok(()),
+                }
+            },
+            then
+        );
+        b.map_err(|e| self.note(map_err(&self.shared.at, "begin", e)))?;
+        Ok(r)
     }
 
     fn note(&self, e: Error) -> Error {
@@ -576,9 +623,8 @@ impl TxnReader<'_> {
                 .await
                 .map_err(|e| self.note(map_err(&self.shared.at, "prepare", e)))?;
             let rows = self
-                .client
-                .query(&stmt, params)
-                .await
+                .begun(self.client.query(&stmt, params))
+                .await?
                 .map_err(|e| self.note(map_err(&self.shared.at, "read", e)))?;
             Ok(rows
                 .into_iter()
@@ -764,7 +810,7 @@ impl PgView {
         loop {
             let c = self.conn()?;
             let mut visitor_failed = false;
-            match read(&TxnReader::new(&self.shared, &c), &mut visitor_failed) {
+            match read(&TxnReader::new(&self.shared, &c, None), &mut visitor_failed) {
                 Err(Error::Unavailable(m))
                     if c.is_closed() && !visitor_failed && tries < VIEW_RESUMES =>
                 {
@@ -1054,12 +1100,9 @@ impl PgKv {
         if mode == Mode::Locked {
             begin.push_str(&format!("; SELECT pg_advisory_xact_lock({WRITE_LOCK})"));
         }
-        if let Err(e) = exec(shared, &c, &begin, "begin") {
-            // Possibly inside a failed transaction now (the lock timed
-            // out after BEGIN): never back into the pool.
-            drop(c);
-            return Err(e);
-        }
+        // BEGIN goes out with the first statement (a failed one — the lock
+        // timed out — ends in the ROLLBACK below).
+        let reader = TxnReader::new(shared, &c, Some(begin));
         let mut found: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         if !prefixes.is_empty() {
             let claimed = shared.rt.block_on(async {
@@ -1083,10 +1126,12 @@ impl PgKv {
                     .iter()
                     .map(|(p, u)| [&code as &(dyn ToSql + Sync), p, u])
                     .collect();
-                let rows =
-                    futures::future::try_join_all(params.iter().map(|ps| c.query_opt(&stmt, ps)))
-                        .await
-                        .map_err(|e| map_err(at, "claim", e))?;
+                let rows = reader
+                    .begun(futures::future::try_join_all(
+                        params.iter().map(|ps| c.query_opt(&stmt, ps)),
+                    ))
+                    .await?
+                    .map_err(|e| map_err(at, "claim", e))?;
                 Ok::<_, Error>(
                     rows.into_iter()
                         .flatten()
@@ -1097,12 +1142,12 @@ impl PgKv {
             match claimed {
                 Ok(f) => found = f,
                 Err(e) => {
+                    drop(reader);
                     drop(c);
                     return Err(e);
                 }
             }
         }
-        let reader = TxnReader::new(shared, &c);
         let recording = dsv_store::txn::Recording::new(&reader);
         let result = match mode {
             Mode::Optimistic => body(&recording, &found),
@@ -1117,8 +1162,9 @@ impl PgKv {
                     .stmt("SELECT pg_advisory_xact_lock($1)")
                     .await
                     .map_err(|e| map_err(at, "prepare", e))?;
-                c.execute(&stmt, &[&WRITE_LOCK])
-                    .await
+                reader
+                    .begun(c.execute(&stmt, &[&WRITE_LOCK]))
+                    .await?
                     .map_err(|e| map_err(at, "take the write lock", e))
             })?;
             match dsv_store::txn::first_conflict(reads, &reader)? {
@@ -1180,7 +1226,15 @@ impl PgKv {
                 // the appends, bump the counters, notify) and COMMIT. A
                 // failed function makes the server turn the COMMIT into a
                 // rollback.
-                let (f, end) = futures::join!(c.execute(&stmt, &params), c.batch_execute("COMMIT"));
+                let (f, end) = reader
+                    .begun(async {
+                        Ok::<_, tokio_postgres::Error>(futures::join!(
+                            c.execute(&stmt, &params),
+                            c.batch_execute("COMMIT")
+                        ))
+                    })
+                    .await?
+                    .map_err(|e| map_err(at, "commit", e))?;
                 if let Err(e) = &f {
                     if let Some(what) = commit_conflict(e) {
                         return Err(Error::Conflict { what, tries: 1 });
@@ -1193,9 +1247,13 @@ impl PgKv {
             Ok(true)
         })();
         let conflicted = reader.conflicted();
+        let begun = reader.sent();
+        drop(reader);
         match &outcome {
             // Committed in the pipeline above.
             Ok(true) => shared.give_back(c),
+            // Nothing was sent: no transaction to end.
+            Ok(false) | Err(_) if !begun => shared.give_back(c),
             Ok(false) | Err(_) => {
                 // Nothing to commit, or it failed before or inside the
                 // commit's pipeline: roll back (a no-op when the server
@@ -1272,6 +1330,12 @@ impl Backend for PgKv {
 
     fn claim(&self, prefixes: &[Vec<u8>], body: &mut ClaimBody<'_>) -> Result<()> {
         self.run(prefixes, body)
+    }
+
+    /// `FOR UPDATE SKIP LOCKED`, outside the write lock; an empty claim
+    /// is one round trip.
+    fn claims_concurrently(&self) -> bool {
+        true
     }
 
     fn change_source(&self) -> Result<Box<dyn ChangeSource>> {

@@ -210,6 +210,13 @@ pub trait Backend: Send + Sync {
     fn transact(&self, body: &mut TxnBody<'_>) -> Result<()>;
     /// A source of wake-ups on commits by any writer.
     fn change_source(&self) -> Result<Box<dyn ChangeSource>>;
+    /// Whether [`Backend::claim`] runs without serializing writers, so
+    /// that a claim finding nothing costs no more than a read (callers
+    /// then skip their unlocked "is there anything?" check). Default:
+    /// `false`.
+    fn claims_concurrently(&self) -> bool {
+        false
+    }
     /// A transaction that claims work: for each of `prefixes` (`app`
     /// keys), the first entry under it that no concurrent claim holds is
     /// given to `body`, and stays held (no other claim gets it, and it is

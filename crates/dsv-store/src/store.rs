@@ -450,6 +450,12 @@ impl Store {
         }
     }
 
+    /// Whether claims run without serializing writers
+    /// ([`Backend::claims_concurrently`](crate::kv::Backend::claims_concurrently)).
+    pub fn claims_concurrently(&self) -> bool {
+        self.backend.claims_concurrently()
+    }
+
     /// A claim ([`crate::kv::Backend::claim`]): `f` gets the first entry
     /// under each of `prefixes` (`app` keys) that no concurrent claim holds,
     /// reads what else it needs and builds its batch; retried on conflict

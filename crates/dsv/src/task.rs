@@ -605,20 +605,22 @@ impl Repo {
         ttl_ms: i64,
         now_ms: i64,
     ) -> Result<Option<Task>> {
-        // Cheap check without the lock first.
-        let kv = self.store().reader();
-        if !queues.iter().any(|q| {
-            let mut any = false;
-            let _ = kv.scan(
-                Cf::App,
-                &[keys::QUEUE, q.as_bytes(), &[0]].concat(),
-                &mut |_, _| {
-                    any = true;
-                    Ok(false)
-                },
-            );
-            any
-        }) {
+        // Cheap check without the lock first (where a claim takes one).
+        if !self.store().claims_concurrently()
+            && !queues.iter().any(|q| {
+                let kv = self.store().reader();
+                let mut any = false;
+                let _ = kv.scan(
+                    Cf::App,
+                    &[keys::QUEUE, q.as_bytes(), &[0]].concat(),
+                    &mut |_, _| {
+                        any = true;
+                        Ok(false)
+                    },
+                );
+                any
+            })
+        {
             return Ok(None);
         }
         // A claim: concurrent agents get different entries (the oldest
