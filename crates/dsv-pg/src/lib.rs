@@ -277,7 +277,37 @@ impl std::ops::Deref for Conn {
     }
 }
 
+/// One run of the sequencer: > 0 staged commits numbered, 0 nothing
+/// staged, -1 another writer is numbering.
+const SEQUENCE_SQL: &str = "SELECT dsv_sequence(7::smallint)";
+
 impl Conn {
+    /// One run of the sequencer ([`SEQUENCE_SQL`], prepared as `stmt`).
+    async fn sequence(&self, stmt: &Statement) -> std::result::Result<i64, tokio_postgres::Error> {
+        self.client
+            .query_one(stmt, &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+    }
+
+    /// After a run (`last`) that numbered something, runs the sequencer
+    /// again until a run finds nothing or the lock taken (at most
+    /// [`SEQUENCER_PASSES`] times): a writer that committed while this one
+    /// held the lock left its staging to it.
+    async fn sequence_after(
+        &self,
+        stmt: &Statement,
+        mut last: std::result::Result<i64, tokio_postgres::Error>,
+    ) -> std::result::Result<(), tokio_postgres::Error> {
+        for _ in 0..SEQUENCER_PASSES {
+            if last? <= 0 {
+                return Ok(());
+            }
+            last = self.sequence(stmt).await;
+        }
+        Ok(())
+    }
+
     fn new(client: Client) -> Self {
         Conn {
             client,
@@ -1394,12 +1424,10 @@ impl PgKv {
                     .await
                     .map_err(|e| map_err(at, "prepare", e))?;
                 let seq = c
-                    .stmt("SELECT dsv_sequence($1)")
+                    .stmt(SEQUENCE_SQL)
                     .await
                     .map_err(|e| map_err(at, "prepare", e))?;
                 let params = commit.params();
-                let meta = cf_code(Cf::Meta);
-                let seq_params: [&(dyn ToSql + Sync); 1] = [&meta];
                 // One round trip: the commit function (key locks, the
                 // reads checked, claimed rows locked, the writes, the
                 // appends and counter bumps staged), COMMIT (a failed
@@ -1409,7 +1437,7 @@ impl PgKv {
                         Ok::<_, tokio_postgres::Error>(futures::join!(
                             c.execute(&stmt, &params),
                             c.batch_execute("COMMIT"),
-                            c.query_one(&seq, &seq_params)
+                            c.sequence(&seq)
                         ))
                     })
                     .await?
@@ -1424,23 +1452,11 @@ impl PgKv {
                 // Committed. A sequencer that numbered something runs again
                 // after its own commit: a writer that committed meanwhile
                 // found it busy and left its staging to it.
-                let mut sequenced = sequenced.map(|r| r.get::<_, i64>(0));
-                for _ in 0..SEQUENCER_PASSES {
-                    match sequenced {
-                        Ok(n) if n > 0 => {}
-                        Ok(_) => break,
-                        Err(e) => {
-                            tracing::warn!(
-                                "{at}: the commit is in, but numbering its events failed \
-                                 (the next writer numbers them): {e}"
-                            );
-                            break;
-                        }
-                    }
-                    sequenced = c
-                        .query_one(&seq, &seq_params)
-                        .await
-                        .map(|r| r.get::<_, i64>(0));
+                if let Err(e) = c.sequence_after(&seq, sequenced).await {
+                    tracing::warn!(
+                        "{at}: the commit is in, but numbering its events failed \
+                         (the next writer numbers them): {e}"
+                    );
                 }
                 Ok::<_, Error>(())
             })?;
@@ -1655,20 +1671,13 @@ impl PgChanges {
         let Ok(c) = self.shared.checkout() else {
             return;
         };
-        let meta = cf_code(Cf::Meta);
         let r = self.shared.rt.block_on(async {
-            let seq = c.stmt("SELECT dsv_sequence($1)").await?;
-            c.query_one(&seq, &[&meta])
-                .await
-                .map(|r| r.get::<_, i64>(0))
+            let seq = c.stmt(SEQUENCE_SQL).await?;
+            let first = c.sequence(&seq).await;
+            c.sequence_after(&seq, first).await
         });
         match r {
-            Ok(n) => {
-                if n > 0 {
-                    tracing::debug!("change feed: numbered {n} staged commits left behind");
-                }
-                self.shared.give_back(c);
-            }
+            Ok(()) => self.shared.give_back(c),
             Err(e) => tracing::debug!("change feed: the sweep failed: {e}"),
         }
     }
@@ -1686,6 +1695,15 @@ mod tests {
         assert_eq!(super::MIGRATIONS[2].matches(&shared).count(), 2);
         let seq = format!("pg_try_advisory_xact_lock({})", super::SEQ_LOCK);
         assert_eq!(super::MIGRATIONS[2].matches(&seq).count(), 2);
+    }
+
+    #[test]
+    fn the_sequencer_call_names_the_meta_family() {
+        let code = super::cf_code(dsv_store::kv::Cf::Meta);
+        assert_eq!(
+            super::SEQUENCE_SQL,
+            format!("SELECT dsv_sequence({code}::smallint)")
+        );
     }
 
     #[test]
