@@ -35,6 +35,11 @@ pub const FEATURE_REMOTES: &str = "remotes";
 /// `dsv upgrade` that builds the index. A build that does not know it would
 /// finalize versions the index misses.
 pub const FEATURE_VERSION_ORDER: &str = "version-order";
+/// `ro_compat`: the index of each dataset's versions by version string
+/// (`app` keys `dn/`, marker `mk/version-names`); set by `init` and by the
+/// `dsv upgrade` that builds the index. A build that does not know it would
+/// finalize versions the index misses (and could reuse their numbers).
+pub const FEATURE_VERSION_NAMES: &str = "version-names";
 
 /// Features this build understands, by class (what a repository it creates
 /// or upgrades records).
@@ -46,6 +51,7 @@ pub const KNOWN_RO_COMPAT: &[&str] = &[
     FEATURE_KEYSPACE_COUNTERS,
     FEATURE_REMOTES,
     FEATURE_VERSION_ORDER,
+    FEATURE_VERSION_NAMES,
 ];
 /// See [`KNOWN_INCOMPAT`].
 pub const KNOWN_COMPAT: &[&str] = &[];

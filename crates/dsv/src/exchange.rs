@@ -319,6 +319,7 @@ impl Repo {
                         Cf::App,
                         keys::version_order(&ds.id, info.seq, info.created_ms, id),
                     );
+                    b.delete(Cf::App, keys::version_name(&ds.id, &old, id));
                     index_version_batch(&mut b, &ds.id, &version, &new, seq);
                     let mut info = info.clone();
                     info.version = new.clone();

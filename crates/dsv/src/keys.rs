@@ -154,6 +154,49 @@ pub fn version_order(id: &DatasetId, seq: Option<u64>, created_ms: i64, v: &Vers
     ])
 }
 
+/// Prefix of each dataset's versions by name (`dn/` · dataset · name key ·
+/// version id → empty): a version string's lookup, its uniqueness check and
+/// the highest semantic version (the next number) read a few keys, not every
+/// version. The name key is [`version_name_key`].
+pub const VERSION_NAME: &[u8] = b"dn/";
+/// Present when every version has its [`VERSION_NAME`] entry (written at
+/// init, or by the backfill of `dsv upgrade`); without it, readers read
+/// every version of a dataset.
+pub const VERSION_NAMES_COMPLETE: &[u8] = b"mk/version-names";
+
+/// The name key of a version string: for a semantic version, `0x01` ·
+/// major, minor, patch u64 BE · pre-release (no build metadata, no leading
+/// `v`: strings of equal precedence share it, and the last `0x01` key holds
+/// the highest major.minor.patch); otherwise `0x02` · the string.
+pub fn version_name_key(version: &str) -> Vec<u8> {
+    match crate::records::semver_of(version) {
+        Some(v) => cat(&[
+            &[1u8],
+            &v.major.to_be_bytes(),
+            &v.minor.to_be_bytes(),
+            &v.patch.to_be_bytes(),
+            v.pre.as_str().as_bytes(),
+        ]),
+        None => cat(&[&[2u8], version.as_bytes()]),
+    }
+}
+
+/// Prefix of one dataset's [`VERSION_NAME`] entries whose name key starts
+/// with `name_key` (callers check the exact length: key = prefix · 32-byte id).
+pub fn version_names(id: &DatasetId, name_key: &[u8]) -> Vec<u8> {
+    cat(&[VERSION_NAME, &id.0, name_key])
+}
+
+/// A [`VERSION_NAME`] key.
+pub fn version_name(id: &DatasetId, version: &str, v: &VersionId) -> Vec<u8> {
+    cat(&[
+        VERSION_NAME,
+        &id.0,
+        &version_name_key(version),
+        v.as_bytes(),
+    ])
+}
+
 /// `dr/` key.
 pub fn draft(d: &DraftId) -> Vec<u8> {
     cat(&[DRAFT, d.as_bytes()])

@@ -577,6 +577,125 @@ pub(crate) fn is_latest_in(kv: &dyn KvRead, v: &DatasetVersion) -> Result<bool> 
     Ok(newest_in(kv, &v.dataset.id)?.is_some_and(|(id, _)| id == v.id))
 }
 
+/// One version's index entry, found from its id (`None` when `id` is not a
+/// version of `ds`).
+pub(crate) fn version_info_in(
+    kv: &dyn KvRead,
+    ds: &DatasetId,
+    id: &VersionId,
+) -> Result<Option<VersionInfo>> {
+    match version_dataset_in(kv, id)? {
+        Some((d, created)) if &d == ds => {
+            match kv.get(Cf::App, &keys::dataset_version(ds, created, id))? {
+                Some(v) => Ok(Some(from_json(&v, "version index")?)),
+                None => Err(Error::corrupted(
+                    format!("version index {id}"),
+                    "entry missing",
+                )),
+            }
+        }
+        _ => Ok(None),
+    }
+}
+
+fn names_complete(kv: &dyn KvRead) -> Result<bool> {
+    Ok(kv.get(Cf::App, keys::VERSION_NAMES_COMPLETE)?.is_some())
+}
+
+/// The versions of `ds` whose version string names the same version as
+/// `version` ([`same_version`]): from the [`keys::VERSION_NAME`] index when
+/// it is complete (a few keys), else from every version.
+pub(crate) fn versions_named_in(
+    kv: &dyn KvRead,
+    ds: &DatasetId,
+    version: &str,
+) -> Result<Vec<(VersionId, VersionInfo)>> {
+    if !names_complete(kv)? {
+        return Ok(versions_in(kv, ds)?
+            .into_iter()
+            .filter(|(_, i)| same_version(&i.version, version))
+            .collect());
+    }
+    let prefix = keys::version_names(ds, &keys::version_name_key(version));
+    let mut ids = Vec::new();
+    kv.scan(Cf::App, &prefix, &mut |k, _| {
+        // Longer keys are other pre-releases of the same major.minor.patch.
+        if k.len() == prefix.len() + 32 {
+            ids.extend(VersionId::from_slice(&k[prefix.len()..]));
+        }
+        Ok(true)
+    })?;
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        match version_info_in(kv, ds, &id)? {
+            Some(info) => out.push((id, info)),
+            None => {
+                return Err(Error::corrupted(
+                    format!("version name index of {id}"),
+                    "its version entry is missing",
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The version string a new version of `ds` gets when none is given:
+/// [`next_version`], reading only the highest name key when the index is
+/// complete.
+pub(crate) fn next_version_in(kv: &dyn KvRead, ds: &DatasetId) -> Result<String> {
+    if !names_complete(kv)? {
+        return Ok(next_version(&versions_in(kv, ds)?));
+    }
+    let prefix = keys::version_names(ds, &[1u8]);
+    match kv.last(Cf::App, &prefix)? {
+        None => Ok("1.0.0".to_string()),
+        Some((k, _)) => {
+            let n = |i: usize| {
+                k.get(prefix.len() + 8 * i..prefix.len() + 8 * (i + 1))
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+            };
+            match (n(0), n(1), n(2)) {
+                (Some(major), Some(minor), Some(patch)) => {
+                    Ok(bump_patch(&semver::Version::new(major, minor, patch)))
+                }
+                _ => Err(Error::corrupted("version name index", "bad key")),
+            }
+        }
+    }
+}
+
+/// Refuses `wanted` when `ds` already has that version.
+fn check_version_free_in(kv: &dyn KvRead, ds: &Dataset, wanted: &str) -> Result<()> {
+    check_version_free(ds, &versions_named_in(kv, &ds.id, wanted)?, wanted)
+}
+
+/// The puts that give every version its [`keys::VERSION_NAME`] entry and
+/// mark the index complete (idempotent; empty when it is).
+pub(crate) fn backfill_version_names(kv: &dyn KvRead) -> Result<Batch> {
+    let mut b = Batch::default();
+    if names_complete(kv)? {
+        return Ok(b);
+    }
+    let mut ids = Vec::new();
+    kv.scan(Cf::App, keys::DATASET, &mut |k, _| {
+        ids.extend(DatasetId::from_slice(&k[keys::DATASET.len()..]));
+        Ok(true)
+    })?;
+    for ds in ids {
+        for (id, info) in versions_in(kv, &ds)? {
+            b.put(
+                Cf::App,
+                keys::version_name(&ds, &info.version, &id),
+                Vec::new(),
+            );
+        }
+    }
+    b.put(Cf::App, keys::VERSION_NAMES_COMPLETE, Vec::new());
+    Ok(b)
+}
+
 /// The next patch above the dataset's highest semantic version (so an
 /// assigned number never collides with an explicit one); `1.0.0` first.
 pub(crate) fn next_version(vs: &[(VersionId, VersionInfo)]) -> String {
@@ -681,6 +800,7 @@ pub(crate) fn index_version_batch(
         keys::version_order(ds, info.seq, info.created_ms, &v.id),
         Vec::new(),
     );
+    b.put(Cf::App, keys::version_name(ds, version, &v.id), Vec::new());
     let mut idx = ds.0.to_vec();
     idx.extend_from_slice(&(o.created_ms.max(0) as u64).to_be_bytes());
     b.put(Cf::App, keys::version_index(&v.id), idx);
@@ -750,16 +870,17 @@ impl Repo {
         // the index can no longer write.
         self.store
             .enable_ro_compat_feature(dsv_store::config::FEATURE_VERSION_ORDER)?;
-        if self
-            .store
-            .reader()
-            .get(Cf::App, keys::VERSION_ORDER_COMPLETE)?
-            .is_some()
+        self.store
+            .enable_ro_compat_feature(dsv_store::config::FEATURE_VERSION_NAMES)?;
         {
-            return Ok(false);
+            let kv = self.store.reader();
+            if kv.get(Cf::App, keys::VERSION_ORDER_COMPLETE)?.is_some() && names_complete(&*kv)? {
+                return Ok(false);
+            }
         }
         self.write(|kv| {
-            let b = backfill_version_order(kv)?;
+            let mut b = backfill_version_order(kv)?;
+            b.ops.extend(backfill_version_names(kv)?.ops);
             let wrote = !b.is_empty();
             Ok((b, wrote))
         })
@@ -1130,23 +1251,31 @@ impl Repo {
                         return self.assemble(&*kv, ds, id, info);
                     }
                 }
-                let vs = versions_in(&*kv, &ds.id)?;
+                // A version string first (a few keys of the name index),
+                // then a tag.
                 let found = match &selector {
-                    None => newest(vs.iter()),
+                    None => None,
                     Some(sel) => {
-                        let by_version: Vec<_> =
-                            vs.iter().filter(|(_, i)| &i.version == sel).collect();
-                        if let Some(v) = newest(by_version.into_iter()) {
-                            Some(v)
-                        } else {
-                            let tagged: BTreeSet<VersionId> =
-                                self.store.versions_tagged(sel)?.into_iter().collect();
-                            newest(vs.iter().filter(|(id, _)| tagged.contains(id)))
+                        let named: Vec<_> = versions_named_in(&*kv, &ds.id, sel)?
+                            .into_iter()
+                            .filter(|(_, i)| &i.version == sel)
+                            .collect();
+                        match newest(named.iter()) {
+                            Some(v) => Some(v.clone()),
+                            None => {
+                                let mut tagged = Vec::new();
+                                for id in self.store.versions_tagged(sel)? {
+                                    if let Some(info) = version_info_in(&*kv, &ds.id, &id)? {
+                                        tagged.push((id, info));
+                                    }
+                                }
+                                newest(tagged.iter()).cloned()
+                            }
                         }
                     }
                 };
                 match found {
-                    Some((id, info)) => self.assemble(&*kv, ds, *id, info.clone()),
+                    Some((id, info)) => self.assemble(&*kv, ds, id, info),
                     None => Err(Error::RevisionNotFound(match selector {
                         None => format!("dataset {project}/{name} has no finalized version"),
                         Some(s) => format!("dataset {project}/{name} has no version or tag '{s}'"),
@@ -1248,7 +1377,7 @@ impl Repo {
                 None => return Err(Error::DatasetNotFound(format!("{project}/{name}"))),
             };
             if let Some(v) = &opts.version {
-                check_version_free(&ds, &versions_in(kv, &ds.id)?, v)?;
+                check_version_free_in(kv, &ds, v)?;
             }
             let draft = self.store.create_draft_batch(kv, &opts.parents, &mut b)?;
             let info = DraftInfo {
@@ -1619,13 +1748,12 @@ impl Repo {
             let info = draft_info_in(kv, &draft.id)?
                 .ok_or_else(|| Error::NotADatasetDraft(draft.id.to_hex()))?;
             let ds = dataset_in(kv, &info.dataset)?;
-            let vs = versions_in(kv, &ds.id)?;
             let version = match &info.version {
                 Some(v) => {
-                    check_version_free(&ds, &vs, v)?;
+                    check_version_free_in(kv, &ds, v)?;
                     v.clone()
                 }
-                None => next_version(&vs),
+                None => next_version_in(kv, &ds.id)?,
             };
             let mut b = Batch::default();
             let mut meta = BTreeMap::new();
@@ -1711,8 +1839,7 @@ impl Repo {
                         Some(d) => d,
                         None => new_dataset_batch(b, &mut ev, ds_id, project, name),
                     };
-                    let vs = versions_in(kv, &ds.id)?;
-                    let now_latest = newest(vs.iter()).map(|x| x.0);
+                    let now_latest = newest_in(kv, &ds.id)?.map(|x| x.0);
                     if now_latest != parent_id {
                         return Err(Error::Conflict(format!(
                             "dataset {project}/{name} got a new version while syncing"
@@ -1725,10 +1852,10 @@ impl Repo {
                     }
                     let version = match &opts.version {
                         Some(x) => {
-                            check_version_free(&ds, &vs, x)?;
+                            check_version_free_in(kv, &ds, x)?;
                             x.clone()
                         }
-                        None => next_version(&vs),
+                        None => next_version_in(kv, &ds.id)?,
                     };
                     for t in &opts.tags {
                         add_tag_batch(&v.id, t, b)?;
@@ -1957,11 +2084,17 @@ impl Repo {
                 }
             }
             if !add.is_empty() {
-                let vs = versions_in(kv, &cur.dataset.id)?;
-                if let Some(t) = add
-                    .iter()
-                    .find(|t| vs.iter().any(|(_, i)| &i.version == *t))
-                {
+                let mut named = None;
+                for t in add {
+                    if versions_named_in(kv, &cur.dataset.id, t)?
+                        .iter()
+                        .any(|(_, i)| &i.version == t)
+                    {
+                        named = Some(t);
+                        break;
+                    }
+                }
+                if let Some(t) = named {
                     return Err(Error::Invalid(format!(
                         "invalid tag '{t}': {} has a version '{t}', which {}@{t} names first",
                         cur.dataset.full_name(),
@@ -2062,13 +2195,12 @@ impl Repo {
                 Some(d) => d,
                 None => new_dataset_batch(&mut b, &mut ev, DatasetId::random()?, project, name),
             };
-            let vs = versions_in(kv, &ds.id)?;
             let ver = match version {
                 Some(x) => {
-                    check_version_free(&ds, &vs, x)?;
+                    check_version_free_in(kv, &ds, x)?;
                     x.to_string()
                 }
-                None => next_version(&vs),
+                None => next_version_in(kv, &ds.id)?,
             };
             let mut meta = BTreeMap::new();
             meta.insert(META_DATASET.to_string(), ds.id.to_string());
@@ -2145,17 +2277,17 @@ impl Repo {
                 Cf::App,
                 keys::version_order(&cur.dataset.id, cur.seq, cur.created_ms, &v.id),
             );
+            b.delete(
+                Cf::App,
+                keys::version_name(&cur.dataset.id, &cur.version, &v.id),
+            );
             b.delete(Cf::App, keys::version_index(&v.id));
             if refs.is_empty() {
                 b.delete(Cf::App, keys::version_meta(&v.id));
             } else {
-                let info = versions_in(kv, &cur.dataset.id)?
-                    .into_iter()
-                    .find(|(id, _)| id == &v.id)
-                    .map(|(_, i)| i)
-                    .ok_or_else(|| {
-                        Error::corrupted(format!("version index {}", v.id), "entry missing")
-                    })?;
+                let info = version_info_in(kv, &cur.dataset.id, &v.id)?.ok_or_else(|| {
+                    Error::corrupted(format!("version index {}", v.id), "entry missing")
+                })?;
                 let kept = KeptVersion {
                     dataset: cur.dataset.id,
                     info,

@@ -1010,3 +1010,91 @@ fn the_finalize_order_index_agrees_with_reading_every_version() {
     assert_eq!(all[0].id, newest_b.id);
     assert_eq!(all.len(), after.len() + 1);
 }
+
+/// The index of versions by version string answers the next number, the
+/// "already exists" check and `name@version` resolution exactly as a read of every version does: before it is built (the
+/// fallback), once built, after a deletion, with pre-releases and build
+/// metadata.
+#[test]
+fn the_version_name_index_agrees_with_reading_every_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = repo_on(tmp.path(), Box::new(MemKv::new()));
+    let data = tmp.path().join("data");
+    let n = std::cell::Cell::new(0);
+    let sync = |version: Option<&str>| {
+        n.set(n.get() + 1);
+        write(&data, &format!("f{}.csv", n.get()), "x\n1\n");
+        repo.sync(
+            "p",
+            "a",
+            &data,
+            &SyncOptions {
+                version: version.map(String::from),
+                ..Default::default()
+            },
+        )
+    };
+    let built = |repo: &Repo| {
+        repo.store()
+            .reader()
+            .get(dsv_store::kv::Cf::App, b"mk/version-names")
+            .unwrap()
+            .is_some()
+    };
+    assert!(!built(&repo), "a store made by hand starts without it");
+    let mut made = Vec::new();
+    let mut phase = |repo: &Repo, start: &str, pre: &str, auto: &str, taken: &[&str]| {
+        let v = sync(None).unwrap().version.unwrap();
+        assert_eq!(v.version, start);
+        made.push(v);
+        // A pre-release above every release: the next number bumps its
+        // major.minor.patch.
+        made.push(sync(Some(pre)).unwrap().version.unwrap());
+        let v = sync(None).unwrap().version.unwrap();
+        assert_eq!(v.version, auto);
+        made.push(v);
+        // Equal precedence is the same version, whatever its build.
+        let e = sync(Some(&format!("{pre}+build.7")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("{pre}+build.7 (as {pre})")), "{e}");
+        for t in taken {
+            let e = sync(Some(t)).unwrap_err().to_string();
+            assert!(e.contains(t), "{e}");
+        }
+        // Every version string resolves to its own version; a string of
+        // equal precedence that is not the stored one names nothing.
+        for v in &made {
+            let got = repo.resolve(&format!("p/a@{}", v.version)).unwrap();
+            assert_eq!(got.id, v.id, "{}", v.version);
+        }
+        assert!(repo.resolve(&format!("p/a@{pre}+x")).is_err());
+        made.clone()
+    };
+    phase(&repo, "1.0.0", "2.0.0-rc.1", "2.0.1", &["1.0.0", "2.0.1"]);
+    // A different pre-release of the same release is free.
+    sync(Some("2.0.0-rc.2")).unwrap();
+    assert!(
+        repo.resolve("p/a@2.0.0").is_err(),
+        "only pre-releases of it"
+    );
+    assert!(repo.index_version_order().unwrap(), "the index was built");
+    assert!(built(&repo));
+    let made = phase(
+        &repo,
+        "2.0.2",
+        "4.0.0-beta",
+        "4.0.1",
+        &["1.0.0", "2.0.0-rc.1", "2.0.0-rc.2", "2.0.2"],
+    );
+    // A deleted version's string is free again and no longer the highest.
+    let top = repo.resolve("p/a@4.0.1").unwrap();
+    repo.delete(&top, false).unwrap();
+    assert!(repo.resolve("p/a@4.0.1").is_err());
+    let v = sync(None).unwrap().version.unwrap();
+    assert_eq!(v.version, "4.0.1");
+    assert_ne!(v.id, top.id);
+    // Tags resolve through the index's fallback to tags.
+    repo.tag(&made[1], &["good".to_string()], &[]).unwrap();
+    assert_eq!(repo.resolve("p/a@good").unwrap().id, made[1].id);
+}
