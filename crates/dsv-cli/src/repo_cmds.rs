@@ -82,6 +82,14 @@ pub struct GcArgs {
     /// Show what would be removed; change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Seconds an unindexed pack must have existed before it counts as an
+    /// interrupted writer's leftover and is deleted. Embedded repositories
+    /// recognise live writers by their file locks (default 0); on a team
+    /// repository, where writers on other machines hold no lock this
+    /// machine sees, the default is 86400 (a day) by the object store's
+    /// clock.
+    #[arg(long, value_name = "SECONDS")]
+    orphan_grace: Option<u64>,
     /// Testing aid: keep the final commit transaction open this many
     /// milliseconds (a gc on a huge repository, at its worst).
     #[arg(long, hide = true, default_value_t = 0)]
@@ -458,10 +466,14 @@ pub fn fsck(ctx: &Ctx, a: FsckArgs) -> Result<(), CliError> {
 
 pub fn gc(ctx: &Ctx, a: GcArgs) -> Result<(), CliError> {
     let store = repo::open(ctx)?;
-    let opts = GcOptions {
+    let mut opts = GcOptions {
         hold_commit: std::time::Duration::from_millis(a.hold_commit_ms),
         ..GcOptions::default()
     };
+    if let Some(s) = a.orphan_grace {
+        opts.orphan_grace = std::time::Duration::from_secs(s);
+        opts.shared_orphan_grace = opts.orphan_grace;
+    }
     let r = store.gc(opts, a.dry_run)?;
     let repo = dsv::Repo::from_store(store);
     let c = repo.prune_cache_of_deleted(a.dry_run)?;

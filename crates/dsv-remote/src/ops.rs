@@ -59,17 +59,17 @@ pub trait Progress: Sync {
 pub struct NoProgress;
 impl Progress for NoProgress {}
 
-/// Refuses a remote transfer (`what`) on a team repository: its packs lie
-/// on other machines and its object store, which the transfer does not
-/// read, and versions fetched into it would be visible to the whole team
-/// before their data (graduation, [`crate::team::graduate`], copies the
-/// data first).
+/// Refuses a fetch (`what`) into a team repository: the versions it adds
+/// would be visible to every machine (and fire their triggers) before
+/// their data is on the team's object store, where the other machines read
+/// it. Graduation ([`crate::team::graduate`]) copies the data first.
 fn refuse_on_team(repo: &Repo, what: &str) -> Result<()> {
     if repo.store().pack_storage().is_some() {
         return Err(invalid(format!(
-            "'dsv {what}' is not supported on a team repository yet; nothing was sent or \
-             fetched (to bring datasets in, run 'dsv push postgres://…' from the embedded \
-             repository that holds them)"
+            "'dsv {what}' into a team repository is not supported yet: its versions would \
+             reach every machine before their data reaches the team's object store; nothing \
+             was fetched (to bring datasets in, run 'dsv push postgres://…' from a repository \
+             that holds them)"
         )));
     }
     Ok(())
@@ -682,7 +682,6 @@ pub fn sync_and_push(
     connect: &Connect,
     progress: &dyn Progress,
 ) -> Result<(dsv::repo::SyncOutcome, PushReport)> {
-    refuse_on_team(repo, "dataset sync --push")?;
     let (project, name) = dsv::rev::parse_dataset_name(dataset)?;
     let rec = get_remote(repo, remote)?;
     let storage = open_storage(&rec, connect)?;
@@ -724,6 +723,15 @@ fn chunk_bundles<'a>(
             at += 1;
         }
         let group = &chunks[start..at];
+        if store.pack_storage().is_some() {
+            // A team repository: the chunks of other machines' packs in a
+            // few coalesced reads of the shared object store, not one each.
+            let ids: Vec<ChunkId> = group.iter().map(|(c, _)| *c).collect();
+            if let Err(e) = store.prefetch_missing(&ids) {
+                failed = true;
+                return Some(Err(e));
+            }
+        }
         let datas: dsv_store::Result<Vec<Vec<u8>>> = group
             .iter()
             .map(|(c, l)| store.read_stored_at(c, l))
@@ -760,7 +768,6 @@ pub fn push(
     connect: &Connect,
     progress: &dyn Progress,
 ) -> Result<PushReport> {
-    refuse_on_team(repo, "push")?;
     let rec = get_remote(repo, name)?;
     let storage = open_storage(&rec, connect)?;
     let report = push_to(repo, name, &*storage, targets, progress)?;

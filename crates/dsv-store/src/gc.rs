@@ -31,6 +31,12 @@ pub struct GcOptions {
     /// writer holds them (default: none — a live writer is recognised by
     /// the `flock` it holds on each pack it writes, not by age).
     pub orphan_grace: Duration,
+    /// On a team repository: unindexed packs on the shared object store
+    /// younger than this (by the store's clock) are left alone (default 24
+    /// hours). A writer on any machine publishes its packs just before its
+    /// commit and holds no lock the others could see, so age is the only
+    /// sign of a writer that died between the two.
+    pub shared_orphan_grace: Duration,
     /// Testing aid: keep the final commit transaction open this long before
     /// committing (the worst case of a gc on a huge repository: writers
     /// wait, leases must survive). Zero by default.
@@ -42,10 +48,14 @@ impl Default for GcOptions {
         Self {
             repack_threshold: 0.2,
             orphan_grace: Duration::ZERO,
+            shared_orphan_grace: SHARED_ORPHAN_GRACE,
             hold_commit: Duration::ZERO,
         }
     }
 }
+
+/// Default [`GcOptions::shared_orphan_grace`].
+pub const SHARED_ORPHAN_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// The keyspaces a gc plan is computed from: when none of them changed
 /// between the plan's snapshot and its commit, the plan is still exact.
@@ -224,7 +234,43 @@ pub(crate) fn unlocked_packs(dir: &std::path::Path) -> Result<HashSet<u64>> {
         .collect())
 }
 
-fn plan(store: &Store, kv: &dyn KvRead, opts: &GcOptions, unlocked: &HashSet<u64>) -> Result<Plan> {
+/// The packs a plan may delete or rewrite: (id, length, whether it may be
+/// deleted as an orphan when the index does not name it).
+type Inventory = Vec<(u64, u64, bool)>;
+
+/// This folder's pack files: an unindexed one is an orphan when no writer
+/// holds it (`unlocked`, probed before the view) and it is old enough.
+fn local_inventory(store: &Store, opts: &GcOptions, unlocked: &HashSet<u64>) -> Result<Inventory> {
+    Ok(pack_files(&store.packs_dir())?
+        .into_iter()
+        .map(|(pack, path, len)| {
+            let orphan = unlocked.contains(&pack) && old_enough(&path, opts.orphan_grace);
+            (pack, len, orphan)
+        })
+        .collect())
+}
+
+/// A team's packs, listed on its object store (before the view is read):
+/// an unindexed one is an orphan once it is older than the grace period by
+/// the store's clock — a writer publishes its packs just before its commit,
+/// and no machine's writer holds a lock the others could see.
+fn shared_inventory(
+    storage: &dyn crate::storage::PackStorage,
+    opts: &GcOptions,
+    now_ms: i64,
+) -> Result<Inventory> {
+    let grace = opts.shared_orphan_grace.as_millis() as i64;
+    Ok(storage
+        .list("packs/")?
+        .into_iter()
+        .filter_map(|l| {
+            let pack = l.name.strip_prefix("packs/").and_then(parse_pack_name)?;
+            Some((pack, l.size, now_ms - l.modified_ms >= grace))
+        })
+        .collect())
+}
+
+fn plan(store: &Store, kv: &dyn KvRead, opts: &GcOptions, packs: Inventory) -> Result<Plan> {
     let (live_obj, live_chunk_ids) = mark(kv)?;
     let mut dead_objects = Vec::new();
     let mut live_objects = 0;
@@ -268,13 +314,13 @@ fn plan(store: &Store, kv: &dyn KvRead, opts: &GcOptions, unlocked: &HashSet<u64
     let mut delete_packs = Vec::new();
     let mut orphans = Vec::new();
     let mut repack = Vec::new();
-    for (pack, path, file_len) in pack_files(&store.packs_dir())? {
+    for (pack, file_len, orphan) in packs {
         match usage.get(&pack) {
             Some(0) => delete_packs.push((pack, file_len)),
             None => {
                 // Unindexed: a writer's pack until it commits (it holds a
                 // lock on it), or the leftover of a writer that died.
-                if unlocked.contains(&pack) && old_enough(&path, opts.orphan_grace) {
+                if orphan {
                     orphans.push((pack, file_len));
                 }
             }
@@ -410,15 +456,14 @@ impl Store {
     /// database (see [`Store::write_freeing`]); when even rewriting packs
     /// does not fit, it runs without rewriting (whole dead packs and orphans
     /// are deleted, which needs no new space).
+    ///
+    /// On a team repository (packs published to a shared object store) the
+    /// plan is made from the shared index and the store's listing, the
+    /// rewritten packs are published before the commit, and the packs it
+    /// frees are deleted from the object store (and this machine's copies);
+    /// an unindexed pack there is an orphan once older than
+    /// [`GcOptions::orphan_grace`].
     pub fn gc(&self, opts: GcOptions, dry_run: bool) -> Result<GcReport> {
-        if let Some(storage) = self.pack_storage() {
-            // Its packs are spread over machines and the object store; a
-            // local plan would see only this machine's copies.
-            return Err(Error::Invalid(format!(
-                "gc of a team repository (packs on {}) is not supported yet; nothing was deleted",
-                storage.location()
-            )));
-        }
         if !dry_run {
             // Before any pack is rewritten.
             self.check_writable()?;
@@ -442,16 +487,24 @@ impl Store {
         }
     }
 
+    /// The packs a plan considers: this folder's, or (a team repository)
+    /// the shared object store's. Read *before* the view the plan uses: a
+    /// pack committed just before the probe is indexed in that view.
+    fn gc_inventory(&self, opts: &GcOptions) -> Result<Inventory> {
+        match self.pack_storage() {
+            Some(storage) => shared_inventory(&*storage, opts, crate::store::now_ms()),
+            None => local_inventory(self, opts, &unlocked_packs(&self.packs_dir())?),
+        }
+    }
+
     fn gc_once(&self, opts: GcOptions, dry_run: bool) -> Result<GcReport> {
         if dry_run {
-            let unlocked = unlocked_packs(&self.packs_dir())?;
-            if !unlocked.is_empty() {
-                // A view newer than the probe: a pack a writer committed
-                // and unlocked just before it is indexed there.
-                self.refresh()?;
-            }
+            let inv = self.gc_inventory(&opts)?;
+            // A view newer than the probe: a pack a writer committed and
+            // unlocked just before it is indexed there.
+            self.refresh()?;
             let kv = self.reader();
-            let p = plan(self, &*kv, &opts, &unlocked)?;
+            let p = plan(self, &*kv, &opts, inv)?;
             let mut r = report_of(&p, true);
             r.bytes_freed = planned_freed(&p);
             return Ok(r);
@@ -468,12 +521,12 @@ impl Store {
         for _ in 0..OPTIMISTIC_PLANS {
             // The probe before the view: a pack a writer committed and
             // unlocked just before the probe is indexed in the view.
-            let unlocked = unlocked_packs(&self.packs_dir())?;
+            let inv = self.gc_inventory(&opts)?;
             self.refresh()?;
             let snap = self.reader();
             let seen = plan_counters(&*snap)?;
-            let p = plan(self, &*snap, &opts, &unlocked)?;
-            let (b0, changed, written, new_bytes) = self.gc_writes(&p)?;
+            let p = plan(self, &*snap, &opts, inv)?;
+            let (b0, changed, written, new_bytes) = self.gc_writes(&*snap, &p)?;
             let r = self.write_freeing(|kv| {
                 if plan_counters(kv)? != seen {
                     return Ok((Batch::default(), false));
@@ -517,9 +570,9 @@ impl Store {
                 }
                 // Under the commit transaction nothing commits: the order of
                 // the probe and the index scan does not matter here.
-                let unlocked = unlocked_packs(&self.packs_dir())?;
-                let p = plan(self, kv, &opts, &unlocked)?;
-                let (mut b, changed, written, new_bytes) = self.gc_writes(&p)?;
+                let inv = self.gc_inventory(&opts)?;
+                let p = plan(self, kv, &opts, inv)?;
+                let (mut b, changed, written, new_bytes) = self.gc_writes(kv, &p)?;
                 written_packs = written;
                 if changed {
                     drop_stat_cache(kv, &mut b)?;
@@ -547,6 +600,37 @@ impl Store {
         report.packs_deleted -= report.orphan_packs;
         report.orphan_packs = 0;
         report.orphan_bytes = 0;
+        if let Some(storage) = self.pack_storage() {
+            // The shared copies first (the bytes the team pays for), then
+            // this machine's: a pack another machine still reads through a
+            // view from before the commit is read again at its new place.
+            for (pack, len) in to_delete.iter().chain(&orphans) {
+                storage.delete(&crate::store::shared_pack_name(*pack))?;
+                freed += len;
+                let path = pack_path(&self.packs_dir(), *pack);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io("delete", &path, e)),
+                }
+            }
+            report.orphan_packs = orphans.len() as u64;
+            report.orphan_bytes = orphans.iter().map(|x| x.1).sum();
+            // This machine's copies of packs other machines' gcs freed:
+            // unindexed, and no writer here holds them.
+            let unlocked = unlocked_packs(&self.packs_dir())?;
+            self.refresh()?;
+            let kv = self.reader();
+            for pack in unlocked {
+                if !pack_indexed(&*kv, pack)? {
+                    delete_orphan(&pack_path(&self.packs_dir(), pack))?;
+                }
+            }
+            report.packs_deleted += report.orphan_packs;
+            report.bytes_freed = freed.saturating_sub(new_bytes);
+            self.pack_reader().reset();
+            return Ok(report);
+        }
         for (pack, len) in to_delete {
             let path = pack_path(&self.packs_dir(), pack);
             match std::fs::remove_file(&path) {
@@ -580,7 +664,11 @@ impl Store {
     /// new packs (written here). Returns the batch, whether it changes
     /// anything, the new packs and their bytes.
     #[allow(clippy::type_complexity)]
-    fn gc_writes(&self, p: &Plan) -> Result<(Batch, bool, Option<crate::pack::WrittenPacks>, u64)> {
+    fn gc_writes(
+        &self,
+        kv: &dyn KvRead,
+        p: &Plan,
+    ) -> Result<(Batch, bool, Option<crate::pack::WrittenPacks>, u64)> {
         let mut b = Batch::default();
         for id in &p.dead_objects {
             b.delete(Cf::Objects, id.as_bytes().to_vec());
@@ -596,19 +684,48 @@ impl Store {
         let mut written_packs = None;
         if !p.moved.is_empty() {
             let w = PackWriter::new(self.packs_dir(), self.config().pack_target_size);
+            let team = self.pack_storage().is_some();
             for (id, loc) in &p.moved {
-                let data = self.pack_reader().read_stored(id, loc)?;
+                let data = if team && !self.pack_is_local(loc.pack) {
+                    // Another machine's pack: its records from the object
+                    // store (checked against their ids by the source).
+                    self.shared_stored(kv, id)?
+                } else {
+                    self.pack_reader().read_stored(id, loc)?
+                };
                 let nl = w.append(id, loc.codec, loc.raw_len, &data)?;
                 b.put(Cf::Chunks, id.as_bytes().to_vec(), nl.encode());
             }
             let written = w.finish()?;
             new_bytes = written.bytes()?;
+            // A team's new packs are on the object store before the index
+            // points at them.
+            if let Err(e) = self.publish_packs(&written.ids()) {
+                written.discard();
+                return Err(e);
+            }
             written_packs = Some(written);
         }
         let changed =
             !p.dead_objects.is_empty() || !p.dead_chunks.is_empty() || !p.repack.is_empty();
         Ok((b, changed, written_packs, new_bytes))
     }
+}
+
+/// Whether any chunk index entry names `pack` (a full scan of the index:
+/// only for the few unindexed-looking files of a team machine).
+fn pack_indexed(kv: &dyn KvRead, pack: u64) -> Result<bool> {
+    let mut found = false;
+    kv.scan(Cf::Chunks, b"", &mut |k, v| {
+        if let Some(id) = ChunkId::from_slice(k) {
+            if ChunkLoc::decode(v, &id)?.pack == pack {
+                found = true;
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    Ok(found)
 }
 
 /// What the plan frees: every deleted and rewritten pack, less the packs

@@ -84,13 +84,18 @@ impl Store {
     /// The stored bytes of a chunk in this repository's packs.
     pub fn read_stored_chunk(&self, id: &ChunkId) -> Result<(ChunkLoc, Vec<u8>)> {
         let loc = self.chunk_loc(id)?;
-        let data = self.pack_reader().read_stored(id, &loc)?;
+        let data = self.read_stored_at(id, &loc)?;
         Ok((loc, data))
     }
 
     /// The stored bytes of a chunk at a location read before (one index
-    /// lookup fewer than [`Store::read_stored_chunk`]).
+    /// lookup fewer than [`Store::read_stored_chunk`]). On a team
+    /// repository, a chunk of another machine's pack comes from the shared
+    /// object store (through the chunk source and its cache, checked).
     pub fn read_stored_at(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>> {
+        if self.pack_storage().is_some() && !self.pack_is_local(loc.pack) {
+            return self.shared_stored(&*self.reader(), id);
+        }
         self.pack_reader().read_stored(id, loc)
     }
 

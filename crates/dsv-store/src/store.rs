@@ -719,11 +719,24 @@ impl Store {
         let Some(src) = self.chunk_source() else {
             return Ok(None);
         };
-        let kv = self.reader();
+        let mut kv = self.reader();
         // Checked here, once: a kept copy that fails the check is dropped
         // and fetched again (from the remote, where the source checks it).
         for attempt in 0..2 {
-            let Some(c) = src.fetch(&*kv, std::slice::from_ref(id))?.pop().flatten() else {
+            let fetched = match src.fetch(&*kv, std::slice::from_ref(id)) {
+                Ok(f) => f,
+                Err(e) if attempt == 0 && self.pack_storage().is_some() => {
+                    // A team's gc may have rewritten the chunk's pack and
+                    // deleted it since this view: read again where a newer
+                    // view says it is.
+                    tracing::debug!("chunk {id}: {e}; reading it again from a newer view");
+                    self.refresh()?;
+                    kv = self.reader();
+                    src.fetch(&*kv, std::slice::from_ref(id))?
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(c) = fetched.into_iter().next().flatten() else {
                 return Ok(None);
             };
             match crate::compress::decode_chunk(id, c.codec, &c.stored, c.raw_len) {
@@ -733,6 +746,18 @@ impl Store {
             }
         }
         unreachable!("the second attempt returns")
+    }
+
+    /// A chunk's stored record from the team's object store, through the
+    /// chunk source (which checks it against its id), as `kv` locates it.
+    pub(crate) fn shared_stored(&self, kv: &dyn KvRead, id: &ChunkId) -> Result<Vec<u8>> {
+        let src = self
+            .chunk_source()
+            .ok_or_else(|| Error::not_found(Kind::Chunk, id.to_string()))?;
+        match src.fetch(kv, std::slice::from_ref(id))?.pop().flatten() {
+            Some(c) => Ok(c.stored),
+            None => Err(Error::not_found(Kind::Chunk, id.to_string())),
+        }
     }
 
     /// Reads a chunk's bytes, checking its hash.
