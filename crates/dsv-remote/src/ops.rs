@@ -59,22 +59,6 @@ pub trait Progress: Sync {
 pub struct NoProgress;
 impl Progress for NoProgress {}
 
-/// Refuses a fetch (`what`) into a team repository: the versions it adds
-/// would be visible to every machine (and fire their triggers) before
-/// their data is on the team's object store, where the other machines read
-/// it. Graduation ([`crate::team::graduate`]) copies the data first.
-fn refuse_on_team(repo: &Repo, what: &str) -> Result<()> {
-    if repo.store().pack_storage().is_some() {
-        return Err(invalid(format!(
-            "'dsv {what}' into a team repository is not supported yet: its versions would \
-             reach every machine before their data reaches the team's object store; nothing \
-             was fetched (to bring datasets in, run 'dsv push postgres://…' from a repository \
-             that holds them)"
-        )));
-    }
-    Ok(())
-}
-
 fn invalid(msg: String) -> Error {
     Error::Repo(dsv::Error::Invalid(msg))
 }
@@ -1380,7 +1364,10 @@ fn fetch_objects(
     Ok((out, bytes))
 }
 
-/// Fetches every dataset of the remote `name` (or those in `only`).
+/// Fetches every dataset of the remote `name` (or those in `only`). Into
+/// a team repository even a metadata-only fetch copies the data of the
+/// versions it adds, first: the other machines read only the team's object
+/// store.
 pub fn fetch(
     repo: &Repo,
     name: &str,
@@ -1389,14 +1376,6 @@ pub fn fetch(
     connect: &Connect,
     progress: &dyn Progress,
 ) -> Result<FetchReport> {
-    refuse_on_team(
-        repo,
-        if mode == FetchMode::Full {
-            "pull"
-        } else {
-            "fetch"
-        },
-    )?;
     let rec = get_remote(repo, name)?;
     let storage = open_storage(&rec, connect)?;
     fetch_from(repo, name, &*storage, mode, only, progress)
@@ -1586,6 +1565,24 @@ pub fn fetch_from(
             progress,
         )?;
         report.metadata_bytes += bytes;
+        if repo.store().pack_storage().is_some() {
+            // A team repository: every chunk of the incoming versions is
+            // on the team's object store before the versions reach the
+            // shared metadata (where every machine and trigger sees them).
+            let mut wanted = Vec::new();
+            let mut seen = HashSet::new();
+            for (oid, canonical) in &objects {
+                let obj = dsv_store::import::check_object(oid, canonical, "fetched object")?;
+                for c in references(&obj).1 {
+                    if seen.insert(c) && !repo.store().has_chunk(&c)? {
+                        wanted.push(c);
+                    }
+                }
+            }
+            let (n, b) = download_chunks(repo, &[(name.to_string(), storage)], &wanted, progress)?;
+            report.chunks += n;
+            report.chunk_bytes += b;
+        }
         let remote_ids: HashSet<VersionId> = d.versions.iter().map(|v| v.id).collect();
         let r = repo.import(
             &d.dataset,
@@ -1627,8 +1624,8 @@ pub fn fetch_from(
             &all_live_versions(repo)?,
             progress,
         )?;
-        report.chunks = n;
-        report.chunk_bytes = bytes;
+        report.chunks += n;
+        report.chunk_bytes += bytes;
     }
     let _ = fetched_versions;
     Ok(report)
@@ -1839,16 +1836,28 @@ fn prefetch_with(
     versions: &[VersionId],
     progress: &dyn Progress,
 ) -> Result<(u64, u64)> {
-    let store = repo.store();
     // Every chunk below the versions that is not stored here.
     let missing = chunks_not_here(repo, versions)?;
+    download_chunks(repo, remotes, &missing, progress)
+}
+
+/// Downloads the chunks `missing` from the first of `remotes` that has
+/// each, into this repository's packs (a team's are published to its
+/// object store as they are written).
+fn download_chunks(
+    repo: &Repo,
+    remotes: &[(String, &dyn PackStorage)],
+    missing: &[ChunkId],
+    progress: &dyn Progress,
+) -> Result<(u64, u64)> {
+    let store = repo.store();
     if missing.is_empty() {
         return Ok((0, 0));
     }
     let kv = store.reader();
     // Where each is: the first remote that has it.
     let mut plan: Vec<(usize, [u8; 32], RemoteLoc)> = Vec::with_capacity(missing.len());
-    for c in &missing {
+    for c in missing {
         let mut found = None;
         for (i, (name, _)) in remotes.iter().enumerate() {
             if let Some(l) = loc_of(&*kv, name, c.as_bytes())? {
