@@ -219,6 +219,19 @@ fn the_retraining_loop_runs_across_three_machines_and_survives_a_killed_agent() 
         "a secret was stored: {team}"
     );
     // A second init on the same database or bucket is refused.
+    // As libpq, a password file others can read is not used.
+    {
+        let o = m2.run(&["connect", "--metadata", &url, m2.repo().to_str().unwrap()]);
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(e.contains("has group or world access"), "{e}");
+        assert!(e.contains(m2_pgpass.to_str().unwrap()), "{e}");
+        assert!(!m2.repo().join(".dsv/team.json").exists());
+    }
+    for f in [&m2_pgpass, &m3_pass] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let again = m2.run(&[
         "init",
         m2.root.join("other").to_str().unwrap(),

@@ -72,6 +72,31 @@ fn pgpass_lookup(file: &Path, url: &str) -> Option<String> {
         .map(|f| f[4].clone())
 }
 
+/// [`pgpass_lookup`] on a password file libpq would use: a plain file
+/// without group or world access (else it is ignored, with a warning
+/// naming it, as libpq does).
+fn pgpass_checked(file: &Path, url: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let md = std::fs::metadata(file).ok()?;
+    if !md.is_file() {
+        eprintln!(
+            "warning: password file {} is not a plain file; it is ignored",
+            file.display()
+        );
+        return None;
+    }
+    if md.permissions().mode() & 0o077 != 0 {
+        eprintln!(
+            "warning: password file {} has group or world access; it is ignored \
+             (permissions should be u=rw: chmod 600 {})",
+            file.display(),
+            file.display()
+        );
+        return None;
+    }
+    pgpass_lookup(file, url)
+}
+
 /// Database options: the password from `PGPASSWORD`, else from
 /// `PGPASSFILE` or `~/.pgpass` (as libpq would), and this command's name
 /// for `pg_stat_activity`.
@@ -80,7 +105,7 @@ pub fn pg_options(ctx: &Ctx, url: &str) -> PgOptions {
         let file = std::env::var_os("PGPASSFILE")
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pgpass")))?;
-        pgpass_lookup(&file, url)
+        pgpass_checked(&file, url)
     });
     PgOptions {
         password,
