@@ -907,18 +907,27 @@ fn local_packs(m: &Machine) -> Vec<String> {
 /// mostly dead is rewritten (its live records read from the object store)
 /// and published before the index moves, an unindexed pack counts as an
 /// interrupted writer's only once older than the grace period — and every
-/// machine still reads everything live, checked, from its new place.
+/// machine still reads everything live, checked, from its new place. The
+/// database role is an ordinary one that owns the database.
 #[test]
 fn team_gc_frees_what_no_machine_needs_and_every_machine_reads_the_rest() {
     let pg = PgCluster::start();
-    pg.create_db("gc");
+    // As a DBA would set it up: an ordinary role (no superuser, no
+    // CREATEDB) that owns the team's database.
+    for sql in [
+        "CREATE ROLE team LOGIN PASSWORD 'team-pw' NOSUPERUSER NOCREATEDB NOCREATEROLE",
+        "CREATE DATABASE gc OWNER team",
+    ] {
+        let o = pg.psql("postgres", sql);
+        assert!(o.status.success(), "{sql}: {}", stderr(&o));
+    }
     let s3 = S3Server::start();
     s3.bucket("gcb");
     let tmp = tempfile::tempdir().unwrap();
-    let env = [("PGPASSWORD", PgCluster::PASSWORD)];
+    let env = [("PGPASSWORD", "team-pw")];
     let a = Machine::new(tmp.path(), "a", &env);
     let b = Machine::new(tmp.path(), "b", &env);
-    let url = pg.url("gc");
+    let url = pg.url("gc").replace("dsv@", "team@");
     a.ok(&[
         "init",
         a.repo().to_str().unwrap(),
