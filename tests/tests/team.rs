@@ -1022,3 +1022,119 @@ fn team_gc_frees_what_no_machine_needs_and_every_machine_reads_the_rest() {
     let cat = a.run(&["dataset", "cat", "g/y", "shared.bin"]);
     assert_eq!(cat.stdout, shared);
 }
+
+/// A machine whose clock is two hours behind (libfaketime) runs an agent:
+/// its task's lease and its heartbeats are in the database's time, so
+/// another machine neither reaps the task nor shows the agent as lost, and
+/// the task completes there. (By its own clock the lease would have run
+/// out two hours ago.)
+#[test]
+fn leases_use_the_database_clock_so_a_machine_with_a_wrong_clock_keeps_its_task() {
+    let pg = PgCluster::start();
+    pg.create_db("clock");
+    let s3 = S3Server::start();
+    s3.bucket("clock");
+    let tmp = tempfile::tempdir().unwrap();
+    let env = [("PGPASSWORD", PgCluster::PASSWORD)];
+    let a = Machine::new(tmp.path(), "a", &env);
+    let b = Machine::new(tmp.path(), "b", &env);
+    let url = pg.url("clock");
+    a.ok(&[
+        "init",
+        a.repo().to_str().unwrap(),
+        "--metadata",
+        &url,
+        "--objects",
+        "s3://clock/t",
+        "--endpoint",
+        &s3.endpoint(),
+    ]);
+    b.ok(&["connect", "--metadata", &url, b.repo().to_str().unwrap()]);
+    let started = tmp.path().join("started");
+    let go = tmp.path().join("go");
+    let cmd = format!(
+        "sh -c 'touch {}; while [ ! -e {} ]; do sleep 0.05; done'",
+        started.display(),
+        go.display()
+    );
+    let t = a.json(&["task", "create", "clock/wait", "--command", &cmd])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    a.json(&["task", "enqueue", &t, "--queue", "q"]);
+    let mut c = Command::new("faketime");
+    // The wall clock only: a machine whose clock is wrong still counts
+    // its timers right.
+    c.args(["-m", "--exclude-monotonic", "-f", "-2h"])
+        .arg(dsv_bin())
+        .args([
+            "agent",
+            "--once",
+            "--queue",
+            "q",
+            "--name",
+            "behind",
+            "--lease-ttl",
+            "5",
+        ])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DSV_REPO", b.repo())
+        .current_dir(&b.root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(b.root.join("agent.log")).unwrap());
+    for (k, v) in &b.env {
+        c.env(k, v);
+    }
+    let agent = Running(
+        c.spawn()
+            .expect("faketime runs (scripts/setup installs it)"),
+    );
+    until("the task to start", Duration::from_secs(60), || {
+        started.exists().then_some(())
+    });
+    // It really runs two hours behind.
+    let skew = Command::new("faketime")
+        .args(["-f", "-2h", "date", "+%s"])
+        .output()
+        .unwrap();
+    let behind: i64 = String::from_utf8_lossy(&skew.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(now - behind > 7000, "faketime does not shift the clock");
+    // Past a whole lease of 5 s, renewed by heartbeats in the database's
+    // time: nothing to reap, the agent is heard from.
+    let renewed = until("a renewed lease", Duration::from_secs(30), || {
+        let task = a.json(&["task", "show", &t]);
+        let renewed = task["lease"]["renewed_ms"].as_i64()?;
+        let start = task["started_ms"].as_i64()?;
+        (renewed - start > 5_000).then_some(task)
+    });
+    let lease = &renewed["lease"];
+    assert!(
+        lease["expires_ms"].as_i64().unwrap() - lease["renewed_ms"].as_i64().unwrap() == 5_000,
+        "{renewed}"
+    );
+    let reaped = a.json(&["task", "reap"]);
+    assert_eq!(reaped["reaped"], serde_json::json!([]), "{reaped}");
+    let agents = a.json(&["agent", "list"]);
+    let row = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "behind")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(row["state"], "running", "{agents}");
+    std::fs::write(&go, b"").unwrap();
+    let mut agent = agent;
+    let status = agent.0.wait().unwrap();
+    assert!(status.success(), "{}", b.log("agent.log"));
+    let task = a.json(&["task", "show", &t]);
+    assert_eq!(task["status"], "completed", "{task}");
+}

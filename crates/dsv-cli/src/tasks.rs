@@ -176,7 +176,7 @@ pub enum AgentSub {
 /// `dsv agent list`.
 fn agent_list(ctx: &Ctx) -> Result<(), CliError> {
     let repo = open(ctx)?;
-    let now = dsv_store::store::now_ms();
+    let now = repo.store().now_ms();
     let rows: Vec<(dsv::agents::AgentPresence, String, i64)> = repo
         .agent_statuses(now)?
         .into_iter()
@@ -326,6 +326,12 @@ fn task_json(t: &Task) -> Value {
         "finished_ms": t.finished_ms,
         "finished": t.finished_ms.map(crate::dataset::iso),
         "agent": t.agent.as_ref().map(|a| json!({"name": a.name, "host": a.host, "pid": a.pid})),
+        "heartbeat_ms": t.heartbeat_ms,
+        "lease": t.lease.as_ref().map(|l| json!({
+            "renewed_ms": l.renewed_ms,
+            "expires_ms": l.expires_ms,
+            "ttl_ms": l.ttl_ms,
+        })),
         "error": t.error,
     })
 }

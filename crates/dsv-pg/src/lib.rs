@@ -335,7 +335,13 @@ pub struct PgKv {
     shared: Arc<Shared>,
     /// When a transaction last failed on a conflict, ms.
     last_conflict_ms: std::sync::atomic::AtomicI64,
+    /// The server's clock minus this machine's, ms, and when (local ms) it
+    /// was measured (0: never).
+    clock: Mutex<(i64, i64)>,
 }
+
+/// How long a measured clock offset is trusted, ms.
+const CLOCK_TTL_MS: i64 = 300_000;
 
 impl std::fmt::Debug for PgKv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -678,6 +684,7 @@ impl PgKv {
         PgKv {
             shared,
             last_conflict_ms: std::sync::atomic::AtomicI64::new(i64::MIN / 2),
+            clock: Mutex::new((0, 0)),
         }
     }
 
@@ -1557,6 +1564,56 @@ impl Backend for PgKv {
     /// is one round trip.
     fn claims_concurrently(&self) -> bool {
         true
+    }
+
+    /// Measured with one query (the server's `clock_timestamp()` against
+    /// the midpoint of the round trip), again after [`CLOCK_TTL_MS`]. A
+    /// failed measurement keeps the last offset (0 at first): the caller's
+    /// next database call reports the outage.
+    fn clock_offset_ms(&self) -> i64 {
+        let now = dsv_store::store::now_ms();
+        let Ok(mut clock) = self.clock.lock() else {
+            return 0;
+        };
+        if clock.1 != 0 && now - clock.1 < CLOCK_TTL_MS {
+            return clock.0;
+        }
+        let measured = self.shared.checkout().and_then(|c| {
+            let r = self.shared.rt.block_on(async {
+                let t0 = dsv_store::store::now_ms();
+                let row = c
+                    .query_one(
+                        "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| map_err(&self.shared.at, "read the clock", e))?;
+                let t1 = dsv_store::store::now_ms();
+                let server: i64 = row.get(0);
+                Ok::<i64, Error>(server - (t0 + t1) / 2)
+            });
+            self.shared.give_back(c);
+            r
+        });
+        match measured {
+            Ok(offset) => {
+                if offset.abs() > 1_000 {
+                    tracing::warn!(
+                        "{}: this machine's clock is {} ms {} the database's; \
+                         leases and heartbeats use the database's",
+                        self.shared.at,
+                        offset.abs(),
+                        if offset > 0 { "behind" } else { "ahead of" }
+                    );
+                }
+                *clock = (offset, now);
+                offset
+            }
+            Err(e) => {
+                tracing::debug!("{e}");
+                clock.0
+            }
+        }
     }
 
     fn change_source(&self) -> Result<Box<dyn ChangeSource>> {

@@ -187,7 +187,7 @@ impl Agent {
                 }
             }
             let ttl_ms = o.lease_ttl.as_millis().clamp(1, i64::MAX as u128) as i64;
-            let next = match repo.dequeue_at(&o.queues, me, ttl_ms, dsv_store::store::now_ms()) {
+            let next = match repo.dequeue_at(&o.queues, me, ttl_ms, repo.store().now_ms()) {
                 Err(e) if transient(&e) && !o.once => {
                     events.retrying(me, &e);
                     wake.wait(o.idle_wait);
@@ -254,7 +254,7 @@ impl Presence {
         if !force && self.written.is_some_and(|w| w.elapsed() < PRESENCE_EVERY) {
             return;
         }
-        self.rec.beat_ms = dsv_store::store::now_ms();
+        self.rec.beat_ms = repo.store().now_ms();
         match repo.agent_beat(&self.rec, self.written.is_none()) {
             Ok(()) => self.written = Some(std::time::Instant::now()),
             Err(e) => tracing::warn!("cannot record this agent's presence: {e}"),

@@ -187,7 +187,7 @@ pub fn execute(
                     // time for a run of an older record without a lease).
                     let beat = match &t.lease {
                         Some(l) => repo
-                            .heartbeat_lease(&t.id, &l.run, &text, dsv_store::store::now_ms())
+                            .heartbeat_lease(&t.id, &l.run, &text, repo.store().now_ms())
                             .map(|b| b != dsv::Beat::Continue),
                         None => repo.heartbeat_run(&t.id, t.started_ms, &text),
                     };

@@ -217,6 +217,14 @@ pub trait Backend: Send + Sync {
     fn claims_concurrently(&self) -> bool {
         false
     }
+    /// How far the database's clock is ahead of this machine's, in ms (0
+    /// for an embedded database): lease deadlines and heartbeats written
+    /// by machines whose clocks disagree are then all in the database's
+    /// time. Backends measure it at most every few minutes; it may cost a
+    /// round trip when it does.
+    fn clock_offset_ms(&self) -> i64 {
+        0
+    }
     /// A transaction that claims work: for each of `prefixes` (`app`
     /// keys), the first entry under it that no concurrent claim holds is
     /// given to `body`, and stays held (no other claim gets it, and it is

@@ -627,6 +627,14 @@ impl Store {
         *self.pack_storage.write().unwrap_or_else(|e| e.into_inner()) = storage;
     }
 
+    /// Now, in ms since the epoch, by the metadata database's clock (this
+    /// machine's clock plus [`Backend::clock_offset_ms`]): the time leases,
+    /// heartbeats and their expiry are judged by, the same on every
+    /// machine of a team whatever their own clocks say.
+    pub fn now_ms(&self) -> i64 {
+        now_ms() + self.backend.clock_offset_ms()
+    }
+
     /// Where packs are published, if anywhere.
     pub fn pack_storage(&self) -> Option<Arc<dyn crate::storage::PackStorage>> {
         self.pack_storage

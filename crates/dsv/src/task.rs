@@ -589,12 +589,7 @@ impl Repo {
     /// never take the same task) and marks it running, with a lease of
     /// [`DEFAULT_LEASE_TTL_MS`] held by the agent.
     pub fn dequeue(&self, queues: &[String], agent: &AgentInfo) -> Result<Option<Task>> {
-        self.dequeue_at(
-            queues,
-            agent,
-            DEFAULT_LEASE_TTL_MS,
-            dsv_store::store::now_ms(),
-        )
+        self.dequeue_at(queues, agent, DEFAULT_LEASE_TTL_MS, self.store().now_ms())
     }
 
     /// [`Repo::dequeue`] at `now_ms` with a lease of `ttl_ms`.
@@ -663,7 +658,7 @@ impl Repo {
     /// Starts a draft or queued task here and now (`dsv task run`), with a
     /// lease of [`DEFAULT_LEASE_TTL_MS`] held by `agent`.
     pub fn start_task(&self, id: &str, agent: &AgentInfo) -> Result<Task> {
-        self.start_task_at(id, agent, DEFAULT_LEASE_TTL_MS, dsv_store::store::now_ms())
+        self.start_task_at(id, agent, DEFAULT_LEASE_TTL_MS, self.store().now_ms())
     }
 
     /// [`Repo::start_task`] at `now_ms` with a lease of `ttl_ms`.
@@ -717,7 +712,7 @@ impl Repo {
             id,
             &|t: &Task| run_started_ms.is_none_or(|s| t.started_ms == Some(s)),
             log,
-            dsv_store::store::now_ms(),
+            self.store().now_ms(),
         )?;
         Ok(beat != Beat::Continue)
     }
@@ -799,7 +794,7 @@ impl Repo {
             }
             let mut b = Batch::default();
             let mut ev = EventWriter::sequenced();
-            let now = dsv_store::store::now_ms();
+            let now = self.store().now_ms();
             t.lease = None;
             if !f.log.is_empty() {
                 b.put(
@@ -866,7 +861,7 @@ impl Repo {
                     }
                     t.status = TaskStatus::Aborted;
                     t.error = Some("aborted before it ran".into());
-                    t.finished_ms = Some(dsv_store::store::now_ms());
+                    t.finished_ms = Some(self.store().now_ms());
                     let mut ev = EventWriter::sequenced();
                     put_task(&mut b, Some(&old), &t);
                     status_event(&mut ev, &mut b, &t);
@@ -901,7 +896,7 @@ impl Repo {
         requeue: bool,
     ) -> Result<Vec<Task>> {
         self.reap_expired_at(
-            dsv_store::store::now_ms(),
+            self.store().now_ms(),
             requeue,
             &|a: &AgentInfo| alive(a) == Some(false),
             dead_after_ms,
@@ -921,7 +916,7 @@ impl Repo {
         dead_here: &dyn Fn(&AgentInfo) -> bool,
     ) -> Result<Vec<Task>> {
         self.reap_expired_at(
-            dsv_store::store::now_ms(),
+            self.store().now_ms(),
             requeue,
             dead_here,
             DEFAULT_LEASE_TTL_MS,
@@ -1018,7 +1013,7 @@ impl Repo {
                 } else {
                     t.status = TaskStatus::Failed;
                     t.error = Some(why.clone());
-                    t.finished_ms = Some(dsv_store::store::now_ms());
+                    t.finished_ms = Some(self.store().now_ms());
                     put_task(&mut b, Some(&old), &t);
                 }
                 status_event(&mut ev, &mut b, &t);
