@@ -589,13 +589,16 @@ fn the_retraining_loop_runs_across_three_machines_and_survives_a_killed_agent() 
     let cat = m1.run(&["dataset", "cat", "lab/extra", "new.bin"]);
     assert!(cat.status.success(), "{}", stderr(&cat));
     assert_eq!(cat.stdout, body);
-    // What a team repository does not support yet is refused, changing
-    // nothing: a local index rebuild.
-    let versions = m2.json(&["dataset", "list"]);
-    let o = m2.run(&["fsck", "--rebuild-index"]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains("team repository"), "{}", stderr(&o));
-    assert_eq!(m2.json(&["dataset", "list"]), versions);
+    // An index rebuild reads every pack on the object store and finds the
+    // shared index complete: nothing to add or repoint.
+    let r = m2.json(&["fsck", "--rebuild-index"]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["rebuilt"]["chunks"]["added"], 0, "{r}");
+    assert_eq!(r["rebuilt"]["chunks"]["repointed"], 0, "{r}");
+    assert!(
+        r["rebuilt"]["chunks"]["packs"].as_u64().unwrap() >= 2,
+        "{r}"
+    );
     let _ = (m1.log("x"), m3.log("agent.log"));
 }
 
@@ -907,8 +910,9 @@ fn local_packs(m: &Machine) -> Vec<String> {
 /// mostly dead is rewritten (its live records read from the object store)
 /// and published before the index moves, an unindexed pack counts as an
 /// interrupted writer's only once older than the grace period — and every
-/// machine still reads everything live, checked, from its new place. The
-/// database role is an ordinary one that owns the database.
+/// machine still reads everything live, checked, from its new place. A
+/// lost shared index is rebuilt from the object store's packs, never while
+/// a gc runs. The database role is an ordinary one that owns the database.
 #[test]
 fn team_gc_frees_what_no_machine_needs_and_every_machine_reads_the_rest() {
     let pg = PgCluster::start();
@@ -1021,6 +1025,46 @@ fn team_gc_frees_what_no_machine_needs_and_every_machine_reads_the_rest() {
     assert_eq!(bucket_keys(&s3, "gcb", "t/packs/"), packs_after);
     let cat = a.run(&["dataset", "cat", "g/y", "shared.bin"]);
     assert_eq!(cat.stdout, shared);
+
+    // The shared chunk index loses its entries (a bad restore): fsck says
+    // so, and a rebuild on a — which holds no pack of its own now — reads
+    // the packs on the object store and restores every entry.
+    let o = pg.psql("gc", "DELETE FROM dsv_kv WHERE cf = 1");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = a.run(&["fsck"]);
+    assert!(!o.status.success(), "fsck misses nothing?");
+    // While a gc holds the maintenance lease (its commit held open), the
+    // rebuild is refused, naming it: it must not index a pack the gc is
+    // deleting.
+    let mut gc = b.spawn(&["gc", "--hold-commit-ms", "3000"], "gc.log");
+    until(
+        "the gc's maintenance lease",
+        Duration::from_secs(30),
+        || {
+            let o = pg.psql(
+                "gc",
+                "SELECT count(*) FROM dsv_kv WHERE cf = 7 AND k = 'maintenance'::bytea",
+            );
+            (String::from_utf8_lossy(&o.stdout).trim() == "1").then_some(())
+        },
+    );
+    let o = a.run(&["fsck", "--rebuild-index"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("'gc' by"), "{}", stderr(&o));
+    assert!(gc.0.wait().unwrap().success(), "{}", b.log("gc.log"));
+    let r = a.json(&["fsck", "--rebuild-index"]);
+    assert_eq!(r["rebuilt"]["chunks"]["packs"], 1, "{r}");
+    assert!(
+        r["rebuilt"]["chunks"]["added"].as_u64().unwrap() >= 1,
+        "{r}"
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    for m in [&a, &b] {
+        let report = m.json(&["fsck", "--read-data"]);
+        assert_eq!(report["ok"], true, "{report}");
+        let cat = m.run(&["dataset", "cat", "g/y", "shared.bin"]);
+        assert_eq!(cat.stdout, shared);
+    }
 }
 
 /// A machine whose clock is two hours behind (libfaketime) runs an agent:

@@ -468,6 +468,11 @@ impl Store {
             // Before any pack is rewritten.
             self.check_writable()?;
         }
+        // A team's index rebuild must not index a pack this deletes.
+        let _lease = match (self.pack_storage(), dry_run) {
+            (Some(_), false) => Some(self.take_maintenance("gc")?),
+            _ => None,
+        };
         match self.gc_once(opts, dry_run) {
             Err(e) if !dry_run && crate::store::is_disk_full(&e) => {
                 tracing::warn!(
@@ -726,6 +731,86 @@ fn pack_indexed(kv: &dyn KvRead, pack: u64) -> Result<bool> {
         Ok(true)
     })?;
     Ok(found)
+}
+
+/// `meta` key of a team repository's maintenance lease (JSON
+/// [`Maintenance`]): a `gc` or an index rebuild holds it, so that one
+/// never indexes a pack the other is deleting.
+const MAINTENANCE: &[u8] = b"maintenance";
+/// How long a maintenance lease lasts without being given back (a holder
+/// that died frees it after this).
+const MAINTENANCE_TTL_MS: i64 = 3_600_000;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Maintenance {
+    what: String,
+    holder: String,
+    token: u64,
+    expires_ms: i64,
+}
+
+/// A held maintenance lease; given back when dropped.
+pub(crate) struct MaintenanceLease<'a> {
+    store: &'a Store,
+    token: u64,
+}
+
+impl Drop for MaintenanceLease<'_> {
+    fn drop(&mut self) {
+        let token = self.token;
+        let r = self.store.write(|kv| {
+            let mut b = Batch::default();
+            if let Some(v) = kv.get(Cf::Meta, MAINTENANCE)? {
+                if serde_json::from_slice::<Maintenance>(&v).is_ok_and(|m| m.token == token) {
+                    b.delete(Cf::Meta, MAINTENANCE.to_vec());
+                }
+            }
+            Ok((b, ()))
+        });
+        if let Err(e) = r {
+            tracing::warn!("cannot give back the maintenance lease (it lapses by itself): {e}");
+        }
+    }
+}
+
+impl Store {
+    /// Takes the repository's maintenance lease for `what`, or fails naming
+    /// its holder while another live one holds it.
+    pub(crate) fn take_maintenance(&self, what: &str) -> Result<MaintenanceLease<'_>> {
+        let token = u64::from_le_bytes(crate::id::random_bytes::<8>()?);
+        self.write(|kv| {
+            let now = self.now_ms();
+            if let Some(v) = kv.get(Cf::Meta, MAINTENANCE)? {
+                if let Ok(m) = serde_json::from_slice::<Maintenance>(&v) {
+                    if m.expires_ms > now && m.token != token {
+                        return Err(Error::LockTimeout {
+                            holder: format!(
+                                "'{}' by {} (its maintenance lease runs {} more s)",
+                                m.what,
+                                m.holder,
+                                (m.expires_ms - now) / 1000
+                            ),
+                            waited_ms: 0,
+                        });
+                    }
+                }
+            }
+            let m = Maintenance {
+                what: what.to_string(),
+                holder: self.opts.holder.clone(),
+                token,
+                expires_ms: now + MAINTENANCE_TTL_MS,
+            };
+            let mut b = Batch::default();
+            b.put(
+                Cf::Meta,
+                MAINTENANCE.to_vec(),
+                serde_json::to_vec(&m).unwrap_or_default(),
+            );
+            Ok((b, ()))
+        })?;
+        Ok(MaintenanceLease { store: self, token })
+    }
 }
 
 /// What the plan frees: every deleted and rewritten pack, less the packs

@@ -54,18 +54,21 @@ impl Store {
     /// Rebuilds the chunk index from the pack files (see the module
     /// documentation).
     pub fn rebuild_chunk_index(&self, progress: &dyn Progress) -> Result<RebuildReport> {
-        if self.pack_storage().is_some() {
-            // The packs are spread over machines: a rebuild from this
-            // folder would point the shared index at this machine's copies.
-            return Err(Error::Invalid(
-                "fsck --rebuild-index is not supported on a team repository; nothing was changed"
-                    .into(),
-            ));
+        if let Some(storage) = self.pack_storage() {
+            return self.rebuild_shared_index(&*storage, progress);
         }
         let dir = self.packs_dir();
         let mut files = pack_files(&dir)?;
         files.sort_unstable_by_key(|(id, _, _)| *id);
         let sizes: HashMap<u64, u64> = files.iter().map(|(id, _, len)| (*id, *len)).collect();
+        let local_len = |pack: u64| -> Option<u64> {
+            sizes.get(&pack).copied().or_else(|| {
+                // A pack made after the listing (a writer's, a repack).
+                std::fs::metadata(crate::pack::pack_path(&dir, pack))
+                    .ok()
+                    .map(|m| m.len())
+            })
+        };
         let mut report = RebuildReport::default();
         progress.start(
             "rebuilding the chunk index",
@@ -99,25 +102,7 @@ impl Store {
             };
             report.packs += 1;
             report.records += records.len() as u64;
-            let good: Vec<(ChunkId, ChunkLoc)> = records
-                .par_iter()
-                .filter_map(|r| {
-                    crate::compress::decode_chunk(&r.id, r.codec, r.data, r.raw_len)
-                        .ok()
-                        .map(|_| {
-                            (
-                                r.id,
-                                ChunkLoc {
-                                    pack: *pack,
-                                    offset: r.offset,
-                                    stored_len: r.data.len() as u32,
-                                    raw_len: r.raw_len,
-                                    codec: r.codec,
-                                },
-                            )
-                        })
-                })
-                .collect();
+            let good = good_records(*pack, &records);
             report.damaged_records += (records.len() - good.len()) as u64;
             let mut pending = Some(generation);
             let mut outcome = (0u64, 0u64, 0u64);
@@ -130,7 +115,8 @@ impl Store {
                     if now != generation {
                         return Ok((Batch::default(), Err(now)));
                     }
-                    self.index_good(kv, &good, &sizes).map(|(b, r)| (b, Ok(r)))
+                    self.index_good(kv, &good, &local_len)
+                        .map(|(b, r)| (b, Ok(r)))
                 })?;
                 match done {
                     Ok(r) => outcome = r,
@@ -157,17 +143,8 @@ impl Store {
         &self,
         kv: &dyn crate::kv::KvRead,
         good: &[(ChunkId, ChunkLoc)],
-        sizes: &HashMap<u64, u64>,
+        pack_len: &dyn Fn(u64) -> Option<u64>,
     ) -> Result<(Batch, (u64, u64, u64))> {
-        let dir = self.packs_dir();
-        let pack_len = |pack: u64| -> Option<u64> {
-            sizes.get(&pack).copied().or_else(|| {
-                // A pack made after the listing (a writer's, a repack).
-                std::fs::metadata(crate::pack::pack_path(&dir, pack))
-                    .ok()
-                    .map(|m| m.len())
-            })
-        };
         let mut b = Batch::default();
         let (mut added, mut restored, mut repointed) = (0u64, 0u64, 0u64);
         let mut seen: std::collections::HashSet<ChunkId> = Default::default();
@@ -201,6 +178,130 @@ impl Store {
         }
         Ok((b, (added, restored, repointed)))
     }
+}
+
+impl Store {
+    /// [`Store::rebuild_chunk_index`] of a team repository: every pack on
+    /// the shared object store (this machine's copy when it has one of the
+    /// same length, else downloaded), judged against the shared index; a
+    /// pack's length is the store's. It holds the repository's maintenance
+    /// lease, so no gc deletes a pack while it is being indexed.
+    fn rebuild_shared_index(
+        &self,
+        storage: &dyn crate::storage::PackStorage,
+        progress: &dyn Progress,
+    ) -> Result<RebuildReport> {
+        let _lease = self.take_maintenance("fsck --rebuild-index")?;
+        let mut listed: Vec<(u64, String, u64)> = storage
+            .list("packs/")?
+            .into_iter()
+            .filter_map(|l| {
+                let id = l
+                    .name
+                    .strip_prefix("packs/")
+                    .and_then(crate::pack::parse_pack_name)?;
+                Some((id, l.name, l.size))
+            })
+            .collect();
+        listed.sort_unstable();
+        let sizes: HashMap<u64, u64> = listed.iter().map(|(id, _, len)| (*id, *len)).collect();
+        let shared_len = |pack: u64| -> Option<u64> {
+            match sizes.get(&pack) {
+                Some(l) => Some(*l),
+                // Published after the listing (a writer's, a repack).
+                None => storage
+                    .size(&crate::store::shared_pack_name(pack))
+                    .ok()
+                    .flatten(),
+            }
+        };
+        let mut report = RebuildReport::default();
+        progress.start(
+            "rebuilding the chunk index",
+            listed.iter().map(|l| l.2).sum(),
+        );
+        let dir = self.packs_dir();
+        for (pack, name, len) in &listed {
+            let generation = Store::gc_generation(&*self.reader())?;
+            let local = crate::pack::pack_path(&dir, *pack);
+            let bytes = match std::fs::metadata(&local) {
+                Ok(m) if m.len() == *len => {
+                    std::fs::read(&local).map_err(|e| Error::io("read", &local, e))?
+                }
+                _ => match storage.get(name)? {
+                    Some(got) => got.data,
+                    // Deleted since the listing (a gc).
+                    None => {
+                        progress.advance(*len);
+                        continue;
+                    }
+                },
+            };
+            let what = format!("{}/{name}", storage.location());
+            let records = match parse_pack(&bytes, &what) {
+                Ok(r) => r,
+                Err(e) => {
+                    report.unreadable.push(format!("{what}: {e}"));
+                    parse_prefix(&bytes, &what)
+                }
+            };
+            report.packs += 1;
+            report.records += records.len() as u64;
+            let good = good_records(*pack, &records);
+            report.damaged_records += (records.len() - good.len()) as u64;
+            let mut pending = Some(generation);
+            let mut outcome = (0u64, 0u64, 0u64);
+            for _ in 0..8 {
+                let Some(generation) = pending.take() else {
+                    break;
+                };
+                let done = self.write(|kv| {
+                    let now = Store::gc_generation(kv)?;
+                    if now != generation {
+                        return Ok((Batch::default(), Err(now)));
+                    }
+                    self.index_good(kv, &good, &shared_len)
+                        .map(|(b, r)| (b, Ok(r)))
+                })?;
+                match done {
+                    Ok(r) => outcome = r,
+                    Err(now) if storage.size(name)?.is_some() => pending = Some(now),
+                    Err(_) => {}
+                }
+            }
+            let (added, restored, repointed) = outcome;
+            report.added += added;
+            report.restored += restored;
+            report.repointed += repointed;
+            progress.advance(*len);
+        }
+        progress.finish();
+        self.pack_reader().reset();
+        Ok(report)
+    }
+}
+
+/// The records of `pack` whose bytes hash to their ids, as index entries.
+fn good_records(pack: u64, records: &[crate::pack::Record<'_>]) -> Vec<(ChunkId, ChunkLoc)> {
+    records
+        .par_iter()
+        .filter_map(|r| {
+            crate::compress::decode_chunk(&r.id, r.codec, r.data, r.raw_len)
+                .ok()
+                .map(|_| {
+                    (
+                        r.id,
+                        ChunkLoc {
+                            pack,
+                            offset: r.offset,
+                            stored_len: r.data.len() as u32,
+                            raw_len: r.raw_len,
+                            codec: r.codec,
+                        },
+                    )
+                })
+        })
+        .collect()
 }
 
 /// The records of a pack before the first damaged header.

@@ -123,7 +123,7 @@ pub struct Store {
     reader: RwLock<Option<Arc<dyn KvRead>>>,
     stale: std::sync::atomic::AtomicBool,
     packs: PackReader,
-    opts: StoreOptions,
+    pub(crate) opts: StoreOptions,
     /// Unknown `ro_compat` features of the repository: writes are refused
     /// while there are any.
     read_only: Vec<String>,
