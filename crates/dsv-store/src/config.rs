@@ -36,7 +36,7 @@ pub const FEATURE_REMOTES: &str = "remotes";
 /// finalize versions the index misses.
 pub const FEATURE_VERSION_ORDER: &str = "version-order";
 /// `ro_compat`: the index of each dataset's versions by version string
-/// (`app` keys `dn/`, marker `mk/version-names`); set by `init` and by the
+/// (`app` keys `vs/`, marker `mk/version-names`); set by `init` and by the
 /// `dsv upgrade` that builds the index. A build that does not know it would
 /// finalize versions the index misses (and could reuse their numbers).
 pub const FEATURE_VERSION_NAMES: &str = "version-names";

@@ -154,11 +154,11 @@ pub fn version_order(id: &DatasetId, seq: Option<u64>, created_ms: i64, v: &Vers
     ])
 }
 
-/// Prefix of each dataset's versions by name (`dn/` · dataset · name key ·
+/// Prefix of each dataset's versions by name (`vs/` · dataset · name key ·
 /// version id → empty): a version string's lookup, its uniqueness check and
 /// the highest semantic version (the next number) read a few keys, not every
 /// version. The name key is [`version_name_key`].
-pub const VERSION_NAME: &[u8] = b"dn/";
+pub const VERSION_NAME: &[u8] = b"vs/";
 /// Present when every version has its [`VERSION_NAME`] entry (written at
 /// init, or by the backfill of `dsv upgrade`); without it, readers read
 /// every version of a dataset.
@@ -222,4 +222,51 @@ pub fn index_entry(prefix: &[u8], field: &str, created_ms: i64, id: &str) -> Vec
         &(created_ms.max(0) as u64).to_be_bytes(),
         id.as_bytes(),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No key family's prefix starts another's: a scan of one family never
+    /// walks another's keys (a `vs/` index once shared `dn/` with the
+    /// dataset names, and listing datasets read every version).
+    #[test]
+    fn key_prefixes_are_disjoint() {
+        let all: &[&[u8]] = &[
+            DATASET,
+            DATASET_NAME,
+            DATASET_VERSION,
+            VERSION_INDEX,
+            VERSION_META,
+            KEPT_VERSION,
+            DRAFT,
+            EVENT,
+            EVENT_SEQ,
+            AGENT,
+            TASK,
+            QUEUE,
+            TASK_LOG,
+            MODEL,
+            MODEL_BODY,
+            TASK_BY_STATUS,
+            TASK_BY_PROJECT,
+            MODEL_BY_PROJECT,
+            MODEL_BY_TAG,
+            VERSION_ORDER,
+            VERSION_ORDER_COMPLETE,
+            VERSION_NAME,
+            VERSION_NAMES_COMPLETE,
+        ];
+        for (i, a) in all.iter().enumerate() {
+            for (j, b) in all.iter().enumerate() {
+                assert!(
+                    i == j || !b.starts_with(a),
+                    "{} is a prefix of {}",
+                    String::from_utf8_lossy(a),
+                    String::from_utf8_lossy(b)
+                );
+            }
+        }
+    }
 }
