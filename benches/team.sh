@@ -86,5 +86,6 @@ timed() {
 }
 timed dataset list bench/many -n 20
 timed dataset show bench/many
+timed dataset show bench/many@1.0.77
 timed events --last
 timed --json events --last
