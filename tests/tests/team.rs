@@ -1096,8 +1096,9 @@ fn leases_use_the_database_clock_so_a_machine_with_a_wrong_clock_keeps_its_task(
     b.ok(&["connect", "--metadata", &url, b.repo().to_str().unwrap()]);
     let started = tmp.path().join("started");
     let go = tmp.path().join("go");
+    // Bounded (60 s): a failing test leaves no endless loop behind.
     let cmd = format!(
-        "sh -c 'touch {}; while [ ! -e {} ]; do sleep 0.05; done'",
+        "sh -c 'touch {}; i=0; while [ ! -e {} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done'",
         started.display(),
         go.display()
     );
