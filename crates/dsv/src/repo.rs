@@ -1298,10 +1298,29 @@ impl Repo {
             };
             match self.dataset(project, name)? {
                 None => None,
-                Some(ds) => self.versions(&ds)?.into_iter().find(|v| {
-                    q.version.as_ref().is_none_or(|x| &v.version == x)
-                        && q.tags.iter().all(|t| v.tags.contains(t))
-                }),
+                // The newest match, from the indexes: the versions of that
+                // version string (a few keys), or the newest versions in
+                // finalize order until one carries every tag.
+                Some(ds) => match &q.version {
+                    None => self.versions_matching(&ds, &q.tags, Some(1))?.pop(),
+                    Some(x) => {
+                        let kv = self.store.reader();
+                        let mut named = Vec::new();
+                        for (id, info) in versions_named_in(&*kv, &ds.id, x)? {
+                            if &info.version != x {
+                                continue;
+                            }
+                            let have = dsv_store::store::tags_of_in(&*kv, &id)?;
+                            if q.tags.iter().all(|t| have.contains(t)) {
+                                named.push((id, info));
+                            }
+                        }
+                        match newest(named.iter()) {
+                            Some((id, info)) => Some(self.assemble(&*kv, ds, *id, info.clone())?),
+                            None => None,
+                        }
+                    }
+                },
             }
         };
         if !q.only_finalized && q.id.is_none() {

@@ -190,6 +190,24 @@ fn get_follows_clearml_semantics() {
     assert_eq!(w.file_count, 1);
     let v3 = repo.finalize(&w).unwrap();
     assert_eq!(v3.version, "2.0.1", "auto version bumps the highest");
+    // By version string, narrowed by tags.
+    let by = |version: &str, tags: &[&str]| {
+        repo.get(&GetQuery {
+            version: Some(version.into()),
+            ..q(tags)
+        })
+    };
+    let Got::Version(one) = by("1.0.0", &[]).unwrap() else {
+        panic!()
+    };
+    assert_eq!(one.id, v1.id);
+    let Got::Version(two) = by("2.0.0", &["gold"]).unwrap() else {
+        panic!()
+    };
+    assert_eq!(two.id, v2.id);
+    assert!(by("1.0.0", &["gold"]).is_err(), "1.0.0 is not gold");
+    assert!(by("9.9.9", &[]).is_err());
+    assert!(by("2.0.0+b", &[]).is_err(), "the exact string, as stored");
     // Not only_finalized: an open draft newer than every version is returned.
     let open = repo.writable_copy(&v3).unwrap();
     let Got::Draft(found) = repo
