@@ -86,8 +86,8 @@ pub struct GcArgs {
     /// interrupted writer's leftover and is deleted. Embedded repositories
     /// recognise live writers by their file locks (default 0); on a team
     /// repository, where writers on other machines hold no lock this
-    /// machine sees, the default is 86400 (a day) by the object store's
-    /// clock.
+    /// machine sees, the default is 86400 (a day; ages are the object
+    /// store's Last-Modified times against this machine's clock).
     #[arg(long, value_name = "SECONDS")]
     orphan_grace: Option<u64>,
     /// Testing aid: keep the final commit transaction open this many

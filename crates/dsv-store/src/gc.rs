@@ -32,7 +32,8 @@ pub struct GcOptions {
     /// the `flock` it holds on each pack it writes, not by age).
     pub orphan_grace: Duration,
     /// On a team repository: unindexed packs on the shared object store
-    /// younger than this (by the store's clock) are left alone (default 24
+    /// younger than this (their Last-Modified time against this machine's
+    /// clock) are left alone (default 24
     /// hours). A writer on any machine publishes its packs just before its
     /// commit and holds no lock the others could see, so age is the only
     /// sign of a writer that died between the two.
