@@ -318,6 +318,27 @@ impl S3Server {
         assert!(matches!(r, Some((200, _))), "cannot enforce auth: {r:?}");
     }
 
+    /// The object names under `prefix` in `bucket`, sorted.
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let (code, body) = self
+            .request(
+                "GET",
+                &format!("/{bucket}?list-type=2&prefix={prefix}"),
+                b"",
+            )
+            .expect("the object store answers a listing");
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+        let text = String::from_utf8_lossy(&body);
+        let mut keys: Vec<String> = text
+            .split("<Key>")
+            .skip(1)
+            .filter_map(|s| s.split("</Key>").next())
+            .map(String::from)
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// Creates a bucket.
     pub fn bucket(&self, name: &str) {
         let r = self.request("PUT", &format!("/{name}"), b"");

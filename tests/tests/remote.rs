@@ -774,23 +774,6 @@ fn a_mount_of_a_lazy_clone_serves_byte_identical_files() {
     assert_eq!(served, files_under(&data));
 }
 
-/// Object names under `prefix` in a moto bucket.
-fn bucket_keys(s3: &S3Server, bucket: &str, prefix: &str) -> Vec<String> {
-    let (code, body) = s3
-        .request(
-            "GET",
-            &format!("/{bucket}?list-type=2&prefix={prefix}"),
-            b"",
-        )
-        .expect("listing");
-    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
-    let text = String::from_utf8_lossy(&body);
-    text.split("<Key>")
-        .skip(1)
-        .map(|p| p.split("</Key>").next().unwrap().to_string())
-        .collect()
-}
-
 fn put_lease(s3: &S3Server, key: &str, kind: &str, ttl_ms: u64) {
     let body = format!(
         r#"{{"kind":"{kind}","holder":"feed","host":"other-machine","pid":1,"ttl_ms":{ttl_ms}}}"#
@@ -815,7 +798,7 @@ fn a_remote_gc_deletes_only_what_interrupted_pushes_left_and_never_runs_beside_a
     ok(&a, &["dataset", "sync", "p/a", data_a.to_str().unwrap()]);
     ok(&a, &["remote", "add", "origin", url, "--endpoint", &ep]);
     ok(&a, &["push"]);
-    let packs_a = bucket_keys(&s3, "gcb", "r/packs/");
+    let packs_a = s3.keys("gcb", "r/packs/");
     // B's push of other data is killed after its first upload: an
     // unreferenced pack on the remote.
     let b = Sandbox::new();
@@ -828,18 +811,18 @@ fn a_remote_gc_deletes_only_what_interrupted_pushes_left_and_never_runs_beside_a
     ok(&b, &["remote", "add", "origin", url, "--endpoint", &ep]);
     let out = run(&b, &["push", "--abort-after-uploads", "1"]);
     assert!(!out.status.success(), "the push was not aborted");
-    let all = bucket_keys(&s3, "gcb", "r/packs/");
+    let all = s3.keys("gcb", "r/packs/");
     let orphans: Vec<&String> = all.iter().filter(|k| !packs_a.contains(k)).collect();
     assert!(!orphans.is_empty(), "the killed push uploaded nothing");
 
     // A dry run names them and deletes nothing; the default grace keeps them.
     let dry = json(&a, &["remote", "gc", "--grace", "0", "--dry-run"]);
     assert_eq!(dry["deleted_packs"], orphans.len(), "{dry}");
-    assert_eq!(bucket_keys(&s3, "gcb", "r/packs/"), all);
+    assert_eq!(s3.keys("gcb", "r/packs/"), all);
     let kept = json(&a, &["remote", "gc"]);
     assert_eq!(kept["deleted_packs"], 0, "{kept}");
     assert_eq!(kept["young_packs"], orphans.len(), "{kept}");
-    assert_eq!(bucket_keys(&s3, "gcb", "r/packs/"), all);
+    assert_eq!(s3.keys("gcb", "r/packs/"), all);
 
     // A live push lease of another machine stops a gc; a live gc lease
     // stops a push, which then publishes nothing.
@@ -851,7 +834,7 @@ fn a_remote_gc_deletes_only_what_interrupted_pushes_left_and_never_runs_beside_a
         "{}",
         stderr(&out)
     );
-    assert_eq!(bucket_keys(&s3, "gcb", "r/packs/"), all);
+    assert_eq!(s3.keys("gcb", "r/packs/"), all);
     // A dry run deletes nothing, so it runs beside a push.
     let dry = json(&a, &["remote", "gc", "--grace", "0", "--dry-run"]);
     assert_eq!(dry["deleted_packs"], orphans.len(), "{dry}");
@@ -879,11 +862,11 @@ fn a_remote_gc_deletes_only_what_interrupted_pushes_left_and_never_runs_beside_a
     let done = json(&a, &["remote", "gc", "--grace", "0"]);
     assert_eq!(done["deleted_packs"], orphans.len(), "{done}");
     assert!(done["expired_leases"].as_u64().unwrap() >= 1, "{done}");
-    let left = bucket_keys(&s3, "gcb", "r/packs/");
+    let left = s3.keys("gcb", "r/packs/");
     for o in &orphans {
         assert!(!left.contains(o), "{o} survived");
     }
-    assert!(bucket_keys(&s3, "gcb", "r/leases/").is_empty());
+    assert!(s3.keys("gcb", "r/leases/").is_empty());
     let again = json(&a, &["remote", "gc", "--grace", "0"]);
     assert_eq!(again["deleted_packs"], 0, "{again}");
     // B, whose view of the remote still lists the deleted pack, pushes
@@ -1007,7 +990,7 @@ fn a_repository_whose_packs_live_on_object_storage_keeps_only_metadata_here() {
     }
     // The data went to the bucket; the local packs were evicted.
     assert_eq!(local_pack_bytes(&a), 0);
-    assert!(!bucket_keys(&s3, "objs", "team/packs/").is_empty());
+    assert!(!s3.keys("objs", "team/packs/").is_empty());
     let stats = json(&a, &["stats"]);
     assert_eq!(stats["chunks"], 0, "{stats}");
     // Reads come back through the cache, byte-identical.
@@ -1018,7 +1001,7 @@ fn a_repository_whose_packs_live_on_object_storage_keeps_only_metadata_here() {
     );
     // A task trains from it; its model goes to the bucket too.
     train_occupancy(&a);
-    assert_eq!(bucket_keys(&s3, "objs", "team/models/").len(), 2);
+    assert_eq!(s3.keys("objs", "team/models/").len(), 2);
     assert_eq!(local_pack_bytes(&a), 0);
     fsck_json(&a, true);
     // The objects remote cannot be removed.

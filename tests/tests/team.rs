@@ -74,6 +74,21 @@ impl Machine {
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     }
 
+    /// `dsv init AT --metadata URL --objects OBJECTS --endpoint ENDPOINT`,
+    /// which must succeed.
+    fn init_team(&self, at: &Path, url: &str, objects: &str, endpoint: &str) -> String {
+        self.ok(&[
+            "init",
+            at.to_str().unwrap(),
+            "--metadata",
+            url,
+            "--objects",
+            objects,
+            "--endpoint",
+            endpoint,
+        ])
+    }
+
     fn json(&self, args: &[&str]) -> Value {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
@@ -203,16 +218,7 @@ fn the_retraining_loop_runs_across_three_machines_and_survives_a_killed_agent() 
 
     // Machine 1 creates the team repository.
     let objects = "s3://team/loop";
-    m1.ok(&[
-        "init",
-        m1.repo().to_str().unwrap(),
-        "--metadata",
-        &url,
-        "--objects",
-        objects,
-        "--endpoint",
-        &s3.endpoint(),
-    ]);
+    m1.init_team(&m1.repo(), &url, objects, &s3.endpoint());
     let team = std::fs::read_to_string(m1.repo().join(".dsv/team.json")).unwrap();
     assert!(
         !team.contains(PgCluster::PASSWORD),
@@ -659,16 +665,7 @@ fn bad_team_addresses_and_credentials_are_named_and_create_nothing() {
     );
     assert!(!target.exists());
     // A schema from a newer dsv is refused before anything is read.
-    m.ok(&[
-        "init",
-        target.to_str().unwrap(),
-        "--metadata",
-        &pg.url("t"),
-        "--objects",
-        "s3://bkt/x",
-        "--endpoint",
-        &s3.endpoint(),
-    ]);
+    m.init_team(&target, &pg.url("t"), "s3://bkt/x", &s3.endpoint());
     let o = pg.psql(
         "t",
         "INSERT INTO dsv_schema (version, written_by) VALUES (7, 'dsv 9')",
@@ -757,16 +754,7 @@ fn an_embedded_repository_graduates_into_a_team_with_its_history() {
     let tmp = tempfile::tempdir().unwrap();
     let lab = Machine::new(tmp.path(), "lab", &[("PGPASSWORD", PgCluster::PASSWORD)]);
     let url = pg.url("grad");
-    lab.ok(&[
-        "init",
-        lab.root.join("team").to_str().unwrap(),
-        "--metadata",
-        &url,
-        "--objects",
-        "s3://grad/t",
-        "--endpoint",
-        &s3.endpoint(),
-    ]);
+    lab.init_team(&lab.root.join("team"), &url, "s3://grad/t", &s3.endpoint());
     // An embedded repository with two versions and a model.
     let emb = lab.root.join("embedded");
     lab.ok(&["init", emb.to_str().unwrap()]);
@@ -874,27 +862,6 @@ fn an_embedded_repository_graduates_into_a_team_with_its_history() {
     assert_eq!(again["versions_added"], 0, "{again}");
 }
 
-/// The object keys under `prefix` in `bucket`.
-fn bucket_keys(s3: &S3Server, bucket: &str, prefix: &str) -> Vec<String> {
-    let (code, body) = s3
-        .request(
-            "GET",
-            &format!("/{bucket}?list-type=2&prefix={prefix}"),
-            b"",
-        )
-        .expect("the object store answers");
-    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
-    let text = String::from_utf8_lossy(&body);
-    let mut keys: Vec<String> = text
-        .split("<Key>")
-        .skip(1)
-        .filter_map(|s| s.split("</Key>").next())
-        .map(String::from)
-        .collect();
-    keys.sort();
-    keys
-}
-
 fn local_packs(m: &Machine) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(m.repo().join(".dsv/packs"))
         .unwrap()
@@ -932,16 +899,7 @@ fn team_gc_frees_what_no_machine_needs_and_every_machine_reads_the_rest() {
     let a = Machine::new(tmp.path(), "a", &env);
     let b = Machine::new(tmp.path(), "b", &env);
     let url = pg.url("gc").replace("dsv@", "team@");
-    a.ok(&[
-        "init",
-        a.repo().to_str().unwrap(),
-        "--metadata",
-        &url,
-        "--objects",
-        "s3://gcb/t",
-        "--endpoint",
-        &s3.endpoint(),
-    ]);
+    a.init_team(&a.repo(), &url, "s3://gcb/t", &s3.endpoint());
     b.ok(&["connect", "--metadata", &url, b.repo().to_str().unwrap()]);
     let shared = dsv_tests::noise(1, 300_000);
     let sync = |name: &str, files: &[(&str, Vec<u8>)]| {
@@ -969,7 +927,7 @@ fn team_gc_frees_what_no_machine_needs_and_every_machine_reads_the_rest() {
     );
     sync("y", &[("shared.bin", shared.clone())]);
     sync("z", &[("z.bin", dsv_tests::noise(3, 200_000))]);
-    let packs_before = bucket_keys(&s3, "gcb", "t/packs/");
+    let packs_before = s3.keys("gcb", "t/packs/");
     assert_eq!(packs_before.len(), 2, "{packs_before:?}");
     a.ok(&["dataset", "delete", "g/x"]);
     a.ok(&["dataset", "delete", "g/z"]);
@@ -987,7 +945,7 @@ fn team_gc_frees_what_no_machine_needs_and_every_machine_reads_the_rest() {
     let mut all_before = packs_before.clone();
     all_before.push(orphan.to_string());
     all_before.sort();
-    assert_eq!(bucket_keys(&s3, "gcb", "t/packs/"), all_before);
+    assert_eq!(s3.keys("gcb", "t/packs/"), all_before);
 
     let r = b.json(&["gc", "--orphan-grace", "0"]);
     assert_eq!(r["packs_deleted"], 2, "{r}");
@@ -995,7 +953,7 @@ fn team_gc_frees_what_no_machine_needs_and_every_machine_reads_the_rest() {
     assert_eq!(r["orphan_packs"], 1, "{r}");
     assert!(r["dead_chunks"].as_u64().unwrap() >= 2, "{r}");
     assert!(r["bytes_freed"].as_u64().unwrap() > 700_000, "{r}");
-    let packs_after = bucket_keys(&s3, "gcb", "t/packs/");
+    let packs_after = s3.keys("gcb", "t/packs/");
     assert_eq!(packs_after.len(), 1, "{packs_after:?}");
     assert!(
         !packs_before.contains(&packs_after[0]),
@@ -1022,7 +980,7 @@ fn team_gc_frees_what_no_machine_needs_and_every_machine_reads_the_rest() {
     assert_eq!(r["packs_deleted"], 0, "{r}");
     assert_eq!(r["dead_chunks"], 0, "{r}");
     assert!(local_packs(&a).is_empty(), "{:?}", local_packs(&a));
-    assert_eq!(bucket_keys(&s3, "gcb", "t/packs/"), packs_after);
+    assert_eq!(s3.keys("gcb", "t/packs/"), packs_after);
     let cat = a.run(&["dataset", "cat", "g/y", "shared.bin"]);
     assert_eq!(cat.stdout, shared);
 
@@ -1083,16 +1041,7 @@ fn leases_use_the_database_clock_so_a_machine_with_a_wrong_clock_keeps_its_task(
     let a = Machine::new(tmp.path(), "a", &env);
     let b = Machine::new(tmp.path(), "b", &env);
     let url = pg.url("clock");
-    a.ok(&[
-        "init",
-        a.repo().to_str().unwrap(),
-        "--metadata",
-        &url,
-        "--objects",
-        "s3://clock/t",
-        "--endpoint",
-        &s3.endpoint(),
-    ]);
+    a.init_team(&a.repo(), &url, "s3://clock/t", &s3.endpoint());
     b.ok(&["connect", "--metadata", &url, b.repo().to_str().unwrap()]);
     let started = tmp.path().join("started");
     let go = tmp.path().join("go");

@@ -1309,17 +1309,20 @@ pub struct FetchReport {
 /// Objects with their canonical encodings.
 type Objects = Vec<(ObjectId, Vec<u8>)>;
 
-/// Downloads the objects below `roots` this repository lacks.
+/// Downloads the objects below `roots` this repository lacks. Also
+/// returns the chunks those objects reference, each once, and the bytes
+/// read.
 fn fetch_objects(
     repo: &Repo,
     name: &str,
     storage: &dyn PackStorage,
     roots: Vec<ObjectId>,
     progress: &dyn Progress,
-) -> Result<(Objects, u64)> {
+) -> Result<(Objects, Vec<ChunkId>, u64)> {
     let store = repo.store();
     let kv = store.reader();
     let mut out = Vec::new();
+    let mut chunks = Vec::new();
     let mut seen = HashSet::new();
     let mut frontier = roots;
     let mut bytes = 0u64;
@@ -1355,13 +1358,16 @@ fn fetch_objects(
                 })?;
                 let oid = ObjectId(*id);
                 let obj = dsv_store::import::check_object(&oid, &canonical, &what)?;
-                let (children, _) = references(&obj);
+                let (children, cs) = references(&obj);
                 frontier.extend(children);
+                chunks.extend(cs);
                 out.push((oid, canonical));
             }
         }
     }
-    Ok((out, bytes))
+    chunks.sort_unstable();
+    chunks.dedup();
+    Ok((out, chunks, bytes))
 }
 
 /// Fetches every dataset of the remote `name` (or those in `only`). Into
@@ -1557,7 +1563,7 @@ pub fn fetch_from(
             &format!("fetching {}/{}", d.dataset.project, d.dataset.name),
             None,
         );
-        let (objects, bytes) = fetch_objects(
+        let (objects, chunks, bytes) = fetch_objects(
             repo,
             name,
             storage,
@@ -1570,13 +1576,9 @@ pub fn fetch_from(
             // on the team's object store before the versions reach the
             // shared metadata (where every machine and trigger sees them).
             let mut wanted = Vec::new();
-            let mut seen = HashSet::new();
-            for (oid, canonical) in &objects {
-                let obj = dsv_store::import::check_object(oid, canonical, "fetched object")?;
-                for c in references(&obj).1 {
-                    if seen.insert(c) && !repo.store().has_chunk(&c)? {
-                        wanted.push(c);
-                    }
+            for c in chunks {
+                if !repo.store().has_chunk(&c)? {
+                    wanted.push(c);
                 }
             }
             let (n, b) = download_chunks(repo, &[(name.to_string(), storage)], &wanted, progress)?;

@@ -625,11 +625,11 @@ impl Store {
             // This machine's copies of packs other machines' gcs freed:
             // unindexed, and no writer here holds them.
             let unlocked = unlocked_packs(&self.packs_dir())?;
-            self.refresh()?;
-            let kv = self.reader();
-            for pack in unlocked {
-                if !pack_indexed(&*kv, pack)? {
-                    delete_orphan(&pack_path(&self.packs_dir(), pack))?;
+            if !unlocked.is_empty() {
+                self.refresh()?;
+                let indexed = indexed_packs(&*self.reader())?;
+                for pack in unlocked.difference(&indexed) {
+                    delete_orphan(&pack_path(&self.packs_dir(), *pack))?;
                 }
             }
             report.packs_deleted += report.orphan_packs;
@@ -718,20 +718,16 @@ impl Store {
     }
 }
 
-/// Whether any chunk index entry names `pack` (a full scan of the index:
-/// only for the few unindexed-looking files of a team machine).
-fn pack_indexed(kv: &dyn KvRead, pack: u64) -> Result<bool> {
-    let mut found = false;
+/// Every pack some chunk index entry names (one scan of the index).
+fn indexed_packs(kv: &dyn KvRead) -> Result<HashSet<u64>> {
+    let mut packs = HashSet::new();
     kv.scan(Cf::Chunks, b"", &mut |k, v| {
         if let Some(id) = ChunkId::from_slice(k) {
-            if ChunkLoc::decode(v, &id)?.pack == pack {
-                found = true;
-                return Ok(false);
-            }
+            packs.insert(ChunkLoc::decode(v, &id)?.pack);
         }
         Ok(true)
     })?;
-    Ok(found)
+    Ok(packs)
 }
 
 /// `meta` key of a team repository's maintenance lease (JSON

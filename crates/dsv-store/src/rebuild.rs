@@ -93,49 +93,76 @@ impl Store {
             let generation = Store::gc_generation(&*self.reader())?;
             let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
             let what = path.to_string_lossy().into_owned();
-            let records = match parse_pack(&bytes, &what) {
-                Ok(r) => r,
-                Err(e) => {
-                    report.unreadable.push(format!("{what}: {e}"));
-                    parse_prefix(&bytes, &what)
-                }
-            };
-            report.packs += 1;
-            report.records += records.len() as u64;
-            let good = good_records(*pack, &records);
-            report.damaged_records += (records.len() - good.len()) as u64;
-            let mut pending = Some(generation);
-            let mut outcome = (0u64, 0u64, 0u64);
-            for _ in 0..8 {
-                let Some(generation) = pending.take() else {
-                    break;
-                };
-                let done = self.write(|kv| {
-                    let now = Store::gc_generation(kv)?;
-                    if now != generation {
-                        return Ok((Batch::default(), Err(now)));
-                    }
-                    self.index_good(kv, &good, &local_len)
-                        .map(|(b, r)| (b, Ok(r)))
-                })?;
-                match done {
-                    Ok(r) => outcome = r,
-                    // Still there after that gc? Then index it against the
-                    // index as it is now.
-                    Err(now) if path.exists() => pending = Some(now),
-                    Err(_) => {}
-                }
-            }
+            self.index_pack(
+                *pack,
+                &bytes,
+                &what,
+                generation,
+                &local_len,
+                // Still there after that gc? Then index it against the
+                // index as it is now.
+                &|| Ok(path.exists()),
+                &mut report,
+            )?;
             drop(lock);
-            let (added, restored, repointed) = outcome;
-            report.added += added;
-            report.restored += restored;
-            report.repointed += repointed;
             progress.advance(*len);
         }
         progress.finish();
         self.pack_reader().reset();
         Ok(report)
+    }
+
+    /// Judges one pack's bytes (read while the gc generation was
+    /// `generation`) and indexes its good records in a transaction that
+    /// goes in only if no gc committed since; after a gc, a pack that is
+    /// `still_there` is judged again against the index the gc left.
+    #[allow(clippy::too_many_arguments)]
+    fn index_pack(
+        &self,
+        pack: u64,
+        bytes: &[u8],
+        what: &str,
+        generation: u64,
+        pack_len: &dyn Fn(u64) -> Option<u64>,
+        still_there: &dyn Fn() -> Result<bool>,
+        report: &mut RebuildReport,
+    ) -> Result<()> {
+        let records = match parse_pack(bytes, what) {
+            Ok(r) => r,
+            Err(e) => {
+                report.unreadable.push(format!("{what}: {e}"));
+                parse_prefix(bytes, what)
+            }
+        };
+        report.packs += 1;
+        report.records += records.len() as u64;
+        let good = good_records(pack, &records);
+        report.damaged_records += (records.len() - good.len()) as u64;
+        let mut pending = Some(generation);
+        let mut outcome = (0u64, 0u64, 0u64);
+        for _ in 0..8 {
+            let Some(generation) = pending.take() else {
+                break;
+            };
+            let done = self.write(|kv| {
+                let now = Store::gc_generation(kv)?;
+                if now != generation {
+                    return Ok((Batch::default(), Err(now)));
+                }
+                self.index_good(kv, &good, pack_len)
+                    .map(|(b, r)| (b, Ok(r)))
+            })?;
+            match done {
+                Ok(r) => outcome = r,
+                Err(now) if still_there()? => pending = Some(now),
+                Err(_) => {}
+            }
+        }
+        let (added, restored, repointed) = outcome;
+        report.added += added;
+        report.restored += restored;
+        report.repointed += repointed;
+        Ok(())
     }
 
     /// The batch indexing `good` records against the index in `kv`.
@@ -238,41 +265,15 @@ impl Store {
                 },
             };
             let what = format!("{}/{name}", storage.location());
-            let records = match parse_pack(&bytes, &what) {
-                Ok(r) => r,
-                Err(e) => {
-                    report.unreadable.push(format!("{what}: {e}"));
-                    parse_prefix(&bytes, &what)
-                }
-            };
-            report.packs += 1;
-            report.records += records.len() as u64;
-            let good = good_records(*pack, &records);
-            report.damaged_records += (records.len() - good.len()) as u64;
-            let mut pending = Some(generation);
-            let mut outcome = (0u64, 0u64, 0u64);
-            for _ in 0..8 {
-                let Some(generation) = pending.take() else {
-                    break;
-                };
-                let done = self.write(|kv| {
-                    let now = Store::gc_generation(kv)?;
-                    if now != generation {
-                        return Ok((Batch::default(), Err(now)));
-                    }
-                    self.index_good(kv, &good, &shared_len)
-                        .map(|(b, r)| (b, Ok(r)))
-                })?;
-                match done {
-                    Ok(r) => outcome = r,
-                    Err(now) if storage.size(name)?.is_some() => pending = Some(now),
-                    Err(_) => {}
-                }
-            }
-            let (added, restored, repointed) = outcome;
-            report.added += added;
-            report.restored += restored;
-            report.repointed += repointed;
+            self.index_pack(
+                *pack,
+                &bytes,
+                &what,
+                generation,
+                &shared_len,
+                &|| Ok(storage.size(name)?.is_some()),
+                &mut report,
+            )?;
             progress.advance(*len);
         }
         progress.finish();

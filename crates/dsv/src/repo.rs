@@ -518,11 +518,15 @@ pub(crate) fn newest_in(
     Ok(newest_versions_in(kv, ds, 1, &mut |_, _| Ok(true))?.pop())
 }
 
-/// The puts that give every version its [`keys::VERSION_ORDER`] entry and
-/// mark the index complete (idempotent; empty when it is).
-pub(crate) fn backfill_version_order(kv: &dyn KvRead) -> Result<Batch> {
+/// The puts that give every version its [`keys::VERSION_ORDER`] and
+/// [`keys::VERSION_NAME`] entries and mark each index complete, in one read
+/// of every version (idempotent; only the incomplete indexes; empty when
+/// both are complete).
+pub(crate) fn backfill_version_indexes(kv: &dyn KvRead) -> Result<Batch> {
     let mut b = Batch::default();
-    if kv.get(Cf::App, keys::VERSION_ORDER_COMPLETE)?.is_some() {
+    let order = kv.get(Cf::App, keys::VERSION_ORDER_COMPLETE)?.is_none();
+    let names = !names_complete(kv)?;
+    if !order && !names {
         return Ok(b);
     }
     let mut ids = Vec::new();
@@ -532,14 +536,28 @@ pub(crate) fn backfill_version_order(kv: &dyn KvRead) -> Result<Batch> {
     })?;
     for ds in ids {
         for (id, info) in versions_in(kv, &ds)? {
-            b.put(
-                Cf::App,
-                keys::version_order(&ds, info.seq, info.created_ms, &id),
-                Vec::new(),
-            );
+            if order {
+                b.put(
+                    Cf::App,
+                    keys::version_order(&ds, info.seq, info.created_ms, &id),
+                    Vec::new(),
+                );
+            }
+            if names {
+                b.put(
+                    Cf::App,
+                    keys::version_name(&ds, &info.version, &id),
+                    Vec::new(),
+                );
+            }
         }
     }
-    b.put(Cf::App, keys::VERSION_ORDER_COMPLETE, Vec::new());
+    if order {
+        b.put(Cf::App, keys::VERSION_ORDER_COMPLETE, Vec::new());
+    }
+    if names {
+        b.put(Cf::App, keys::VERSION_NAMES_COMPLETE, Vec::new());
+    }
     Ok(b)
 }
 
@@ -669,31 +687,6 @@ pub(crate) fn next_version_in(kv: &dyn KvRead, ds: &DatasetId) -> Result<String>
 /// Refuses `wanted` when `ds` already has that version.
 fn check_version_free_in(kv: &dyn KvRead, ds: &Dataset, wanted: &str) -> Result<()> {
     check_version_free(ds, &versions_named_in(kv, &ds.id, wanted)?, wanted)
-}
-
-/// The puts that give every version its [`keys::VERSION_NAME`] entry and
-/// mark the index complete (idempotent; empty when it is).
-pub(crate) fn backfill_version_names(kv: &dyn KvRead) -> Result<Batch> {
-    let mut b = Batch::default();
-    if names_complete(kv)? {
-        return Ok(b);
-    }
-    let mut ids = Vec::new();
-    kv.scan(Cf::App, keys::DATASET, &mut |k, _| {
-        ids.extend(DatasetId::from_slice(&k[keys::DATASET.len()..]));
-        Ok(true)
-    })?;
-    for ds in ids {
-        for (id, info) in versions_in(kv, &ds)? {
-            b.put(
-                Cf::App,
-                keys::version_name(&ds, &info.version, &id),
-                Vec::new(),
-            );
-        }
-    }
-    b.put(Cf::App, keys::VERSION_NAMES_COMPLETE, Vec::new());
-    Ok(b)
 }
 
 /// The next patch above the dataset's highest semantic version (so an
@@ -862,9 +855,10 @@ impl Repo {
         Ok(repo)
     }
 
-    /// Builds the index of versions in finalize order when it is not
-    /// complete ([`keys::VERSION_ORDER`]; at init, and for a repository made
-    /// before it existed, by `dsv upgrade`). Returns whether it wrote.
+    /// Builds the indexes of versions in finalize order and by version
+    /// string when they are not complete ([`keys::VERSION_ORDER`],
+    /// [`keys::VERSION_NAME`]; at init, and for a repository made before
+    /// they existed, by `dsv upgrade`). Returns whether it wrote.
     pub fn index_version_order(&self) -> Result<bool> {
         // The feature first: from here on a build that does not maintain
         // the index can no longer write.
@@ -879,8 +873,7 @@ impl Repo {
             }
         }
         self.write(|kv| {
-            let mut b = backfill_version_order(kv)?;
-            b.ops.extend(backfill_version_names(kv)?.ops);
+            let b = backfill_version_indexes(kv)?;
             let wrote = !b.is_empty();
             Ok((b, wrote))
         })
