@@ -237,9 +237,36 @@ impl Shared {
         })
     }
 
+    /// Lets the runtime take in what arrived for idle connections (a
+    /// server that ended one: its connection task sees the end and the
+    /// client reports closed). A yield resumes only after the driver was
+    /// polled and the tasks it woke ran.
+    fn settle(&self) {
+        self.rt.block_on(async {
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+
+    /// Whether `c` is gone (the server ended it): closed after what arrived
+    /// is taken in, or after one empty statement.
+    fn lost(&self, c: &Conn) -> bool {
+        self.settle();
+        if c.is_closed() {
+            return true;
+        }
+        let _ = self.rt.block_on(c.simple_query(""));
+        self.settle();
+        c.is_closed()
+    }
+
     fn checkout(&self) -> Result<Conn> {
         loop {
             let c = self.idle.lock().map_err(|_| poisoned())?.pop();
+            if c.is_some() {
+                self.settle();
+            }
             match c {
                 Some(c) if !c.is_closed() => return Ok(c),
                 Some(_) => continue,
@@ -605,9 +632,12 @@ impl PgKv {
             _ => ours,
         };
         config.options(all);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("dsv-pg")
+        // A current-thread runtime: the caller's own thread drives its
+        // query and the connection's I/O in one `block_on`, with no hand-off
+        // to a worker thread per round trip. Nothing runs between calls, so
+        // an idle connection's events are taken in by `settle` before it is
+        // trusted again.
+        let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| Error::Kv(format!("cannot start the PostgreSQL runtime: {e}")))?;
@@ -924,6 +954,7 @@ fn snapshot(shared: &Shared) -> Result<Conn> {
 impl PgView {
     fn conn(&self) -> Result<Arc<Conn>> {
         if let Some(c) = self.conn.read().map_err(|_| poisoned())?.as_ref() {
+            self.shared.settle();
             if !c.is_closed() {
                 return Ok(c.clone());
             }
@@ -956,7 +987,7 @@ impl PgView {
             let mut visitor_failed = false;
             match read(&TxnReader::new(&self.shared, &c, None), &mut visitor_failed) {
                 Err(Error::Unavailable(m))
-                    if c.is_closed() && !visitor_failed && tries < VIEW_RESUMES =>
+                    if !visitor_failed && tries < VIEW_RESUMES && self.shared.lost(&c) =>
                 {
                     tries += 1;
                     tracing::debug!("{m}; the read goes on on a new snapshot");
@@ -1622,13 +1653,18 @@ impl Backend for PgKv {
         let at = self.shared.at.clone();
         // The first connection is made here so that an unreachable
         // database is an error now; later losses reconnect with backoff.
-        let first = self
-            .shared
-            .rt
-            .block_on(Shared::connect_once(&config, &at))?;
+        // Its own runtime with a worker: notifications must be taken in
+        // while no query runs.
+        let feed_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("dsv-pg-feed")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Kv(format!("cannot start the change feed's runtime: {e}")))?;
+        let first = feed_rt.block_on(Shared::connect_once(&config, &at))?;
         let s = signal.clone();
         let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-        self.shared.rt.spawn(async move {
+        feed_rt.spawn(async move {
             let wake = |s: &Arc<(Mutex<u64>, Condvar)>| {
                 let (n, cv) = &**s;
                 if let Ok(mut n) = n.lock() {
@@ -1687,6 +1723,7 @@ impl Backend for PgKv {
         let seen = *signal.0.lock().map_err(|_| poisoned())?;
         Ok(Box::new(PgChanges {
             _stop: stop_tx,
+            _rt: feed_rt,
             signal,
             seen,
             shared: self.shared.clone(),
@@ -1700,6 +1737,9 @@ use dsv_store::txn::ChangeSource;
 /// holds the connection and reconnects it; dropping this stops it).
 struct PgChanges {
     _stop: tokio::sync::oneshot::Sender<()>,
+    /// Its own runtime, whose worker keeps the connection polled between
+    /// calls (dropped after `_stop`, which ends the task).
+    _rt: tokio::runtime::Runtime,
     signal: Arc<(Mutex<u64>, Condvar)>,
     seen: u64,
     shared: Arc<Shared>,
