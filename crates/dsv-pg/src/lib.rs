@@ -33,9 +33,17 @@
 //!   commit); a change source holds a connection that `LISTEN`s and wakes
 //!   its waiter.
 //!
-//! Synchronous facade: the async client runs on this crate's own small
-//! tokio runtime, so callers (rayon workers, the CLI) never block an async
-//! executor of theirs.
+//! Synchronous facade: the async client runs on this crate's own
+//! current-thread tokio runtime, one per pool, driven by the calling thread
+//! for the length of each call (no hand-off to a worker thread per round
+//! trip), so callers (rayon workers, the CLI) never block an async
+//! executor of theirs. Between calls nothing polls the pooled connections:
+//! one is settled (what arrived for it taken in) before it is reused, and a
+//! view whose read failed asks whether its connection is gone. The change
+//! feed, which must take in notifications while nothing else runs, has its
+//! own one-worker runtime.
+//! - **Plans**: the server-side functions plan their statements once per
+//!   connection (schema 4, `plan_cache_mode = force_generic_plan`).
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -48,7 +56,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 /// Rows read by the first page of a scan (most scans stop early: the first
 /// entry of a queue, the last event); each next page is four times larger.
 const FIRST_PAGE: i64 = 32;
@@ -597,6 +605,67 @@ const MIGRATIONS: &[&str] = &[
        PERFORM pg_notify('dsv_changes', ''); \
        RETURN cardinality(ids); \
      END $f$;",
+    // 4: the commit function and the sequencer plan their statements once
+    // per connection (`plan_cache_mode = force_generic_plan`). With custom
+    // plans, PostgreSQL planned every statement that reads an array
+    // argument again at every call (a custom plan, which knows the array's
+    // length, is always estimated cheaper than the generic one): that
+    // planning was most of a commit's time. A commit deletes its keys one
+    // by one by primary key (the generic plan of the join with the key
+    // array scans the whole table), unless it deletes more than 64.
+    "CREATE OR REPLACE FUNCTION dsv_commit( \
+         lk bigint[], lx boolean[], \
+         e_cf smallint[], e_k bytea[], e_v bytea[], app smallint, lock_k bytea[], \
+         p_cf smallint[], p_k bytea[], p_v bytea[], d_cf smallint[], d_k bytea[], \
+         s_cf smallint[], s_k bytea[], s_lk bigint[], a_cf smallint[], a_p bytea[], a_v bytea[], \
+         bump bytea[], bump_lk bigint[], meta smallint) RETURNS void LANGUAGE plpgsql \
+       SET plan_cache_mode = force_generic_plan AS $f$ \
+     DECLARE \
+       bad_k bytea; key bytea; \
+     BEGIN \
+       PERFORM pg_advisory_xact_lock_shared(28274449916064361); \
+       FOR i IN 1 .. coalesce(cardinality(lk), 0) LOOP \
+         IF lx[i] THEN \
+           PERFORM pg_advisory_xact_lock((lk[i] >> 32)::int, (lk[i] & 2147483647)::int); \
+         ELSE \
+           PERFORM pg_advisory_xact_lock_shared((lk[i] >> 32)::int, (lk[i] & 2147483647)::int); \
+         END IF; \
+       END LOOP; \
+       IF cardinality(e_k) > 0 THEN \
+       SELECT e.k INTO bad_k FROM unnest(e_cf, e_k, e_v) AS e(cf, k, v) \
+         WHERE (SELECT kv.v FROM dsv_kv kv WHERE kv.cf = e.cf AND kv.k = e.k) \
+               IS DISTINCT FROM e.v LIMIT 1; \
+       END IF; \
+       IF bad_k IS NOT NULL THEN \
+         RAISE EXCEPTION USING ERRCODE = '40001', \
+           MESSAGE = 'a key read by this transaction changed: ' || encode(bad_k, 'escape'); \
+       END IF; \
+       FOREACH key IN ARRAY lock_k LOOP \
+         PERFORM 1 FROM dsv_kv WHERE cf = app AND k = key FOR UPDATE SKIP LOCKED; \
+         IF NOT FOUND AND EXISTS (SELECT 1 FROM dsv_kv WHERE cf = app AND k = key) THEN \
+           RAISE EXCEPTION USING ERRCODE = '40001', \
+             MESSAGE = 'a row another agent is claiming: ' || encode(key, 'escape'); \
+         END IF; \
+       END LOOP; \
+       IF cardinality(d_k) > 64 THEN \
+         DELETE FROM dsv_kv USING unnest(d_cf, d_k) AS d(cf, k) \
+           WHERE dsv_kv.cf = d.cf AND dsv_kv.k = d.k; \
+       ELSE \
+         FOR i IN 1 .. coalesce(cardinality(d_k), 0) LOOP \
+           DELETE FROM dsv_kv WHERE cf = d_cf[i] AND k = d_k[i]; \
+         END LOOP; \
+       END IF; \
+       INSERT INTO dsv_kv (cf, k, v) SELECT * FROM unnest(p_cf, p_k, p_v) \
+         ON CONFLICT (cf, k) DO UPDATE SET v = EXCLUDED.v; \
+       IF cardinality(a_v) > 0 OR cardinality(bump) > 0 THEN \
+         INSERT INTO dsv_stage (s_cf, s_k, s_lk, a_cf, a_p, a_v, bump, bump_lk) \
+           VALUES (s_cf, s_k, s_lk, a_cf, a_p, a_v, bump, bump_lk); \
+         IF pg_try_advisory_xact_lock(28274449915798897) THEN \
+           PERFORM dsv_number(meta); \
+         END IF; \
+       END IF; \
+     END $f$; \
+     ALTER FUNCTION dsv_number(smallint) SET plan_cache_mode = force_generic_plan;",
 ];
 
 impl PgKv {
@@ -1792,6 +1861,15 @@ mod tests {
         assert_eq!(super::MIGRATIONS[2].matches(&shared).count(), 2);
         let seq = format!("pg_try_advisory_xact_lock({})", super::SEQ_LOCK);
         assert_eq!(super::MIGRATIONS[2].matches(&seq).count(), 2);
+        // Schema 4 replaces the commit function, locks unchanged.
+        assert_eq!(super::MIGRATIONS[3].matches(&shared).count(), 1);
+        assert_eq!(super::MIGRATIONS[3].matches(&seq).count(), 1);
+        assert_eq!(
+            super::MIGRATIONS[3]
+                .matches("plan_cache_mode = force_generic_plan")
+                .count(),
+            2
+        );
     }
 
     #[test]
