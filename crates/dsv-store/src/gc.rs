@@ -470,11 +470,11 @@ impl Store {
             self.check_writable()?;
         }
         // A team's index rebuild must not index a pack this deletes.
-        let _lease = match (self.pack_storage(), dry_run) {
+        let lease = match (self.pack_storage(), dry_run) {
             (Some(_), false) => Some(self.take_maintenance("gc")?),
             _ => None,
         };
-        match self.gc_once(opts, dry_run) {
+        match self.gc_once(opts, dry_run, lease.as_ref()) {
             Err(e) if !dry_run && crate::store::is_disk_full(&e) => {
                 tracing::warn!(
                     "disk full while rewriting packs ({e}); collecting without rewriting"
@@ -485,6 +485,7 @@ impl Store {
                         ..opts
                     },
                     false,
+                    lease.as_ref(),
                 )?;
                 crate::store::ensure_reserve(self.dir());
                 Ok(r)
@@ -503,7 +504,12 @@ impl Store {
         }
     }
 
-    fn gc_once(&self, opts: GcOptions, dry_run: bool) -> Result<GcReport> {
+    fn gc_once(
+        &self,
+        opts: GcOptions,
+        dry_run: bool,
+        lease: Option<&MaintenanceLease<'_>>,
+    ) -> Result<GcReport> {
         if dry_run {
             let inv = self.gc_inventory(&opts)?;
             // A view newer than the probe: a pack a writer committed and
@@ -527,6 +533,9 @@ impl Store {
         for _ in 0..OPTIMISTIC_PLANS {
             // The probe before the view: a pack a writer committed and
             // unlocked just before the probe is indexed in the view.
+            if let Some(l) = lease {
+                l.keep()?;
+            }
             let inv = self.gc_inventory(&opts)?;
             self.refresh()?;
             let snap = self.reader();
@@ -538,6 +547,9 @@ impl Store {
                     return Ok((Batch::default(), false));
                 }
                 let mut b = b0.clone();
+                if let Some(l) = lease {
+                    l.hold_in(kv, &mut b)?;
+                }
                 if changed {
                     drop_stat_cache(kv, &mut b)?;
                     Store::bump_gc_generation(kv, &mut b)?;
@@ -580,6 +592,9 @@ impl Store {
                 let p = plan(self, kv, &opts, inv)?;
                 let (mut b, changed, written, new_bytes) = self.gc_writes(kv, &p)?;
                 written_packs = written;
+                if let Some(l) = lease {
+                    l.hold_in(kv, &mut b)?;
+                }
                 if changed {
                     drop_stat_cache(kv, &mut b)?;
                     Store::bump_gc_generation(kv, &mut b)?;
@@ -746,10 +761,63 @@ struct Maintenance {
     expires_ms: i64,
 }
 
-/// A held maintenance lease; given back when dropped.
+/// A held maintenance lease; given back when dropped. A long holder keeps
+/// it ([`MaintenanceLease::keep`]) and checks it in every commit that
+/// depends on it ([`MaintenanceLease::hold_in`]): a holder that lost it
+/// (it lapsed and another machine took it) fails before changing anything.
 pub(crate) struct MaintenanceLease<'a> {
     store: &'a Store,
     token: u64,
+    /// When it was last taken or extended, ms (this machine's clock).
+    renewed_ms: std::cell::Cell<i64>,
+}
+
+impl MaintenanceLease<'_> {
+    /// Inside a write transaction: fails unless this lease is still the
+    /// repository's, and extends it by a full term in `b`.
+    pub(crate) fn hold_in(&self, kv: &dyn KvRead, b: &mut Batch) -> Result<()> {
+        let now = self.store.now_ms();
+        let current = kv
+            .get(Cf::Meta, MAINTENANCE)?
+            .and_then(|v| serde_json::from_slice::<Maintenance>(&v).ok());
+        match current {
+            Some(mut m) if m.token == self.token => {
+                m.expires_ms = now + MAINTENANCE_TTL_MS;
+                b.put(
+                    Cf::Meta,
+                    MAINTENANCE.to_vec(),
+                    serde_json::to_vec(&m).unwrap_or_default(),
+                );
+                Ok(())
+            }
+            other => Err(Error::LockTimeout {
+                holder: match other {
+                    Some(m) => format!(
+                        "'{}' by {} (this run's maintenance lease lapsed and was taken)",
+                        m.what, m.holder
+                    ),
+                    None => "nobody (this run's maintenance lease lapsed; run it again)".into(),
+                },
+                waited_ms: 0,
+            }),
+        }
+    }
+
+    /// Extends the lease when a quarter of its term passed since it was
+    /// last taken or extended (cheap to call often).
+    pub(crate) fn keep(&self) -> Result<()> {
+        let now = crate::store::now_ms();
+        if now - self.renewed_ms.get() < MAINTENANCE_TTL_MS / 4 {
+            return Ok(());
+        }
+        self.store.write(|kv| {
+            let mut b = Batch::default();
+            self.hold_in(kv, &mut b)?;
+            Ok((b, ()))
+        })?;
+        self.renewed_ms.set(now);
+        Ok(())
+    }
 }
 
 impl Drop for MaintenanceLease<'_> {
@@ -806,7 +874,11 @@ impl Store {
             );
             Ok((b, ()))
         })?;
-        Ok(MaintenanceLease { store: self, token })
+        Ok(MaintenanceLease {
+            store: self,
+            token,
+            renewed_ms: std::cell::Cell::new(crate::store::now_ms()),
+        })
     }
 }
 
@@ -835,5 +907,79 @@ fn report_of(p: &Plan, dry_run: bool) -> GcReport {
         orphan_bytes: p.orphans.iter().map(|x| x.1).sum(),
         damaged_records_removed: p.dead_damaged.len() as u64,
         dry_run,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta_lease(store: &Store) -> Maintenance {
+        let v = store.reader().get(Cf::Meta, MAINTENANCE).unwrap().unwrap();
+        serde_json::from_slice(&v).unwrap()
+    }
+
+    #[test]
+    fn a_kept_maintenance_lease_is_extended_and_a_lost_one_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::init(
+            &d.path().join("repo"),
+            crate::config::RepoConfig::default(),
+            crate::store::StoreOptions::default(),
+        )
+        .unwrap();
+        let lease = store.take_maintenance("gc").unwrap();
+        // A second taker is refused while it runs.
+        let e = store
+            .take_maintenance("fsck --rebuild-index")
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("'gc'"), "{e}");
+        let first = meta_lease(&store).expires_ms;
+        // Not due yet: nothing written.
+        lease.keep().unwrap();
+        assert_eq!(meta_lease(&store).expires_ms, first);
+        // Due (a quarter of the term passed): extended by a full term.
+        lease
+            .renewed_ms
+            .set(lease.renewed_ms.get() - MAINTENANCE_TTL_MS / 2);
+        lease.keep().unwrap();
+        let kept = meta_lease(&store);
+        assert!(kept.expires_ms >= first, "{} < {first}", kept.expires_ms);
+        assert_eq!(kept.token, lease.token);
+        // It lapses and another machine takes it: keeping it and committing
+        // under it now fail, naming the new holder, and leave its record.
+        let other = Maintenance {
+            what: "fsck --rebuild-index".into(),
+            holder: "machine-2".into(),
+            token: lease.token ^ 1,
+            expires_ms: kept.expires_ms,
+        };
+        store
+            .write(|_| {
+                let mut b = Batch::default();
+                b.put(
+                    Cf::Meta,
+                    MAINTENANCE.to_vec(),
+                    serde_json::to_vec(&other).unwrap(),
+                );
+                Ok((b, ()))
+            })
+            .unwrap();
+        lease.renewed_ms.set(0);
+        let e = lease.keep().unwrap_err();
+        assert!(e.to_string().contains("machine-2"), "{e}");
+        let e = store
+            .write(|kv| {
+                let mut b = Batch::default();
+                lease.hold_in(kv, &mut b)?;
+                Ok((b, ()))
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("lapsed and was taken"), "{e}");
+        assert_eq!(meta_lease(&store).token, other.token);
+        // Giving it back leaves the new holder's record alone.
+        drop(lease);
+        assert_eq!(meta_lease(&store).holder, "machine-2");
     }
 }

@@ -218,7 +218,7 @@ impl Store {
         storage: &dyn crate::storage::PackStorage,
         progress: &dyn Progress,
     ) -> Result<RebuildReport> {
-        let _lease = self.take_maintenance("fsck --rebuild-index")?;
+        let lease = self.take_maintenance("fsck --rebuild-index")?;
         let mut listed: Vec<(u64, String, u64)> = storage
             .list("packs/")?
             .into_iter()
@@ -249,6 +249,7 @@ impl Store {
         );
         let dir = self.packs_dir();
         for (pack, name, len) in &listed {
+            lease.keep()?;
             let generation = Store::gc_generation(&*self.reader())?;
             let local = crate::pack::pack_path(&dir, *pack);
             let bytes = match std::fs::metadata(&local) {
