@@ -309,6 +309,15 @@ fn every_command_prints_one_json_document_with_json() {
         "model predict",
         &["model", "predict", &model, test_file.to_str().unwrap()],
     );
+    let h = json_ok(&s, c, "model history", &["model", "history", "occ/model"]);
+    let kinds: Vec<&str> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds[0], "model_tagged", "{h}");
+    assert!(kinds.contains(&"model_created"), "{h}");
     let preds = p["predictions"].as_array().unwrap();
     assert_eq!(p["rows"].as_u64().unwrap() as usize, preds.len());
     assert!(
@@ -404,7 +413,9 @@ fn every_command_prints_one_json_document_with_json() {
     // Long-running commands have their own tests: `dataset mount --json`
     // prints {"mountpoint", "id", "pid"} once mounted (readside.rs reads
     // it), `dataset watch --json` one document when it finalizes.
-    for long_running in ["dataset mount", "dataset watch"] {
+    // `serve --json` prints {"listening", "lines"} once listening
+    // (serve.rs reads it).
+    for long_running in ["dataset mount", "dataset watch", "serve"] {
         c.insert(long_running.to_string());
     }
     // `connect` needs PostgreSQL: team.rs runs it with --json.

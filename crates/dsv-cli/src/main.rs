@@ -13,6 +13,7 @@ mod readside;
 mod remote_cmds;
 mod repo;
 mod repo_cmds;
+mod serve;
 mod tasks;
 mod team;
 mod triggers;
@@ -66,7 +67,10 @@ enum Command {
     Task(tasks::TaskCmd),
     /// Run queued tasks until interrupted (--once: until the queues are empty).
     Agent(tasks::AgentArgs),
-    /// Models: list, show, tag, predict.
+    /// Serve models over HTTP: each line's production model and canary,
+    /// swapped when tags move; canary routed by key and gated on feedback.
+    Serve(serve::ServeArgs),
+    /// Models: list, show, tag, predict, history.
     #[command(subcommand)]
     Model(tasks::ModelCmd),
     /// Triggers: add, list, remove, history, run.
@@ -146,6 +150,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Cache(_) => "cache",
         Command::Task(_) => "task",
         Command::Agent(_) => "agent",
+        Command::Serve(_) => "serve",
         Command::Model(_) => "model",
         Command::Trigger(_) => "trigger",
         Command::Events(_) => "events",
@@ -175,6 +180,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Cache(c) => readside::cache(&ctx, c),
         Command::Task(c) => tasks::task(&ctx, c),
         Command::Agent(a) => tasks::agent(&ctx, a),
+        Command::Serve(a) => serve::serve(&ctx, a),
         Command::Model(c) => tasks::model(&ctx, c),
         Command::Trigger(c) => triggers::trigger(&ctx, c),
         Command::Events(a) => events_cmd::events(&ctx, a),

@@ -243,6 +243,19 @@ pub enum ModelCmd {
     Tag(ModelTagArgs),
     /// Apply a model to a CSV file: prediction and probability per row.
     Predict(PredictArgs),
+    /// A model line's events, newest first: models stored, tags moved,
+    /// promotions and canary decisions with their reasons.
+    History(ModelHistoryArgs),
+}
+
+/// `model history`.
+#[derive(Debug, Args)]
+pub struct ModelHistoryArgs {
+    /// The line, PROJECT/NAME.
+    line: String,
+    /// At most this many events.
+    #[arg(long, short = 'n', default_value_t = 50)]
+    limit: usize,
 }
 
 /// `model list`.
@@ -761,6 +774,56 @@ pub fn model(ctx: &Ctx, cmd: ModelCmd) -> Result<(), CliError> {
                 return output::json(&json!({"id": m.id, "tags": m.tags}));
             }
             println!("{}: [{}]", short(&m.id), m.tags.join(", "));
+            Ok(())
+        }
+        ModelCmd::History(a) => {
+            let (project, name) = dsv::rev::parse_dataset_name(&a.line)?;
+            let evs = repo.model_history(&project, &name, a.limit)?;
+            if ctx.json {
+                return output::json(&serde_json::to_value(&evs).unwrap_or_default());
+            }
+            if evs.is_empty() {
+                println!("no model events for {}", a.line);
+            }
+            for e in &evs {
+                let model = e
+                    .extra
+                    .get("model")
+                    .and_then(|v| v.as_str())
+                    .map(|s| short(s).to_string())
+                    .unwrap_or_default();
+                let what = match e.kind {
+                    dsv::EventKind::ModelCreated => "created".to_string(),
+                    _ => {
+                        let mut w = Vec::new();
+                        for t in &e.tags_added {
+                            w.push(format!("+{t}"));
+                        }
+                        for t in &e.tags_removed {
+                            w.push(format!("-{t}"));
+                        }
+                        w.join(" ")
+                    }
+                };
+                let reason = e
+                    .extra
+                    .get("reason")
+                    .and_then(|v| v.as_str())
+                    .map(|r| {
+                        let d = e
+                            .extra
+                            .get("decision")
+                            .and_then(|v| v.as_str())
+                            .unwrap_or("");
+                        format!("  {d}: {r}")
+                    })
+                    .unwrap_or_default();
+                println!(
+                    "{:>6}  {}  {model:<12} {what}{reason}",
+                    e.seq,
+                    crate::dataset::iso(e.time_ms)
+                );
+            }
             Ok(())
         }
         ModelCmd::Predict(a) => {

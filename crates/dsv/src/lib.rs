@@ -55,7 +55,7 @@ pub use repo::{
     GetQuery, Got, PathPattern, Repo, Resolved, SyncOptions, SyncOutcome, VerifyMismatch,
 };
 pub use rev::RevSpec;
-pub use task::{AgentInfo, Beat, Finish, Lease, Model, Task, TaskStatus};
+pub use task::{AgentInfo, Beat, CanaryVerdict, Finish, Lease, Model, Task, TaskStatus};
 pub use trigger::{Action, Firing, Trigger};
 
 pub use dsv_store;

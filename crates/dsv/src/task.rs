@@ -357,6 +357,15 @@ pub struct Model {
     pub created_ms: i64,
 }
 
+/// A serving gate's verdict on a canary model ([`Repo::decide_canary`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CanaryVerdict {
+    /// Better than production: it becomes production.
+    Promote,
+    /// Worse: it is tagged `rejected`.
+    Reject,
+}
+
 /// How a task ended, as reported by whoever ran it.
 #[derive(Debug, Clone, Default)]
 pub struct Finish {
@@ -1133,6 +1142,119 @@ impl Repo {
         })
     }
 
+    /// Records a serving gate's verdict on `canary` (a model tagged
+    /// `canary`), compared online against `production` (`""`: none):
+    /// [`CanaryVerdict::Promote`] makes it the production model (the
+    /// production model steps down to `previous`), [`CanaryVerdict::Reject`]
+    /// tags it `rejected`. Either way it loses the `canary` tag, in one
+    /// write with one `model_tagged` event whose `extra` carries
+    /// `decision`, `reason` and the gate's `online` figures (so triggers
+    /// and `dsv model history` see it). A [`Error::Conflict`] when the
+    /// model is no longer the canary, or the production model moved since
+    /// the decision (a second server decided first).
+    pub fn decide_canary(
+        &self,
+        canary: &str,
+        production: &str,
+        verdict: CanaryVerdict,
+        reason: &str,
+        online: serde_json::Value,
+    ) -> Result<Model> {
+        let id = self.model(canary)?.id;
+        let decision = match verdict {
+            CanaryVerdict::Promote => "promoted",
+            CanaryVerdict::Reject => "rejected",
+        };
+        let extra = |e: &mut Event| {
+            e.tags_removed = vec!["canary".into()];
+            e.extra
+                .insert("decision".into(), serde_json::json!(decision));
+            e.extra.insert("reason".into(), serde_json::json!(reason));
+            e.extra.insert("online".into(), online.clone());
+            e.extra.insert("gate".into(), serde_json::json!("serve"));
+        };
+        self.write(|kv| {
+            let old = model_in(kv, &id)?;
+            if !old.tags.iter().any(|t| t == "canary") {
+                return Err(Error::Conflict(format!(
+                    "model {id} is no longer tagged canary (decided elsewhere?)"
+                )));
+            }
+            let mut b = Batch::default();
+            let mut ev = EventWriter::sequenced();
+            match verdict {
+                CanaryVerdict::Promote => {
+                    ensure_production_is(kv, &id, production)?;
+                    promote_batch_with(
+                        kv,
+                        &mut b,
+                        &mut ev,
+                        &id,
+                        (!production.is_empty()).then_some(production),
+                        |m, e| {
+                            m.tags.retain(|t| t != "canary");
+                            extra(e);
+                        },
+                    )?;
+                }
+                CanaryVerdict::Reject => {
+                    let mut m = old.clone();
+                    m.tags.retain(|t| t != "canary");
+                    if !m.tags.iter().any(|t| t == "rejected") {
+                        m.tags.push("rejected".into());
+                    }
+                    put_model(&mut b, Some(&old), &m);
+                    let mut e = Event::new(EventKind::ModelTagged);
+                    e.project = m.project.clone();
+                    e.name = m.name.clone();
+                    e.tags = m.tags.clone();
+                    e.tags_added = vec!["rejected".into()];
+                    extra(&mut e);
+                    e.extra.insert("model".into(), serde_json::json!(m.id));
+                    ev.push(&mut b, e);
+                }
+            }
+            Ok((b, ()))
+        })?;
+        self.model(&id)
+    }
+
+    /// The model events (`model_created`, `model_tagged`) of the line
+    /// `project`/`name`, newest first, at most `limit` (the event log read
+    /// backwards).
+    pub fn model_history(&self, project: &str, name: &str, limit: usize) -> Result<Vec<Event>> {
+        let kv = self.store().reader();
+        let mut out = Vec::new();
+        let mut err = None;
+        kv.scan_rev(Cf::App, keys::EVENT, b"", &mut |k, v| {
+            if k.len() != keys::EVENT.len() + 8 {
+                return Ok(true);
+            }
+            match crate::records::from_json::<Event>(v, "event") {
+                Ok(mut e) => {
+                    if matches!(e.kind, EventKind::ModelCreated | EventKind::ModelTagged)
+                        && e.project == project
+                        && e.name == name
+                    {
+                        if let Ok(b) = <[u8; 8]>::try_from(&k[keys::EVENT.len()..]) {
+                            e.seq = u64::from_be_bytes(b);
+                        }
+                        out.push(e);
+                    }
+                }
+                Err(e) => {
+                    err = Some(e);
+                    return Ok(false);
+                }
+            }
+            Ok(out.len() < limit)
+        })?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
     /// Adds and removes model tags (one write, one event).
     pub fn tag_model(&self, spec: &str, add: &[String], remove: &[String]) -> Result<Model> {
         let id = self.model(spec)?.id;
@@ -1309,18 +1431,33 @@ pub(crate) fn promote_batch(
     new: &str,
     old: Option<&str>,
 ) -> Result<()> {
+    promote_batch_with(kv, b, ev, new, old, |_, _| {})
+}
+
+/// [`promote_batch`], with `adjust` applied to the promoted model and its
+/// event before they are written (a canary loses its `canary` tag, the
+/// event carries the gate's figures).
+pub(crate) fn promote_batch_with(
+    kv: &dyn KvRead,
+    b: &mut Batch,
+    ev: &mut EventWriter,
+    new: &str,
+    old: Option<&str>,
+    adjust: impl FnOnce(&mut Model, &mut Event),
+) -> Result<()> {
     let old_new = model_in(kv, new)?;
     let mut m = old_new.clone();
     if !m.tags.iter().any(|t| t == "production") {
         m.tags.push("production".into());
     }
     m.tags.retain(|t| t != "previous");
-    put_model(b, Some(&old_new), &m);
     let mut e = Event::new(EventKind::ModelTagged);
+    e.tags_added = vec!["production".into()];
+    adjust(&mut m, &mut e);
+    put_model(b, Some(&old_new), &m);
     e.project = m.project.clone();
     e.name = m.name.clone();
     e.tags = m.tags.clone();
-    e.tags_added = vec!["production".into()];
     e.extra.insert("model".into(), serde_json::json!(m.id));
     // Every other production model of the project steps down, not only the
     // one the decision saw: two gates deciding at once must not leave two
