@@ -447,3 +447,58 @@ fn a_token_guards_everything_but_health_and_beyond_loopback_one_is_required() {
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["model"], json!(m));
 }
+
+#[test]
+fn a_task_trigger_makes_each_good_new_model_the_canary_the_server_tries() {
+    let s = Sandbox::new();
+    sync(&s, "occ/train", "datatraining.txt");
+    sync(&s, "occ/eval", "datatest.txt");
+    let prod = train(&s, "logistic", "Temperature,Light,CO2", &[]);
+    s.json(&["model", "tag", &prod, "--add", "production"]);
+    // Models of completed tasks above a threshold become the canary.
+    s.json(&[
+        "trigger",
+        "add",
+        "task",
+        "try-new",
+        "--project",
+        "occ",
+        "--canary",
+        "--metric",
+        "test/accuracy",
+        "--above",
+        "0.9",
+    ]);
+    let srv = serve(&s, &["--canary-share", "1"]);
+    let a = srv.addr.as_str();
+    let all = "Temperature,Humidity,Light,CO2,HumidityRatio";
+    let first = train(&s, "logistic", all, &[]);
+    // A model below the threshold is not tried.
+    let poor = train(&s, "tree", "Humidity", &["--set", "Model/max_depth=1"]);
+    assert!(s.dsv(&["trigger", "run", "--once"]).status.success());
+    assert!(tags(&s, &first).contains(&"canary".to_string()));
+    assert!(!tags(&s, &poor).contains(&"canary".to_string()));
+    until_served(a, "canary", Some(&first));
+    let row = &test_rows()[0].0;
+    let (_, v) = post_json(a, PREDICT, &[("x-dsv-key", "k")], row);
+    assert_eq!(
+        (v["model"].as_str(), v["role"].as_str()),
+        (Some(first.as_str()), Some("canary"))
+    );
+    // A newer good model replaces the canary (one per line).
+    let second = train(&s, "tree", all, &["--set", "Model/max_depth=3"]);
+    assert!(s.dsv(&["trigger", "run", "--once"]).status.success());
+    assert!(!tags(&s, &first).contains(&"canary".to_string()));
+    assert!(tags(&s, &second).contains(&"canary".to_string()));
+    until_served(a, "canary", Some(&second));
+    let h = s.json(&["model", "history", "occ/model"]);
+    let superseded = h.as_array().unwrap().iter().any(|e| {
+        e["extra"]["model"] == json!(first)
+            && e["tags_removed"] == json!(["canary"])
+            && e["extra"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains(&second))
+    });
+    assert!(superseded, "{h}");
+    assert_eq!(tags(&s, &prod), vec!["production".to_string()]);
+}

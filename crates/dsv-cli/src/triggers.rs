@@ -112,6 +112,11 @@ pub struct TaskTrig {
     /// METRIC of --promote is a loss or an error: lower is better.
     #[arg(long, requires = "promote")]
     lower_is_better: bool,
+    /// Tag the task's model canary (served to a share of traffic by `dsv
+    /// serve`, whose feedback gate promotes or rejects it), instead of
+    /// --clone or --promote; combine with --metric/--above as a threshold.
+    #[arg(long, conflicts_with_all = ["clone", "promote"])]
+    canary: bool,
     #[command(flatten)]
     action: CloneFlags,
 }
@@ -237,6 +242,7 @@ pub fn trigger(ctx: &Ctx, cmd: TriggerCmd) -> Result<(), CliError> {
                             margin: d.margin,
                             lower_is_better: d.lower_is_better,
                         },
+                        None if d.canary => Action::Canary,
                         None => clone_action(&d.action)?,
                     };
                     let mut t = base(&d.name, "task", action, d.action.single_instance);
@@ -298,6 +304,7 @@ pub fn trigger(ctx: &Ctx, cmd: TriggerCmd) -> Result<(), CliError> {
                             margin,
                             lower_is_better: true,
                         } => format!("promote on {metric} (-{margin}, lower is better)"),
+                        Action::Canary => "tag the model canary".to_string(),
                     }
                 );
             }

@@ -1486,6 +1486,56 @@ pub(crate) fn promote_batch_with(
     Ok(())
 }
 
+/// Tags model `id` `canary` in `b`, removing the tag from any other model
+/// of its line (one canary per line), with one model event; a production
+/// model is left alone. Returns what happened, for the firing's note.
+pub(crate) fn canary_batch(
+    kv: &dyn KvRead,
+    b: &mut Batch,
+    ev: &mut EventWriter,
+    id: &str,
+) -> Result<String> {
+    let old = model_in(kv, id)?;
+    if old.tags.iter().any(|t| t == "production") {
+        return Ok("not a canary: the model is already production".into());
+    }
+    if old.tags.iter().any(|t| t == "canary") {
+        return Ok("already the canary".into());
+    }
+    let mut note = format!("canary: {}", &old.id[..12.min(old.id.len())]);
+    for before in models_in(kv, Some(&old.project), Some("canary"))? {
+        if before.name != old.name || before.id == old.id {
+            continue;
+        }
+        let mut o = before.clone();
+        o.tags.retain(|t| t != "canary");
+        put_model(b, Some(&before), &o);
+        let mut e = Event::new(EventKind::ModelTagged);
+        e.project = o.project.clone();
+        e.name = o.name.clone();
+        e.tags = o.tags.clone();
+        e.tags_removed = vec!["canary".into()];
+        e.extra.insert("model".into(), serde_json::json!(o.id));
+        e.extra.insert(
+            "reason".into(),
+            serde_json::json!(format!("superseded by {}", old.id)),
+        );
+        ev.push(b, e);
+        note.push_str(&format!(" (replaces {})", &o.id[..12.min(o.id.len())]));
+    }
+    let mut m = old.clone();
+    m.tags.push("canary".into());
+    put_model(b, Some(&old), &m);
+    let mut e = Event::new(EventKind::ModelTagged);
+    e.project = m.project.clone();
+    e.name = m.name.clone();
+    e.tags = m.tags.clone();
+    e.tags_added = vec!["canary".into()];
+    e.extra.insert("model".into(), serde_json::json!(m.id));
+    ev.push(b, e);
+    Ok(note)
+}
+
 /// The task parameters that name dataset versions (the trainer's training
 /// and evaluation data).
 pub const DATASET_PARAMS: [&str; 2] = ["General/dataset_id", "General/test_dataset_id"];

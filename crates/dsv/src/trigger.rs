@@ -49,6 +49,10 @@ pub enum Action {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         lower_is_better: bool,
     },
+    /// Tag the event's model `canary` (a server then tries it on a share of
+    /// real traffic and its feedback gate promotes or rejects it); the
+    /// line's previous canary, if any, loses the tag.
+    Canary,
 }
 
 /// A trigger.
@@ -269,7 +273,7 @@ impl Trigger {
                         return false;
                     }
                 }
-                if let Action::Promote { .. } = self.action {
+                if let Action::Promote { .. } | Action::Canary = self.action {
                     return e.extra.contains_key("model");
                 }
                 true
@@ -668,6 +672,11 @@ impl Repo {
                         f.task = Some(c.id.clone());
                         f.note = format!("launched {} on '{queue}'", &c.id[..12]);
                     }
+                }
+                Action::Canary => {
+                    let id = e.extra.get("model").and_then(|x| x.as_str()).unwrap_or("");
+                    f.model = Some(id.to_string());
+                    f.note = crate::task::canary_batch(kv, &mut b, &mut ev, id)?;
                 }
                 Action::Promote { .. } => {
                     let (new_id, old, note) = decision.clone().unwrap_or_default();
