@@ -271,6 +271,11 @@ fn serves_production_refuses_bad_input_and_gates_canaries_on_feedback() {
         );
     }
 
+    // `curl -d` sends JSON labeled as a form: read as JSON.
+    let form = [("Content-Type", "application/x-www-form-urlencoded")];
+    let (code, _) = http(a, "POST", PREDICT, &form, rows[0].0.to_string().as_bytes());
+    assert_eq!(code, 200);
+
     // Faults: 4xx JSON naming what is wrong; the server keeps serving.
     let bad: Vec<(u16, &str, Vec<u8>, &str)> = vec![
         (400, "malformed", b"{\"Temperature\": ".to_vec(), "application/json"),

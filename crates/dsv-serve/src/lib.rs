@@ -703,7 +703,8 @@ fn content_kind(headers: &HeaderMap) -> Result<bool, ApiError> {
     let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
     let base = ct.split(';').next().unwrap_or("").trim().to_string();
     match base.as_str() {
-        "" | "application/json" => Ok(false),
+        // `curl -d` labels any body a form: JSON in it is read as JSON.
+        "" | "application/json" | "application/x-www-form-urlencoded" => Ok(false),
         "text/csv" | "application/csv" => Ok(true),
         _ => Err(ApiError::UnsupportedType(base)),
     }
