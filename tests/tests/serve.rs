@@ -507,3 +507,64 @@ fn a_task_trigger_makes_each_good_new_model_the_canary_the_server_tries() {
     assert!(superseded, "{h}");
     assert_eq!(tags(&s, &prod), vec!["production".to_string()]);
 }
+
+#[test]
+fn in_shadow_mode_production_answers_everyone_and_the_canary_is_judged_on_the_same_rows() {
+    let s = Sandbox::new();
+    sync(&s, "occ/train", "datatraining.txt");
+    sync(&s, "occ/eval", "datatest.txt");
+    let weak = train(&s, "tree", "Temperature", &["--set", "Model/max_depth=1"]);
+    let good = train(
+        &s,
+        "logistic",
+        "Temperature,Humidity,Light,CO2,HumidityRatio",
+        &[],
+    );
+    s.json(&["model", "tag", &weak, "--add", "production"]);
+    s.json(&["model", "tag", &good, "--add", "canary"]);
+    let srv = serve(
+        &s,
+        &["--shadow", "--min-labeled", "60", "--confidence", "0.99"],
+    );
+    let a = srv.addr.as_str();
+    let rows = test_rows();
+    let mut decision = None;
+    let mut answered = 0;
+    for (i, (row, label)) in rows.iter().enumerate() {
+        let key = format!("user-{i}");
+        let (code, v) = post_json(a, PREDICT, &[("x-dsv-key", &key)], row);
+        assert_eq!(code, 200, "{v}");
+        if decision.is_none() {
+            // Until the decision, production answers every request.
+            assert_eq!(
+                (v["model"].as_str(), v["role"].as_str()),
+                (Some(weak.as_str()), Some("production"))
+            );
+            answered += 1;
+        } else {
+            break;
+        }
+        let (_, f) = post_json(
+            a,
+            FEEDBACK,
+            &[],
+            &json!({"request_id": v["request_id"], "label": label}),
+        );
+        decision = f["decision"].as_str().map(str::to_string);
+    }
+    let decision = decision.expect("the gate decided");
+    assert!(decision.starts_with("promote"), "{decision}");
+    // Both models were judged on every labeled row: the gate needed only
+    // its minimum of rows on each side, not twice as many.
+    assert!(answered <= 200, "{answered} rows before deciding");
+    let (_, line) = get_json(a, "/v1/models/occ/model");
+    assert_eq!(line["production"]["id"], json!(good), "{line}");
+    let h = s.json(&["model", "history", "occ/model", "-n", "1"]);
+    assert_eq!(h[0]["extra"]["decision"], "promoted");
+    let online = &h[0]["extra"]["online"];
+    assert_eq!(online["shadow"], true, "{online}");
+    assert_eq!(
+        online["canary"]["labeled"], online["production"]["labeled"],
+        "{online}"
+    );
+}
