@@ -47,6 +47,7 @@ wrk.body = '{"Temperature": 21.76, "Humidity": 31.13, "Light": 437.33, "CO2": 10
 LUA
 P="$URL/v1/models/occ/model/predict"
 curl -sf "$P" -H 'Content-Type: application/json' -d '{"Temperature": 21.76, "Humidity": 31.13, "Light": 437.33, "CO2": 1029.67, "HumidityRatio": 0.00502}' >/dev/null
+RSS0=$(grep VmRSS /proc/$SERVE/status | tr -s ' ' | cut -d' ' -f2-)
 echo "== 1. single-row predict, 64 connections, ${SECS} s (wrk, 2 threads)"
 wrk -t2 -c64 -d"${SECS}s" --latency -s "$WORK/post.lua" "$P" | grep -E "Requests/sec|50%|90%|99%|Non-2xx|Socket errors"
 echo "== 2. the same load while production moves A → B → A → B"
@@ -65,4 +66,4 @@ wait $W
 grep -E "requests in|Non-2xx|Socket errors" "$WORK/wrk2.txt" || true
 grep -q "Non-2xx" "$WORK/wrk2.txt" && echo "   FAILED requests during the swaps" || echo "   no failed request during the swaps"
 echo "== 3. memory: three model lines served (logistic, tree, forest)"
-echo "   $(grep VmRSS /proc/$SERVE/status)"
+echo "   resident: $RSS0 with the three lines loaded, before any request; $(grep VmRSS /proc/$SERVE/status | tr -s ' ' | cut -d' ' -f2-) after the runs above"

@@ -63,6 +63,10 @@ pub struct ServeArgs {
     /// Longest a request may take to arrive, seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     timeout: u64,
+    /// Answers remembered for feedback (the oldest are forgotten first;
+    /// about 200 bytes each for a one-row request).
+    #[arg(long, value_name = "N", default_value_t = 50_000)]
+    remember: usize,
     /// HTTP worker threads (default: the number of CPUs).
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
@@ -122,6 +126,7 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> Result<(), CliError> {
         max_rows: a.max_rows,
         request_timeout: Duration::from_secs(a.timeout.max(1)),
         token,
+        remember: a.remember,
         canary: dsv_serve::CanaryOptions {
             share: a.canary_share,
             key_header: a.key_header.to_ascii_lowercase(),
@@ -132,7 +137,6 @@ pub fn serve(ctx: &Ctx, a: ServeArgs) -> Result<(), CliError> {
             max_duration: a.max_canary_duration.map(Duration::from_secs),
             decide: !a.no_decide,
         },
-        ..Default::default()
     };
     let server = dsv_serve::Server::new(repo, opts).map_err(serve_err)?;
     let stop = Arc::new(AtomicBool::new(false));

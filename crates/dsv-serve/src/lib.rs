@@ -101,7 +101,8 @@ pub struct ServeOptions {
     pub request_timeout: Duration,
     /// The bearer token every request but `/healthz` and `/readyz` needs.
     pub token: Option<String>,
-    /// Answers remembered for feedback (oldest forgotten first).
+    /// Answers remembered for feedback (oldest forgotten first; about 200
+    /// bytes each for a one-row request).
     pub remember: usize,
     /// The canary.
     pub canary: CanaryOptions,
@@ -115,7 +116,7 @@ impl Default for ServeOptions {
             max_rows: 10_000,
             request_timeout: Duration::from_secs(10),
             token: None,
-            remember: 100_000,
+            remember: 50_000,
             canary: CanaryOptions::default(),
         }
     }
@@ -125,10 +126,15 @@ impl Default for ServeOptions {
 struct Loaded {
     model: dsv::Model,
     fitted: FittedModel,
+    /// Its id and classes, shared by every remembered answer.
+    id: Arc<str>,
+    classes: Arc<Vec<f64>>,
 }
 
 /// A line's models at one moment.
 struct Line {
+    /// Its name, shared by every remembered answer.
+    name: Arc<str>,
     production: Option<Arc<Loaded>>,
     canary: Option<Arc<Loaded>>,
     /// Columns any of its models reads.
@@ -155,18 +161,19 @@ impl Role {
     }
 }
 
-/// One model's answer to a remembered request.
+/// One model's answer to a remembered request (kept small: a server
+/// remembers many).
 struct Scored {
-    model: String,
+    model: Arc<str>,
     classes: Arc<Vec<f64>>,
     /// Per row: predicted class index and P(each class).
-    rows: Vec<(usize, Vec<f32>)>,
+    rows: Vec<(u32, Box<[f32]>)>,
 }
 
 /// Remembered answers, for feedback.
 #[derive(Default)]
 struct Pending {
-    by_id: HashMap<u128, (String, Vec<Scored>)>,
+    by_id: HashMap<u128, (Arc<str>, Vec<Scored>)>,
     order: VecDeque<u128>,
 }
 
@@ -297,7 +304,12 @@ impl Server {
                         id: m.id.clone(),
                         message: e.to_string(),
                     })?;
-                let l = Arc::new(Loaded { model: m, fitted });
+                let l = Arc::new(Loaded {
+                    id: Arc::from(m.id.as_str()),
+                    classes: Arc::new(fitted.classes.clone()),
+                    model: m,
+                    fitted,
+                });
                 loaded.insert(l.model.id.clone(), l.clone());
                 Ok(Some(l))
             };
@@ -334,8 +346,9 @@ impl Server {
             );
             changed.push(name.clone());
             next.insert(
-                name,
+                name.clone(),
                 Arc::new(Line {
+                    name: Arc::from(name.as_str()),
                     production,
                     canary,
                     known,
@@ -554,7 +567,7 @@ impl Server {
             .with_state(self.clone())
     }
 
-    fn remember(&self, line: &str, scored: Vec<Scored>) -> u128 {
+    fn remember(&self, line: &Arc<str>, scored: Vec<Scored>) -> u128 {
         let id: u128 = rand::random();
         if let Ok(mut p) = self.pending.lock() {
             while p.order.len() >= self.opts.remember.max(1) {
@@ -563,7 +576,7 @@ impl Server {
                 }
             }
             p.order.push_back(id);
-            p.by_id.insert(id, (line.to_string(), scored));
+            p.by_id.insert(id, (line.clone(), scored));
         }
         id
     }
@@ -683,7 +696,13 @@ async fn body_bytes(s: &Server, body: axum::body::Body) -> Result<axum::body::By
         Ok(Err(e)) => {
             // A length-limit error is reported as such; anything else is a
             // body that broke off.
-            if format!("{e:?}").contains("LengthLimit") {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            let mut too_large = false;
+            while let Some(c) = cause {
+                too_large |= c.is::<http_body_util::LengthLimitError>();
+                cause = c.source();
+            }
+            if too_large {
                 Err(ApiError::TooLarge(limit))
             } else {
                 Err(ApiError::Malformed(format!(
@@ -733,12 +752,12 @@ fn score(m: &Loaded, rows: &input::Rows) -> Result<(Scored, Vec<serde_json::Valu
             p.insert(label_text(classes[j]), serde_json::json!(v));
         }
         out.push(serde_json::json!({"label": classes[*c], "probabilities": p}));
-        kept.push((*c, row.iter().map(|v| *v as f32).collect()));
+        kept.push((*c as u32, row.iter().map(|v| *v as f32).collect()));
     }
     Ok((
         Scored {
-            model: m.model.id.clone(),
-            classes: Arc::new(classes.clone()),
+            model: m.id.clone(),
+            classes: m.classes.clone(),
             rows: kept,
         },
         out,
@@ -836,7 +855,7 @@ async fn predict_inner(
             Err(e) => tracing::debug!("{line_name}: the shadow canary failed: {e}"),
         }
     }
-    let id = s.remember(line_name, kept);
+    let id = s.remember(&line.name, kept);
     let rid = format!("{id:032x}");
     let body = serde_json::json!({
         "line": line_name,
@@ -924,7 +943,7 @@ async fn feedback_inner(
         let entry = id.and_then(|id| {
             let mut p = s.pending.lock().ok()?;
             let e = p.by_id.get(&id)?;
-            if e.0 != line_name {
+            if &*e.0 != line_name {
                 return None;
             }
             p.by_id.remove(&id)
@@ -946,11 +965,11 @@ async fn feedback_inner(
         }
         if let Ok(mut on) = s.online.lock() {
             for sc in &scored {
-                let o = on.entry(sc.model.clone()).or_default();
+                let o = on.entry(sc.model.to_string()).or_default();
                 for ((pred, probs), truth) in sc.rows.iter().zip(&labels) {
                     let t = sc.classes.iter().position(|c| c == truth);
                     let p_true = t.map_or(0.0, |t| probs[t] as f64);
-                    o.add(t == Some(*pred), p_true);
+                    o.add(t == Some(*pred as usize), p_true);
                 }
             }
         }

@@ -192,21 +192,24 @@ pub fn last_seq(kv: &dyn KvRead) -> Result<u64> {
     }
 }
 
+/// The event stored at `k` (`ev/` · seq): its record, numbered by the key
+/// (an appended event's record was written before the backend numbered it).
+pub(crate) fn decode(k: &[u8], v: &[u8]) -> Result<Event> {
+    let mut e = crate::records::from_json::<Event>(v, "event")?;
+    if let Ok(b) = <[u8; 8]>::try_from(&k[keys::EVENT.len()..]) {
+        e.seq = u64::from_be_bytes(b);
+    }
+    Ok(e)
+}
+
 /// Events after `after`, oldest first, at most `limit`.
 pub fn read_after(kv: &dyn KvRead, after: u64, limit: usize) -> Result<Vec<Event>> {
     let mut out = Vec::new();
     let start = keys::event(after.saturating_add(1));
     let mut err = None;
     kv.scan_from(Cf::App, keys::EVENT, &start, &mut |k, v| {
-        match crate::records::from_json::<Event>(v, "event") {
-            // The key holds the number (an appended event's record was
-            // written before the backend numbered it).
-            Ok(mut e) => {
-                if let Ok(b) = <[u8; 8]>::try_from(&k[keys::EVENT.len()..]) {
-                    e.seq = u64::from_be_bytes(b);
-                }
-                out.push(e)
-            }
+        match decode(k, v) {
+            Ok(e) => out.push(e),
             Err(e) => {
                 err = Some(e);
                 return Ok(false);

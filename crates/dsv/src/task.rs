@@ -1204,13 +1204,8 @@ impl Repo {
                         m.tags.push("rejected".into());
                     }
                     put_model(&mut b, Some(&old), &m);
-                    let mut e = Event::new(EventKind::ModelTagged);
-                    e.project = m.project.clone();
-                    e.name = m.name.clone();
-                    e.tags = m.tags.clone();
-                    e.tags_added = vec!["rejected".into()];
+                    let mut e = model_tag_event(&m, vec!["rejected".into()], Vec::new());
                     extra(&mut e);
-                    e.extra.insert("model".into(), serde_json::json!(m.id));
                     ev.push(&mut b, e);
                 }
             }
@@ -1230,15 +1225,12 @@ impl Repo {
             if k.len() != keys::EVENT.len() + 8 {
                 return Ok(true);
             }
-            match crate::records::from_json::<Event>(v, "event") {
-                Ok(mut e) => {
+            match crate::events::decode(k, v) {
+                Ok(e) => {
                     if matches!(e.kind, EventKind::ModelCreated | EventKind::ModelTagged)
                         && e.project == project
                         && e.name == name
                     {
-                        if let Ok(b) = <[u8; 8]>::try_from(&k[keys::EVENT.len()..]) {
-                            e.seq = u64::from_be_bytes(b);
-                        }
                         out.push(e);
                     }
                 }
@@ -1284,14 +1276,7 @@ impl Repo {
             }
             put_model(&mut b, Some(&old), &m);
             let mut ev = EventWriter::sequenced();
-            let mut e = Event::new(EventKind::ModelTagged);
-            e.project = m.project.clone();
-            e.name = m.name.clone();
-            e.tags = m.tags.clone();
-            e.tags_added = added;
-            e.tags_removed = removed;
-            e.extra.insert("model".into(), serde_json::json!(m.id));
-            ev.push(&mut b, e);
+            ev.push(&mut b, model_tag_event(&m, added, removed));
             Ok((b, m))
         })
     }
@@ -1486,6 +1471,18 @@ pub(crate) fn promote_batch_with(
     Ok(())
 }
 
+/// A `model_tagged` event of `m` (its tags after the change).
+fn model_tag_event(m: &Model, added: Vec<String>, removed: Vec<String>) -> Event {
+    let mut e = Event::new(EventKind::ModelTagged);
+    e.project = m.project.clone();
+    e.name = m.name.clone();
+    e.tags = m.tags.clone();
+    e.tags_added = added;
+    e.tags_removed = removed;
+    e.extra.insert("model".into(), serde_json::json!(m.id));
+    e
+}
+
 /// Tags model `id` `canary` in `b`, removing the tag from any other model
 /// of its line (one canary per line), with one model event; a production
 /// model is left alone. Returns what happened, for the firing's note.
@@ -1510,12 +1507,7 @@ pub(crate) fn canary_batch(
         let mut o = before.clone();
         o.tags.retain(|t| t != "canary");
         put_model(b, Some(&before), &o);
-        let mut e = Event::new(EventKind::ModelTagged);
-        e.project = o.project.clone();
-        e.name = o.name.clone();
-        e.tags = o.tags.clone();
-        e.tags_removed = vec!["canary".into()];
-        e.extra.insert("model".into(), serde_json::json!(o.id));
+        let mut e = model_tag_event(&o, Vec::new(), vec!["canary".into()]);
         e.extra.insert(
             "reason".into(),
             serde_json::json!(format!("superseded by {}", old.id)),
@@ -1526,13 +1518,7 @@ pub(crate) fn canary_batch(
     let mut m = old.clone();
     m.tags.push("canary".into());
     put_model(b, Some(&old), &m);
-    let mut e = Event::new(EventKind::ModelTagged);
-    e.project = m.project.clone();
-    e.name = m.name.clone();
-    e.tags = m.tags.clone();
-    e.tags_added = vec!["canary".into()];
-    e.extra.insert("model".into(), serde_json::json!(m.id));
-    ev.push(b, e);
+    ev.push(b, model_tag_event(&m, vec!["canary".into()], Vec::new()));
     Ok(note)
 }
 
